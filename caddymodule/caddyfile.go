@@ -1,0 +1,180 @@
+package caddymodule
+
+import (
+	"net/http"
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("comfyume", parseGlobal)
+	httpcaddyfile.RegisterHandlerDirective("comfyume", parseHandler)
+	httpcaddyfile.RegisterDirectiveOrder("comfyume", httpcaddyfile.Before, "reverse_proxy")
+}
+
+// parseGlobal reads the comfyume global option:
+//
+//	comfyume {
+//		pool <name> {
+//			upstream <url> {
+//				header <field> <value>
+//				max_jobs <n>
+//			}
+//		}
+//		store memory
+//		outputs disk [<dir>]
+//	}
+func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
+	app := new(App)
+	if existing != nil {
+		if prev, ok := existing.(httpcaddyfile.App); ok {
+			_ = prev // a second comfyume block replaces the first
+		}
+	}
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		return nil, err
+	}
+	return httpcaddyfile.App{Name: "comfyume", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// UnmarshalCaddyfile sets up the app from Caddyfile tokens.
+func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // option name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "pool":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			pool := PoolConfig{Name: d.Val()}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			for d.NextBlock(1) {
+				if d.Val() != "upstream" {
+					return d.Errf("unrecognized pool subdirective %q", d.Val())
+				}
+				if !d.NextArg() {
+					return d.ArgErr()
+				}
+				up := UpstreamConfig{URL: d.Val()}
+				if d.NextArg() {
+					return d.ArgErr()
+				}
+				for d.NextBlock(2) {
+					switch d.Val() {
+					case "header":
+						args := d.RemainingArgs()
+						if len(args) != 2 {
+							return d.ArgErr()
+						}
+						if up.Headers == nil {
+							up.Headers = http.Header{}
+						}
+						up.Headers.Add(args[0], args[1])
+					case "max_jobs":
+						if !d.NextArg() {
+							return d.ArgErr()
+						}
+						n, err := strconv.Atoi(d.Val())
+						if err != nil || n < 0 {
+							return d.Errf("max_jobs: %q is not a non-negative number", d.Val())
+						}
+						up.MaxJobs = n
+						if d.NextArg() {
+							return d.ArgErr()
+						}
+					default:
+						return d.Errf("unrecognized upstream subdirective %q", d.Val())
+					}
+				}
+				pool.Upstreams = append(pool.Upstreams, up)
+			}
+			a.Pools = append(a.Pools, pool)
+		case "store":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			a.Store = d.Val()
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "outputs":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			a.Outputs = &OutputsConfig{Backend: d.Val()}
+			if d.NextArg() {
+				a.Outputs.Dir = d.Val()
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		default:
+			return d.Errf("unrecognized comfyume option %q", d.Val())
+		}
+	}
+	return nil
+}
+
+func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Handler)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+// UnmarshalCaddyfile reads the comfyume directive:
+//
+//	comfyume {
+//		home <url>
+//		run_on <pool>|home
+//		user <placeholder>
+//		max_body_size <size>
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		key := d.Val()
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		val := d.Val()
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		switch key {
+		case "home":
+			h.Home = val
+		case "run_on":
+			h.RunOn = val
+		case "user":
+			h.User = val
+		case "max_body_size":
+			n, err := humanize.ParseBytes(val)
+			if err != nil || n == 0 {
+				return d.Errf("max_body_size: %q is not a size", val)
+			}
+			h.MaxBodySize = int64(n)
+		default:
+			return d.Errf("unrecognized comfyume subdirective %q", key)
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*App)(nil)
+)

@@ -1,0 +1,293 @@
+package caddymodule_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	"github.com/gorilla/websocket"
+
+	_ "github.com/comfyume/comfyume/caddymodule"
+)
+
+// caddyMu serialises tests that load a Caddy config: there is one running
+// config per process.
+var caddyMu sync.Mutex
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// gateway is a running Caddy with comfyume, loaded from a Caddyfile.
+type gateway struct {
+	t    testing.TB
+	Base string // http://127.0.0.1:port
+}
+
+// startCaddy adapts the Caddyfile and runs it in this process until the
+// test ends. "{PORT}" in the text is replaced by a free port and "{DATA}"
+// by a fresh directory.
+func startCaddy(t testing.TB, caddyfile string) *gateway {
+	t.Helper()
+	caddyMu.Lock()
+	port := freePort(t)
+	caddyfile = strings.ReplaceAll(caddyfile, "{PORT}", fmt.Sprint(port))
+	caddyfile = strings.ReplaceAll(caddyfile, "{DATA}", t.TempDir())
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		caddyMu.Unlock()
+		t.Fatalf("adapting Caddyfile: %v\n%s", err, caddyfile)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		caddyMu.Unlock()
+		t.Fatalf("loading config: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = caddy.Stop()
+		caddyMu.Unlock()
+	})
+	g := &gateway{t: t, Base: fmt.Sprintf("http://127.0.0.1:%d", port)}
+	// Wait until it answers.
+	for i := 0; i < 100; i++ {
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 100*time.Millisecond)
+		if err == nil {
+			c.Close()
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return g
+}
+
+// poolCaddyfile is the issue's configuration contract with test addresses.
+func poolCaddyfile(home, gpu string, extraSite string) string {
+	return `{
+	admin off
+	comfyume {
+		pool gpu {
+			upstream ` + gpu + ` {
+				header Authorization "Bearer {env.COMFYUME_TEST_TOKEN}"
+				max_jobs 1
+			}
+		}
+		outputs disk {DATA}
+	}
+}
+
+:{PORT} {
+	bind 127.0.0.1
+	comfyume {
+		home ` + home + `
+		run_on gpu
+		user {http.request.header.X-User}
+		` + extraSite + `
+	}
+	reverse_proxy ` + strings.TrimPrefix(home, "http://") + `
+}
+`
+}
+
+// do sends a request as user (X-User header) and returns status and body.
+func (g *gateway) do(user, method, path string, body any, hdr ...string) (int, []byte, http.Header) {
+	g.t.Helper()
+	var r io.Reader
+	switch b := body.(type) {
+	case nil:
+	case []byte:
+		r = bytes.NewReader(b)
+	case string:
+		r = strings.NewReader(b)
+	default:
+		j, _ := json.Marshal(b)
+		r = bytes.NewReader(j)
+	}
+	req, err := http.NewRequest(method, g.Base+path, r)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	if user != "" {
+		req.Header.Set("X-User", user)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		g.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	rb, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, rb, resp.Header
+}
+
+func (g *gateway) getJSON(user, path string, v any) {
+	g.t.Helper()
+	st, b, _ := g.do(user, "GET", path, nil)
+	if st != 200 {
+		g.t.Fatalf("GET %s: %d %s", path, st, b)
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		g.t.Fatalf("GET %s: %v in %s", path, err, b)
+	}
+}
+
+// browser is a WebSocket client acting like the ComfyUI frontend.
+type browser struct {
+	t      testing.TB
+	conn   *websocket.Conn
+	SID    string
+	frames chan wsFrame
+}
+
+type wsFrame struct {
+	text   bool
+	data   []byte
+	Type   string
+	Data   map[string]any
+	binary uint32
+}
+
+func (f wsFrame) str(k string) string { s, _ := f.Data[k].(string); return s }
+
+func (g *gateway) openBrowser(user, clientID string, previewMeta bool) *browser {
+	g.t.Helper()
+	u := "ws" + strings.TrimPrefix(g.Base, "http") + "/ws"
+	if clientID != "" {
+		u += "?clientId=" + clientID
+	}
+	h := http.Header{}
+	if user != "" {
+		h.Set("X-User", user)
+	}
+	conn, _, err := websocket.DefaultDialer.Dial(u, h)
+	if err != nil {
+		g.t.Fatalf("dial %s: %v", u, err)
+	}
+	b := &browser{t: g.t, conn: conn, frames: make(chan wsFrame, 4096)}
+	g.t.Cleanup(func() { conn.Close() })
+	go func() {
+		defer close(b.frames)
+		for {
+			typ, data, err := conn.ReadMessage()
+			if err != nil {
+				return
+			}
+			f := wsFrame{text: typ == websocket.TextMessage, data: data}
+			if f.text {
+				var m struct {
+					Type string         `json:"type"`
+					Data map[string]any `json:"data"`
+				}
+				_ = json.Unmarshal(data, &m)
+				f.Type, f.Data = m.Type, m.Data
+			} else if len(data) >= 4 {
+				f.binary = uint32(data[0])<<24 | uint32(data[1])<<16 | uint32(data[2])<<8 | uint32(data[3])
+			}
+			b.frames <- f
+		}
+	}()
+	first := b.next(5 * time.Second)
+	if first.Type != "status" {
+		g.t.Fatalf("first frame is %q, want status", first.Type)
+	}
+	b.SID = first.str("sid")
+	if b.SID == "" {
+		g.t.Fatalf("first status has no sid: %s", first.data)
+	}
+	if previewMeta {
+		_ = conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true,"supports_manager_v4_ui":true,"supports_progress_text_metadata":true}}`))
+		if ff := b.waitType("feature_flags", 5*time.Second); ff.Data["supports_preview_metadata"] != true {
+			g.t.Fatalf("feature_flags reply lacks supports_preview_metadata: %s", ff.data)
+		}
+	}
+	return b
+}
+
+func (b *browser) next(d time.Duration) wsFrame {
+	b.t.Helper()
+	select {
+	case f, ok := <-b.frames:
+		if !ok {
+			b.t.Fatalf("socket closed")
+		}
+		return f
+	case <-time.After(d):
+		b.t.Fatalf("no frame within %v", d)
+	}
+	return wsFrame{}
+}
+
+func (b *browser) waitType(typ string, d time.Duration) wsFrame {
+	b.t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		f := b.next(time.Until(deadline))
+		if f.Type == typ {
+			return f
+		}
+	}
+}
+
+// untilJobEnd collects frames until executing{node:null} for promptID.
+func (b *browser) untilJobEnd(promptID string, d time.Duration) []wsFrame {
+	b.t.Helper()
+	var out []wsFrame
+	deadline := time.Now().Add(d)
+	for {
+		f := b.next(time.Until(deadline))
+		out = append(out, f)
+		if f.Type == "executing" && f.Data["node"] == nil && f.str("prompt_id") == promptID {
+			return out
+		}
+	}
+}
+
+// quiet asserts no frame for promptID arrives within d.
+func (b *browser) noFrameFor(promptID string, d time.Duration) {
+	b.t.Helper()
+	deadline := time.After(d)
+	for {
+		select {
+		case f, ok := <-b.frames:
+			if !ok {
+				return
+			}
+			if f.str("prompt_id") == promptID || (!f.text && bytes.Contains(f.data, []byte(promptID))) {
+				b.t.Fatalf("frame of another user's job leaked: %s", f.data)
+			}
+		case <-deadline:
+			return
+		}
+	}
+}
+
+func types(frames []wsFrame) []string {
+	var out []string
+	for _, f := range frames {
+		if f.text {
+			out = append(out, f.Type)
+		} else {
+			out = append(out, fmt.Sprintf("<binary %d>", f.binary))
+		}
+	}
+	return out
+}

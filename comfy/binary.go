@@ -1,0 +1,164 @@
+package comfy
+
+import (
+	"encoding/binary"
+	"encoding/json"
+)
+
+// Binary frame event types (the first 4 bytes, big-endian, of every binary
+// WebSocket frame).
+const (
+	BinaryPreviewImage             uint32 = 1
+	BinaryText                     uint32 = 3
+	BinaryPreviewImageWithMetadata uint32 = 4
+)
+
+// Image formats of a type-1 preview frame.
+const (
+	ImageJPEG uint32 = 1
+	ImagePNG  uint32 = 2
+)
+
+// BinaryType returns the event type of a binary frame.
+func BinaryType(frame []byte) (uint32, bool) {
+	if len(frame) < 4 {
+		return 0, false
+	}
+	return binary.BigEndian.Uint32(frame), true
+}
+
+// PreviewMetadata is the JSON header of a type-4 preview frame.
+type PreviewMetadata struct {
+	NodeID        string  `json:"node_id"`
+	PromptID      string  `json:"prompt_id"`
+	DisplayNodeID string  `json:"display_node_id"`
+	ParentNodeID  *string `json:"parent_node_id"`
+	RealNodeID    string  `json:"real_node_id"`
+	ImageType     string  `json:"image_type"`
+}
+
+// Preview is a decoded preview frame of type 1 or 4.
+type Preview struct {
+	// Metadata is nil for a type-1 frame.
+	Metadata *PreviewMetadata
+	// ImageType is "image/jpeg" or "image/png".
+	ImageType string
+	// Image holds the encoded image bytes; it aliases the frame.
+	Image []byte
+}
+
+// ParsePreview decodes a type-1 or type-4 preview frame.
+func ParsePreview(frame []byte) (Preview, error) {
+	t, ok := BinaryType(frame)
+	if !ok || len(frame) < 8 {
+		return Preview{}, errShortFrame
+	}
+	second := binary.BigEndian.Uint32(frame[4:8])
+	switch t {
+	case BinaryPreviewImage:
+		it := "image/jpeg"
+		if second == ImagePNG {
+			it = "image/png"
+		}
+		return Preview{ImageType: it, Image: frame[8:]}, nil
+	case BinaryPreviewImageWithMetadata:
+		if uint64(second) > uint64(len(frame)-8) {
+			return Preview{}, errShortFrame
+		}
+		var md PreviewMetadata
+		if err := json.Unmarshal(frame[8:8+second], &md); err != nil {
+			return Preview{}, errBadMetadata
+		}
+		it := md.ImageType
+		if it == "" {
+			it = "image/png"
+		}
+		return Preview{Metadata: &md, ImageType: it, Image: frame[8+second:]}, nil
+	}
+	return Preview{}, errBadMetadata
+}
+
+// EncodeType1 builds a type-1 preview frame (no metadata).
+func (p Preview) EncodeType1() []byte {
+	out := make([]byte, 8+len(p.Image))
+	binary.BigEndian.PutUint32(out, BinaryPreviewImage)
+	format := ImageJPEG
+	if p.ImageType == "image/png" {
+		format = ImagePNG
+	}
+	binary.BigEndian.PutUint32(out[4:], format)
+	copy(out[8:], p.Image)
+	return out
+}
+
+// EncodeType4 builds a type-4 preview frame carrying md.
+func (p Preview) EncodeType4(md PreviewMetadata) []byte {
+	if md.ImageType == "" {
+		md.ImageType = p.ImageType
+	}
+	mb, _ := json.Marshal(md)
+	out := make([]byte, 8+len(mb)+len(p.Image))
+	binary.BigEndian.PutUint32(out, BinaryPreviewImageWithMetadata)
+	binary.BigEndian.PutUint32(out[4:], uint32(len(mb)))
+	copy(out[8:], mb)
+	copy(out[8+len(mb):], p.Image)
+	return out
+}
+
+// TextFrame is a decoded type-3 progress-text frame in the legacy layout
+// [u32 3][u32 len][node id][text], or the newer one that also carries a
+// prompt_id: [u32 3][u32 len][prompt id][u32 len][node id][text].
+type TextFrame struct {
+	PromptID string
+	NodeID   string
+	Text     []byte
+}
+
+// ParseText decodes a type-3 frame. withPromptID selects the layout.
+func ParseText(frame []byte, withPromptID bool) (TextFrame, error) {
+	var tf TextFrame
+	rest := frame[4:]
+	readStr := func() (string, bool) {
+		if len(rest) < 4 {
+			return "", false
+		}
+		n := binary.BigEndian.Uint32(rest)
+		if uint64(n) > uint64(len(rest)-4) {
+			return "", false
+		}
+		s := string(rest[4 : 4+n])
+		rest = rest[4+n:]
+		return s, true
+	}
+	if len(frame) < 8 {
+		return tf, errShortFrame
+	}
+	var ok bool
+	if withPromptID {
+		if tf.PromptID, ok = readStr(); !ok {
+			return tf, errShortFrame
+		}
+	}
+	if tf.NodeID, ok = readStr(); !ok {
+		return tf, errShortFrame
+	}
+	tf.Text = rest
+	return tf, nil
+}
+
+// Encode builds a type-3 frame; withPromptID selects the layout.
+func (tf TextFrame) Encode(withPromptID bool) []byte {
+	n := 4 + 4 + len(tf.NodeID) + len(tf.Text)
+	if withPromptID {
+		n += 4 + len(tf.PromptID)
+	}
+	out := make([]byte, 0, n)
+	out = binary.BigEndian.AppendUint32(out, BinaryText)
+	if withPromptID {
+		out = binary.BigEndian.AppendUint32(out, uint32(len(tf.PromptID)))
+		out = append(out, tf.PromptID...)
+	}
+	out = binary.BigEndian.AppendUint32(out, uint32(len(tf.NodeID)))
+	out = append(out, tf.NodeID...)
+	return append(out, tf.Text...)
+}

@@ -1,0 +1,160 @@
+package comfy
+
+import (
+	"bytes"
+	"encoding/json"
+)
+
+// WebSocket message types a ComfyUI server sends as text frames.
+const (
+	MsgStatus               = "status"
+	MsgFeatureFlags         = "feature_flags"
+	MsgExecutionStart       = "execution_start"
+	MsgExecutionCached      = "execution_cached"
+	MsgExecuting            = "executing"
+	MsgProgress             = "progress"
+	MsgProgressState        = "progress_state"
+	MsgExecuted             = "executed"
+	MsgExecutionSuccess     = "execution_success"
+	MsgExecutionError       = "execution_error"
+	MsgExecutionInterrupted = "execution_interrupted"
+)
+
+// Message is one text frame on ComfyUI's WebSocket: {"type": ..., "data": {...}}.
+// Data is kept raw so that fields this package does not know survive a relay.
+type Message struct {
+	Type string          `json:"type"`
+	Data json.RawMessage `json:"data"`
+}
+
+// ParseMessage decodes a text frame. It fails on anything that is not a JSON
+// object with a string "type".
+func ParseMessage(b []byte) (Message, error) {
+	var m Message
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, err
+	}
+	if m.Type == "" {
+		return m, errMissingType
+	}
+	return m, nil
+}
+
+type protoError string
+
+func (e protoError) Error() string { return string(e) }
+
+const (
+	errMissingType = protoError("comfy: message without type")
+	errShortFrame  = protoError("comfy: binary frame too short")
+	errBadMetadata = protoError("comfy: bad preview metadata")
+)
+
+// Encode returns the frame's JSON text.
+func (m Message) Encode() []byte {
+	data := m.Data
+	if len(data) == 0 {
+		data = json.RawMessage("{}")
+	}
+	b, _ := json.Marshal(Message{Type: m.Type, Data: data})
+	return b
+}
+
+// NewMessage builds a message from any JSON-marshalable data value.
+func NewMessage(typ string, data any) Message {
+	b, err := json.Marshal(data)
+	if err != nil {
+		b = []byte("{}")
+	}
+	return Message{Type: typ, Data: b}
+}
+
+// IsTerminal reports whether a message type ends a job.
+func IsTerminal(typ string) bool {
+	switch typ {
+	case MsgExecutionSuccess, MsgExecutionError, MsgExecutionInterrupted:
+		return true
+	}
+	return false
+}
+
+// Fields decodes the message data as a JSON object, preserving numbers.
+func (m Message) Fields() (map[string]any, error) {
+	var f map[string]any
+	d := json.NewDecoder(bytes.NewReader(m.Data))
+	d.UseNumber()
+	if err := d.Decode(&f); err != nil {
+		return nil, err
+	}
+	if f == nil {
+		return nil, errBadMetadata
+	}
+	return f, nil
+}
+
+// WithFields returns a copy of m whose data is f.
+func (m Message) WithFields(f map[string]any) Message {
+	b, err := json.Marshal(f)
+	if err != nil {
+		return m
+	}
+	return Message{Type: m.Type, Data: b}
+}
+
+// StatusData is the data of a "status" message.
+type StatusData struct {
+	Status struct {
+		ExecInfo struct {
+			QueueRemaining int `json:"queue_remaining"`
+		} `json:"exec_info"`
+	} `json:"status"`
+	SID string `json:"sid,omitempty"`
+}
+
+// StatusMessage builds a "status" message; sid is included only when non-empty
+// (ComfyUI includes it only in the first frame of a connection).
+func StatusMessage(queueRemaining int, sid string) Message {
+	var s StatusData
+	s.Status.ExecInfo.QueueRemaining = queueRemaining
+	s.SID = sid
+	return NewMessage(MsgStatus, s)
+}
+
+// ParseStatus decodes the data of a "status" message.
+func ParseStatus(m Message) (StatusData, error) {
+	var s StatusData
+	err := json.Unmarshal(m.Data, &s)
+	return s, err
+}
+
+// ExecutingData is the subset of "executing" data the gateway reads.
+type ExecutingData struct {
+	Node        *string `json:"node"`
+	DisplayNode string  `json:"display_node,omitempty"`
+	PromptID    string  `json:"prompt_id,omitempty"`
+}
+
+// Common reads the fields most job events carry.
+type Common struct {
+	PromptID    string `json:"prompt_id"`
+	Node        any    `json:"node"`
+	NodeID      string `json:"node_id"`
+	DisplayNode string `json:"display_node"`
+	Timestamp   int64  `json:"timestamp"`
+}
+
+// Common decodes prompt_id, node and timestamp from the message data. Missing
+// fields are zero; malformed data yields an error.
+func (m Message) Common() (Common, error) {
+	var c Common
+	err := json.Unmarshal(m.Data, &c)
+	return c, err
+}
+
+// NodeString returns the "node" field as a string ("" for null or absent).
+func (c Common) NodeString() string {
+	if s, ok := c.Node.(string); ok {
+		return s
+	}
+	return ""
+}

@@ -1,0 +1,224 @@
+package comfy
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+)
+
+// PromptRequest is the body of POST /prompt. Fields the gateway does not
+// interpret are kept in Raw so they reach the upstream unchanged.
+type PromptRequest struct {
+	// Raw holds every top-level key of the body as sent.
+	Raw map[string]json.RawMessage
+	// Prompt is the API-format graph: node id → node.
+	Prompt map[string]Node
+	// ClientID is the browser's WebSocket sid ("" if none).
+	ClientID string
+	// PromptID is a client-supplied id ("" if none).
+	PromptID string
+	// ExtraData is passed through to the server (may be nil).
+	ExtraData map[string]json.RawMessage
+	// Front asks for the front of the queue.
+	Front bool
+	// Number is an explicit priority, if the client gave one.
+	Number *float64
+}
+
+// Node is one node of an API-format prompt. Inputs keep their raw JSON so a
+// relayed prompt is byte-for-byte what the client sent, except where the
+// gateway rewrites an input value.
+type Node struct {
+	ClassType string                     `json:"class_type"`
+	Inputs    map[string]json.RawMessage `json:"inputs"`
+	Meta      json.RawMessage            `json:"_meta,omitempty"`
+	// Other keys of the node object.
+	Extra map[string]json.RawMessage `json:"-"`
+}
+
+// BodyError says why a POST /prompt body was refused. Status is the HTTP
+// status ComfyUI would use and Body is what it would send.
+type BodyError struct {
+	Status int
+	Body   PromptError
+}
+
+func (e *BodyError) Error() string { return e.Body.Error.Message }
+
+// ParsePromptRequest decodes and checks a POST /prompt body.
+func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
+	var raw map[string]json.RawMessage
+	d := json.NewDecoder(bytes.NewReader(body))
+	if err := d.Decode(&raw); err != nil || raw == nil {
+		return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_json",
+			"The request body is not a JSON object", errString(err, "expected a JSON object"))}
+	}
+	if d.More() {
+		return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_json",
+			"The request body is not a JSON object", "trailing data after the JSON object")}
+	}
+	pr := &PromptRequest{Raw: raw}
+	p, ok := raw["prompt"]
+	if !ok || isNull(p) {
+		pe := NewPromptError("no_prompt", "No prompt provided", "")
+		return nil, &BodyError{Status: 400, Body: pe}
+	}
+	var nodes map[string]json.RawMessage
+	if err := json.Unmarshal(p, &nodes); err != nil || nodes == nil {
+		return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_prompt",
+			"Prompt must be an object of nodes", errString(err, "prompt is not an object"))}
+	}
+	pr.Prompt = make(map[string]Node, len(nodes))
+	for id, nb := range nodes {
+		n, err := parseNode(nb)
+		if err != nil {
+			pe := NewPromptError("invalid_prompt",
+				"Cannot execute because a node is missing the class_type property.",
+				"Node ID '#"+id+"'")
+			return nil, &BodyError{Status: 400, Body: pe}
+		}
+		pr.Prompt[id] = n
+	}
+	if v, ok := raw["client_id"]; ok {
+		_ = json.Unmarshal(v, &pr.ClientID)
+	}
+	if v, ok := raw["prompt_id"]; ok && !isNull(v) {
+		var s string
+		if json.Unmarshal(v, &s) != nil {
+			s = strings.Trim(string(v), `"`)
+		}
+		pr.PromptID = s
+	}
+	if v, ok := raw["extra_data"]; ok && !isNull(v) {
+		if err := json.Unmarshal(v, &pr.ExtraData); err != nil {
+			return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_prompt",
+				"extra_data must be an object", err.Error())}
+		}
+	}
+	if v, ok := raw["front"]; ok {
+		var b bool
+		if json.Unmarshal(v, &b) == nil {
+			pr.Front = b
+		}
+	}
+	if v, ok := raw["number"]; ok && !isNull(v) {
+		var f float64
+		if json.Unmarshal(v, &f) == nil {
+			pr.Number = &f
+		}
+	}
+	return pr, nil
+}
+
+func parseNode(b json.RawMessage) (Node, error) {
+	var all map[string]json.RawMessage
+	if err := json.Unmarshal(b, &all); err != nil || all == nil {
+		return Node{}, errBadMetadata
+	}
+	var n Node
+	if err := json.Unmarshal(all["class_type"], &n.ClassType); err != nil || n.ClassType == "" {
+		return Node{}, errBadMetadata
+	}
+	if in, ok := all["inputs"]; ok && !isNull(in) {
+		if err := json.Unmarshal(in, &n.Inputs); err != nil {
+			return Node{}, err
+		}
+	}
+	if n.Inputs == nil {
+		n.Inputs = map[string]json.RawMessage{}
+	}
+	n.Meta = all["_meta"]
+	for k, v := range all {
+		switch k {
+		case "class_type", "inputs", "_meta":
+		default:
+			if n.Extra == nil {
+				n.Extra = map[string]json.RawMessage{}
+			}
+			n.Extra[k] = v
+		}
+	}
+	return n, nil
+}
+
+// MarshalJSON writes the node with its extra keys.
+func (n Node) MarshalJSON() ([]byte, error) {
+	m := make(map[string]json.RawMessage, 3+len(n.Extra))
+	for k, v := range n.Extra {
+		m[k] = v
+	}
+	ct, _ := json.Marshal(n.ClassType)
+	m["class_type"] = ct
+	in, err := json.Marshal(n.Inputs)
+	if err != nil {
+		return nil, err
+	}
+	m["inputs"] = in
+	if len(n.Meta) > 0 {
+		m["_meta"] = n.Meta
+	}
+	return json.Marshal(m)
+}
+
+// Body re-encodes the request with the given prompt_id and client_id, the
+// (possibly rewritten) prompt, and every other key as the client sent it.
+// Keys listed in drop are removed from extra_data.
+func (pr *PromptRequest) Body(promptID, clientID string, dropExtra ...string) ([]byte, error) {
+	out := make(map[string]json.RawMessage, len(pr.Raw)+2)
+	for k, v := range pr.Raw {
+		out[k] = v
+	}
+	p, err := json.Marshal(pr.Prompt)
+	if err != nil {
+		return nil, err
+	}
+	out["prompt"] = p
+	out["prompt_id"], _ = json.Marshal(promptID)
+	out["client_id"], _ = json.Marshal(clientID)
+	ed := pr.ExtraDataWithout(dropExtra...)
+	if ed != nil {
+		out["extra_data"], _ = json.Marshal(ed)
+	}
+	return json.Marshal(out)
+}
+
+// ExtraDataWithout returns a copy of extra_data without the given keys.
+func (pr *PromptRequest) ExtraDataWithout(keys ...string) map[string]json.RawMessage {
+	if pr.ExtraData == nil {
+		return nil
+	}
+	ed := make(map[string]json.RawMessage, len(pr.ExtraData))
+	for k, v := range pr.ExtraData {
+		ed[k] = v
+	}
+	for _, k := range keys {
+		delete(ed, k)
+	}
+	return ed
+}
+
+// SensitiveExtraData are the extra_data keys ComfyUI never shows in its queue,
+// history or jobs responses (comfy.org credentials).
+var SensitiveExtraData = []string{"auth_token_comfy_org", "api_key_comfy_org"}
+
+// OutputNodes returns ids of nodes whose class is known to produce outputs,
+// when the caller cannot ask the server's object_info. It is used only for
+// the outputs_to_execute slot of queue items.
+func (pr *PromptRequest) NodeIDs() []string {
+	ids := make([]string, 0, len(pr.Prompt))
+	for id := range pr.Prompt {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+func isNull(b json.RawMessage) bool {
+	return len(bytes.TrimSpace(b)) == 0 || string(bytes.TrimSpace(b)) == "null"
+}
+
+func errString(err error, def string) string {
+	if err != nil {
+		return err.Error()
+	}
+	return def
+}

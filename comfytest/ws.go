@@ -1,0 +1,262 @@
+package comfytest
+
+import (
+	"encoding/binary"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/gorilla/websocket"
+)
+
+// wsConn is one browser/API socket. Messages are queued without blocking
+// the sender and written in order by a dedicated goroutine, like aiohttp's
+// publish loop: a slow client never stalls execution.
+type wsConn struct {
+	sid    string
+	c      *websocket.Conn
+	mu     sync.Mutex
+	queue  []wsMsg
+	notify chan struct{}
+	done   chan struct{}
+	once   sync.Once
+
+	// guarded by Server.sockMu
+	flags    any
+	gotFirst bool
+}
+
+type wsMsg struct {
+	binary bool
+	data   []byte
+}
+
+func newWSConn(sid string, c *websocket.Conn) *wsConn {
+	return &wsConn{sid: sid, c: c, notify: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+func (c *wsConn) enqueue(m wsMsg) {
+	c.mu.Lock()
+	c.queue = append(c.queue, m)
+	c.mu.Unlock()
+	select {
+	case c.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (c *wsConn) writer() {
+	for {
+		select {
+		case <-c.done:
+			return
+		case <-c.notify:
+		}
+		for {
+			c.mu.Lock()
+			if len(c.queue) == 0 {
+				c.mu.Unlock()
+				break
+			}
+			m := c.queue[0]
+			c.queue[0] = wsMsg{}
+			c.queue = c.queue[1:]
+			c.mu.Unlock()
+			typ := websocket.TextMessage
+			if m.binary {
+				typ = websocket.BinaryMessage
+			}
+			if err := c.c.WriteMessage(typ, m.data); err != nil {
+				c.close()
+				return
+			}
+		}
+	}
+}
+
+// goodbye sends a close frame (best effort) before close.
+func (c *wsConn) goodbye() {
+	_ = c.c.WriteControl(websocket.CloseMessage,
+		websocket.FormatCloseMessage(websocket.CloseGoingAway, ""), time.Now().Add(200*time.Millisecond))
+}
+
+func (c *wsConn) close() {
+	c.once.Do(func() {
+		close(c.done)
+		_ = c.c.Close()
+	})
+}
+
+var upgrader = websocket.Upgrader{
+	// The origin rules are applied by the middleware, like ComfyUI.
+	CheckOrigin:     func(*http.Request) bool { return true },
+	ReadBufferSize:  4096,
+	WriteBufferSize: 32 << 10,
+}
+
+func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, _ map[string]string) {
+	c, err := upgrader.Upgrade(w, r, nil)
+	if err != nil {
+		return // Upgrade already answered
+	}
+	c.SetReadLimit(s.maxBody)
+	sid := r.URL.Query().Get("clientId")
+	if sid == "" {
+		sid = strings.ReplaceAll(uuid.NewString(), "-", "")
+	}
+	wc := newWSConn(sid, c)
+	go wc.writer()
+
+	s.mu.Lock()
+	remaining := s.queueRemainingLocked()
+	var resend *string
+	if s.running != nil && s.runHasCli && s.runClient == sid && s.lastNode != nil {
+		n := *s.lastNode
+		resend = &n
+	}
+	s.sockMu.Lock()
+	if s.stopped() {
+		s.sockMu.Unlock()
+		s.mu.Unlock()
+		wc.close()
+		return
+	}
+	old := s.sockets[sid]
+	s.sockets[sid] = wc
+	s.conns[wc] = struct{}{}
+	wc.enqueue(textMsg("status", obj{{"status", queueInfo(remaining)}, {"sid", sid}}))
+	if resend != nil {
+		wc.enqueue(textMsg("executing", obj{{"node", *resend}}))
+	}
+	s.sockMu.Unlock()
+	s.mu.Unlock()
+	if old != nil {
+		// Real ComfyUI forgets the old socket without closing it (and later
+		// orphans the new one when the old closes). We close it instead.
+		old.close()
+	}
+	s.logf("ws connected sid=%s", sid)
+
+	for {
+		mt, data, err := c.ReadMessage()
+		if err != nil {
+			break
+		}
+		if mt != websocket.TextMessage || !s.v2026 {
+			continue // 2024-12 servers ignore client frames
+		}
+		v, err := decodeOrdered(data)
+		if err != nil {
+			continue // "Invalid JSON received from client": first_message stays
+		}
+		o, _ := v.(obj)
+		s.sockMu.Lock()
+		first := !wc.gotFirst
+		wc.gotFirst = true
+		typ, _ := o.get("type")
+		if first && typ == "feature_flags" {
+			flags, ok := o.get("data")
+			if !ok {
+				flags = obj{}
+			}
+			wc.flags = flags
+			wc.enqueue(textMsg("feature_flags", serverFeatures()))
+		}
+		s.sockMu.Unlock()
+	}
+
+	s.sockMu.Lock()
+	if s.sockets[sid] == wc {
+		delete(s.sockets, sid)
+	}
+	delete(s.conns, wc)
+	s.sockMu.Unlock()
+	wc.close()
+	s.logf("ws closed sid=%s", sid)
+}
+
+func serverFeatures() obj {
+	return obj{{"supports_preview_metadata", true}, {"max_upload_size", 104857600}}
+}
+
+func (s *Server) handleFeatures(w http.ResponseWriter, r *http.Request, _ map[string]string) {
+	writeJSON(w, 200, serverFeatures())
+}
+
+func queueInfo(remaining int) obj {
+	return obj{{"exec_info", obj{{"queue_remaining", remaining}}}}
+}
+
+func textMsg(typ string, data any) wsMsg {
+	return wsMsg{data: mustJSON(obj{{"type", typ}, {"data", data}})}
+}
+
+// target says where an event goes: one sid, or every socket.
+type target struct {
+	sid string
+	all bool
+}
+
+var broadcast = target{all: true}
+
+// send queues a message on the target socket(s). A sid that is not
+// connected drops the message (ComfyUI does not buffer).
+func (s *Server) send(t target, m wsMsg) {
+	s.sockMu.Lock()
+	defer s.sockMu.Unlock()
+	s.sendLocked(t, m)
+}
+
+func (s *Server) sendLocked(t target, m wsMsg) {
+	if t.all {
+		for _, c := range s.sockets {
+			c.enqueue(m)
+		}
+		return
+	}
+	if c := s.sockets[t.sid]; c != nil {
+		c.enqueue(m)
+	}
+}
+
+func (s *Server) sendJSON(t target, typ string, data any) { s.send(t, textMsg(typ, data)) }
+
+// supportsPreviewMetadata reports whether the socket of sid declared
+// supports_preview_metadata: true in its feature_flags.
+func (s *Server) supportsPreviewMetadata(t target) bool {
+	if t.all || !s.v2026 {
+		return false
+	}
+	s.sockMu.Lock()
+	defer s.sockMu.Unlock()
+	c := s.sockets[t.sid]
+	if c == nil {
+		return false
+	}
+	f, ok := c.flags.(obj)
+	if !ok {
+		return false
+	}
+	v, _ := f.get("supports_preview_metadata")
+	return v == true
+}
+
+// previewFrame builds a type-1 frame: [u32 1][u32 format][image].
+func previewFrame(format uint32, img []byte) wsMsg {
+	b := make([]byte, 8, 8+len(img))
+	binary.BigEndian.PutUint32(b[0:], 1)
+	binary.BigEndian.PutUint32(b[4:], format)
+	return wsMsg{binary: true, data: append(b, img...)}
+}
+
+// previewMetaFrame builds a type-4 frame: [u32 4][u32 len][metadata][image].
+func previewMetaFrame(meta obj, img []byte) wsMsg {
+	mj := mustJSON(meta)
+	b := make([]byte, 8, 8+len(mj)+len(img))
+	binary.BigEndian.PutUint32(b[0:], 4)
+	binary.BigEndian.PutUint32(b[4:], uint32(len(mj)))
+	b = append(b, mj...)
+	return wsMsg{binary: true, data: append(b, img...)}
+}

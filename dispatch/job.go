@@ -1,0 +1,201 @@
+package dispatch
+
+import (
+	"encoding/json"
+	"sort"
+	"time"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// Job statuses, as /api/jobs names them.
+const (
+	StatusPending    = "pending"
+	StatusInProgress = "in_progress"
+	StatusCompleted  = "completed"
+	StatusFailed     = "failed"
+	StatusCancelled  = "cancelled"
+)
+
+// Job is the record of one prompt the gateway sent to an upstream. It is plain
+// data (JSON-serialisable) so that any Store can keep it.
+type Job struct {
+	// ID is the prompt_id the user sees everywhere (made by the gateway).
+	ID string `json:"id"`
+	// UpstreamID is the prompt_id the upstream uses; equal to ID for servers
+	// that accept a client-supplied prompt_id (ComfyUI 2025-07 and newer).
+	UpstreamID string `json:"upstream_id,omitempty"`
+	// User owns the job; ClientID is the browser session (sid) it belongs to.
+	User     string `json:"user"`
+	ClientID string `json:"client_id"`
+	// Pool and Upstream name where the job runs ("" while it waits).
+	Pool     string `json:"pool"`
+	Upstream string `json:"upstream,omitempty"`
+
+	Number           float64                    `json:"number"`
+	Prompt           json.RawMessage            `json:"prompt"`
+	ExtraData        map[string]json.RawMessage `json:"extra_data,omitempty"`
+	OutputsToExecute []string                   `json:"outputs_to_execute"`
+	WorkflowID       string                     `json:"workflow_id,omitempty"`
+
+	Status     string `json:"status"`
+	CreateTime int64  `json:"create_time"`
+	StartTime  int64  `json:"execution_start_time,omitempty"`
+	EndTime    int64  `json:"execution_end_time,omitempty"`
+
+	// Outputs maps node id → UI output with refs already rewritten to the
+	// gateway's captured copies.
+	Outputs map[string]json.RawMessage `json:"outputs,omitempty"`
+	// Messages are the execution_* events, as history status.messages.
+	Messages []HistoryMessage `json:"messages,omitempty"`
+	// Error is the execution_error (or interrupted) payload, if any.
+	Error json.RawMessage `json:"error,omitempty"`
+	// Hidden jobs were deleted from the user's history view.
+	Hidden bool `json:"hidden,omitempty"`
+}
+
+// HistoryMessage is one [event_name, data] pair of a history entry.
+type HistoryMessage struct {
+	Type string
+	Data json.RawMessage
+}
+
+// MarshalJSON writes the pair as a two-element array, like ComfyUI.
+func (h HistoryMessage) MarshalJSON() ([]byte, error) {
+	return json.Marshal([]any{h.Type, h.Data})
+}
+
+// UnmarshalJSON reads a two-element array.
+func (h *HistoryMessage) UnmarshalJSON(b []byte) error {
+	var pair []json.RawMessage
+	if err := json.Unmarshal(b, &pair); err != nil {
+		return err
+	}
+	if len(pair) != 2 {
+		return errBadMessage
+	}
+	if err := json.Unmarshal(pair[0], &h.Type); err != nil {
+		return err
+	}
+	h.Data = pair[1]
+	return nil
+}
+
+// Active reports whether the job still waits or runs.
+func (j *Job) Active() bool {
+	return j.Status == StatusPending || j.Status == StatusInProgress
+}
+
+// Clone returns a deep-enough copy for handing records across goroutines.
+func (j *Job) Clone() *Job {
+	c := *j
+	if j.ExtraData != nil {
+		c.ExtraData = make(map[string]json.RawMessage, len(j.ExtraData))
+		for k, v := range j.ExtraData {
+			c.ExtraData[k] = v
+		}
+	}
+	if j.Outputs != nil {
+		c.Outputs = make(map[string]json.RawMessage, len(j.Outputs))
+		for k, v := range j.Outputs {
+			c.Outputs[k] = v
+		}
+	}
+	c.Messages = append([]HistoryMessage(nil), j.Messages...)
+	c.OutputsToExecute = append([]string(nil), j.OutputsToExecute...)
+	return &c
+}
+
+// Apply records the effect of one upstream event on the job. The message's
+// prompt_id must already be the job's ID.
+func (j *Job) Apply(m comfy.Message) {
+	now := time.Now().UnixMilli()
+	switch m.Type {
+	case comfy.MsgExecutionStart:
+		j.Status = StatusInProgress
+		j.StartTime = timestampOf(m, now)
+	case comfy.MsgExecuted:
+		var d struct {
+			Node        string          `json:"node"`
+			DisplayNode string          `json:"display_node"`
+			Output      json.RawMessage `json:"output"`
+		}
+		if json.Unmarshal(m.Data, &d) == nil && d.Node != "" && len(d.Output) > 0 && string(d.Output) != "null" {
+			if j.Outputs == nil {
+				j.Outputs = map[string]json.RawMessage{}
+			}
+			key := d.Node
+			if d.DisplayNode != "" {
+				key = d.DisplayNode
+			}
+			j.Outputs[key] = mergeOutput(j.Outputs[key], d.Output)
+		}
+	case comfy.MsgExecutionSuccess:
+		j.Status = StatusCompleted
+		j.EndTime = timestampOf(m, now)
+	case comfy.MsgExecutionError:
+		j.Status = StatusFailed
+		j.EndTime = timestampOf(m, now)
+		j.Error = m.Data
+	case comfy.MsgExecutionInterrupted:
+		j.Status = StatusCancelled
+		j.EndTime = timestampOf(m, now)
+		j.Error = m.Data
+	}
+	switch m.Type {
+	case comfy.MsgExecutionStart, comfy.MsgExecutionCached, comfy.MsgExecutionSuccess,
+		comfy.MsgExecutionError, comfy.MsgExecutionInterrupted:
+		j.Messages = append(j.Messages, HistoryMessage{Type: m.Type, Data: m.Data})
+	}
+}
+
+// mergeOutput concatenates the lists of two UI outputs of the same node
+// (ComfyUI does this for batch calls); the newer value wins for non-lists.
+func mergeOutput(old, add json.RawMessage) json.RawMessage {
+	if len(old) == 0 {
+		return add
+	}
+	var a, b map[string]json.RawMessage
+	if json.Unmarshal(old, &a) != nil || json.Unmarshal(add, &b) != nil {
+		return add
+	}
+	for k, v := range b {
+		var la, lb []json.RawMessage
+		if json.Unmarshal(a[k], &la) == nil && json.Unmarshal(v, &lb) == nil && la != nil {
+			merged, _ := json.Marshal(append(la, lb...))
+			a[k] = merged
+			continue
+		}
+		a[k] = v
+	}
+	out, _ := json.Marshal(a)
+	return out
+}
+
+func timestampOf(m comfy.Message, def int64) int64 {
+	c, err := m.Common()
+	if err != nil || c.Timestamp == 0 {
+		return def
+	}
+	return c.Timestamp
+}
+
+// SortJobs orders jobs the way ComfyUI's queue does: by number, then id.
+func SortJobs(jobs []*Job) {
+	sort.Slice(jobs, func(a, b int) bool {
+		if jobs[a].Number != jobs[b].Number {
+			return jobs[a].Number < jobs[b].Number
+		}
+		return jobs[a].ID < jobs[b].ID
+	})
+}
+
+type dispatchError string
+
+func (e dispatchError) Error() string { return string(e) }
+
+const (
+	errBadMessage = dispatchError("dispatch: bad history message")
+	// ErrNotFound is returned by a Store for an unknown job.
+	ErrNotFound = dispatchError("dispatch: job not found")
+)

@@ -1,0 +1,526 @@
+package dispatch
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// Pool is a named set of upstream endpoints that run jobs.
+type Pool struct {
+	Name      string
+	Upstreams []*Upstream
+
+	mu      sync.Mutex
+	waiting []*run
+}
+
+// Manager places jobs on upstreams and follows them to their end.
+type Manager struct {
+	store  Store
+	events Events
+	logger *zap.Logger
+
+	mu     sync.Mutex
+	pools  map[string]*Pool
+	runs   map[string]*run // job id → live run
+	number float64
+}
+
+// NewManager returns a manager that records jobs in store and reports to
+// events.
+func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	return &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{}}
+}
+
+// Store returns the job store.
+func (m *Manager) Store() Store { return m.store }
+
+// SetPool adds or replaces a pool.
+func (m *Manager) SetPool(p *Pool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.pools[p.Name] = p
+}
+
+// Pool returns a pool by name.
+func (m *Manager) Pool(name string) (*Pool, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p, ok := m.pools[name]
+	return p, ok
+}
+
+// InputSource opens a file a prompt references (on the user's home, or a
+// captured output) so it can be forwarded to the upstream.
+type InputSource func(ctx context.Context, ref comfy.FileRef) (io.ReadCloser, error)
+
+// SubmitRequest is one POST /prompt to run on a pool.
+type SubmitRequest struct {
+	User     string
+	ClientID string
+	Pool     string
+	Request  *comfy.PromptRequest
+	// Inputs opens referenced input files; nil forwards nothing.
+	Inputs InputSource
+}
+
+// SubmitResult is what POST /prompt answers on success.
+type SubmitResult struct {
+	PromptID   string          `json:"prompt_id"`
+	Number     float64         `json:"number"`
+	NodeErrors json.RawMessage `json:"node_errors"`
+}
+
+// RejectedError is an upstream's refusal of a prompt (400 with node_errors);
+// Body is relayed to the browser unchanged.
+type RejectedError struct {
+	Status int
+	Body   []byte
+}
+
+func (e *RejectedError) Error() string { return fmt.Sprintf("prompt rejected (%d)", e.Status) }
+
+// UnavailableError means no upstream could take the prompt.
+type UnavailableError struct {
+	Pool string
+	Err  error
+}
+
+func (e *UnavailableError) Error() string {
+	return fmt.Sprintf("the GPU pool %q could not be reached: %v", e.Pool, e.Err)
+}
+
+func (e *UnavailableError) Unwrap() error { return e.Err }
+
+// ErrPromptIDTaken is returned for a client-supplied prompt_id that another
+// user's job already has.
+var ErrPromptIDTaken = errors.New("prompt_id already in use")
+
+// Submit creates a job for the request. If the pool has a free slot the
+// prompt is sent at once and the upstream's verdict (e.g. a 400 with
+// node_errors) is returned; otherwise the job waits for a slot and is
+// answered as queued.
+func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, error) {
+	pool, ok := m.Pool(req.Pool)
+	if !ok || len(pool.Upstreams) == 0 {
+		return SubmitResult{}, &UnavailableError{Pool: req.Pool, Err: errors.New("no such pool")}
+	}
+	pr := req.Request
+	id := ""
+	if pr.PromptID != "" {
+		if u, err := uuid.Parse(pr.PromptID); err == nil && u.String() == pr.PromptID {
+			id = pr.PromptID
+			if old, err := m.store.Job(ctx, id); err == nil {
+				if old.User != req.User {
+					return SubmitResult{}, ErrPromptIDTaken
+				}
+				// A retried submission: do not run it twice.
+				return SubmitResult{PromptID: old.ID, Number: old.Number, NodeErrors: json.RawMessage("{}")}, nil
+			}
+		}
+	}
+	if id == "" {
+		id = uuid.NewString()
+	}
+	m.mu.Lock()
+	number := m.number
+	m.number++
+	m.mu.Unlock()
+	if pr.Number != nil {
+		number = *pr.Number
+	} else if pr.Front {
+		number = -number
+	}
+	promptJSON, _ := json.Marshal(pr.Prompt)
+	job := &Job{
+		ID:               id,
+		User:             req.User,
+		ClientID:         req.ClientID,
+		Pool:             pool.Name,
+		Number:           number,
+		Prompt:           promptJSON,
+		ExtraData:        pr.ExtraDataWithout(comfy.SensitiveExtraData...),
+		OutputsToExecute: sinkNodes(pr.Prompt),
+		WorkflowID:       workflowID(pr.ExtraData),
+		Status:           StatusPending,
+		CreateTime:       time.Now().UnixMilli(),
+	}
+	r := newRun(m, job)
+	r.req = req
+	if err := m.store.Save(ctx, job); err != nil {
+		return SubmitResult{}, fmt.Errorf("saving job: %w", err)
+	}
+	m.mu.Lock()
+	m.runs[id] = r
+	m.mu.Unlock()
+
+	up := pool.acquire()
+	if up == nil {
+		pool.mu.Lock()
+		pool.waiting = append(pool.waiting, r)
+		pool.mu.Unlock()
+		m.events.QueueChanged(req.User)
+		return SubmitResult{PromptID: id, Number: number, NodeErrors: json.RawMessage("{}")}, nil
+	}
+	res, err := m.send(ctx, r, up)
+	if err != nil {
+		m.drop(r)
+		pool.release(up)
+		m.dispatchWaiting(pool)
+		return SubmitResult{}, err
+	}
+	m.events.QueueChanged(req.User)
+	return res, nil
+}
+
+// acquire takes a slot on the least busy endpoint, or returns nil.
+func (p *Pool) acquire() *Upstream {
+	var best *Upstream
+	bestLoad := 0
+	for _, u := range p.Upstreams {
+		u.mu.Lock()
+		load := u.inflight
+		free := u.MaxJobs <= 0 || load < u.MaxJobs
+		u.mu.Unlock()
+		if free && (best == nil || load < bestLoad) {
+			best, bestLoad = u, load
+		}
+	}
+	if best != nil {
+		best.mu.Lock()
+		best.inflight++
+		best.mu.Unlock()
+	}
+	return best
+}
+
+func (p *Pool) release(u *Upstream) {
+	u.mu.Lock()
+	if u.inflight > 0 {
+		u.inflight--
+	}
+	u.mu.Unlock()
+}
+
+// send forwards inputs and posts the prompt to up.
+func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (SubmitResult, error) {
+	job := r.snapshot()
+	pr := r.req.Request
+	poolName := job.Pool
+	if err := up.ensureStream(ctx); err != nil {
+		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: err}
+	}
+	if r.req.Inputs != nil {
+		if err := forwardInputs(ctx, up, job.ID, pr, r.req.Inputs); err != nil {
+			var rej *RejectedError
+			if errors.As(err, &rej) {
+				return SubmitResult{}, err
+			}
+			return SubmitResult{}, &UnavailableError{Pool: poolName, Err: err}
+		}
+	}
+	body, err := pr.Body(job.ID, up.clientID, comfy.SensitiveExtraData...)
+	if err != nil {
+		return SubmitResult{}, err
+	}
+	r.mu.Lock()
+	r.up = up
+	r.job.Upstream = up.String()
+	r.job.UpstreamID = job.ID
+	r.routeIDs = []string{job.ID}
+	r.mu.Unlock()
+	up.register(job.ID, r)
+	status, rb, err := up.PostJSON(ctx, "/prompt", body)
+	if err != nil {
+		up.unregister(job.ID, r)
+		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: err}
+	}
+	if status != 200 {
+		up.unregister(job.ID, r)
+		if status >= 400 && status < 500 && json.Valid(rb) {
+			return SubmitResult{}, &RejectedError{Status: status, Body: rb}
+		}
+		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: &HTTPError{Status: status, Body: rb}}
+	}
+	var res struct {
+		PromptID   string          `json:"prompt_id"`
+		Number     json.Number     `json:"number"`
+		NodeErrors json.RawMessage `json:"node_errors"`
+	}
+	if err := json.Unmarshal(rb, &res); err != nil || res.PromptID == "" {
+		up.unregister(job.ID, r)
+		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: fmt.Errorf("unexpected /prompt answer %.200q", rb)}
+	}
+	if res.PromptID != job.ID {
+		// A server older than 2025-07 made its own id: route its events too.
+		r.mu.Lock()
+		r.job.UpstreamID = res.PromptID
+		r.routeIDs = append(r.routeIDs, res.PromptID)
+		r.mu.Unlock()
+		up.register(res.PromptID, r)
+	}
+	m.save(r.snapshot())
+	ne := res.NodeErrors
+	if len(ne) == 0 {
+		ne = json.RawMessage("{}")
+	}
+	return SubmitResult{PromptID: job.ID, Number: job.Number, NodeErrors: ne}, nil
+}
+
+// dispatchWaiting sends waiting jobs of the pool while slots are free.
+func (m *Manager) dispatchWaiting(p *Pool) {
+	for {
+		p.mu.Lock()
+		if len(p.waiting) == 0 {
+			p.mu.Unlock()
+			return
+		}
+		up := p.acquire()
+		if up == nil {
+			p.mu.Unlock()
+			return
+		}
+		r := p.waiting[0]
+		p.waiting = p.waiting[1:]
+		p.mu.Unlock()
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			if _, err := m.send(ctx, r, up); err != nil {
+				p.release(up)
+				m.failUnsent(r, err)
+				m.dispatchWaiting(p)
+			}
+		}()
+	}
+}
+
+// failUnsent ends a job that could not be sent after it had been accepted:
+// its browser gets an execution_error explaining why.
+func (m *Manager) failUnsent(r *run, err error) {
+	msg := err.Error()
+	var rej *RejectedError
+	if errors.As(err, &rej) {
+		var pe struct {
+			Error struct {
+				Message string `json:"message"`
+				Details string `json:"details"`
+			} `json:"error"`
+		}
+		if json.Unmarshal(rej.Body, &pe) == nil && pe.Error.Message != "" {
+			msg = strings.TrimSpace(pe.Error.Message + "\n" + pe.Error.Details)
+		}
+	}
+	r.fail(msg)
+}
+
+// drop forgets a job that never started (rejected or unreachable).
+func (m *Manager) drop(r *run) {
+	r.mu.Lock()
+	r.finished = true
+	id := r.job.ID
+	r.mu.Unlock()
+	m.mu.Lock()
+	delete(m.runs, id)
+	m.mu.Unlock()
+	if err := m.store.Delete(context.Background(), id); err != nil {
+		m.logger.Warn("deleting rejected job", zap.String("job", id), zap.Error(err))
+	}
+}
+
+func (m *Manager) save(j *Job) {
+	if err := m.store.Save(context.Background(), j); err != nil {
+		m.logger.Error("saving job", zap.String("job", j.ID), zap.Error(err))
+	}
+}
+
+// finish releases a job's slot once it ended and sends the end-of-job
+// executing{node:null} after the queue update, as ComfyUI orders them.
+func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
+	r.mu.Lock()
+	r.finished = true
+	up := r.up
+	ids := r.routeIDs
+	r.mu.Unlock()
+	select {
+	case <-r.done:
+		return
+	default:
+		close(r.done)
+	}
+	m.mu.Lock()
+	delete(m.runs, snap.ID)
+	pool := m.pools[snap.Pool]
+	m.mu.Unlock()
+	if up != nil {
+		for _, id := range ids {
+			up.unregister(id, r)
+		}
+		if pool != nil {
+			pool.release(up)
+		}
+	}
+	m.events.QueueChanged(snap.User)
+	if sendEnd {
+		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
+		m.events.Deliver(snap, Event{Message: &end})
+	}
+	if pool != nil {
+		m.dispatchWaiting(pool)
+	}
+}
+
+// Active returns the user's jobs that wait or run in this process.
+func (m *Manager) Active(user string) []*Job {
+	m.mu.Lock()
+	runs := make([]*run, 0)
+	for _, r := range m.runs {
+		if r.job.User == user {
+			runs = append(runs, r)
+		}
+	}
+	m.mu.Unlock()
+	out := make([]*Job, 0, len(runs))
+	for _, r := range runs {
+		out = append(out, r.snapshot())
+	}
+	SortJobs(out)
+	return out
+}
+
+// Cancel stops one of the user's jobs: a waiting job leaves the queue, a job
+// queued upstream is deleted there, a running job is interrupted. It reports
+// false for ids that are not the user's live jobs.
+func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
+	m.mu.Lock()
+	r, ok := m.runs[id]
+	pool := (*Pool)(nil)
+	if ok {
+		pool = m.pools[r.job.Pool]
+	}
+	m.mu.Unlock()
+	if !ok || r.job.User != user {
+		return false
+	}
+	// Still waiting for a slot here?
+	if pool != nil {
+		pool.mu.Lock()
+		for i, w := range pool.waiting {
+			if w == r {
+				pool.waiting = append(pool.waiting[:i:i], pool.waiting[i+1:]...)
+				pool.mu.Unlock()
+				m.cancelLocal(r)
+				return true
+			}
+		}
+		pool.mu.Unlock()
+	}
+	r.mu.Lock()
+	up := r.up
+	pid := r.job.UpstreamID
+	started := r.job.Status == StatusInProgress
+	r.mu.Unlock()
+	if up == nil {
+		// Being sent right now: ask again shortly.
+		go func() {
+			time.Sleep(200 * time.Millisecond)
+			m.Cancel(context.Background(), user, id)
+		}()
+		return true
+	}
+	if started || up.isRunning(pid) {
+		if _, _, err := up.PostJSON(ctx, "/interrupt", map[string]string{"prompt_id": pid}); err != nil {
+			m.logger.Warn("interrupt", zap.String("job", id), zap.Error(err))
+		}
+		return true
+	}
+	if _, _, err := up.PostJSON(ctx, "/queue", map[string]any{"delete": []string{pid}}); err != nil {
+		m.logger.Warn("queue delete", zap.String("job", id), zap.Error(err))
+	}
+	// It may have started between our look and the delete.
+	if up.isRunning(pid) {
+		_, _, _ = up.PostJSON(ctx, "/interrupt", map[string]string{"prompt_id": pid})
+		return true
+	}
+	m.cancelLocal(r)
+	return true
+}
+
+// cancelLocal ends a job that never started, as cancelled.
+func (m *Manager) cancelLocal(r *run) {
+	r.mu.Lock()
+	if r.finished {
+		r.mu.Unlock()
+		return
+	}
+	r.finished = true
+	r.job.Status = StatusCancelled
+	r.job.EndTime = time.Now().UnixMilli()
+	snap := r.job.Clone()
+	r.mu.Unlock()
+	m.save(snap)
+	m.finish(r, snap, false)
+}
+
+// Close stops every upstream stream.
+func (m *Manager) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, p := range m.pools {
+		for _, u := range p.Upstreams {
+			u.Close()
+		}
+	}
+}
+
+// sinkNodes returns the ids of nodes no other node takes input from: the
+// graph's outputs, as ComfyUI's outputs_to_execute lists them.
+func sinkNodes(prompt map[string]comfy.Node) []string {
+	used := map[string]bool{}
+	for _, n := range prompt {
+		for _, v := range n.Inputs {
+			var link []json.RawMessage
+			if json.Unmarshal(v, &link) == nil && len(link) == 2 {
+				var src string
+				if json.Unmarshal(link[0], &src) == nil {
+					used[src] = true
+				}
+			}
+		}
+	}
+	out := []string{}
+	for id := range prompt {
+		if !used[id] {
+			out = append(out, id)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func workflowID(extra map[string]json.RawMessage) string {
+	var pnginfo struct {
+		Workflow struct {
+			ID string `json:"id"`
+		} `json:"workflow"`
+	}
+	if raw, ok := extra["extra_pnginfo"]; ok && json.Unmarshal(raw, &pnginfo) == nil {
+		return pnginfo.Workflow.ID
+	}
+	return ""
+}

@@ -1,0 +1,332 @@
+package dispatch
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"go.uber.org/zap"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// event is one frame from an upstream, not yet tied to a job.
+type event struct {
+	msg     *comfy.Message
+	preview *comfy.Preview
+	text    *comfy.TextFrame
+}
+
+// maxOrphans bounds events kept for prompt_ids not (yet) known: events can
+// arrive before the POST /prompt answer that tells us an old server's id.
+const maxOrphans = 512
+
+// streamReadLimit bounds one upstream frame (previews can be several MB).
+const streamReadLimit = 64 << 20
+
+// ensureStream makes sure the upstream's event WebSocket is open, dialing it
+// if needed, and waits until it is.
+func (u *Upstream) ensureStream(ctx context.Context) error {
+	u.mu.Lock()
+	if u.closed {
+		u.mu.Unlock()
+		return errors.New("upstream closed")
+	}
+	if u.ready == nil {
+		u.ready = make(chan struct{})
+		u.dialErr = nil
+		go u.streamLoop(u.ready)
+	}
+	ready := u.ready
+	u.mu.Unlock()
+	select {
+	case <-ready:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.conn == nil {
+		err := u.dialErr
+		if err == nil {
+			err = errors.New("event stream closed")
+		}
+		return err
+	}
+	return nil
+}
+
+// streamLoop dials the event socket and reads it until it fails; then it
+// redials while jobs still run here, and gives them up after lostAfter.
+func (u *Upstream) streamLoop(ready chan struct{}) {
+	var firstFailure time.Time
+	backoff := 100 * time.Millisecond
+	readyOnce := func() {
+		select {
+		case <-ready:
+		default:
+			close(ready)
+		}
+	}
+	for attempt := 0; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		conn, err := u.DialWebSocket(ctx, "/ws?clientId="+u.clientID)
+		cancel()
+		if err == nil {
+			// Ask for type-4 previews (with node and prompt ids).
+			err = conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true}}`))
+		}
+		if err != nil {
+			if conn != nil {
+				conn.Close()
+			}
+			u.mu.Lock()
+			u.dialErr = err
+			u.mu.Unlock()
+			if attempt == 0 {
+				readyOnce()
+			}
+			if firstFailure.IsZero() {
+				firstFailure = time.Now()
+			}
+			if u.giveUp(firstFailure, err) {
+				return
+			}
+			time.Sleep(backoff)
+			if backoff < 2*time.Second {
+				backoff *= 2
+			}
+			continue
+		}
+		conn.SetReadLimit(streamReadLimit)
+		u.mu.Lock()
+		u.conn = conn
+		u.dialErr = nil
+		reconnect := attempt > 0
+		u.mu.Unlock()
+		readyOnce()
+		if reconnect {
+			u.logger.Info("event stream reconnected")
+			u.resyncRuns()
+		}
+		firstFailure = time.Time{}
+		backoff = 100 * time.Millisecond
+		err = u.readStream(conn)
+		u.mu.Lock()
+		u.conn = nil
+		u.running = ""
+		u.mu.Unlock()
+		conn.Close()
+		u.logger.Warn("event stream lost", zap.Error(err))
+		firstFailure = time.Now()
+		if u.giveUp(firstFailure, err) {
+			return
+		}
+	}
+}
+
+// lostAfter is how long a job's upstream may stay unreachable before the
+// job is given up as failed.
+var lostAfter = 15 * time.Second
+
+// giveUp decides, after a failure, whether the loop ends: when no job runs
+// here (the stream is redialed on demand), or when the upstream has been
+// unreachable for lostAfter (its jobs then fail).
+func (u *Upstream) giveUp(since time.Time, err error) bool {
+	u.mu.Lock()
+	if u.closed || len(u.routes) == 0 {
+		u.ready = nil
+		u.mu.Unlock()
+		return true
+	}
+	if time.Since(since) < lostAfter {
+		u.mu.Unlock()
+		return false
+	}
+	runs := make([]*run, 0, len(u.routes))
+	for _, r := range u.routes {
+		runs = append(runs, r)
+	}
+	u.routes = map[string]*run{}
+	u.ready = nil
+	u.mu.Unlock()
+	for _, r := range runs {
+		r.fail("Lost the connection to the GPU server " + u.String() + ": " + err.Error())
+	}
+	return true
+}
+
+func (u *Upstream) readStream(conn *websocket.Conn) error {
+	for {
+		typ, b, err := conn.ReadMessage()
+		if err != nil {
+			return err
+		}
+		switch typ {
+		case websocket.TextMessage:
+			u.onText(b)
+		case websocket.BinaryMessage:
+			u.onBinary(b)
+		}
+	}
+}
+
+func (u *Upstream) onText(b []byte) {
+	m, err := comfy.ParseMessage(b)
+	if err != nil {
+		u.logger.Warn("skipping malformed event", zap.Error(err), zap.ByteString("frame", truncate(b, 200)))
+		return
+	}
+	switch m.Type {
+	case comfy.MsgStatus, comfy.MsgFeatureFlags, "crystools.monitor", "logs":
+		return
+	}
+	c, err := m.Common()
+	if err != nil {
+		u.logger.Warn("skipping malformed event", zap.String("type", m.Type), zap.Error(err))
+		return
+	}
+	u.mu.Lock()
+	pid := c.PromptID
+	if pid == "" {
+		pid = u.running
+	}
+	switch {
+	case m.Type == comfy.MsgExecutionStart:
+		u.running = pid
+	case comfy.IsTerminal(m.Type) && u.running == pid:
+		u.running = ""
+	}
+	u.routeLocked(pid, event{msg: &m})
+	u.mu.Unlock()
+}
+
+func (u *Upstream) onBinary(b []byte) {
+	t, ok := comfy.BinaryType(b)
+	if !ok {
+		return
+	}
+	var ev event
+	pid := ""
+	switch t {
+	case comfy.BinaryPreviewImage, comfy.BinaryPreviewImageWithMetadata:
+		p, err := comfy.ParsePreview(b)
+		if err != nil {
+			u.logger.Warn("skipping malformed preview", zap.Error(err))
+			return
+		}
+		if p.Metadata != nil {
+			pid = p.Metadata.PromptID
+		}
+		ev.preview = &p
+	case comfy.BinaryText:
+		tf, err := comfy.ParseText(b, false)
+		if err != nil {
+			u.logger.Warn("skipping malformed text frame", zap.Error(err))
+			return
+		}
+		ev.text = &tf
+	default:
+		return
+	}
+	u.mu.Lock()
+	if pid == "" {
+		pid = u.running
+	}
+	u.routeLocked(pid, ev)
+	u.mu.Unlock()
+}
+
+func (u *Upstream) routeLocked(pid string, ev event) {
+	if pid == "" {
+		return
+	}
+	if r, ok := u.routes[pid]; ok {
+		r.push(ev)
+		return
+	}
+	if len(u.orphans) >= maxOrphans {
+		for k := range u.orphans {
+			delete(u.orphans, k)
+			break
+		}
+	}
+	if q := u.orphans[pid]; len(q) < 256 && ev.preview == nil {
+		u.orphans[pid] = append(q, ev)
+	}
+}
+
+// register routes the upstream's events for pid to r, delivering any that
+// arrived before.
+func (u *Upstream) register(pid string, r *run) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.routes[pid] = r
+	for _, ev := range u.orphans[pid] {
+		r.push(ev)
+	}
+	delete(u.orphans, pid)
+}
+
+func (u *Upstream) unregister(pid string, r *run) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.routes[pid] == r {
+		delete(u.routes, pid)
+	}
+	delete(u.orphans, pid)
+}
+
+// isRunning reports whether the server is executing pid, as far as its
+// events tell.
+func (u *Upstream) isRunning(pid string) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.running == pid
+}
+
+// resyncRuns is called after the event stream was re-opened: events sent
+// while it was down are lost, so each job still routed here reads its
+// history entry and finishes from it if the server already did.
+func (u *Upstream) resyncRuns() {
+	u.mu.Lock()
+	runs := make([]*run, 0, len(u.routes))
+	for _, r := range u.routes {
+		runs = append(runs, r)
+	}
+	u.mu.Unlock()
+	for _, r := range runs {
+		go r.resync()
+	}
+}
+
+// Close stops the event stream.
+func (u *Upstream) Close() {
+	u.mu.Lock()
+	u.closed = true
+	c := u.conn
+	u.mu.Unlock()
+	if c != nil {
+		c.Close()
+	}
+}
+
+// historyEntry is the part of a /history/{id} entry used to finish a job
+// whose events were missed.
+type historyEntry struct {
+	Outputs map[string]json.RawMessage `json:"outputs"`
+	Status  struct {
+		StatusStr string            `json:"status_str"`
+		Completed bool              `json:"completed"`
+		Messages  []json.RawMessage `json:"messages"`
+	} `json:"status"`
+}
+
+func truncate(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[:n]
+	}
+	return b
+}

@@ -1,0 +1,278 @@
+package dispatch
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/gorilla/websocket"
+	"go.uber.org/zap"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// Upstream is one ComfyUI server the gateway talks to: a user's home or an
+// endpoint of a GPU pool. It owns the HTTP client toward that server and the
+// single WebSocket that carries the events of every job the gateway sent it.
+type Upstream struct {
+	// Base is the server's URL (scheme, host and an optional path prefix).
+	Base *url.URL
+	// Header is added to every request (e.g. a bearer token). Never shown to
+	// browsers.
+	Header http.Header
+	// MaxJobs limits how many of the gateway's jobs run here at once (0: no
+	// limit).
+	MaxJobs int
+
+	client *http.Client
+	dialer *websocket.Dialer
+	logger *zap.Logger
+
+	mu       sync.Mutex
+	clientID string
+	conn     *websocket.Conn
+	ready    chan struct{} // closed when conn is open and greeted
+	dialErr  error
+	routes   map[string]*run // upstream prompt_id → run
+	orphans  map[string][]event
+	running  string // upstream prompt_id that last started executing
+	inflight int    // jobs placed here and not finished
+	closed   bool
+}
+
+// UpstreamOptions configures NewUpstream.
+type UpstreamOptions struct {
+	Header  http.Header
+	MaxJobs int
+	// Transport overrides the HTTP transport (tests, benchmarks).
+	Transport http.RoundTripper
+	Logger    *zap.Logger
+}
+
+// NewUpstream prepares an upstream; it dials nothing until first used.
+func NewUpstream(base string, opts UpstreamOptions) (*Upstream, error) {
+	u, err := url.Parse(base)
+	if err != nil {
+		return nil, fmt.Errorf("upstream %q: %w", base, err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return nil, fmt.Errorf("upstream %q: scheme must be http or https", base)
+	}
+	u.Path = strings.TrimSuffix(u.Path, "/")
+	tr := opts.Transport
+	if tr == nil {
+		tr = &http.Transport{
+			Proxy:                 nil,
+			DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConnsPerHost:   32,
+			IdleConnTimeout:       90 * time.Second,
+			ResponseHeaderTimeout: 120 * time.Second,
+		}
+	}
+	logger := opts.Logger
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	return &Upstream{
+		Base:     u,
+		Header:   opts.Header.Clone(),
+		MaxJobs:  opts.MaxJobs,
+		client:   &http.Client{Transport: tr},
+		dialer:   &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 32 << 10, WriteBufferSize: 16 << 10},
+		logger:   logger.With(zap.String("upstream", u.Redacted())),
+		clientID: "comfyume-" + strings.ReplaceAll(uuid.NewString(), "-", ""),
+		routes:   map[string]*run{},
+		orphans:  map[string][]event{},
+	}, nil
+}
+
+// String names the upstream for logs and job records (no credentials).
+func (u *Upstream) String() string { return u.Base.Redacted() }
+
+// URL returns the absolute URL of a server path (which may carry a query).
+func (u *Upstream) URL(pathAndQuery string) string {
+	return u.Base.String() + pathAndQuery
+}
+
+// NewRequest builds a request to the server with the gateway's header
+// hygiene: Host and Origin are the server's own (so ComfyUI's loopback origin
+// check passes), and the configured headers are set.
+func (u *Upstream) NewRequest(ctx context.Context, method, pathAndQuery string, body io.Reader) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, method, u.URL(pathAndQuery), body)
+	if err != nil {
+		return nil, err
+	}
+	u.decorate(req.Header)
+	return req, nil
+}
+
+func (u *Upstream) decorate(h http.Header) {
+	for k, v := range u.Header {
+		h[k] = append([]string(nil), v...)
+	}
+	h.Set("Origin", u.Base.Scheme+"://"+u.Base.Host)
+}
+
+// Do sends a request built by NewRequest.
+func (u *Upstream) Do(req *http.Request) (*http.Response, error) {
+	return u.client.Do(req)
+}
+
+// GetJSON fetches a path and decodes its JSON body into v. A non-2xx status
+// is an *HTTPError.
+func (u *Upstream) GetJSON(ctx context.Context, pathAndQuery string, v any) error {
+	req, err := u.NewRequest(ctx, http.MethodGet, pathAndQuery, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := u.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return &HTTPError{Status: resp.StatusCode, Body: b}
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+// PostJSON posts v as JSON and returns the status and body (up to 16 MiB).
+func (u *Upstream) PostJSON(ctx context.Context, path string, v any) (int, []byte, error) {
+	var body []byte
+	switch b := v.(type) {
+	case []byte:
+		body = b
+	default:
+		var err error
+		if body, err = json.Marshal(v); err != nil {
+			return 0, nil, err
+		}
+	}
+	req, err := u.NewRequest(ctx, http.MethodPost, path, bytes.NewReader(body))
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := u.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	rb, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	return resp.StatusCode, rb, err
+}
+
+// Open fetches a file through the server's /view.
+func (u *Upstream) Open(ctx context.Context, ref comfy.FileRef) (*http.Response, error) {
+	req, err := u.NewRequest(ctx, http.MethodGet, "/view?"+ref.Query(), nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := u.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
+		resp.Body.Close()
+		return nil, &HTTPError{Status: resp.StatusCode, Body: b}
+	}
+	return resp, nil
+}
+
+// Upload sends a file with /upload/image (overwrite=true) and returns the
+// reference the server stored it under.
+func (u *Upstream) Upload(ctx context.Context, ref comfy.FileRef, content io.Reader) (comfy.FileRef, error) {
+	pr, pw := io.Pipe()
+	mw := multipart.NewWriter(pw)
+	go func() {
+		err := func() error {
+			for k, v := range map[string]string{"type": ref.Type, "subfolder": ref.Subfolder, "overwrite": "true"} {
+				if err := mw.WriteField(k, v); err != nil {
+					return err
+				}
+			}
+			fw, err := mw.CreateFormFile("image", ref.Filename)
+			if err != nil {
+				return err
+			}
+			if _, err := io.Copy(fw, content); err != nil {
+				return err
+			}
+			return mw.Close()
+		}()
+		pw.CloseWithError(err)
+	}()
+	req, err := u.NewRequest(ctx, http.MethodPost, "/upload/image", pr)
+	if err != nil {
+		pr.CloseWithError(err)
+		return comfy.FileRef{}, err
+	}
+	req.Header.Set("Content-Type", mw.FormDataContentType())
+	resp, err := u.Do(req)
+	if err != nil {
+		pr.CloseWithError(err)
+		return comfy.FileRef{}, err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		return comfy.FileRef{}, &HTTPError{Status: resp.StatusCode, Body: b}
+	}
+	var out struct {
+		Name      string `json:"name"`
+		Subfolder string `json:"subfolder"`
+		Type      string `json:"type"`
+	}
+	if err := json.Unmarshal(b, &out); err != nil || out.Name == "" {
+		return comfy.FileRef{}, fmt.Errorf("upload to %s: unexpected answer %q", u, b)
+	}
+	if out.Type == "" {
+		out.Type = ref.Type
+	}
+	return comfy.FileRef{Filename: out.Name, Subfolder: out.Subfolder, Type: out.Type}, nil
+}
+
+// HTTPError is a non-2xx answer from an upstream.
+type HTTPError struct {
+	Status int
+	Body   []byte
+}
+
+func (e *HTTPError) Error() string {
+	return fmt.Sprintf("upstream answered %d: %.200s", e.Status, e.Body)
+}
+
+// WebSocketURL returns the ws:// or wss:// URL of a server path.
+func (u *Upstream) WebSocketURL(pathAndQuery string) string {
+	w := *u.Base
+	if w.Scheme == "https" {
+		w.Scheme = "wss"
+	} else {
+		w.Scheme = "ws"
+	}
+	return w.String() + pathAndQuery
+}
+
+// DialWebSocket opens a WebSocket to the server with the gateway's header
+// hygiene.
+func (u *Upstream) DialWebSocket(ctx context.Context, pathAndQuery string) (*websocket.Conn, error) {
+	h := http.Header{}
+	u.decorate(h)
+	conn, resp, err := u.dialer.DialContext(ctx, u.WebSocketURL(pathAndQuery), h)
+	if resp != nil && resp.Body != nil {
+		resp.Body.Close()
+	}
+	return conn, err
+}

@@ -1,0 +1,432 @@
+// Package relay is what the browser sees: it owns each browser's WebSocket,
+// merges a user's home ComfyUI with the jobs the gateway ran elsewhere,
+// captures outputs into a blob store and serves them on /view, and answers
+// the queue, history and jobs APIs per user.
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"mime"
+	"net/http"
+	"path"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/dispatch"
+)
+
+// OutputsSubfolder is the /view subfolder under which the gateway serves the
+// outputs it captured: refs read "<OutputsSubfolder>/<prompt_id>[/<original
+// subfolder>]". Requests for other subfolders go to the user's home.
+const OutputsSubfolder = "comfyume"
+
+// Config configures a Gateway.
+type Config struct {
+	// Store keeps job records (default: in memory).
+	Store dispatch.Store
+	// Blobs keeps captured outputs (required).
+	Blobs Blobs
+	// Logger receives the gateway's logs.
+	Logger *zap.Logger
+	// HomeHeader is added to every request toward a home server.
+	HomeHeader http.Header
+	// Transport overrides the HTTP transport toward upstreams (tests).
+	Transport http.RoundTripper
+}
+
+// Gateway is the per-Caddy core shared by every site: jobs, sessions,
+// captured outputs.
+type Gateway struct {
+	hub     *Hub
+	blobs   Blobs
+	manager *dispatch.Manager
+	logger  *zap.Logger
+	cfg     Config
+
+	homesMu  sync.Mutex
+	homes    map[string]*dispatch.Upstream
+	features map[string]featureCache
+}
+
+// New builds a gateway.
+func New(cfg Config) (*Gateway, error) {
+	if cfg.Blobs == nil {
+		return nil, errors.New("relay: no blob store")
+	}
+	if cfg.Store == nil {
+		cfg.Store = dispatch.NewMemoryStore()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	g := &Gateway{
+		hub:      NewHub(),
+		blobs:    cfg.Blobs,
+		logger:   cfg.Logger,
+		cfg:      cfg,
+		homes:    map[string]*dispatch.Upstream{},
+		features: map[string]featureCache{},
+	}
+	g.manager = dispatch.NewManager(cfg.Store, g, cfg.Logger.Named("dispatch"))
+	return g, nil
+}
+
+// Manager returns the job dispatcher (to configure pools).
+func (g *Gateway) Manager() *dispatch.Manager { return g.manager }
+
+// Hub returns the browser session hub.
+func (g *Gateway) Hub() *Hub { return g.hub }
+
+// Close stops background work.
+func (g *Gateway) Close() {
+	g.hub.Close()
+	g.manager.Close()
+	g.homesMu.Lock()
+	for _, h := range g.homes {
+		h.Close()
+	}
+	g.homesMu.Unlock()
+}
+
+// Home returns the upstream for a home URL, made once per URL.
+func (g *Gateway) Home(base string) (*dispatch.Upstream, error) {
+	g.homesMu.Lock()
+	defer g.homesMu.Unlock()
+	if h, ok := g.homes[base]; ok {
+		return h, nil
+	}
+	h, err := dispatch.NewUpstream(base, dispatch.UpstreamOptions{Header: g.cfg.HomeHeader, Transport: g.cfg.Transport, Logger: g.logger})
+	if err != nil {
+		return nil, err
+	}
+	g.homes[base] = h
+	return h, nil
+}
+
+// Site is what the HTTP handler knows about one request.
+type Site struct {
+	// User is the identity of the person making the request.
+	User string
+	// Home is the user's own ComfyUI.
+	Home *dispatch.Upstream
+	// RunOn is the pool prompts run on, or "home".
+	RunOn string
+	// MaxBody limits request bodies the gateway reads (bytes).
+	MaxBody int64
+}
+
+// RunsHome reports whether prompts go to the user's home unchanged.
+func (s Site) RunsHome() bool { return s.RunOn == "" || s.RunOn == "home" }
+
+// ServeHTTP answers the requests the gateway owns and passes the rest to
+// next. It returns false when it did not handle the request.
+func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, site Site) bool {
+	p := r.URL.Path
+	route := p
+	if strings.HasPrefix(p, "/api/") {
+		route = p[4:]
+	}
+	switch {
+	case route == "/ws":
+		g.serveWS(w, r, site)
+	case route == "/prompt" && r.Method == http.MethodPost && !site.RunsHome():
+		g.servePrompt(w, r, site)
+	case route == "/prompt" && r.Method == http.MethodGet:
+		g.servePromptStatus(w, r, site)
+	case route == "/view" && (r.Method == http.MethodGet || r.Method == http.MethodHead):
+		return g.serveView(w, r, site)
+	case route == "/queue":
+		g.serveQueue(w, r, site)
+	case route == "/history" || strings.HasPrefix(route, "/history/"):
+		g.serveHistory(w, r, site, strings.TrimPrefix(strings.TrimPrefix(route, "/history"), "/"))
+	case route == "/interrupt" && r.Method == http.MethodPost:
+		g.serveInterrupt(w, r, site)
+	case p == "/api/jobs" || strings.HasPrefix(p, "/api/jobs/"):
+		g.serveJobs(w, r, site, strings.TrimPrefix(strings.TrimPrefix(p, "/api/jobs"), "/"))
+	default:
+		return false
+	}
+	return true
+}
+
+// writeJSON answers with a JSON body.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status, b = http.StatusInternalServerError, []byte(`{"error":"encoding failed"}`)
+	}
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+func writeRaw(w http.ResponseWriter, status int, body []byte) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
+
+// readBody reads a JSON request body within the site's limit. On failure it
+// has answered already (413 for too large).
+func readBody(w http.ResponseWriter, r *http.Request, site Site) ([]byte, bool) {
+	limit := site.MaxBody
+	if limit <= 0 {
+		limit = DefaultMaxBody
+	}
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			writeRaw(w, http.StatusRequestEntityTooLarge, comfy.NewPromptError("request_too_large",
+				"The request is too large", "The body exceeds the gateway's limit of "+formatBytes(limit)+".").JSON())
+			return nil, false
+		}
+		writeRaw(w, http.StatusBadRequest, comfy.NewPromptError("invalid_request", "Could not read the request", err.Error()).JSON())
+		return nil, false
+	}
+	return b, true
+}
+
+// DefaultMaxBody is the default request body limit: ComfyUI's own default
+// --max-upload-size of 100 MB.
+const DefaultMaxBody = 100 << 20
+
+func formatBytes(n int64) string {
+	const mb = 1 << 20
+	if n%mb == 0 {
+		return itoa(n/mb) + " MiB"
+	}
+	return itoa(n) + " bytes"
+}
+
+func itoa(n int64) string {
+	if n == 0 {
+		return "0"
+	}
+	neg := n < 0
+	if neg {
+		n = -n
+	}
+	var b [20]byte
+	i := len(b)
+	for n > 0 {
+		i--
+		b[i] = byte('0' + n%10)
+		n /= 10
+	}
+	if neg {
+		i--
+		b[i] = '-'
+	}
+	return string(b[i:])
+}
+
+// servePrompt runs POST /prompt on the site's pool.
+func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site) {
+	body, ok := readBody(w, r, site)
+	if !ok {
+		return
+	}
+	pr, berr := comfy.ParsePromptRequest(body)
+	if berr != nil {
+		writeJSON(w, berr.Status, berr.Body)
+		return
+	}
+	res, err := g.manager.Submit(r.Context(), dispatch.SubmitRequest{
+		User:     site.User,
+		ClientID: pr.ClientID,
+		Pool:     site.RunOn,
+		Request:  pr,
+		Inputs:   g.inputSource(site),
+	})
+	var rej *dispatch.RejectedError
+	var unav *dispatch.UnavailableError
+	switch {
+	case err == nil:
+		writeJSON(w, http.StatusOK, res)
+	case errors.As(err, &rej):
+		writeRaw(w, rej.Status, rej.Body)
+	case errors.Is(err, dispatch.ErrPromptIDTaken):
+		writeJSON(w, http.StatusBadRequest, comfy.NewPromptError("invalid_prompt_id", "prompt_id is already in use", pr.PromptID))
+	case errors.As(err, &unav):
+		g.logger.Warn("prompt not sent", zap.String("pool", site.RunOn), zap.Error(err))
+		writeJSON(w, http.StatusServiceUnavailable, comfy.NewPromptError("server_error",
+			"The GPU server is not reachable right now. Please try again.", err.Error()))
+	default:
+		g.logger.Error("prompt failed", zap.Error(err))
+		writeJSON(w, http.StatusInternalServerError, comfy.NewPromptError("server_error", "The gateway could not queue the prompt", err.Error()))
+	}
+}
+
+// inputSource opens files a prompt references: captured outputs from the
+// blob store (only the user's own), anything else from the user's home.
+func (g *Gateway) inputSource(site Site) dispatch.InputSource {
+	return func(ctx context.Context, ref comfy.FileRef) (io.ReadCloser, error) {
+		if key, jobID, ok := blobKey(ref); ok {
+			j, err := g.manager.Store().Job(ctx, jobID)
+			if err != nil || j.User != site.User {
+				return nil, dispatch.ErrNotFound
+			}
+			b, err := g.blobs.Open(ctx, key)
+			if errors.Is(err, ErrBlobNotFound) {
+				return nil, dispatch.ErrNotFound
+			}
+			return b, err
+		}
+		if site.Home == nil {
+			return nil, dispatch.ErrNotFound
+		}
+		resp, err := site.Home.Open(ctx, ref)
+		if err != nil {
+			return nil, err
+		}
+		return resp.Body, nil
+	}
+}
+
+// blobKey maps a captured output's ref to its blob key and job id.
+func blobKey(ref comfy.FileRef) (key, jobID string, ok bool) {
+	sub := ref.Subfolder
+	if !strings.HasPrefix(sub, OutputsSubfolder+"/") {
+		return "", "", false
+	}
+	rest := sub[len(OutputsSubfolder)+1:]
+	jobID, orig, _ := strings.Cut(rest, "/")
+	if jobID == "" || ref.Filename == "" || !comfy.ValidType(ref.Type) {
+		return "", "", false
+	}
+	key = path.Join(jobID, ref.Type, orig, ref.Filename)
+	return key, jobID, true
+}
+
+// capturedRef is the ref under which a captured output is served.
+func capturedRef(jobID string, orig comfy.FileRef) comfy.FileRef {
+	sub := OutputsSubfolder + "/" + jobID
+	if orig.Subfolder != "" {
+		sub += "/" + orig.Subfolder
+	}
+	return comfy.FileRef{Filename: orig.Filename, Subfolder: sub, Type: orig.Type}
+}
+
+// Capture implements dispatch.Events: before an executed event is recorded
+// or shown, every file it names is copied from the upstream into the blob
+// store and its ref rewritten to the gateway's copy.
+func (g *Gateway) Capture(ctx context.Context, j *dispatch.Job, up *dispatch.Upstream, ev *dispatch.Event) error {
+	if ev.Message == nil || ev.Message.Type != comfy.MsgExecuted || up == nil {
+		return nil
+	}
+	f, err := ev.Message.Fields()
+	if err != nil {
+		return err
+	}
+	out, ok := f["output"].(map[string]any)
+	if !ok {
+		return nil
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+		sem   = make(chan struct{}, 4)
+	)
+	comfy.RefsIn(out, func(_ string, item map[string]any) {
+		ref := comfy.RefOf(item)
+		if ref.Filename == "" || strings.ContainsAny(ref.Filename, "/\\") || strings.Contains(ref.Subfolder, "..") || !comfy.ValidType(ref.Type) {
+			return
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			err := g.captureOne(ctx, j.ID, up, ref)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				if first == nil {
+					first = err
+				}
+				return
+			}
+			nr := capturedRef(j.ID, ref)
+			item["subfolder"] = nr.Subfolder
+		}()
+	})
+	wg.Wait()
+	m := ev.Message.WithFields(f)
+	ev.Message = &m
+	return first
+}
+
+func (g *Gateway) captureOne(ctx context.Context, jobID string, up *dispatch.Upstream, ref comfy.FileRef) error {
+	key, _, _ := blobKey(capturedRef(jobID, ref))
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		if attempt > 0 {
+			time.Sleep(time.Duration(attempt) * 200 * time.Millisecond)
+		}
+		err = func() error {
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+			defer cancel()
+			resp, err := up.Open(cctx, ref)
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			ct := resp.Header.Get("Content-Type")
+			if ct == "" {
+				ct = contentTypeOf(ref.Filename)
+			}
+			return g.blobs.Put(cctx, key, resp.Body, BlobInfo{ContentType: ct})
+		}()
+		if err == nil {
+			return nil
+		}
+		var he *dispatch.HTTPError
+		if errors.As(err, &he) && he.Status == 404 {
+			break
+		}
+	}
+	return err
+}
+
+func contentTypeOf(name string) string {
+	ct := mime.TypeByExtension(path.Ext(name))
+	if ct == "" {
+		ct = "application/octet-stream"
+	}
+	return ct
+}
+
+// Deliver implements dispatch.Events: it shows a job event to the browser
+// session that submitted it.
+func (g *Gateway) Deliver(j *dispatch.Job, ev dispatch.Event) {
+	var f frame
+	switch {
+	case ev.Message != nil:
+		f.text = ev.Message.Encode()
+	case ev.Preview != nil:
+		f.preview = ev.Preview
+	case ev.Text != nil:
+		f.binary = ev.Text.Encode(false)
+	default:
+		return
+	}
+	g.hub.publish(j.User, j.ClientID, f)
+}
+
+// QueueChanged implements dispatch.Events: every socket of the user gets a
+// status with the new queue count (which also makes the frontend refresh
+// its job list).
+func (g *Gateway) QueueChanged(user string) {
+	remote := len(g.manager.Active(user))
+	for _, s := range g.hub.userSockets(user) {
+		s.send(frame{text: comfy.StatusMessage(s.getHomeRemaining()+remote, "").Encode()})
+	}
+}

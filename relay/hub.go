@@ -1,0 +1,291 @@
+package relay
+
+import (
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// frame is one thing to send to a browser socket.
+type frame struct {
+	text    []byte         // a JSON text frame
+	binary  []byte         // a binary frame sent as is
+	preview *comfy.Preview // a preview, encoded per socket (type 1 or 4)
+}
+
+// Limits of what a session keeps for a browser that is reconnecting.
+const (
+	backlogFrames = 1000
+	backlogBytes  = 8 << 20
+	sessionIdle   = 10 * time.Minute
+)
+
+// sessionKey scopes a browser session id to its user: the same clientId
+// opened by another user is another session and sees nothing of this one.
+type sessionKey struct{ user, sid string }
+
+// session is one browser tab (a ComfyUI sid) of one user. It outlives its
+// sockets so that a reconnecting tab keeps its jobs' events.
+type session struct {
+	key      sessionKey
+	sockets  map[*socket]struct{}
+	backlog  []frame
+	bytes    int
+	lastSeen time.Time
+}
+
+// Hub tracks browser sessions and their sockets.
+type Hub struct {
+	mu       sync.Mutex
+	sessions map[sessionKey]*session
+	byUser   map[string]map[*session]struct{}
+	open     map[*socket]struct{}
+	stop     chan struct{}
+	once     sync.Once
+}
+
+// NewHub starts a hub; Close stops its housekeeping.
+func NewHub() *Hub {
+	h := &Hub{
+		sessions: map[sessionKey]*session{},
+		byUser:   map[string]map[*session]struct{}{},
+		stop:     make(chan struct{}),
+	}
+	go h.housekeeping()
+	return h
+}
+
+// Close stops the hub's timers. Sockets are closed by their handlers.
+func (h *Hub) Close() { h.once.Do(func() { close(h.stop) }) }
+
+// attach registers a socket and returns the frames it missed while its
+// session had no socket.
+func (h *Hub) attach(user, sid string, s *socket) []frame {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	k := sessionKey{user, sid}
+	se := h.sessions[k]
+	if se == nil {
+		se = &session{key: k, sockets: map[*socket]struct{}{}}
+		h.sessions[k] = se
+		if h.byUser[user] == nil {
+			h.byUser[user] = map[*session]struct{}{}
+		}
+		h.byUser[user][se] = struct{}{}
+	}
+	se.sockets[s] = struct{}{}
+	se.lastSeen = time.Now()
+	missed := se.backlog
+	se.backlog, se.bytes = nil, 0
+	return missed
+}
+
+func (h *Hub) detach(user, sid string, s *socket) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if se := h.sessions[sessionKey{user, sid}]; se != nil {
+		delete(se.sockets, s)
+		se.lastSeen = time.Now()
+	}
+}
+
+// publish sends a frame to every socket of one session; while the session
+// has none, text frames are kept (bounded) for its reconnect.
+func (h *Hub) publish(user, sid string, f frame) {
+	h.mu.Lock()
+	se := h.sessions[sessionKey{user, sid}]
+	if se == nil {
+		se = &session{key: sessionKey{user, sid}, sockets: map[*socket]struct{}{}, lastSeen: time.Now()}
+		h.sessions[se.key] = se
+		if h.byUser[user] == nil {
+			h.byUser[user] = map[*session]struct{}{}
+		}
+		h.byUser[user][se] = struct{}{}
+	}
+	if len(se.sockets) == 0 {
+		if f.preview == nil && len(se.backlog) < backlogFrames && se.bytes+len(f.text)+len(f.binary) <= backlogBytes {
+			se.backlog = append(se.backlog, f)
+			se.bytes += len(f.text) + len(f.binary)
+		}
+		h.mu.Unlock()
+		return
+	}
+	targets := make([]*socket, 0, len(se.sockets))
+	for s := range se.sockets {
+		targets = append(targets, s)
+	}
+	h.mu.Unlock()
+	for _, s := range targets {
+		s.send(f)
+	}
+}
+
+// userSockets returns every open socket of a user.
+func (h *Hub) userSockets(user string) []*socket {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []*socket
+	for se := range h.byUser[user] {
+		for s := range se.sockets {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Sockets counts open browser sockets.
+func (h *Hub) Sockets() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, se := range h.sessions {
+		n += len(se.sockets)
+	}
+	return n
+}
+
+// housekeeping pings idle sockets (so idle timeouts of proxies and load
+// balancers between the browser and the gateway never cut them) and forgets
+// sessions that have had no socket for a while.
+func (h *Hub) housekeeping() {
+	t := time.NewTicker(pingEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-h.stop:
+			return
+		case now := <-t.C:
+			var all []*socket
+			h.mu.Lock()
+			for k, se := range h.sessions {
+				if len(se.sockets) == 0 && now.Sub(se.lastSeen) > sessionIdle {
+					delete(h.sessions, k)
+					if us := h.byUser[k.user]; us != nil {
+						delete(us, se)
+						if len(us) == 0 {
+							delete(h.byUser, k.user)
+						}
+					}
+					continue
+				}
+				for s := range se.sockets {
+					all = append(all, s)
+				}
+			}
+			h.mu.Unlock()
+			for _, s := range all {
+				s.ping()
+			}
+		}
+	}
+}
+
+var pingEvery = 30 * time.Second
+
+// writeWait bounds one write to a browser; a browser that cannot take a
+// frame in that time is cut off (it reconnects and resynchronises).
+const writeWait = 10 * time.Second
+
+// socket is one browser WebSocket connection.
+type socket struct {
+	conn *websocket.Conn
+	mu   sync.Mutex // serialises writes
+	dead bool
+
+	previewMeta   bool // browser declared supports_preview_metadata
+	homeRemaining int  // queue_remaining of the home server
+}
+
+func (s *socket) send(f frame) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dead {
+		return
+	}
+	var err error
+	_ = s.conn.SetWriteDeadline(time.Now().Add(writeWait))
+	switch {
+	case f.text != nil:
+		err = s.conn.WriteMessage(websocket.TextMessage, f.text)
+	case f.binary != nil:
+		err = s.conn.WriteMessage(websocket.BinaryMessage, f.binary)
+	case f.preview != nil:
+		var b []byte
+		if s.previewMeta && f.preview.Metadata != nil {
+			b = f.preview.EncodeType4(*f.preview.Metadata)
+		} else {
+			b = f.preview.EncodeType1()
+		}
+		err = s.conn.WriteMessage(websocket.BinaryMessage, b)
+	}
+	if err != nil {
+		s.dead = true
+		s.conn.Close()
+	}
+}
+
+func (s *socket) ping() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dead {
+		return
+	}
+	if err := s.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeWait)); err != nil {
+		s.dead = true
+		s.conn.Close()
+	}
+}
+
+// setFlags records the browser's declared features and returns the queue
+// count to show, under the write lock so frames see a consistent view.
+func (s *socket) setPreviewMeta(v bool) {
+	s.mu.Lock()
+	s.previewMeta = v
+	s.mu.Unlock()
+}
+
+func (s *socket) setHomeRemaining(n int) {
+	s.mu.Lock()
+	s.homeRemaining = n
+	s.mu.Unlock()
+}
+
+func (s *socket) getHomeRemaining() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.homeRemaining
+}
+
+// track remembers open sockets so Close can end them.
+func (h *Hub) track(s *socket, open bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.open == nil {
+		h.open = map[*socket]struct{}{}
+	}
+	if open {
+		h.open[s] = struct{}{}
+	} else {
+		delete(h.open, s)
+	}
+}
+
+// CloseSockets ends every open browser socket (on shutdown; browsers
+// reconnect to the new configuration).
+func (h *Hub) CloseSockets() {
+	h.mu.Lock()
+	all := make([]*socket, 0, len(h.open))
+	for s := range h.open {
+		all = append(all, s)
+	}
+	h.mu.Unlock()
+	for _, s := range all {
+		s.mu.Lock()
+		s.dead = true
+		s.conn.Close()
+		s.mu.Unlock()
+	}
+}

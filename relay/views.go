@@ -1,0 +1,417 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/url"
+	"sort"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/comfyume/comfyume/dispatch"
+)
+
+// homeTimeout bounds a read of the home server's queue or history while
+// building a merged view; without an answer the view shows the remote part.
+const homeTimeout = 10 * time.Second
+
+func (g *Gateway) homeGet(ctx context.Context, site Site, pathAndQuery string, v any) error {
+	if site.Home == nil {
+		return dispatch.ErrNotFound
+	}
+	ctx, cancel := context.WithTimeout(ctx, homeTimeout)
+	defer cancel()
+	return site.Home.GetJSON(ctx, pathAndQuery, v)
+}
+
+func (g *Gateway) homePost(ctx context.Context, site Site, path string, body []byte) {
+	if site.Home == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, homeTimeout)
+	defer cancel()
+	if _, _, err := site.Home.PostJSON(ctx, path, body); err != nil {
+		g.logger.Warn("forwarding to home", zap.String("path", path), zap.Error(err))
+	}
+}
+
+// userJobs returns the user's remote job records, visible ones only.
+func (g *Gateway) userJobs(ctx context.Context, user string) []*dispatch.Job {
+	all, err := g.manager.Store().UserJobs(ctx, user)
+	if err != nil {
+		g.logger.Error("reading jobs", zap.Error(err))
+		return nil
+	}
+	out := all[:0]
+	for _, j := range all {
+		if !j.Hidden {
+			out = append(out, j)
+		}
+	}
+	return out
+}
+
+// userJob returns one of the user's remote jobs, or nil.
+func (g *Gateway) userJob(ctx context.Context, user, id string) *dispatch.Job {
+	j, err := g.manager.Store().Job(ctx, id)
+	if err != nil || j.User != user {
+		return nil
+	}
+	return j
+}
+
+// servePromptStatus answers GET /prompt: {"exec_info": {"queue_remaining"}}.
+func (g *Gateway) servePromptStatus(w http.ResponseWriter, r *http.Request, site Site) {
+	var st struct {
+		ExecInfo struct {
+			QueueRemaining int `json:"queue_remaining"`
+		} `json:"exec_info"`
+	}
+	_ = g.homeGet(r.Context(), site, "/prompt", &st)
+	st.ExecInfo.QueueRemaining += len(g.manager.Active(site.User))
+	writeJSON(w, http.StatusOK, st)
+}
+
+// queueItem is ComfyUI's 5-element queue/history prompt tuple.
+func queueItem(j *dispatch.Job) []any {
+	extra := map[string]json.RawMessage{}
+	for k, v := range j.ExtraData {
+		extra[k] = v
+	}
+	if _, ok := extra["client_id"]; !ok {
+		extra["client_id"], _ = json.Marshal(j.ClientID)
+	}
+	extra["create_time"], _ = json.Marshal(j.CreateTime)
+	prompt := j.Prompt
+	if len(prompt) == 0 {
+		prompt = json.RawMessage("{}")
+	}
+	return []any{j.Number, j.ID, prompt, extra, j.OutputsToExecute}
+}
+
+type queueBody struct {
+	Running []json.RawMessage `json:"queue_running"`
+	Pending []json.RawMessage `json:"queue_pending"`
+}
+
+// serveQueue answers GET /queue (home's queue plus the user's remote jobs)
+// and POST /queue {"clear"|"delete"} (each id on the server that has it).
+func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) {
+	ctx := r.Context()
+	if r.Method == http.MethodPost {
+		body, ok := readBody(w, r, site)
+		if !ok {
+			return
+		}
+		var req struct {
+			Clear  bool     `json:"clear"`
+			Delete []string `json:"delete"`
+		}
+		if len(bytes.TrimSpace(body)) > 0 && json.Unmarshal(body, &req) != nil {
+			http.Error(w, "invalid JSON", http.StatusBadRequest)
+			return
+		}
+		var homeIDs []string
+		for _, id := range req.Delete {
+			if j := g.userJob(ctx, site.User, id); j != nil {
+				if j.Status == dispatch.StatusPending {
+					g.manager.Cancel(ctx, site.User, id)
+				}
+				continue
+			}
+			homeIDs = append(homeIDs, id)
+		}
+		if req.Clear {
+			for _, j := range g.manager.Active(site.User) {
+				if j.Status == dispatch.StatusPending {
+					g.manager.Cancel(ctx, site.User, j.ID)
+				}
+			}
+		}
+		fwd := map[string]any{}
+		if req.Clear {
+			fwd["clear"] = true
+		}
+		if len(homeIDs) > 0 {
+			fwd["delete"] = homeIDs
+		}
+		if len(fwd) > 0 {
+			b, _ := json.Marshal(fwd)
+			g.homePost(ctx, site, "/queue", b)
+		}
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	var q queueBody
+	if err := g.homeGet(ctx, site, "/queue", &q); err != nil {
+		g.logger.Debug("home queue unavailable", zap.Error(err))
+	}
+	if q.Running == nil {
+		q.Running = []json.RawMessage{}
+	}
+	if q.Pending == nil {
+		q.Pending = []json.RawMessage{}
+	}
+	for _, j := range g.manager.Active(site.User) {
+		b, _ := json.Marshal(queueItem(j))
+		if j.Status == dispatch.StatusInProgress {
+			q.Running = append(q.Running, b)
+		} else {
+			q.Pending = append(q.Pending, b)
+		}
+	}
+	writeJSON(w, http.StatusOK, q)
+}
+
+// historyEntry builds ComfyUI's history entry for a finished remote job.
+func historyEntry(j *dispatch.Job) map[string]any {
+	outputs := map[string]json.RawMessage{}
+	for k, v := range j.Outputs {
+		outputs[k] = v
+	}
+	statusStr := "success"
+	if j.Status == dispatch.StatusFailed || j.Status == dispatch.StatusCancelled {
+		statusStr = "error"
+	}
+	msgs := j.Messages
+	if msgs == nil {
+		msgs = []dispatch.HistoryMessage{}
+	}
+	meta := map[string]any{}
+	for node := range j.Outputs {
+		meta[node] = map[string]any{"node_id": node, "display_node": node, "parent_node": nil, "real_node_id": node}
+	}
+	return map[string]any{
+		"prompt":  queueItem(j),
+		"outputs": outputs,
+		"status":  map[string]any{"status_str": statusStr, "completed": j.Status == dispatch.StatusCompleted, "messages": msgs},
+		"meta":    meta,
+	}
+}
+
+// orderedEntry is one key of a JSON object whose key order matters.
+type orderedEntry struct {
+	key string
+	val json.RawMessage
+	end int64
+}
+
+func writeOrdered(w http.ResponseWriter, entries []orderedEntry) {
+	var buf bytes.Buffer
+	buf.WriteByte('{')
+	for i, e := range entries {
+		if i > 0 {
+			buf.WriteString(", ")
+		}
+		k, _ := json.Marshal(e.key)
+		buf.Write(k)
+		buf.WriteString(": ")
+		buf.Write(e.val)
+	}
+	buf.WriteByte('}')
+	writeRaw(w, http.StatusOK, buf.Bytes())
+}
+
+// decodeOrdered reads a JSON object keeping its key order.
+func decodeOrdered(b []byte) ([]orderedEntry, error) {
+	d := json.NewDecoder(bytes.NewReader(b))
+	t, err := d.Token()
+	if err != nil {
+		return nil, err
+	}
+	if t != json.Delim('{') {
+		return nil, errors.New("not an object")
+	}
+	var out []orderedEntry
+	for d.More() {
+		t, err := d.Token()
+		if err != nil {
+			return nil, err
+		}
+		k, _ := t.(string)
+		var v json.RawMessage
+		if err := d.Decode(&v); err != nil {
+			return nil, err
+		}
+		out = append(out, orderedEntry{key: k, val: v, end: lastTimestamp(v)})
+	}
+	return out, nil
+}
+
+// lastTimestamp is the latest message timestamp of a history entry.
+func lastTimestamp(entry json.RawMessage) int64 {
+	var e struct {
+		Status struct {
+			Messages [][]json.RawMessage `json:"messages"`
+		} `json:"status"`
+	}
+	_ = json.Unmarshal(entry, &e)
+	var last int64
+	for _, m := range e.Status.Messages {
+		if len(m) != 2 {
+			continue
+		}
+		var d struct {
+			Timestamp int64 `json:"timestamp"`
+		}
+		if json.Unmarshal(m[1], &d) == nil && d.Timestamp > last {
+			last = d.Timestamp
+		}
+	}
+	return last
+}
+
+// serveHistory answers GET /history[/{id}] and POST /history.
+func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site, id string) {
+	ctx := r.Context()
+	if r.Method == http.MethodPost {
+		body, ok := readBody(w, r, site)
+		if !ok {
+			return
+		}
+		var req struct {
+			Clear  bool     `json:"clear"`
+			Delete []string `json:"delete"`
+		}
+		if len(bytes.TrimSpace(body)) > 0 && json.Unmarshal(body, &req) != nil {
+			http.Error(w, "invalid JSON", http.StatusBadRequest)
+			return
+		}
+		var homeIDs []string
+		hide := func(j *dispatch.Job) {
+			if j.Active() {
+				return
+			}
+			j.Hidden = true
+			if err := g.manager.Store().Save(ctx, j); err != nil {
+				g.logger.Error("hiding job", zap.Error(err))
+			}
+		}
+		for _, id := range req.Delete {
+			if j := g.userJob(ctx, site.User, id); j != nil {
+				hide(j)
+				continue
+			}
+			homeIDs = append(homeIDs, id)
+		}
+		if req.Clear {
+			for _, j := range g.userJobs(ctx, site.User) {
+				hide(j)
+			}
+		}
+		fwd := map[string]any{}
+		if req.Clear {
+			fwd["clear"] = true
+		}
+		if len(homeIDs) > 0 {
+			fwd["delete"] = homeIDs
+		}
+		if len(fwd) > 0 {
+			b, _ := json.Marshal(fwd)
+			g.homePost(ctx, site, "/history", b)
+		}
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	if r.Method != http.MethodGet {
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	if id != "" {
+		if j := g.userJob(ctx, site.User, id); j != nil && !j.Hidden {
+			if j.Active() {
+				writeJSON(w, http.StatusOK, map[string]any{})
+				return
+			}
+			writeJSON(w, http.StatusOK, map[string]any{j.ID: historyEntry(j)})
+			return
+		}
+		var raw json.RawMessage
+		if err := g.homeGet(ctx, site, "/history/"+url.PathEscape(id), &raw); err != nil {
+			raw = json.RawMessage("{}")
+		}
+		writeRaw(w, http.StatusOK, raw)
+		return
+	}
+	q := r.URL.Query()
+	maxItems, _ := strconv.Atoi(q.Get("max_items"))
+	offset, _ := strconv.Atoi(q.Get("offset"))
+	if offset < 0 {
+		offset = 0
+	}
+	homeQuery := "/history"
+	if maxItems > 0 {
+		homeQuery += "?max_items=" + strconv.Itoa(maxItems+offset)
+	}
+	var entries []orderedEntry
+	var raw json.RawMessage
+	if err := g.homeGet(ctx, site, homeQuery, &raw); err == nil {
+		entries, _ = decodeOrdered(raw)
+	}
+	for _, j := range g.userJobs(ctx, site.User) {
+		if j.Active() {
+			continue
+		}
+		b, _ := json.Marshal(historyEntry(j))
+		entries = append(entries, orderedEntry{key: j.ID, val: b, end: j.EndTime})
+	}
+	sort.SliceStable(entries, func(a, b int) bool { return entries[a].end < entries[b].end })
+	// ComfyUI: with max_items and no offset, the last N; with an offset,
+	// N items starting there.
+	if maxItems > 0 {
+		start := offset
+		if q.Get("offset") == "" {
+			start = len(entries) - maxItems
+		}
+		if start < 0 {
+			start = 0
+		}
+		if start > len(entries) {
+			start = len(entries)
+		}
+		end := start + maxItems
+		if end > len(entries) {
+			end = len(entries)
+		}
+		entries = entries[start:end]
+	} else if offset > 0 && offset < len(entries) {
+		entries = entries[offset:]
+	}
+	writeOrdered(w, entries)
+}
+
+// serveInterrupt answers POST /interrupt: the named job is interrupted where
+// it runs (only if it is the user's); without a prompt_id, the user's running
+// remote jobs and whatever runs on home.
+func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Site) {
+	body, ok := readBody(w, r, site)
+	if !ok {
+		return
+	}
+	var req struct {
+		PromptID string `json:"prompt_id"`
+	}
+	_ = json.Unmarshal(body, &req)
+	ctx := r.Context()
+	if req.PromptID != "" {
+		if j := g.userJob(ctx, site.User, req.PromptID); j != nil {
+			g.manager.Cancel(ctx, site.User, j.ID)
+		} else {
+			g.homePost(ctx, site, "/interrupt", body)
+		}
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	for _, j := range g.manager.Active(site.User) {
+		if j.Status == dispatch.StatusInProgress {
+			g.manager.Cancel(ctx, site.User, j.ID)
+		}
+	}
+	g.homePost(ctx, site, "/interrupt", body)
+	w.WriteHeader(http.StatusOK)
+}
