@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
@@ -66,6 +67,11 @@ type UpstreamConfig struct {
 	// once (0 = no limit). ComfyUI runs one prompt at a time, so 1 keeps
 	// each job's wait visible in the gateway's own queue.
 	MaxJobs int `json:"max_jobs,omitempty"`
+	// LostTimeout is how long this server may stay unreachable while the
+	// gateway's jobs run on it before those jobs end with an error the UI
+	// shows (default 15s). The gateway reconnects meanwhile and recovers
+	// finished results from the server's history.
+	LostTimeout caddy.Duration `json:"lost_timeout,omitempty"`
 }
 
 // OutputsConfig selects the output store.
@@ -139,7 +145,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 				}
 			}
 			up, err := dispatch.NewUpstream(repl.ReplaceAll(uc.URL, ""), dispatch.UpstreamOptions{
-				Header: h, MaxJobs: uc.MaxJobs, Logger: a.logger,
+				Header: h, MaxJobs: uc.MaxJobs, LostTimeout: time.Duration(uc.LostTimeout), Logger: a.logger,
 			})
 			if err != nil {
 				return fmt.Errorf("pool %s: %w", pc.Name, err)

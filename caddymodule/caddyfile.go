@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"strconv"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -24,6 +25,7 @@ func init() {
 //			upstream <url> {
 //				header <field> <value>
 //				max_jobs <n>
+//				lost_timeout <duration>
 //			}
 //		}
 //		store memory
@@ -89,6 +91,18 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 							return d.Errf("max_jobs: %q is not a non-negative number", d.Val())
 						}
 						up.MaxJobs = n
+						if d.NextArg() {
+							return d.ArgErr()
+						}
+					case "lost_timeout":
+						if !d.NextArg() {
+							return d.ArgErr()
+						}
+						dur, err := caddy.ParseDuration(d.Val())
+						if err != nil || dur <= 0 {
+							return d.Errf("lost_timeout: %q is not a duration", d.Val())
+						}
+						up.LostTimeout = caddy.Duration(dur)
 						if d.NextArg() {
 							return d.ArgErr()
 						}

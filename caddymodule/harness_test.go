@@ -156,6 +156,9 @@ type browser struct {
 	conn   *websocket.Conn
 	SID    string
 	frames chan wsFrame
+	// held are frames read while waiting for the feature_flags reply, in
+	// order; next returns them first.
+	held []wsFrame
 }
 
 type wsFrame struct {
@@ -215,15 +218,29 @@ func (g *gateway) openBrowser(user, clientID string, previewMeta bool) *browser 
 	}
 	if previewMeta {
 		_ = conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true,"supports_manager_v4_ui":true,"supports_progress_text_metadata":true}}`))
-		if ff := b.waitType("feature_flags", 5*time.Second); ff.Data["supports_preview_metadata"] != true {
-			g.t.Fatalf("feature_flags reply lacks supports_preview_metadata: %s", ff.data)
+		var held []wsFrame
+		for {
+			f := b.next(5 * time.Second)
+			if f.Type == "feature_flags" {
+				if f.Data["supports_preview_metadata"] != true {
+					g.t.Fatalf("feature_flags reply lacks supports_preview_metadata: %s", f.data)
+				}
+				break
+			}
+			held = append(held, f)
 		}
+		b.held = held
 	}
 	return b
 }
 
 func (b *browser) next(d time.Duration) wsFrame {
 	b.t.Helper()
+	if len(b.held) > 0 {
+		f := b.held[0]
+		b.held = b.held[1:]
+		return f
+	}
 	select {
 	case f, ok := <-b.frames:
 		if !ok {

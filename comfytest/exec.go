@@ -214,7 +214,7 @@ func (r *run) execNode(id string) error {
 		s.mu.Unlock()
 		r.toClient("executing", obj{{"node", id}, {"display_node", id}, {"prompt_id", j.id}})
 	}
-	if s.interrupted.CompareAndSwap(true, false) {
+	if s.takeInterrupt() {
 		return errInterrupted
 	}
 	c := &nodeCtx{s: s, r: r, job: j, node: n}
@@ -237,7 +237,7 @@ func (r *run) execNode(id string) error {
 		if arr, ok := e.V.([]any); ok && len(arr) == 2 {
 			from, _ := arr[0].(string)
 			slot, _ := arr[1].(json.Number).Int64()
-			outs := r.outputs[from]
+			outs := r.upstream(from)
 			if int(slot) < len(outs) {
 				in[e.K] = outs[slot]
 			}
@@ -262,6 +262,17 @@ func (r *run) execNode(id string) error {
 	r.outputs[id] = outs
 	r.finishProgress(id)
 	r.executed = append(r.executed, id)
+	return nil
+}
+
+// upstream is the output of node id: from this run, or from the cache.
+func (r *run) upstream(id string) []any {
+	if outs, ok := r.outputs[id]; ok {
+		return outs
+	}
+	if ce := r.s.cache[r.sigs[id]]; ce != nil {
+		return ce.outputs
+	}
 	return nil
 }
 
@@ -294,7 +305,7 @@ func (r *run) handleError(id string, err error) {
 	for _, e := range j.nodes[id].inputs {
 		var v any = e.V
 		if arr, ok := e.V.([]any); ok && len(arr) == 2 {
-			if out, ok := r.outputs[pyStr(arr[0])]; ok {
+			if out := r.upstream(pyStr(arr[0])); out != nil {
 				v = describeValue(out, arr[1])
 			}
 		}
@@ -337,6 +348,19 @@ func describeValue(outs []any, slot any) any {
 		return fmt.Sprintf("tensor(shape=[%d, %d, %d])", len(t), t[0].Rect.Dy(), t[0].Rect.Dx())
 	}
 	return pyStr(outs[i])
+}
+
+// takeInterrupt is throw_exception_if_processing_interrupted: it consumes
+// a pending interrupt.
+func (s *Server) takeInterrupt() bool {
+	if !s.interrupted.CompareAndSwap(true, false) {
+		return false
+	}
+	select {
+	case <-s.intrCh:
+	default:
+	}
+	return true
 }
 
 // ---- progress (2026 progress_state registry + legacy progress hook) ----
@@ -413,7 +437,7 @@ func (c *nodeCtx) work() error {
 // progress is ComfyUI's progress-bar hook: it checks for an interrupt, then
 // reports value/max and sends the preview.
 func (c *nodeCtx) progress(value, maxv int, pv *preview) error {
-	if c.s.interrupted.CompareAndSwap(true, false) {
+	if c.s.takeInterrupt() {
 		return errInterrupted
 	}
 	if c.s.stopped() {

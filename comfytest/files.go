@@ -178,7 +178,7 @@ func contentTypeFor(name string) string {
 }
 
 func (s *Server) handleView(w http.ResponseWriter, r *http.Request, _ map[string]string) {
-	q := r.URL.Query()
+	q := queryOf(r)
 	fv, ok := q["filename"]
 	if !ok {
 		emptyResponse(w, 404)

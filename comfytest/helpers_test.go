@@ -269,6 +269,50 @@ func traceFrames(t testing.TB, name string) []frame {
 	return out
 }
 
+// traceRawData returns the "data" of every recorded ws_text frame as an
+// ordered value, to compare key order.
+func traceRawData(t testing.TB, name string) []any {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(traceDir, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []any
+	for _, line := range bytes.Split(bytes.TrimSpace(raw), []byte("\n")) {
+		v, err := decodeOrdered(line)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o := v.(obj)
+		if k, _ := o.get("kind"); k == "ws_text" {
+			d, _ := o.get("data")
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// keyOrder renders the object keys of v, recursively, in order.
+func keyOrder(v any) string {
+	switch t := v.(type) {
+	case obj:
+		var b strings.Builder
+		b.WriteString("{")
+		for _, e := range t {
+			b.WriteString(e.K + ":" + keyOrder(e.V) + ",")
+		}
+		return b.String() + "}"
+	case []any:
+		var b strings.Builder
+		b.WriteString("[")
+		for _, e := range t {
+			b.WriteString(keyOrder(e) + ",")
+		}
+		return b.String() + "]"
+	}
+	return ""
+}
+
 func jsonEqual(t testing.TB, got, want []byte) bool {
 	t.Helper()
 	var g, w any

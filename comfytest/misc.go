@@ -210,7 +210,7 @@ func (s *Server) fileInfo(rel string, f *memFile, base string) obj {
 }
 
 func (s *Server) handleListUserdata(w http.ResponseWriter, r *http.Request, _ map[string]string) {
-	q := r.URL.Query()
+	q := queryOf(r)
 	dir := q.Get("dir")
 	if dir == "" {
 		textResponse(w, 400, "Directory not provided")
@@ -285,7 +285,7 @@ func (s *Server) handlePostUserdata(w http.ResponseWriter, r *http.Request, p ma
 		emptyResponse(w, 403)
 		return
 	}
-	q := r.URL.Query()
+	q := queryOf(r)
 	overwrite := true
 	if v, ok := q["overwrite"]; ok {
 		overwrite = v[0] != "false"
@@ -342,7 +342,7 @@ func (s *Server) handleMoveUserdata(w http.ResponseWriter, r *http.Request, p ma
 		emptyResponse(w, 403)
 		return
 	}
-	q := r.URL.Query()
+	q := queryOf(r)
 	overwrite := true
 	if v, ok := q["overwrite"]; ok {
 		overwrite = v[0] != "false"
@@ -370,4 +370,3 @@ func (s *Server) handleMoveUserdata(w http.ResponseWriter, r *http.Request, p ma
 	}
 	writeJSON(w, 200, dst)
 }
-

@@ -269,15 +269,11 @@ func (s *Server) handlePostPrompt(w http.ResponseWriter, r *http.Request, _ map[
 		j.clientID = pyStr(cv)
 	}
 
-	clientID := ""
-	if cv, ok := jd.get("client_id"); ok && cv != nil {
-		clientID = pyStr(cv)
-	}
 	em, _ := toPlain(received).(map[string]any)
 	pm, _ := toPlain(prompt).(map[string]any)
 	s.rmu.Lock()
 	s.prompts = append(s.prompts, ReceivedPrompt{
-		PromptID: promptID, ClientID: clientID, Prompt: pm, ExtraData: em, Header: r.Header.Clone(),
+		PromptID: promptID, ClientID: j.clientID, Prompt: pm, ExtraData: em, Header: r.Header.Clone(),
 	})
 	s.rmu.Unlock()
 
@@ -432,7 +428,7 @@ func (s *Server) handleFree(w http.ResponseWriter, r *http.Request, _ map[string
 // ---- /history ----
 
 func (s *Server) handleGetHistory(w http.ResponseWriter, r *http.Request, _ map[string]string) {
-	q := r.URL.Query()
+	q := queryOf(r)
 	maxItems, hasMax := 0, false
 	if v, ok := q["max_items"]; ok {
 		n, err := strconv.Atoi(strings.TrimSpace(v[0]))
@@ -707,7 +703,7 @@ func jobInt(j obj, k string) int64 {
 }
 
 func (s *Server) handleJobs(w http.ResponseWriter, r *http.Request, _ map[string]string) {
-	q := r.URL.Query()
+	q := queryOf(r)
 	badReq := func(msg string) { writeJSON(w, 400, obj{{"error", msg}}) }
 	var filter []string
 	if sp := q.Get("status"); sp != "" {

@@ -39,7 +39,8 @@ type Options struct {
 // ReceivedPrompt is one accepted POST /prompt.
 type ReceivedPrompt struct {
 	PromptID string
-	// ClientID is the body's client_id ("" when absent).
+	// ClientID is the sid the job's events go to: the body's client_id, or
+	// extra_data.client_id ("" when there is none).
 	ClientID string
 	// Prompt is the API-format graph as sent.
 	Prompt map[string]any
@@ -456,10 +457,11 @@ func (s *Server) routes() []route {
 	type m = map[string]routeHandler
 	get := func(h routeHandler) m { return m{"GET": h} }
 	post := func(h routeHandler) m { return m{"POST": h} }
-	rs := []struct {
+	type entry struct {
 		pattern string
 		methods m
-	}{
+	}
+	rs := []entry{
 		{"/", get(s.handleRoot)},
 		{"/ws", get(s.handleWS)},
 		{"/embeddings", get(s.handleJSONConst([]any{}))},
@@ -486,19 +488,12 @@ func (s *Server) routes() []route {
 		{"/userdata/{file}/move/{dest}", post(s.handleMoveUserdata)},
 	}
 	if s.v2026 {
+		// /api/jobs is registered with its /api prefix in ComfyUI, so it
+		// also answers at /api/api/jobs but not at /jobs.
 		rs = append(rs,
-			struct {
-				pattern string
-				methods m
-			}{"/features", get(s.handleFeatures)},
-			struct {
-				pattern string
-				methods m
-			}{"/api/jobs", get(s.handleJobs)},
-			struct {
-				pattern string
-				methods m
-			}{"/api/jobs/{job_id}", get(s.handleJob)},
+			entry{"/features", get(s.handleFeatures)},
+			entry{"/api/jobs", get(s.handleJobs)},
+			entry{"/api/jobs/{job_id}", get(s.handleJob)},
 		)
 	}
 	out := make([]route, 0, len(rs))
@@ -573,6 +568,27 @@ func (s *Server) dispatch(rs []route, p string, w http.ResponseWriter, r *http.R
 		return true
 	}
 	return false
+}
+
+// queryOf parses the query string like aiohttp: pairs are separated by
+// "&" only, so "preview=webp;90" keeps its semicolon (Go's url.ParseQuery
+// would drop the whole pair).
+func queryOf(r *http.Request) url.Values {
+	v := url.Values{}
+	for _, part := range strings.Split(r.URL.RawQuery, "&") {
+		if part == "" {
+			continue
+		}
+		k, val, _ := strings.Cut(part, "=")
+		if uk, err := url.QueryUnescape(k); err == nil {
+			k = uk
+		}
+		if uv, err := url.QueryUnescape(val); err == nil {
+			val = uv
+		}
+		v[k] = append(v[k], val)
+	}
+	return v
 }
 
 // ---- small response helpers ----

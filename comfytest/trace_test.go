@@ -110,6 +110,24 @@ func TestAllTwiceMatchesTrace(t *testing.T) {
 				}
 			}
 
+			// Field order of every text frame equals the recording.
+			recData := traceRawData(t, trace)
+			k := 0
+			for _, f := range got {
+				if f.typ == "<binary>" {
+					continue
+				}
+				v, err := decodeOrdered(f.raw)
+				if err != nil {
+					t.Fatal(err)
+				}
+				d, _ := v.(obj).get("data")
+				if g, w := keyOrder(d), keyOrder(recData[k]); g != w {
+					t.Errorf("%s key order\n got %s\nwant %s", f.typ, g, w)
+				}
+				k++
+			}
+
 			// Binary frame: type 1, format 2 (PNG) of the inverted input.
 			for _, f := range got {
 				if f.typ != "<binary>" {
@@ -237,6 +255,7 @@ func TestInterruptMatchesTrace(t *testing.T) {
 	}
 	id := queuePrompt(t, base, map[string]any{"prompt": wf, "client_id": "accept-dd9ac5db7e81"})
 	got = append(got, ws.until(func(f frame) bool { return f.typ == "executing" && f.str("node") == "8" })...)
+	time.Sleep(60 * time.Millisecond) // like the recording: interrupt while node 8 works
 	resp, body := doReq(t, "POST", base+"/interrupt", nil, nil)
 	if resp.StatusCode != 200 || len(body) != 0 || resp.Header.Get("Content-Type") != "application/octet-stream" {
 		t.Fatalf("interrupt: %d %q %q", resp.StatusCode, body, resp.Header.Get("Content-Type"))
@@ -246,6 +265,16 @@ func TestInterruptMatchesTrace(t *testing.T) {
 	want := traceSequence(t, "api-interrupt-comfyui-2024-12.jsonl")
 	if !reflect.DeepEqual(types(got), want) {
 		t.Fatalf("sequence\n got %v\nwant %v", types(got), want)
+	}
+	recData := traceRawData(t, "api-interrupt-comfyui-2024-12.jsonl")
+	k := 0
+	for _, f := range got {
+		v, _ := decodeOrdered(f.raw)
+		d, _ := v.(obj).get("data")
+		if g, w := keyOrder(d), keyOrder(recData[k]); g != w {
+			t.Errorf("%s key order\n got %s\nwant %s", f.typ, g, w)
+		}
+		k++
 	}
 	var intr frame
 	for _, f := range got {
@@ -334,13 +363,13 @@ func TestViewErrorsMatchTrace(t *testing.T) {
 		}
 	}
 	for path, want := range map[string]int{
-		"/view":                                   404, // no filename
-		"/view?filename=":                         400,
-		"/view?filename=%2Fetc%2Fpasswd":          400,
-		"/view?filename=x.png&type=input":         200,
-		"/view?filename=x.png%20%5Binput%5D":      200, // " [input]" annotation overrides type
+		"/view":                                            404, // no filename
+		"/view?filename=":                                  400,
+		"/view?filename=%2Fetc%2Fpasswd":                   400,
+		"/view?filename=x.png&type=input":                  200,
+		"/view?filename=x.png%20%5Binput%5D":               200, // " [input]" annotation overrides type
 		"/view?filename=x.png&type=input&subfolder=%2Fabs": 403,
-		"/view?filename=a..b.png&type=input":      400,
+		"/view?filename=a..b.png&type=input":               400,
 	} {
 		resp, _ := doReq(t, "GET", srv.URL()+path, nil, nil)
 		if resp.StatusCode != want {

@@ -102,7 +102,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, _ map[string]s
 		return // Upgrade already answered
 	}
 	c.SetReadLimit(s.maxBody)
-	sid := r.URL.Query().Get("clientId")
+	sid := queryOf(r).Get("clientId")
 	if sid == "" {
 		sid = strings.ReplaceAll(uuid.NewString(), "-", "")
 	}

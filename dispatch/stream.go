@@ -127,13 +127,13 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 	}
 }
 
-// lostAfter is how long a job's upstream may stay unreachable before the
-// job is given up as failed.
-var lostAfter = 15 * time.Second
+// DefaultLostTimeout is how long an upstream's event stream may stay down
+// before the jobs running there are given up as failed.
+const DefaultLostTimeout = 15 * time.Second
 
 // giveUp decides, after a failure, whether the loop ends: when no job runs
 // here (the stream is redialed on demand), or when the upstream has been
-// unreachable for lostAfter (its jobs then fail).
+// unreachable for its LostTimeout (its jobs then fail).
 func (u *Upstream) giveUp(since time.Time, err error) bool {
 	u.mu.Lock()
 	if u.closed || len(u.routes) == 0 {
@@ -141,7 +141,7 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 		u.mu.Unlock()
 		return true
 	}
-	if time.Since(since) < lostAfter {
+	if time.Since(since) < u.LostTimeout {
 		u.mu.Unlock()
 		return false
 	}

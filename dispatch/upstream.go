@@ -33,6 +33,9 @@ type Upstream struct {
 	// MaxJobs limits how many of the gateway's jobs run here at once (0: no
 	// limit).
 	MaxJobs int
+	// LostTimeout is how long the server may stay unreachable while jobs
+	// run on it; then those jobs fail with an execution_error.
+	LostTimeout time.Duration
 
 	client *http.Client
 	dialer *websocket.Dialer
@@ -54,6 +57,8 @@ type Upstream struct {
 type UpstreamOptions struct {
 	Header  http.Header
 	MaxJobs int
+	// LostTimeout: see Upstream.LostTimeout (default DefaultLostTimeout).
+	LostTimeout time.Duration
 	// Transport overrides the HTTP transport (tests, benchmarks).
 	Transport http.RoundTripper
 	Logger    *zap.Logger
@@ -79,20 +84,25 @@ func NewUpstream(base string, opts UpstreamOptions) (*Upstream, error) {
 			ResponseHeaderTimeout: 120 * time.Second,
 		}
 	}
+	lost := opts.LostTimeout
+	if lost <= 0 {
+		lost = DefaultLostTimeout
+	}
 	logger := opts.Logger
 	if logger == nil {
 		logger = zap.NewNop()
 	}
 	return &Upstream{
-		Base:     u,
-		Header:   opts.Header.Clone(),
-		MaxJobs:  opts.MaxJobs,
-		client:   &http.Client{Transport: tr},
-		dialer:   &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 32 << 10, WriteBufferSize: 16 << 10},
-		logger:   logger.With(zap.String("upstream", u.Redacted())),
-		clientID: "comfyume-" + strings.ReplaceAll(uuid.NewString(), "-", ""),
-		routes:   map[string]*run{},
-		orphans:  map[string][]event{},
+		Base:        u,
+		Header:      opts.Header.Clone(),
+		MaxJobs:     opts.MaxJobs,
+		LostTimeout: lost,
+		client:      &http.Client{Transport: tr},
+		dialer:      &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 32 << 10, WriteBufferSize: 16 << 10},
+		logger:      logger.With(zap.String("upstream", u.Redacted())),
+		clientID:    "comfyume-" + strings.ReplaceAll(uuid.NewString(), "-", ""),
+		routes:      map[string]*run{},
+		orphans:     map[string][]event{},
 	}, nil
 }
 

@@ -182,4 +182,3 @@ func demoJob(base string) error {
 	fmt.Printf("output: %s (%d bytes, %s) saved to %s\n", viewURL, len(img), resp.Header.Get("Content-Type"), out)
 	return nil
 }
-
