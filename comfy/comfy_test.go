@@ -1,0 +1,165 @@
+package comfy
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/url"
+	"strings"
+	"testing"
+)
+
+// The /view rules, with the statuses real ComfyUI gave in
+// shared/wire-traces/view-errors-*.txt.
+func TestParseViewFollowsComfyUI(t *testing.T) {
+	cases := []struct {
+		query  string
+		status int
+		ref    FileRef
+	}{
+		{"filename=../secret.png&type=output", 400, FileRef{}},             // view-dotdot
+		{"filename=a.png&type=bogus", 400, FileRef{}},                      // view-badtype
+		{"filename=a.png&subfolder=../../etc&type=output", 403, FileRef{}}, // view-subfolder-escape
+		{"filename=/etc/passwd", 400, FileRef{}},
+		{"subfolder=x", 404, FileRef{}},
+		{"filename=a.png", 0, FileRef{Filename: "a.png", Type: "output"}},
+		{"filename=a.png [temp]&type=output", 0, FileRef{Filename: "a.png", Type: "temp"}},
+		{"filename=a.png&subfolder=x/./y&type=input", 0, FileRef{Filename: "a.png", Subfolder: "x/y", Type: "input"}},
+		{"filename=a.png&subfolder=x/../y", 0, FileRef{Filename: "a.png", Subfolder: "y", Type: "output"}},
+		{"filename=a.png&subfolder=/abs", 403, FileRef{}},
+	}
+	for _, c := range cases {
+		q, _ := url.ParseQuery(c.query)
+		v, st := ParseView(q)
+		if st != c.status {
+			t.Errorf("%s: status %d, want %d", c.query, st, c.status)
+			continue
+		}
+		if st == 0 && v.FileRef != c.ref {
+			t.Errorf("%s: ref %+v, want %+v", c.query, v.FileRef, c.ref)
+		}
+	}
+}
+
+func TestAnnotatedRoundTrip(t *testing.T) {
+	for in, want := range map[string]FileRef{
+		"cat.png":                      {Filename: "cat.png", Type: "input"},
+		"clipspace/mask-1.png [input]": {Filename: "mask-1.png", Subfolder: "clipspace", Type: "input"},
+		"a/b/out.png [output]":         {Filename: "out.png", Subfolder: "a/b", Type: "output"},
+	} {
+		got := ParseAnnotated(in, TypeInput)
+		if got != want {
+			t.Errorf("%q: %+v, want %+v", in, got, want)
+		}
+	}
+	if s := (FileRef{Filename: "o.png", Subfolder: "s", Type: "output"}).Annotated(); s != "s/o.png [output]" {
+		t.Errorf("Annotated: %q", s)
+	}
+}
+
+// A type-1 preview becomes type 4 with metadata and back, keeping the image.
+func TestPreviewFrames(t *testing.T) {
+	img := []byte("\xff\xd8jpegbytes")
+	t1 := Preview{ImageType: "image/jpeg", Image: img}.EncodeType1()
+	if !bytes.Equal(t1[:8], []byte{0, 0, 0, 1, 0, 0, 0, 1}) {
+		t.Fatalf("type-1 header % x", t1[:8])
+	}
+	p, err := ParsePreview(t1)
+	if err != nil || p.Metadata != nil || !bytes.Equal(p.Image, img) {
+		t.Fatalf("parse type 1: %v %+v", err, p)
+	}
+	t4 := p.EncodeType4(PreviewMetadata{NodeID: "2", PromptID: "pid", DisplayNodeID: "2", RealNodeID: "2"})
+	p4, err := ParsePreview(t4)
+	if err != nil || p4.Metadata == nil || p4.Metadata.PromptID != "pid" || p4.Metadata.ImageType != "image/jpeg" || !bytes.Equal(p4.Image, img) {
+		t.Fatalf("parse type 4: %v %+v", err, p4)
+	}
+	var md map[string]any
+	n := int(t4[7]) | int(t4[6])<<8
+	if err := json.Unmarshal(t4[8:8+n], &md); err != nil || md["parent_node_id"] != nil {
+		t.Fatalf("metadata JSON %s", t4[8:8+n])
+	}
+	for _, bad := range [][]byte{nil, {0, 0, 0, 4}, {0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff, '{'}, {0, 0, 0, 4, 0, 0, 0, 1, 'x'}} {
+		if _, err := ParsePreview(bad); err == nil {
+			t.Errorf("bad frame % x accepted", bad)
+		}
+	}
+}
+
+func TestTextFrameLayouts(t *testing.T) {
+	tf := TextFrame{PromptID: "p", NodeID: "12:5", Text: []byte("hello")}
+	for _, withID := range []bool{false, true} {
+		got, err := ParseText(tf.Encode(withID), withID)
+		if err != nil || got.NodeID != "12:5" || string(got.Text) != "hello" || (withID && got.PromptID != "p") {
+			t.Fatalf("layout %v: %+v %v", withID, got, err)
+		}
+	}
+	if _, err := ParseText([]byte{0, 0, 0, 3, 0, 0, 1, 0, 'x'}, false); err == nil {
+		t.Fatal("truncated text frame accepted")
+	}
+}
+
+// A relayed prompt keeps every key the client sent, with the gateway's ids.
+func TestPromptBodyPreservesClientKeys(t *testing.T) {
+	body := `{"prompt":{"1":{"class_type":"EmptyImage","inputs":{"width":512},"_meta":{"title":"E"},"is_changed":["x"]}},
+	"client_id":"browser","extra_data":{"extra_pnginfo":{"workflow":{"id":"wf"}},"auth_token_comfy_org":"tok"},
+	"partial_execution_targets":["1"],"front":true}`
+	pr, berr := ParsePromptRequest([]byte(body))
+	if berr != nil {
+		t.Fatal(berr)
+	}
+	if pr.ClientID != "browser" || !pr.Front {
+		t.Fatalf("%+v", pr)
+	}
+	out, err := pr.Body("pid", "gw", SensitiveExtraData...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	_ = json.Unmarshal(out, &m)
+	if m["prompt_id"] != "pid" || m["client_id"] != "gw" || m["partial_execution_targets"] == nil || m["front"] != true {
+		t.Fatalf("body %s", out)
+	}
+	ed := m["extra_data"].(map[string]any)
+	if _, ok := ed["auth_token_comfy_org"]; ok {
+		t.Fatalf("credential forwarded: %s", out)
+	}
+	node := m["prompt"].(map[string]any)["1"].(map[string]any)
+	if node["_meta"] == nil || node["is_changed"] == nil {
+		t.Fatalf("node keys lost: %v", node)
+	}
+}
+
+func TestParsePromptRequestErrors(t *testing.T) {
+	for body, typ := range map[string]string{
+		"{":                            "invalid_json",
+		"[]":                           "invalid_json",
+		"{}":                           "no_prompt",
+		`{"prompt":[1]}`:               "invalid_prompt",
+		`{"prompt":{"1":{}}}`:          "invalid_prompt",
+		`{"prompt":{"1":5}}`:           "invalid_prompt",
+		`{"prompt":{},"extra_data":7}`: "invalid_prompt",
+	} {
+		_, berr := ParsePromptRequest([]byte(body))
+		if berr == nil || berr.Status != 400 || berr.Body.Error.Type != typ {
+			t.Errorf("%s: %+v, want %s", body, berr, typ)
+		}
+	}
+}
+
+func FuzzParseView(f *testing.F) {
+	f.Add("filename=a.png&subfolder=x&type=output")
+	f.Add("filename=..%2F..%2Fx&subfolder=..")
+	f.Fuzz(func(t *testing.T, q string) {
+		vals, err := url.ParseQuery(q)
+		if err != nil {
+			return
+		}
+		v, st := ParseView(vals)
+		if st != 0 {
+			return
+		}
+		sub := v.Subfolder
+		if strings.Contains(v.Filename, "/") || sub == ".." || strings.HasPrefix(sub, "../") || strings.HasPrefix(sub, "/") || strings.Contains(sub, "/../") || strings.HasSuffix(sub, "/..") {
+			t.Fatalf("escaping ref accepted: %+v", v)
+		}
+	})
+}
