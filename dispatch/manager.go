@@ -50,11 +50,28 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 // Store returns the job store.
 func (m *Manager) Store() Store { return m.store }
 
-// SetPool adds or replaces a pool.
+// SetPool adds or replaces a pool (on a config reload). Jobs waiting in the
+// old pool move to the new one; jobs running on the old pool's upstreams
+// finish there, and those upstreams close once idle.
 func (m *Manager) SetPool(p *Pool) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	old := m.pools[p.Name]
 	m.pools[p.Name] = p
+	m.mu.Unlock()
+	if old == nil || old == p {
+		return
+	}
+	old.mu.Lock()
+	waiting := old.waiting
+	old.waiting = nil
+	old.mu.Unlock()
+	p.mu.Lock()
+	p.waiting = append(waiting, p.waiting...)
+	p.mu.Unlock()
+	for _, u := range old.Upstreams {
+		u.retire()
+	}
+	m.dispatchWaiting(p)
 }
 
 // Pool returns a pool by name.
@@ -180,7 +197,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	res, err := m.send(ctx, r, up)
 	if err != nil {
 		m.drop(r)
-		pool.release(up)
+		up.release()
 		m.dispatchWaiting(pool)
 		return SubmitResult{}, err
 	}
@@ -209,7 +226,8 @@ func (p *Pool) acquire() *Upstream {
 	return best
 }
 
-func (p *Pool) release(u *Upstream) {
+// release gives back the slot a job held.
+func (u *Upstream) release() {
 	u.mu.Lock()
 	if u.inflight > 0 {
 		u.inflight--
@@ -302,7 +320,7 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
 			if _, err := m.send(ctx, r, up); err != nil {
-				p.release(up)
+				up.release()
 				m.failUnsent(r, err)
 				m.dispatchWaiting(p)
 			}
@@ -371,9 +389,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 		for _, id := range ids {
 			up.unregister(id, r)
 		}
-		if pool != nil {
-			pool.release(up)
-		}
+		up.release()
 	}
 	m.events.QueueChanged(snap.User)
 	if sendEnd {

@@ -272,11 +272,27 @@ func (u *Upstream) register(pid string, r *run) {
 
 func (u *Upstream) unregister(pid string, r *run) {
 	u.mu.Lock()
-	defer u.mu.Unlock()
 	if u.routes[pid] == r {
 		delete(u.routes, pid)
 	}
 	delete(u.orphans, pid)
+	idle := u.retired && len(u.routes) == 0
+	u.mu.Unlock()
+	if idle {
+		u.Close()
+	}
+}
+
+// retire marks an upstream replaced by a config reload: it takes no new
+// jobs' events and closes when its running jobs are done.
+func (u *Upstream) retire() {
+	u.mu.Lock()
+	u.retired = true
+	idle := len(u.routes) == 0
+	u.mu.Unlock()
+	if idle {
+		u.Close()
+	}
 }
 
 // isRunning reports whether the server is executing pid, as far as its

@@ -51,6 +51,7 @@ type Upstream struct {
 	running  string // upstream prompt_id that last started executing
 	inflight int    // jobs placed here and not finished
 	closed   bool
+	retired  bool
 }
 
 // UpstreamOptions configures NewUpstream.
