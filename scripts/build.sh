@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Builds the pinned Caddy with comfyume, as xcaddy.json says:
+#   caddy    Caddy version to build
+#   xcaddy   xcaddy version that builds it
+#   output   the binary, relative to the repo root (default comfyume-caddy)
+#   plugins  each {"module":  Go module path,
+#                  "package": package to plug in (default: the module's root),
+#                  "replace": local directory of the module, relative to the repo root,
+#                  "version": module version, when not replaced}
+# comfyume's Caddy modules are its caddymodule package, so that is the package
+# plugged in, with the module replaced by this checkout.
+#
+# Usage: scripts/build.sh [output path]
+# Needs go and python3. Prints the binary's path when done; then e.g.
+#   ./comfyume-caddy list-modules | grep comfyume
+#   ./comfyume-caddy run --config Caddyfile
+set -euo pipefail
+
+caller_dir="$PWD"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# One line each: caddy version, xcaddy version, output, then xcaddy's plugin
+# arguments (--with/--replace and their values).
+spec_text="$(python3 - "$root/xcaddy.json" "$root" <<'PY'
+import json, os, sys
+
+path, root = sys.argv[1], sys.argv[2]
+with open(path) as f:
+    cfg = json.load(f)
+for key in ("caddy", "xcaddy"):
+    if not isinstance(cfg.get(key), str) or not cfg[key]:
+        sys.exit(f"{path}: missing {key!r} version")
+lines = [cfg["caddy"], cfg["xcaddy"], cfg.get("output") or "comfyume-caddy"]
+for p in cfg.get("plugins", []):
+    mod = p["module"]
+    pkg = p.get("package") or mod
+    local = os.path.normpath(os.path.join(root, p["replace"])) if p.get("replace") else ""
+    version = "" if local else p.get("version", "")
+    arg = pkg + (f"@{version}" if version else "")
+    if local and pkg == mod:
+        arg += f"={local}"
+    lines += ["--with", arg]
+    if local and pkg != mod:
+        # The package lives inside the replaced module.
+        lines += ["--replace", f"{mod}={local}"]
+for line in lines:
+    if "\n" in line:
+        sys.exit(f"{path}: newline in {line!r}")
+    print(line)
+PY
+)"
+mapfile -t spec <<<"$spec_text"
+caddy_version="${spec[0]}"
+xcaddy_version="${spec[1]}"
+output="${spec[2]}"
+plugin_args=("${spec[@]:3}")
+if [[ $# -ge 1 ]]; then
+	output="$1"
+	[[ "$output" = /* ]] || output="$caller_dir/$output"
+fi
+[[ "$output" = /* ]] || output="$root/$output"
+
+# The module proxy here answers 403/400, not 404/410, for a module path it
+# does not serve, such as this unpublished module, and Go tries the next
+# GOPROXY entry after a "," only on 404/410. xcaddy's `go get` of a replaced
+# module first asks the proxy for its latest version and uses the
+# replacement only when the answer is "not found". So: the configured
+# proxies joined with "|" (next entry on any error), ending in an empty
+# file:// proxy, which answers "not found". "direct" is left out: it would
+# try to clone unpublished modules with git.
+empty_proxy="$(mktemp -d)"
+trap 'rm -rf "$empty_proxy"' EXIT
+proxies=()
+IFS=',|' read -r -a configured <<<"$(go env GOPROXY)"
+for p in "${configured[@]}"; do
+	case "$p" in "" | direct | off) ;; *) proxies+=("$p") ;; esac
+done
+proxies+=("file://$empty_proxy")
+GOPROXY="$(IFS='|' && echo "${proxies[*]}")"
+export GOPROXY
+
+echo "build.sh: Caddy $caddy_version, xcaddy $xcaddy_version, ${plugin_args[*]}, GOPROXY=$GOPROXY" >&2
+go run "github.com/caddyserver/xcaddy/cmd/xcaddy@$xcaddy_version" \
+	build "$caddy_version" "${plugin_args[@]}" --output "$output"
+echo "$output"

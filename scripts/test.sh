@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh Debian machine with Go, then runs
+# them all: go vet, a gofmt check and `go test -race` over every package.
+# CI runs this through .ci/run; developers run `bash scripts/test.sh`.
+# Extra arguments go to `go test` (e.g. -run TestX -v).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+step() { printf '\n=== %s\n' "$*"; }
+elapsed() { printf '=== %s took %ds\n' "$1" "$(($(date +%s) - $2))"; }
+
+# Debian packages, installed only when a command is missing.
+apt_install() {
+	if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+		echo "test.sh: missing $*; install it (needs root and apt-get)" >&2
+		exit 1
+	fi
+	if [[ -z "${apt_updated:-}" ]]; then
+		apt-get update -qq
+		apt_updated=1
+	fi
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# e2e/sdk: a real ComfyUI client from npm (@saintno/comfyui-sdk) that
+# caddymodule's TestThirdPartySDKClient runs with node. Reinstalled only
+# when package-lock.json changed since the last install.
+install_sdk() {
+	command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+	local dir=e2e/sdk stamp=e2e/sdk/node_modules/.comfyume-lock.sha256 want
+	want="$(sha256sum "$dir/package.json" "$dir/package-lock.json" | sha256sum | cut -d' ' -f1)"
+	if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+		echo "e2e/sdk/node_modules is up to date"
+		return
+	fi
+	npm ci --prefix "$dir" --no-audit --no-fund
+	echo "$want" >"$stamp"
+}
+
+# ---------------------------------------------------------------------------
+# start_services: starts the servers that tests need and that this machine
+# does not start by itself, and arranges for them to stop when this script
+# exits. Nothing yet. Later: Valkey (shared job state, pub/sub) and an
+# S3-compatible server (output blobs), with their addresses exported for the
+# tests that use them.
+# ---------------------------------------------------------------------------
+start_services() {
+	:
+}
+
+start=$(date +%s)
+step "toolchain"
+go version
+# -race needs cgo, so a C compiler.
+command -v gcc >/dev/null || apt_install gcc libc6-dev
+command -v node >/dev/null && echo "node $(node --version), npm $(npm --version)" || echo "node: not installed yet"
+
+step "npm ci --prefix e2e/sdk"
+t=$(date +%s)
+install_sdk
+elapsed "npm ci" "$t"
+
+step "start_services"
+start_services
+
+step "go vet ./..."
+t=$(date +%s)
+go vet ./...
+elapsed "go vet" "$t"
+
+step "gofmt -l"
+unformatted="$(find . -name '*.go' -not -path './.git/*' -not -path '*/node_modules/*' -print0 | xargs -0 gofmt -l)"
+if [[ -n "$unformatted" ]]; then
+	echo "these files need gofmt -w:" >&2
+	echo "$unformatted" >&2
+	exit 1
+fi
+echo "all Go files are formatted"
+
+step "go test -race -count=1 -timeout 20m ./..."
+t=$(date +%s)
+echo "(setup took $((t - start))s; go test's own lines close this output)"
+go test -race -count=1 -timeout 20m "$@" ./...
