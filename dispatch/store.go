@@ -3,6 +3,7 @@ package dispatch
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 // Store keeps job records. The memory store is the embedded default; a
@@ -16,18 +17,75 @@ type Store interface {
 	UserJobs(ctx context.Context, user string) ([]*Job, error)
 	// Delete removes a record.
 	Delete(ctx context.Context, id string) error
+	// Create saves a new record only if no record has its ID; otherwise it
+	// returns ErrExists and changes nothing (idempotent submission).
+	Create(ctx context.Context, j *Job) error
+	// ActiveJobs returns copies of the records, of every user, whose status
+	// is pending or in_progress (for recovery after a restart).
+	ActiveJobs(ctx context.Context) ([]*Job, error)
+	// Claim gives owner the lease on a job for ttl if nobody else holds a
+	// live one (or owner already does: then it is renewed). It reports
+	// whether owner holds the lease afterwards. Gateways sharing a store use
+	// it so that exactly one follows each running job.
+	Claim(ctx context.Context, id, owner string, ttl time.Duration) (bool, error)
 }
+
+// ErrExists is returned by Create for an ID that is taken.
+const ErrExists = dispatchError("dispatch: job exists")
 
 // MemoryStore keeps records in this process. Safe for concurrent use.
 type MemoryStore struct {
 	mu     sync.RWMutex
 	jobs   map[string]*Job
 	byUser map[string]map[string]struct{}
+	leases map[string]lease
+}
+
+type lease struct {
+	owner string
+	until time.Time
 }
 
 // NewMemoryStore returns an empty store.
 func NewMemoryStore() *MemoryStore {
-	return &MemoryStore{jobs: map[string]*Job{}, byUser: map[string]map[string]struct{}{}}
+	return &MemoryStore{jobs: map[string]*Job{}, byUser: map[string]map[string]struct{}{}, leases: map[string]lease{}}
+}
+
+// Create implements Store.
+func (s *MemoryStore) Create(_ context.Context, j *Job) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, taken := s.jobs[j.ID]; taken {
+		return ErrExists
+	}
+	s.saveLocked(j.Clone())
+	return nil
+}
+
+// ActiveJobs implements Store.
+func (s *MemoryStore) ActiveJobs(_ context.Context) ([]*Job, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var out []*Job
+	for _, j := range s.jobs {
+		if j.Active() {
+			out = append(out, j.Clone())
+		}
+	}
+	SortJobs(out)
+	return out, nil
+}
+
+// Claim implements Store.
+func (s *MemoryStore) Claim(_ context.Context, id, owner string, ttl time.Duration) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	if l, ok := s.leases[id]; ok && l.owner != owner && now.Before(l.until) {
+		return false, nil
+	}
+	s.leases[id] = lease{owner: owner, until: now.Add(ttl)}
+	return true, nil
 }
 
 // Save implements Store.
@@ -35,6 +93,12 @@ func (s *MemoryStore) Save(_ context.Context, j *Job) error {
 	c := j.Clone()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.saveLocked(c)
+	return nil
+}
+
+func (s *MemoryStore) saveLocked(c *Job) {
+	j := c
 	if old, ok := s.jobs[j.ID]; ok && old.User != j.User {
 		delete(s.byUser[old.User], j.ID)
 	}
@@ -45,7 +109,6 @@ func (s *MemoryStore) Save(_ context.Context, j *Job) error {
 		s.byUser[j.User] = ids
 	}
 	ids[j.ID] = struct{}{}
-	return nil
 }
 
 // Job implements Store.
@@ -79,5 +142,6 @@ func (s *MemoryStore) Delete(_ context.Context, id string) error {
 		delete(s.byUser[j.User], id)
 		delete(s.jobs, id)
 	}
+	delete(s.leases, id)
 	return nil
 }
