@@ -39,6 +39,12 @@ type Config struct {
 	HomeHeader http.Header
 	// Transport overrides the HTTP transport toward upstreams (tests).
 	Transport http.RoundTripper
+	// RedirectExpiry, when > 0, makes /view answer 302 Found to a presigned
+	// URL valid that long, for blob stores that implement Presigner (S3),
+	// instead of streaming files through the gateway. 0 is proxy mode.
+	RedirectExpiry time.Duration
+	// Bus connects this gateway to the others sharing Store (nil: alone).
+	Bus Bus
 }
 
 // Gateway is the per-Caddy core shared by every site: jobs, sessions,
@@ -50,6 +56,7 @@ type Gateway struct {
 	logger  *zap.Logger
 	cfg     Config
 
+	stopBus  func()
 	homesMu  sync.Mutex
 	homes    map[string]*dispatch.Upstream
 	features map[string]featureCache
@@ -75,7 +82,25 @@ func New(cfg Config) (*Gateway, error) {
 		features: map[string]featureCache{},
 	}
 	g.manager = dispatch.NewManager(cfg.Store, g, cfg.Logger.Named("dispatch"))
+	if cfg.Bus != nil {
+		g.hub.bus = cfg.Bus
+		ctx, cancel := context.WithCancel(context.Background())
+		g.stopBus = cancel
+		go cfg.Bus.Run(ctx, g.onBus)
+	}
 	return g, nil
+}
+
+// onBus handles a message from any gateway on the bus.
+func (g *Gateway) onBus(m BusMessage) {
+	switch m.Kind {
+	case busKindFrame:
+		g.hub.deliverBus(m)
+	case busKindQueue:
+		g.localQueueChanged(m.User)
+	case busKindCancel:
+		g.manager.Cancel(context.Background(), m.User, m.JobID)
+	}
 }
 
 // Manager returns the job dispatcher (to configure pools).
@@ -86,6 +111,9 @@ func (g *Gateway) Hub() *Hub { return g.hub }
 
 // Close stops background work.
 func (g *Gateway) Close() {
+	if g.stopBus != nil {
+		g.stopBus()
+	}
 	g.hub.Close()
 	g.manager.Close()
 	g.homesMu.Lock()
@@ -425,7 +453,23 @@ func (g *Gateway) Deliver(j *dispatch.Job, ev dispatch.Event) {
 // status with the new queue count (which also makes the frontend refresh
 // its job list).
 func (g *Gateway) QueueChanged(user string) {
-	remote := len(g.manager.Active(user))
+	if bus := g.hub.bus; bus != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+		err := bus.Publish(ctx, &BusMessage{Kind: busKindQueue, User: user})
+		cancel()
+		if err == nil {
+			return
+		}
+	}
+	g.localQueueChanged(user)
+}
+
+// localQueueChanged sends the new queue count to this gateway's sockets of
+// the user.
+func (g *Gateway) localQueueChanged(user string) {
+	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+	remote := g.remoteCount(ctx, user)
+	cancel()
 	for _, s := range g.hub.userSockets(user) {
 		s.send(frame{text: comfy.StatusMessage(s.getHomeRemaining()+remote, "").Encode()})
 	}

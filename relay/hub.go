@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"sync"
 	"time"
 
@@ -43,6 +44,7 @@ type Hub struct {
 	sessions map[sessionKey]*session
 	byUser   map[string]map[*session]struct{}
 	open     map[*socket]struct{}
+	bus      Bus
 	stop     chan struct{}
 	once     sync.Once
 }
@@ -92,9 +94,69 @@ func (h *Hub) detach(user, sid string, s *socket) {
 	}
 }
 
-// publish sends a frame to every socket of one session; while the session
-// has none, text frames are kept (bounded) for its reconnect.
+// publish sends a frame to every socket of one session, on whichever
+// gateway they are: through the bus when there is one (which also keeps
+// lifecycle frames for replay), else locally.
 func (h *Hub) publish(user, sid string, f frame) {
+	if h.bus != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+		err := h.bus.Publish(ctx, frameMessage(user, sid, f))
+		cancel()
+		if err == nil {
+			return
+		}
+		// The bus is down: sockets on this gateway still get the frame.
+	}
+	h.publishLocal(user, sid, f)
+}
+
+// busTimeout bounds one bus operation.
+const busTimeout = 5 * time.Second
+
+// deliverBus hands a frame that came over the bus to this gateway's sockets
+// of the session.
+func (h *Hub) deliverBus(m BusMessage) {
+	f, ok := busFrame(m)
+	if !ok {
+		return
+	}
+	h.mu.Lock()
+	se := h.sessions[sessionKey{m.User, m.SID}]
+	var targets []*socket
+	if se != nil {
+		for s := range se.sockets {
+			targets = append(targets, s)
+		}
+	}
+	h.mu.Unlock()
+	for _, s := range targets {
+		s.deliver(f, m.Pos)
+	}
+}
+
+// busFrame turns a bus message back into a frame.
+func busFrame(m BusMessage) (frame, bool) {
+	var f frame
+	switch {
+	case m.Text != "":
+		f.text = []byte(m.Text)
+	case m.Binary != nil:
+		f.binary = m.Binary
+	case m.Preview != nil:
+		p, err := comfy.ParsePreview(m.Preview)
+		if err != nil {
+			return f, false
+		}
+		f.preview = &p
+	default:
+		return f, false
+	}
+	return f, true
+}
+
+// publishLocal sends a frame to this gateway's sockets of the session; while
+// the session has none, text frames are kept (bounded) for its reconnect.
+func (h *Hub) publishLocal(user, sid string, f frame) {
 	h.mu.Lock()
 	se := h.sessions[sessionKey{user, sid}]
 	if se == nil {
@@ -195,13 +257,66 @@ type socket struct {
 	mu   sync.Mutex // serialises writes
 	dead bool
 
+	// With a bus: the replay position of the last frame written, and while
+	// missed frames are being replayed, live frames held back until then.
+	lastPos string
+	holding bool
+	held    []heldFrame
+
 	previewMeta   bool // browser declared supports_preview_metadata
 	homeRemaining int  // queue_remaining of the home server
+}
+
+type heldFrame struct {
+	f   frame
+	pos string
+}
+
+// deliver writes a frame that has a replay position (or "" for none).
+func (s *socket) deliver(f frame, pos string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.holding {
+		s.held = append(s.held, heldFrame{f, pos})
+		return
+	}
+	s.writeLocked(f)
+	if pos != "" {
+		s.lastPos = pos
+	}
+}
+
+// replay writes the frames a reconnecting browser missed, then the live
+// frames that arrived meanwhile (skipping those it replayed).
+func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bool)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range missed {
+		if f, ok := toFrame(m); ok {
+			s.writeLocked(f)
+		}
+		s.lastPos = m.Pos
+	}
+	for _, h := range s.held {
+		if h.pos != "" && !posAfter(h.pos, s.lastPos) {
+			continue
+		}
+		s.writeLocked(h.f)
+		if h.pos != "" {
+			s.lastPos = h.pos
+		}
+	}
+	s.held = nil
+	s.holding = false
 }
 
 func (s *socket) send(f frame) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.writeLocked(f)
+}
+
+func (s *socket) writeLocked(f frame) {
 	if s.dead {
 		return
 	}

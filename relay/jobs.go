@@ -391,7 +391,7 @@ func (g *Gateway) serveJobs(w http.ResponseWriter, r *http.Request, site Site, r
 // dispatcher, otherwise on home (interrupt if running, delete if queued).
 func (g *Gateway) cancelJob(ctx context.Context, site Site, id string) {
 	if j := g.userJob(ctx, site.User, id); j != nil {
-		g.manager.Cancel(ctx, site.User, id)
+		g.cancel(ctx, site.User, id)
 		return
 	}
 	var q queueBody

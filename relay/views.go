@@ -56,6 +56,36 @@ func (g *Gateway) userJobs(ctx context.Context, user string) []*dispatch.Job {
 	return out
 }
 
+// activeJobs returns the user's remote jobs that wait or run, on any
+// gateway sharing the store.
+func (g *Gateway) activeJobs(ctx context.Context, user string) []*dispatch.Job {
+	var out []*dispatch.Job
+	for _, j := range g.userJobs(ctx, user) {
+		if j.Active() {
+			out = append(out, j)
+		}
+	}
+	return out
+}
+
+// remoteCount is the user's part of queue_remaining.
+func (g *Gateway) remoteCount(ctx context.Context, user string) int {
+	return len(g.activeJobs(ctx, user))
+}
+
+// cancel stops one of the user's remote jobs: here if this gateway runs it,
+// else through the bus on the gateway that does.
+func (g *Gateway) cancel(ctx context.Context, user, id string) {
+	if g.manager.Cancel(ctx, user, id) || g.hub.bus == nil {
+		return
+	}
+	bctx, done := context.WithTimeout(ctx, busTimeout)
+	defer done()
+	if err := g.hub.bus.Publish(bctx, &BusMessage{Kind: busKindCancel, User: user, JobID: id}); err != nil {
+		g.logger.Warn("forwarding cancel", zap.String("job", id), zap.Error(err))
+	}
+}
+
 // userJob returns one of the user's remote jobs, or nil.
 func (g *Gateway) userJob(ctx context.Context, user, id string) *dispatch.Job {
 	j, err := g.manager.Store().Job(ctx, id)
@@ -73,7 +103,7 @@ func (g *Gateway) servePromptStatus(w http.ResponseWriter, r *http.Request, site
 		} `json:"exec_info"`
 	}
 	_ = g.homeGet(r.Context(), site, "/prompt", &st)
-	st.ExecInfo.QueueRemaining += len(g.manager.Active(site.User))
+	st.ExecInfo.QueueRemaining += g.remoteCount(r.Context(), site.User)
 	writeJSON(w, http.StatusOK, st)
 }
 
@@ -120,16 +150,16 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 		for _, id := range req.Delete {
 			if j := g.userJob(ctx, site.User, id); j != nil {
 				if j.Status == dispatch.StatusPending {
-					g.manager.Cancel(ctx, site.User, id)
+					g.cancel(ctx, site.User, id)
 				}
 				continue
 			}
 			homeIDs = append(homeIDs, id)
 		}
 		if req.Clear {
-			for _, j := range g.manager.Active(site.User) {
+			for _, j := range g.activeJobs(ctx, site.User) {
 				if j.Status == dispatch.StatusPending {
-					g.manager.Cancel(ctx, site.User, j.ID)
+					g.cancel(ctx, site.User, j.ID)
 				}
 			}
 		}
@@ -157,7 +187,7 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 	if q.Pending == nil {
 		q.Pending = []json.RawMessage{}
 	}
-	for _, j := range g.manager.Active(site.User) {
+	for _, j := range g.activeJobs(ctx, site.User) {
 		b, _ := json.Marshal(queueItem(j))
 		if j.Status == dispatch.StatusInProgress {
 			q.Running = append(q.Running, b)
@@ -400,16 +430,16 @@ func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Si
 	ctx := r.Context()
 	if req.PromptID != "" {
 		if j := g.userJob(ctx, site.User, req.PromptID); j != nil {
-			g.manager.Cancel(ctx, site.User, j.ID)
+			g.cancel(ctx, site.User, j.ID)
 		} else {
 			g.homePost(ctx, site, "/interrupt", body)
 		}
 		w.WriteHeader(http.StatusOK)
 		return
 	}
-	for _, j := range g.manager.Active(site.User) {
+	for _, j := range g.activeJobs(ctx, site.User) {
 		if j.Status == dispatch.StatusInProgress {
-			g.manager.Cancel(ctx, site.User, j.ID)
+			g.cancel(ctx, site.User, j.ID)
 		}
 	}
 	g.homePost(ctx, site, "/interrupt", body)

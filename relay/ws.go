@@ -80,9 +80,27 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request, site Site) {
 	s := &socket{conn: conn}
 	user := site.User
 
-	s.send(frame{text: comfy.StatusMessage(len(g.manager.Active(user)), sid).Encode()})
-	for _, f := range g.hub.attach(user, sid, s) {
-		s.send(f)
+	s.send(frame{text: comfy.StatusMessage(g.remoteCount(r.Context(), user), sid).Encode()})
+	if bus := g.hub.bus; bus != nil {
+		// Frames this tab missed, from whichever gateway had them; live
+		// frames wait until those are written.
+		s.holding = true
+		g.hub.attach(user, sid, s)
+		ctx, cancel := context.WithTimeout(r.Context(), busTimeout)
+		since, err := bus.LastSeen(ctx, user, sid)
+		var missed []BusMessage
+		if err == nil {
+			missed, err = bus.Missed(ctx, user, sid, since)
+		}
+		cancel()
+		if err != nil {
+			g.logger.Warn("reading missed events", zap.String("sid", sid), zap.Error(err))
+		}
+		s.replay(missed, busFrame)
+	} else {
+		for _, f := range g.hub.attach(user, sid, s) {
+			s.send(f)
+		}
 	}
 	g.hub.track(s, true)
 
@@ -98,8 +116,16 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request, site Site) {
 		g.hub.track(s, false)
 		s.mu.Lock()
 		s.dead = true
+		pos := s.lastPos
 		s.mu.Unlock()
 		conn.Close()
+		if bus := g.hub.bus; bus != nil && pos != "" {
+			ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+			if err := bus.Seen(ctx, user, sid, pos); err != nil {
+				g.logger.Warn("recording replay position", zap.String("sid", sid), zap.Error(err))
+			}
+			cancel()
+		}
 	}()
 
 	first := true
@@ -235,7 +261,7 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 					continue
 				}
 				s.setHomeRemaining(st.Status.ExecInfo.QueueRemaining)
-				remote := len(g.manager.Active(site.User))
+				remote := g.remoteCount(ctx, site.User)
 				s.send(frame{text: comfy.StatusMessage(st.Status.ExecInfo.QueueRemaining+remote, "").Encode()})
 			default:
 				s.send(frame{text: b})

@@ -1,0 +1,212 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+
+	"strings"
+	"time"
+
+	"github.com/valkey-io/valkey-go"
+)
+
+// Bus connects gateways (Caddy replicas) that share a store: a job's events
+// reach its browser whichever replica holds the socket, queue changes reach
+// every replica, and a browser reconnecting to any replica gets the events
+// it missed. Without a bus a gateway works alone.
+type Bus interface {
+	// Publish hands a message to every gateway on the bus (this one too).
+	// A session frame marked Keep is first added to the session's replay
+	// log; Pos is then set to its position there.
+	Publish(ctx context.Context, m *BusMessage) error
+	// Run calls fn with every message published on the bus until ctx ends,
+	// resubscribing after connection failures.
+	Run(ctx context.Context, fn func(BusMessage))
+	// Missed returns the kept frames of a session after position since
+	// ("" = all kept), oldest first.
+	Missed(ctx context.Context, user, sid, since string) ([]BusMessage, error)
+	// Seen records the last position a socket of the session received, and
+	// LastSeen reads it back ("" if none).
+	Seen(ctx context.Context, user, sid, pos string) error
+	LastSeen(ctx context.Context, user, sid string) (string, error)
+}
+
+// Kinds of bus messages.
+const (
+	busKindFrame  = "frame"  // a frame for a browser session
+	busKindQueue  = "queue"  // a user's queue changed
+	busKindCancel = "cancel" // cancel a job, by whichever gateway runs it
+)
+
+// BusMessage is one message on the bus.
+type BusMessage struct {
+	Kind string `json:"k"`
+	User string `json:"u"`
+	SID  string `json:"s,omitempty"`
+	// Pos is the frame's position in the session's replay log.
+	Pos string `json:"p,omitempty"`
+	// Keep asks for the frame to be kept for replay.
+	Keep bool `json:"-"`
+	// Text, Binary or Preview (a type-4 frame) carry the frame.
+	Text    string `json:"t,omitempty"`
+	Binary  []byte `json:"b,omitempty"`
+	Preview []byte `json:"v,omitempty"`
+	JobID   string `json:"j,omitempty"`
+}
+
+func frameMessage(user, sid string, f frame) *BusMessage {
+	m := &BusMessage{Kind: busKindFrame, User: user, SID: sid}
+	switch {
+	case f.text != nil:
+		m.Text = string(f.text)
+		m.Keep = replayWorthy(f.text)
+	case f.binary != nil:
+		m.Binary = f.binary
+	case f.preview != nil:
+		md := f.preview.Metadata
+		if md == nil {
+			return m
+		}
+		m.Preview = f.preview.EncodeType4(*md)
+	}
+	return m
+}
+
+// replayWorthy says which frames a reconnecting browser needs: the job
+// lifecycle events. Progress is transient and its next frame supersedes it.
+func replayWorthy(text []byte) bool {
+	var head struct {
+		Type string `json:"type"`
+	}
+	if json.Unmarshal(text, &head) != nil {
+		return false
+	}
+	switch head.Type {
+	case "progress", "progress_state", "status", "feature_flags":
+		return false
+	}
+	return true
+}
+
+// ValkeyBus is a Bus over Valkey: pub/sub for delivery, one stream per
+// browser session (bounded, expiring) for replay.
+type ValkeyBus struct {
+	client valkey.Client
+	prefix string
+	// ReplayLen bounds each session's replay log (default 1000 frames) and
+	// ReplayTTL is how long it is kept after its last frame (default 10m).
+	ReplayLen int64
+	ReplayTTL time.Duration
+}
+
+// NewValkeyBus returns a bus using client, with keys and the channel under
+// prefix.
+func NewValkeyBus(client valkey.Client, prefix string) *ValkeyBus {
+	return &ValkeyBus{client: client, prefix: prefix, ReplayLen: 1000, ReplayTTL: 10 * time.Minute}
+}
+
+func (b *ValkeyBus) channel() string { return b.prefix + "events" }
+
+func (b *ValkeyBus) sessionKey(user, sid string) string {
+	return b.prefix + "session:{" + user + "}:" + sid
+}
+
+func (b *ValkeyBus) seenKey(user, sid string) string {
+	return b.prefix + "seen:{" + user + "}:" + sid
+}
+
+// Publish implements Bus.
+func (b *ValkeyBus) Publish(ctx context.Context, m *BusMessage) error {
+	if m.Keep {
+		entry, _ := json.Marshal(m)
+		key := b.sessionKey(m.User, m.SID)
+		cmd := b.client.B().Xadd().Key(key).Maxlen().Almost().Threshold(itoa(b.ReplayLen)).Id("*").FieldValue().FieldValue("m", string(entry)).Build()
+		id, err := b.client.Do(ctx, cmd).ToString()
+		if err != nil {
+			return err
+		}
+		if err := b.client.Do(ctx, b.client.B().Pexpire().Key(key).Milliseconds(b.ReplayTTL.Milliseconds()).Build()).Error(); err != nil {
+			return err
+		}
+		m.Pos = id
+	}
+	payload, _ := json.Marshal(m)
+	return b.client.Do(ctx, b.client.B().Publish().Channel(b.channel()).Message(string(payload)).Build()).Error()
+}
+
+// Run implements Bus.
+func (b *ValkeyBus) Run(ctx context.Context, fn func(BusMessage)) {
+	for ctx.Err() == nil {
+		err := b.client.Receive(ctx, b.client.B().Subscribe().Channel(b.channel()).Build(), func(msg valkey.PubSubMessage) {
+			var m BusMessage
+			if json.Unmarshal([]byte(msg.Message), &m) == nil {
+				fn(m)
+			}
+		})
+		if ctx.Err() != nil || err == nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// Missed implements Bus.
+func (b *ValkeyBus) Missed(ctx context.Context, user, sid, since string) ([]BusMessage, error) {
+	start := "-"
+	if since != "" {
+		start = "(" + since
+	}
+	entries, err := b.client.Do(ctx, b.client.B().Xrange().Key(b.sessionKey(user, sid)).Start(start).End("+").Build()).AsXRange()
+	if err != nil {
+		if valkey.IsValkeyNil(err) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	out := make([]BusMessage, 0, len(entries))
+	for _, e := range entries {
+		var m BusMessage
+		if json.Unmarshal([]byte(e.FieldValues["m"]), &m) != nil {
+			continue
+		}
+		m.Pos = e.ID
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+// Seen implements Bus.
+func (b *ValkeyBus) Seen(ctx context.Context, user, sid, pos string) error {
+	return b.client.Do(ctx, b.client.B().Set().Key(b.seenKey(user, sid)).Value(pos).Px(b.ReplayTTL).Build()).Error()
+}
+
+// LastSeen implements Bus.
+func (b *ValkeyBus) LastSeen(ctx context.Context, user, sid string) (string, error) {
+	s, err := b.client.Do(ctx, b.client.B().Get().Key(b.seenKey(user, sid)).Build()).ToString()
+	if valkey.IsValkeyNil(err) {
+		return "", nil
+	}
+	return s, err
+}
+
+// posAfter reports whether stream position a comes after b.
+func posAfter(a, b string) bool {
+	if b == "" {
+		return a != ""
+	}
+	am, as, _ := strings.Cut(a, "-")
+	bm, bs, _ := strings.Cut(b, "-")
+	if len(am) != len(bm) {
+		return len(am) > len(bm)
+	}
+	if am != bm {
+		return am > bm
+	}
+	if len(as) != len(bs) {
+		return len(as) > len(bs)
+	}
+	return as > bs
+}
