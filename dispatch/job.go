@@ -31,6 +31,11 @@ type Job struct {
 	// Pool and Upstream name where the job runs ("" while it waits).
 	Pool     string `json:"pool"`
 	Upstream string `json:"upstream,omitempty"`
+	// UpstreamClient is the sid the gateway's event stream used toward the
+	// upstream; another gateway taking the job over listens as that sid.
+	UpstreamClient string `json:"upstream_client,omitempty"`
+	// Home is the user's home URL, where the job's input files come from.
+	Home string `json:"home,omitempty"`
 
 	Number           float64                    `json:"number"`
 	Prompt           json.RawMessage            `json:"prompt"`

@@ -36,6 +36,10 @@ type Manager struct {
 	pools  map[string]*Pool
 	runs   map[string]*run // job id → live run
 	number float64
+
+	owner     string
+	leaseTTL  time.Duration
+	inputsFor InputsFor
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -44,7 +48,8 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	return &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{}}
+	return &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{},
+		owner: newOwner(), leaseTTL: DefaultLeaseTTL}
 }
 
 // Store returns the job store.
@@ -91,7 +96,10 @@ type SubmitRequest struct {
 	User     string
 	ClientID string
 	Pool     string
-	Request  *comfy.PromptRequest
+	// Home is the user's home URL (recorded so that another gateway can
+	// forward the inputs if it has to send the job).
+	Home    string
+	Request *comfy.PromptRequest
 	// Inputs opens referenced input files; nil forwards nothing.
 	Inputs InputSource
 }
@@ -174,17 +182,39 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		ExtraData:        pr.ExtraDataWithout(comfy.SensitiveExtraData...),
 		OutputsToExecute: sinkNodes(pr.Prompt),
 		WorkflowID:       workflowID(pr.ExtraData),
+		Home:             req.Home,
 		Status:           StatusPending,
 		CreateTime:       time.Now().UnixMilli(),
 	}
 	r := newRun(m, job)
 	r.req = req
-	if err := m.store.Save(ctx, job); err != nil {
-		return SubmitResult{}, fmt.Errorf("saving job: %w", err)
-	}
+	// Registered and claimed before the record exists, so that no gateway
+	// (this one included) takes a job over that is being submitted.
 	m.mu.Lock()
+	if other, dup := m.runs[id]; dup {
+		m.mu.Unlock()
+		if other.job.User != req.User {
+			return SubmitResult{}, ErrPromptIDTaken
+		}
+		return SubmitResult{PromptID: id, Number: other.job.Number, NodeErrors: json.RawMessage("{}")}, nil
+	}
 	m.runs[id] = r
 	m.mu.Unlock()
+	m.claim(ctx, id)
+	if err := m.store.Create(ctx, job); err != nil {
+		m.mu.Lock()
+		delete(m.runs, id)
+		m.mu.Unlock()
+		if errors.Is(err, ErrExists) {
+			// The same client-supplied id arrived twice at once.
+			if old, err := m.store.Job(ctx, id); err == nil && old.User == req.User {
+				return SubmitResult{PromptID: old.ID, Number: old.Number, NodeErrors: json.RawMessage("{}")}, nil
+			}
+			return SubmitResult{}, ErrPromptIDTaken
+		}
+		m.unclaim(id)
+		return SubmitResult{}, &StoreError{Err: err}
+	}
 
 	up := pool.acquire()
 	if up == nil {
@@ -259,6 +289,7 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (SubmitResult,
 	r.mu.Lock()
 	r.up = up
 	r.job.Upstream = up.String()
+	r.job.UpstreamClient = up.clientID
 	r.job.UpstreamID = job.ID
 	r.routeIDs = []string{job.ID}
 	r.mu.Unlock()
@@ -284,6 +315,9 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (SubmitResult,
 		up.unregister(job.ID, r)
 		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: fmt.Errorf("unexpected /prompt answer %.200q", rb)}
 	}
+	r.mu.Lock()
+	r.slot = up
+	r.mu.Unlock()
 	if res.PromptID != job.ID {
 		// A server older than 2025-07 made its own id: route its events too.
 		r.mu.Lock()
@@ -389,8 +423,18 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 		for _, id := range ids {
 			up.unregister(id, r)
 		}
-		up.release()
 	}
+	r.mu.Lock()
+	slot := r.slot
+	r.slot = nil
+	r.mu.Unlock()
+	if slot != nil {
+		slot.release()
+	}
+	if r.adopted && up != nil {
+		up.Close()
+	}
+	m.unclaim(snap.ID)
 	m.events.QueueChanged(snap.User)
 	if sendEnd {
 		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
@@ -493,14 +537,35 @@ func (m *Manager) cancelLocal(r *run) {
 	m.finish(r, snap, false)
 }
 
-// Close stops every upstream stream.
+// Close stops every upstream stream and gives up this gateway's job
+// leases, so that another gateway (or this one restarted) takes the running
+// jobs over at once rather than after the lease expires.
 func (m *Manager) Close() {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, p := range m.pools {
-		for _, u := range p.Upstreams {
-			u.Close()
+	var ids []string
+	var ups []*Upstream
+	for id, r := range m.runs {
+		ids = append(ids, id)
+		if r.up != nil {
+			ups = append(ups, r.up)
 		}
+	}
+	for _, p := range m.pools {
+		ups = append(ups, p.Upstreams...)
+	}
+	m.mu.Unlock()
+	for _, u := range ups {
+		u.Close()
+	}
+	for _, id := range ids {
+		m.unclaim(id)
+	}
+}
+
+// SetLeaseTTL changes how long job leases last (see DefaultLeaseTTL).
+func (m *Manager) SetLeaseTTL(d time.Duration) {
+	if d > 0 {
+		m.leaseTTL = d
 	}
 }
 

@@ -52,6 +52,11 @@ type run struct {
 	started  bool // goroutine running
 	routeIDs []string
 	req      SubmitRequest
+	// slot is the pool endpoint whose capacity the job holds.
+	slot *Upstream
+	// adopted runs follow a job another gateway sent, on a stream of their
+	// own (closed when the job ends).
+	adopted bool
 }
 
 func newRun(m *Manager, j *Job) *run {

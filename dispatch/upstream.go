@@ -60,6 +60,10 @@ type UpstreamOptions struct {
 	MaxJobs int
 	// LostTimeout: see Upstream.LostTimeout (default DefaultLostTimeout).
 	LostTimeout time.Duration
+	// ClientID is the sid of the event stream (default: a new random one).
+	// A gateway that takes over another's jobs reuses that one's sid, since
+	// ComfyUI sends a job's events only to the sid that queued it.
+	ClientID string
 	// Transport overrides the HTTP transport (tests, benchmarks).
 	Transport http.RoundTripper
 	Logger    *zap.Logger
@@ -85,6 +89,10 @@ func NewUpstream(base string, opts UpstreamOptions) (*Upstream, error) {
 			ResponseHeaderTimeout: 120 * time.Second,
 		}
 	}
+	clientID := opts.ClientID
+	if clientID == "" {
+		clientID = "comfyume-" + strings.ReplaceAll(uuid.NewString(), "-", "")
+	}
 	lost := opts.LostTimeout
 	if lost <= 0 {
 		lost = DefaultLostTimeout
@@ -101,7 +109,7 @@ func NewUpstream(base string, opts UpstreamOptions) (*Upstream, error) {
 		client:      &http.Client{Transport: tr},
 		dialer:      &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 32 << 10, WriteBufferSize: 16 << 10},
 		logger:      logger.With(zap.String("upstream", u.Redacted())),
-		clientID:    "comfyume-" + strings.ReplaceAll(uuid.NewString(), "-", ""),
+		clientID:    clientID,
 		routes:      map[string]*run{},
 		orphans:     map[string][]event{},
 	}, nil

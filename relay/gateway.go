@@ -56,7 +56,7 @@ type Gateway struct {
 	logger  *zap.Logger
 	cfg     Config
 
-	stopBus  func()
+	stop     func()
 	homesMu  sync.Mutex
 	homes    map[string]*dispatch.Upstream
 	features map[string]featureCache
@@ -82,12 +82,22 @@ func New(cfg Config) (*Gateway, error) {
 		features: map[string]featureCache{},
 	}
 	g.manager = dispatch.NewManager(cfg.Store, g, cfg.Logger.Named("dispatch"))
+	ctx, cancel := context.WithCancel(context.Background())
+	g.stop = cancel
 	if cfg.Bus != nil {
 		g.hub.bus = cfg.Bus
-		ctx, cancel := context.WithCancel(context.Background())
-		g.stopBus = cancel
 		go cfg.Bus.Run(ctx, g.onBus)
 	}
+	g.manager.SetInputsFor(func(j *dispatch.Job) dispatch.InputSource {
+		site := Site{User: j.User}
+		if j.Home != "" {
+			if h, err := g.Home(j.Home); err == nil {
+				site.Home = h
+			}
+		}
+		return g.inputSource(site)
+	})
+	g.manager.Start(ctx)
 	return g, nil
 }
 
@@ -111,9 +121,7 @@ func (g *Gateway) Hub() *Hub { return g.hub }
 
 // Close stops background work.
 func (g *Gateway) Close() {
-	if g.stopBus != nil {
-		g.stopBus()
-	}
+	g.stop()
 	g.hub.Close()
 	g.manager.Close()
 	g.homesMu.Lock()
@@ -271,11 +279,13 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 		User:     site.User,
 		ClientID: pr.ClientID,
 		Pool:     site.RunOn,
+		Home:     homeURL(site),
 		Request:  pr,
 		Inputs:   g.inputSource(site),
 	})
 	var rej *dispatch.RejectedError
 	var unav *dispatch.UnavailableError
+	var serr *dispatch.StoreError
 	switch {
 	case err == nil:
 		writeJSON(w, http.StatusOK, res)
@@ -283,6 +293,10 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 		writeRaw(w, rej.Status, rej.Body)
 	case errors.Is(err, dispatch.ErrPromptIDTaken):
 		writeJSON(w, http.StatusBadRequest, comfy.NewPromptError("invalid_prompt_id", "prompt_id is already in use", pr.PromptID))
+	case errors.As(err, &serr):
+		g.logger.Error("job store unavailable", zap.Error(err))
+		writeJSON(w, http.StatusServiceUnavailable, comfy.NewPromptError("server_error",
+			"The gateway cannot record jobs right now. Please try again in a moment.", serr.Error()))
 	case errors.As(err, &unav):
 		g.logger.Warn("prompt not sent", zap.String("pool", site.RunOn), zap.Error(err))
 		writeJSON(w, http.StatusServiceUnavailable, comfy.NewPromptError("server_error",
@@ -291,6 +305,13 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 		g.logger.Error("prompt failed", zap.Error(err))
 		writeJSON(w, http.StatusInternalServerError, comfy.NewPromptError("server_error", "The gateway could not queue the prompt", err.Error()))
 	}
+}
+
+func homeURL(site Site) string {
+	if site.Home == nil {
+		return ""
+	}
+	return site.Home.Base.String()
 }
 
 // inputSource opens files a prompt references: captured outputs from the

@@ -1,0 +1,185 @@
+package dispatch
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// StoreError means the job store could not be written; nothing was sent.
+type StoreError struct{ Err error }
+
+func (e *StoreError) Error() string { return "job store unavailable: " + e.Err.Error() }
+func (e *StoreError) Unwrap() error { return e.Err }
+
+// DefaultLeaseTTL is how long a gateway's claim on a job lasts without
+// renewal. A gateway that dies stops renewing; after this another gateway
+// sharing the store takes its jobs over.
+const DefaultLeaseTTL = 15 * time.Second
+
+// owner names this gateway process in job leases.
+func newOwner() string {
+	host, _ := os.Hostname()
+	return host + "/" + strings.ReplaceAll(uuid.NewString(), "-", "")[:12]
+}
+
+func (m *Manager) claim(ctx context.Context, id string) bool {
+	ok, err := m.store.Claim(ctx, id, m.owner, m.leaseTTL)
+	if err != nil {
+		m.logger.Warn("claiming job", zap.String("job", id), zap.Error(err))
+	}
+	return ok && err == nil
+}
+
+// unclaim gives a lease up at once (by letting it expire now).
+func (m *Manager) unclaim(id string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_, _ = m.store.Claim(ctx, id, m.owner, time.Millisecond)
+}
+
+// Start runs the manager's background work until ctx ends: renewing the
+// leases of the jobs this gateway follows, and taking over the active jobs
+// nobody follows — after a restart, or from a gateway that died. A job that
+// was waiting is queued again here; one that was sent is followed on its
+// upstream (its events, or its history entry if it already ended).
+func (m *Manager) Start(ctx context.Context) {
+	go func() {
+		m.Recover(ctx)
+		t := time.NewTicker(m.leaseTTL / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				m.renew(ctx)
+				m.Recover(ctx)
+			}
+		}
+	}()
+}
+
+func (m *Manager) renew(ctx context.Context) {
+	m.mu.Lock()
+	ids := make([]string, 0, len(m.runs))
+	for id := range m.runs {
+		ids = append(ids, id)
+	}
+	m.mu.Unlock()
+	for _, id := range ids {
+		m.claim(ctx, id)
+	}
+}
+
+// Recover takes over active jobs that no live gateway follows.
+func (m *Manager) Recover(ctx context.Context) {
+	jobs, err := m.store.ActiveJobs(ctx)
+	if err != nil {
+		m.logger.Warn("listing active jobs", zap.Error(err))
+		return
+	}
+	for _, j := range jobs {
+		m.mu.Lock()
+		_, mine := m.runs[j.ID]
+		m.mu.Unlock()
+		if mine || !m.claim(ctx, j.ID) {
+			continue
+		}
+		m.adopt(ctx, j)
+	}
+}
+
+// InputsFor, when set, gives the input source for a job this gateway takes
+// over before it was sent (its files are on the user's home).
+type InputsFor func(j *Job) InputSource
+
+// SetInputsFor sets how adopted jobs find their input files.
+func (m *Manager) SetInputsFor(f InputsFor) { m.inputsFor = f }
+
+func (m *Manager) adopt(ctx context.Context, j *Job) {
+	log := m.logger.With(zap.String("job", j.ID), zap.String("user", j.User))
+	r := newRun(m, j)
+	if j.Upstream == "" {
+		// It was waiting for a slot: queue it again here.
+		pool, ok := m.Pool(j.Pool)
+		if !ok {
+			log.Warn("cannot take over job: its pool is gone", zap.String("pool", j.Pool))
+			m.register(r)
+			r.fail("The GPU pool " + j.Pool + " is no longer configured.")
+			return
+		}
+		body, _ := json.Marshal(map[string]any{"prompt": j.Prompt, "extra_data": j.ExtraData})
+		pr, berr := comfy.ParsePromptRequest(body)
+		if berr != nil {
+			m.register(r)
+			r.fail("The job's prompt could not be read back: " + berr.Error())
+			return
+		}
+		r.req = SubmitRequest{User: j.User, ClientID: j.ClientID, Pool: j.Pool, Home: j.Home, Request: pr}
+		if m.inputsFor != nil {
+			r.req.Inputs = m.inputsFor(j)
+		}
+		m.register(r)
+		log.Info("took over a waiting job")
+		pool.mu.Lock()
+		pool.waiting = append(pool.waiting, r)
+		pool.mu.Unlock()
+		m.dispatchWaiting(pool)
+		return
+	}
+	// It was sent: listen as the sid it was sent with.
+	var slot *Upstream
+	opts := UpstreamOptions{ClientID: j.UpstreamClient, Logger: m.logger}
+	if pool, ok := m.Pool(j.Pool); ok {
+		for _, u := range pool.Upstreams {
+			if u.String() == j.Upstream {
+				slot = u
+				opts.Header = u.Header
+				opts.LostTimeout = u.LostTimeout
+				u.mu.Lock()
+				u.inflight++
+				u.mu.Unlock()
+			}
+		}
+	}
+	up, err := NewUpstream(j.Upstream, opts)
+	if err != nil {
+		m.register(r)
+		r.fail("The job's GPU server address is not valid: " + err.Error())
+		return
+	}
+	r.up, r.slot, r.adopted = up, slot, true
+	pid := j.UpstreamID
+	if pid == "" {
+		pid = j.ID
+	}
+	r.routeIDs = []string{pid}
+	m.register(r)
+	up.register(pid, r)
+	log.Info("took over a running job", zap.String("upstream", up.String()))
+	go func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := up.ensureStream(sctx)
+		cancel()
+		if err != nil {
+			log.Warn("taken-over job's upstream unreachable", zap.Error(err))
+			// The stream loop keeps trying and fails the job after its
+			// LostTimeout; the history check below may still finish it.
+		}
+		r.resync()
+	}()
+}
+
+func (m *Manager) register(r *run) {
+	m.mu.Lock()
+	m.runs[r.job.ID] = r
+	m.mu.Unlock()
+}

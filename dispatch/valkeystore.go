@@ -1,0 +1,334 @@
+package dispatch
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/valkey-io/valkey-go"
+)
+
+// ValkeyStore keeps job records in Valkey so that several gateways (Caddy
+// replicas) share them and a restart forgets nothing. Safe for concurrent
+// use.
+//
+// Keys, all under the store's prefix:
+//
+//	<prefix>job:<id>            string: the Job as JSON
+//	<prefix>user:<user>:jobs    sorted set: the user's job ids, scored by Number
+//	<prefix>active              sorted set: ids of pending/in_progress jobs, scored by Number
+//	<prefix>lease:<id>          string: the owner holding the job's lease, with a PX expiry
+//
+// A record and its index entries change together, in one Lua script, so a
+// crash never leaves a half-written job. The scripts also touch the index of
+// a job's previous user, whose key they derive from the stored record: in a
+// Valkey cluster, give a prefix with a hash tag (e.g. "{comfyume}:") so that
+// every key lives in one slot.
+//
+// Records are read without client-side caching: a gateway must see another
+// gateway's write at once (Create's idempotency, a finished job's history).
+type ValkeyStore struct {
+	client valkey.Client
+	prefix string
+
+	// Timeout bounds each call whose context has no deadline (the default
+	// is 5s), so that a Valkey outage yields errors rather than stalls:
+	// valkey-go retries idempotent commands until the context ends.
+	Timeout time.Duration
+}
+
+// NewValkeyStore returns a store keeping its keys under prefix (e.g.
+// "comfyume:") in the Valkey that client talks to. The caller owns client.
+func NewValkeyStore(client valkey.Client, prefix string) *ValkeyStore {
+	return &ValkeyStore{client: client, prefix: prefix, Timeout: 5 * time.Second}
+}
+
+// saveScript writes a record and its index entries. With ARGV[7] == "1" it
+// does nothing and returns 0 if the record exists (Create); otherwise it
+// returns 1.
+//
+//	KEYS: job, user index, active index
+//	ARGV: id, record JSON, score, active ("1"/"0"), user index key head
+//	      ("<prefix>user:"), user, only-if-absent ("1"/"0")
+const saveScript = `
+local old = redis.call('GET', KEYS[1])
+if old then
+  if ARGV[7] == '1' then return 0 end
+  if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+    local ok, rec = pcall(cjson.decode, old)
+    if ok and type(rec) == 'table' and type(rec.user) == 'string' and rec.user ~= ARGV[6] then
+      redis.call('ZREM', ARGV[5] .. rec.user .. ':jobs', ARGV[1])
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+else
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+return 1
+`
+
+// deleteScript removes a record, its index entries and its lease.
+//
+//	KEYS: job, active index, lease
+//	ARGV: id, user index key head ("<prefix>user:")
+const deleteScript = `
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, rec = pcall(cjson.decode, old)
+  if ok and type(rec) == 'table' and type(rec.user) == 'string' then
+    redis.call('ZREM', ARGV[2] .. rec.user .. ':jobs', ARGV[1])
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+`
+
+// claimScript takes a free lease or renews the caller's own; 1 if the
+// caller holds it afterwards.
+//
+//	KEYS: lease
+//	ARGV: owner, ttl in milliseconds
+const claimScript = `
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+`
+
+var (
+	// Saving, deleting and claiming (by the same owner) are idempotent, so
+	// valkey-go may retry them after a network error.
+	luaSave   = valkey.NewLuaScriptRetryable(saveScript)
+	luaDelete = valkey.NewLuaScriptRetryable(deleteScript)
+	luaClaim  = valkey.NewLuaScriptRetryable(claimScript)
+	// Create is not: a retry after a lost reply would report ErrExists for
+	// the caller's own record.
+	luaCreate = valkey.NewLuaScript(saveScript)
+)
+
+// mgetBatch bounds the keys read by one MGET so that a long history does
+// not become one huge reply.
+const mgetBatch = 256
+
+func (s *ValkeyStore) jobKey(id string) string    { return s.prefix + "job:" + id }
+func (s *ValkeyStore) userHead() string           { return s.prefix + "user:" }
+func (s *ValkeyStore) userKey(user string) string { return s.userHead() + user + ":jobs" }
+func (s *ValkeyStore) activeKey() string          { return s.prefix + "active" }
+func (s *ValkeyStore) leaseKey(id string) string  { return s.prefix + "lease:" + id }
+func (s *ValkeyStore) wrap(op string, err error) error {
+	return fmt.Errorf("valkey store: %s: %w", op, err)
+}
+
+// bound applies Timeout to a context without a deadline.
+func (s *ValkeyStore) bound(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok || s.Timeout <= 0 {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, s.Timeout)
+}
+
+// Ping checks that Valkey answers (the gateway reports 503 while it does
+// not).
+func (s *ValkeyStore) Ping(ctx context.Context) error {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	if err := s.client.Do(ctx, s.client.B().Ping().Build()).Error(); err != nil {
+		return s.wrap("ping", err)
+	}
+	return nil
+}
+
+// Save implements Store.
+func (s *ValkeyStore) Save(ctx context.Context, j *Job) error {
+	_, err := s.save(ctx, luaSave, j, false)
+	return err
+}
+
+// Create implements Store.
+func (s *ValkeyStore) Create(ctx context.Context, j *Job) error {
+	created, err := s.save(ctx, luaCreate, j, true)
+	if err != nil {
+		return err
+	}
+	if !created {
+		return ErrExists
+	}
+	return nil
+}
+
+func (s *ValkeyStore) save(ctx context.Context, script *valkey.Lua, j *Job, onlyIfAbsent bool) (bool, error) {
+	op := "save " + j.ID
+	if onlyIfAbsent {
+		op = "create " + j.ID
+	}
+	b, err := marshalJob(j)
+	if err != nil {
+		return false, s.wrap(op, err)
+	}
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	n, err := script.Exec(ctx, s.client,
+		[]string{s.jobKey(j.ID), s.userKey(j.User), s.activeKey()},
+		[]string{j.ID, string(b), score(j.Number), flag(j.Active()), s.userHead(), j.User, flag(onlyIfAbsent)},
+	).AsInt64()
+	if err != nil {
+		return false, s.wrap(op, err)
+	}
+	return n == 1, nil
+}
+
+// Job implements Store.
+func (s *ValkeyStore) Job(ctx context.Context, id string) (*Job, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	b, err := s.client.Do(ctx, s.client.B().Get().Key(s.jobKey(id)).Build()).AsBytes()
+	if valkey.IsValkeyNil(err) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, s.wrap("get "+id, err)
+	}
+	j := new(Job)
+	if err := json.Unmarshal(b, j); err != nil {
+		return nil, s.wrap("decode "+id, err)
+	}
+	return j, nil
+}
+
+// UserJobs implements Store.
+func (s *ValkeyStore) UserJobs(ctx context.Context, user string) ([]*Job, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	jobs, err := s.indexed(ctx, s.userKey(user))
+	if err != nil {
+		return nil, s.wrap("jobs of user "+user, err)
+	}
+	out := make([]*Job, 0, len(jobs))
+	for _, j := range jobs {
+		if j.User == user {
+			out = append(out, j)
+		}
+	}
+	return out, nil
+}
+
+// ActiveJobs implements Store.
+func (s *ValkeyStore) ActiveJobs(ctx context.Context) ([]*Job, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	jobs, err := s.indexed(ctx, s.activeKey())
+	if err != nil {
+		return nil, s.wrap("active jobs", err)
+	}
+	out := jobs[:0]
+	for _, j := range jobs {
+		if j.Active() {
+			out = append(out, j)
+		}
+	}
+	return out, nil
+}
+
+// indexed reads the records whose ids a sorted set holds, in SortJobs
+// order. Ids without a record (a concurrent Delete) are skipped.
+func (s *ValkeyStore) indexed(ctx context.Context, index string) ([]*Job, error) {
+	ids, err := s.client.Do(ctx, s.client.B().Zrange().Key(index).Min("0").Max("-1").Build()).AsStrSlice()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Job, 0, len(ids))
+	for start := 0; start < len(ids); start += mgetBatch {
+		batch := ids[start:min(start+mgetBatch, len(ids))]
+		keys := make([]string, len(batch))
+		for i, id := range batch {
+			keys[i] = s.jobKey(id)
+		}
+		vals, err := valkey.MGet(s.client, ctx, keys)
+		if err != nil {
+			return nil, err
+		}
+		for _, k := range keys {
+			v, ok := vals[k]
+			if !ok || v.IsNil() {
+				continue
+			}
+			b, err := v.AsBytes()
+			if err != nil {
+				return nil, err
+			}
+			j := new(Job)
+			if err := json.Unmarshal(b, j); err != nil {
+				return nil, fmt.Errorf("decode %s: %w", k, err)
+			}
+			out = append(out, j)
+		}
+	}
+	SortJobs(out)
+	return out, nil
+}
+
+// Delete implements Store.
+func (s *ValkeyStore) Delete(ctx context.Context, id string) error {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	err := luaDelete.Exec(ctx, s.client,
+		[]string{s.jobKey(id), s.activeKey(), s.leaseKey(id)},
+		[]string{id, s.userHead()},
+	).Error()
+	if err != nil {
+		return s.wrap("delete "+id, err)
+	}
+	return nil
+}
+
+// Claim implements Store.
+func (s *ValkeyStore) Claim(ctx context.Context, id, owner string, ttl time.Duration) (bool, error) {
+	ms := ttl.Milliseconds()
+	if ttl%time.Millisecond != 0 {
+		ms++ // PX counts whole milliseconds; never shorten a lease
+	}
+	ms = max(ms, 1)
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	n, err := luaClaim.Exec(ctx, s.client,
+		[]string{s.leaseKey(id)},
+		[]string{owner, strconv.FormatInt(ms, 10)},
+	).AsInt64()
+	if err != nil {
+		return false, s.wrap("claim "+id, err)
+	}
+	return n == 1, nil
+}
+
+// marshalJob encodes a record without HTML escaping, so that its raw JSON
+// fields (prompt, outputs, messages) come back byte for byte.
+func marshalJob(j *Job) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(j); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}
+
+// score formats a job's Number as a sorted-set score (json.Marshal has
+// already refused NaN and infinities).
+func score(n float64) string { return strconv.FormatFloat(n, 'g', -1, 64) }
+
+func flag(b bool) string {
+	if b {
+		return "1"
+	}
+	return "0"
+}
