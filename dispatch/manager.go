@@ -546,9 +546,11 @@ func (m *Manager) Close() {
 	var ups []*Upstream
 	for id, r := range m.runs {
 		ids = append(ids, id)
+		r.mu.Lock()
 		if r.up != nil {
 			ups = append(ups, r.up)
 		}
+		r.mu.Unlock()
 	}
 	for _, p := range m.pools {
 		ups = append(ups, p.Upstreams...)

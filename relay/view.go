@@ -44,6 +44,10 @@ func (g *Gateway) serveView(w http.ResponseWriter, r *http.Request, site Site) b
 		w.WriteHeader(http.StatusNotFound)
 		return true
 	}
+	// Redirect mode (Config.RedirectExpiry): 302 to a presigned URL.
+	if g.redirectView(w, r, key, vr) {
+		return true
+	}
 	b, err := g.blobs.Open(r.Context(), key)
 	if err != nil {
 		if !errors.Is(err, ErrBlobNotFound) {
