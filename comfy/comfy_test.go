@@ -128,6 +128,17 @@ func TestPromptBodyPreservesClientKeys(t *testing.T) {
 	}
 }
 
+func TestPromptBodyNeverSendsNullExtraData(t *testing.T) {
+	pr, berr := ParsePromptRequest([]byte(`{"prompt":{"1":{"class_type":"X","inputs":{}}},"extra_data":null}`))
+	if berr != nil {
+		t.Fatal(berr)
+	}
+	out, _ := pr.Body("p", "c")
+	if bytes.Contains(out, []byte("extra_data")) {
+		t.Fatalf("body %s", out)
+	}
+}
+
 func TestParsePromptRequestErrors(t *testing.T) {
 	for body, typ := range map[string]string{
 		"{":                            "invalid_json",

@@ -178,6 +178,9 @@ func (pr *PromptRequest) Body(promptID, clientID string, dropExtra ...string) ([
 	ed := pr.ExtraDataWithout(dropExtra...)
 	if ed != nil {
 		out["extra_data"], _ = json.Marshal(ed)
+	} else {
+		// ComfyUI fails with a 500 on "extra_data": null.
+		delete(out, "extra_data")
 	}
 	return json.Marshal(out)
 }
