@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"image"
 	"image/color"
+	"image/jpeg"
 	"image/png"
 	"net/url"
 	"regexp"
@@ -174,6 +175,20 @@ func TestPromptRunsOnPoolEndToEnd(t *testing.T) {
 			st, part, _ := g.do("alice", "GET", "/view?"+viewQuery(ref), nil, "Range", "bytes=0-9")
 			if st != 206 || !bytes.Equal(part, want[:10]) {
 				t.Fatalf("Range: %d %q", st, part)
+			}
+
+			// The frontend's preview parameter (sent with a raw ";").
+			st, jp, hdr := g.do("alice", "GET", "/api/view?"+viewQuery(ref)+"&preview=jpeg;80", nil)
+			if _, err := jpeg.Decode(bytes.NewReader(jp)); st != 200 || hdr.Get("Content-Type") != "image/jpeg" || err != nil {
+				t.Fatalf("preview=jpeg;80: %d %s %v", st, hdr.Get("Content-Type"), err)
+			}
+			st, wp, _ := g.do("alice", "GET", "/api/view?"+viewQuery(ref)+"&preview=webp;90&channel=rgba", nil)
+			if st != 200 || !bytes.Equal(wp, want) {
+				t.Fatalf("preview=webp;90 (no WebP encoder: the original): %d", st)
+			}
+			st, rgb, _ := g.do("alice", "GET", "/api/view?"+viewQuery(ref)+"&channel=rgb", nil)
+			if img, err := png.Decode(bytes.NewReader(rgb)); st != 200 || err != nil || img.Bounds().Dx() != 64 {
+				t.Fatalf("channel=rgb: %d %v", st, err)
 			}
 
 			// The GPU container vanishes; finished outputs still load.

@@ -40,6 +40,15 @@ func TestParseViewFollowsComfyUI(t *testing.T) {
 	}
 }
 
+// The frontend sends preview=webp;90 unescaped; it must survive parsing.
+func TestParseQueryKeepsSemicolons(t *testing.T) {
+	q := ParseQuery("filename=a%20b.png&subfolder=&type=output&preview=webp;90&rand=0.5")
+	v, st := ParseView(q)
+	if st != 0 || v.Preview != "webp;90" || v.Filename != "a b.png" || v.Type != "output" {
+		t.Fatalf("%+v %d", v, st)
+	}
+}
+
 func TestAnnotatedRoundTrip(t *testing.T) {
 	for in, want := range map[string]FileRef{
 		"cat.png":                      {Filename: "cat.png", Type: "input"},

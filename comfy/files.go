@@ -157,3 +157,25 @@ func RefOf(item map[string]any) FileRef {
 	}
 	return r
 }
+
+// ParseQuery reads a query string the way ComfyUI's server (aiohttp) does:
+// pairs are split on "&" only, so a value such as "webp;90" (the frontend's
+// preview= parameter, sent unescaped) survives. Go's url.ParseQuery drops
+// any pair that contains a ";".
+func ParseQuery(raw string) url.Values {
+	v := url.Values{}
+	for _, pair := range strings.Split(raw, "&") {
+		if pair == "" {
+			continue
+		}
+		k, val, _ := strings.Cut(pair, "=")
+		if uk, err := url.QueryUnescape(k); err == nil {
+			k = uk
+		}
+		if uv, err := url.QueryUnescape(val); err == nil {
+			val = uv
+		}
+		v[k] = append(v[k], val)
+	}
+	return v
+}

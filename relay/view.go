@@ -23,7 +23,7 @@ import (
 // subfolder are left to the next handler (the user's home); it returns
 // false for those.
 func (g *Gateway) serveView(w http.ResponseWriter, r *http.Request, site Site) bool {
-	q := r.URL.Query()
+	q := comfy.ParseQuery(r.URL.RawQuery)
 	sub := strings.TrimLeft(q.Get("subfolder"), "/")
 	if sub != OutputsSubfolder && !strings.HasPrefix(sub, OutputsSubfolder+"/") {
 		return false
