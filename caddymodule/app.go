@@ -6,6 +6,7 @@
 package caddymodule
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"path/filepath"
@@ -31,9 +32,10 @@ type App struct {
 	// refer to in `run_on`.
 	Pools []PoolConfig `json:"pools,omitempty"`
 
-	// Store selects where job records are kept. "memory" (the default)
-	// keeps them in this process.
-	Store string `json:"store,omitempty"`
+	// Store selects where job records are kept. Default: in this process
+	// ("memory"). With "valkey", several Caddy instances share jobs, events
+	// and browser sessions, and a restart forgets nothing.
+	Store *StoreConfig `json:"store,omitempty"`
 
 	// Outputs says where outputs captured from GPU servers are stored.
 	// Default: a directory "comfyume/outputs" in Caddy's data directory.
@@ -42,6 +44,30 @@ type App struct {
 	gateway *relay.Gateway
 	key     string
 	logger  *zap.Logger
+}
+
+// StoreConfig selects the job store.
+type StoreConfig struct {
+	// Backend is "memory" (default) or "valkey" (also any Redis 7 server).
+	Backend string `json:"backend,omitempty"`
+	// Address of the Valkey server: host:port, or a URL such as
+	// valkey://user:pass@host:6379/0 or rediss://host:6380 (TLS).
+	Address string `json:"address,omitempty"`
+	// Username and Password authenticate (override the URL's).
+	Username string `json:"username,omitempty"`
+	Password string `json:"password,omitempty"`
+	// TLS connects with TLS (implied by rediss:// and valkeys:// URLs).
+	TLS bool `json:"tls,omitempty"`
+	// Prefix is put before every key and channel (default "comfyume:"), so
+	// several deployments can share one server.
+	Prefix string `json:"prefix,omitempty"`
+	// DisableCache turns client-side caching off, for servers without
+	// CLIENT TRACKING.
+	DisableCache bool `json:"disable_cache,omitempty"`
+	// LeaseTTL is how long a gateway's claim on a running job lasts without
+	// renewal; when a gateway dies, another takes its jobs over after this
+	// (default 15s).
+	LeaseTTL caddy.Duration `json:"lease_ttl,omitempty"`
 }
 
 // PoolConfig is a named set of GPU ComfyUI servers.
@@ -76,10 +102,36 @@ type UpstreamConfig struct {
 
 // OutputsConfig selects the output store.
 type OutputsConfig struct {
-	// Backend is "disk" (the default).
+	// Backend is "disk" (the default) or "s3" (any S3-compatible service:
+	// AWS S3, Cloudflare R2, MinIO, ...).
 	Backend string `json:"backend,omitempty"`
 	// Dir is the directory for the disk backend.
 	Dir string `json:"dir,omitempty"`
+
+	// Endpoint of the S3 API: host[:port] (HTTPS) or a URL whose scheme
+	// says http or https.
+	Endpoint string `json:"endpoint,omitempty"`
+	// Bucket holds the outputs; Prefix is put before every object key.
+	Bucket string `json:"bucket,omitempty"`
+	Prefix string `json:"prefix,omitempty"`
+	// AccessKey and SecretKey sign requests (placeholders such as
+	// {env.S3_KEY} work); both empty: taken from the environment.
+	AccessKey string `json:"access_key,omitempty"`
+	SecretKey string `json:"secret_key,omitempty"`
+	// Region of the bucket (R2: "auto").
+	Region string `json:"region,omitempty"`
+	// Serve is how /view delivers outputs: "proxy" (default: streamed
+	// through Caddy, Range supported) or "redirect" (302 to a presigned
+	// URL valid for RedirectExpiry, default 15m).
+	Serve          string         `json:"serve,omitempty"`
+	RedirectExpiry caddy.Duration `json:"redirect_expiry,omitempty"`
+	// PublicEndpoint is where browsers reach the bucket, if not at
+	// Endpoint (presigned URLs are signed for it).
+	PublicEndpoint string `json:"public_endpoint,omitempty"`
+	// Spool is a local directory where outputs wait while S3 is
+	// unreachable; they are uploaded when it returns, and served from
+	// there meanwhile. Default: "comfyume/spool" in Caddy's data directory.
+	Spool string `json:"spool,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -94,11 +146,17 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // reloads: the new config's app picks up the running one (jobs, sessions).
 var gateways = caddy.NewUsagePool()
 
-type gatewayHolder struct{ *relay.Gateway }
+type gatewayHolder struct {
+	*relay.Gateway
+	closers []func()
+}
 
 func (g gatewayHolder) Destruct() error {
 	g.Gateway.Hub().CloseSockets()
 	g.Gateway.Close()
+	for _, c := range g.closers {
+		c()
+	}
 	return nil
 }
 
@@ -112,24 +170,36 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if a.Outputs.Backend == "" {
 		a.Outputs.Backend = "disk"
 	}
-	if a.Outputs.Dir == "" {
-		a.Outputs.Dir = filepath.Join(caddy.AppDataDir(), "comfyume", "outputs")
+	if a.Store == nil {
+		a.Store = &StoreConfig{}
 	}
-	a.Outputs.Dir = repl.ReplaceAll(a.Outputs.Dir, "")
-	if a.Store == "" {
-		a.Store = "memory"
+	if a.Store.Backend == "" {
+		a.Store.Backend = "memory"
 	}
-	a.key = "comfyume:" + a.Store + ":" + a.Outputs.Backend + ":" + a.Outputs.Dir
+	if a.Store.Prefix == "" {
+		a.Store.Prefix = "comfyume:"
+	}
+	out := *a.Outputs
+	for _, f := range []*string{&out.Dir, &out.Endpoint, &out.Bucket, &out.Prefix, &out.AccessKey, &out.SecretKey, &out.Region, &out.PublicEndpoint, &out.Spool} {
+		*f = repl.ReplaceAll(*f, "")
+	}
+	if out.Dir == "" {
+		out.Dir = filepath.Join(caddy.AppDataDir(), "comfyume", "outputs")
+	}
+	if out.Spool == "" {
+		out.Spool = filepath.Join(caddy.AppDataDir(), "comfyume", "spool")
+	}
+	st := *a.Store
+	for _, f := range []*string{&st.Address, &st.Username, &st.Password, &st.Prefix} {
+		*f = repl.ReplaceAll(*f, "")
+	}
+	keyJSON, _ := json.Marshal(struct {
+		S StoreConfig
+		O OutputsConfig
+	}{st, out})
+	a.key = "comfyume:" + string(keyJSON)
 	val, _, err := gateways.LoadOrNew(a.key, func() (caddy.Destructor, error) {
-		blobs, err := relay.NewDiskBlobs(a.Outputs.Dir)
-		if err != nil {
-			return nil, fmt.Errorf("outputs directory: %w", err)
-		}
-		gw, err := relay.New(relay.Config{Store: dispatch.NewMemoryStore(), Blobs: blobs, Logger: a.logger})
-		if err != nil {
-			return nil, err
-		}
-		return gatewayHolder{gw}, nil
+		return newGateway(ctx, st, out, a.logger)
 	})
 	if err != nil {
 		return err
@@ -172,11 +242,26 @@ func (a *App) Validate() error {
 			return fmt.Errorf("pool %q has no upstream", p.Name)
 		}
 	}
-	if a.Store != "memory" {
-		return fmt.Errorf("store %q is not available (only memory)", a.Store)
+	switch a.Store.Backend {
+	case "memory":
+	case "valkey":
+		if a.Store.Address == "" {
+			return fmt.Errorf("store valkey: address is required")
+		}
+	default:
+		return fmt.Errorf("store %q: use memory or valkey", a.Store.Backend)
 	}
-	if a.Outputs.Backend != "disk" {
-		return fmt.Errorf("outputs backend %q is not available (only disk)", a.Outputs.Backend)
+	switch a.Outputs.Backend {
+	case "disk":
+	case "s3":
+		if a.Outputs.Endpoint == "" || a.Outputs.Bucket == "" {
+			return fmt.Errorf("outputs s3: endpoint and bucket are required")
+		}
+		if a.Outputs.Serve != "" && a.Outputs.Serve != "proxy" && a.Outputs.Serve != "redirect" {
+			return fmt.Errorf("outputs s3: serve %q: use proxy or redirect", a.Outputs.Serve)
+		}
+	default:
+		return fmt.Errorf("outputs %q: use disk or s3", a.Outputs.Backend)
 	}
 	return nil
 }

@@ -28,8 +28,26 @@ func init() {
 //				lost_timeout <duration>
 //			}
 //		}
-//		store memory
-//		outputs disk [<dir>]
+//		store memory | valkey {
+//			address <host:port | valkey:// or rediss:// URL>
+//			username <name>
+//			password <secret>
+//			tls
+//			prefix <prefix>
+//			disable_cache
+//			lease_ttl <duration>
+//		}
+//		outputs disk [<dir>] | s3 {
+//			endpoint <host[:port] | http(s)://host[:port]>
+//			bucket <name>
+//			prefix <key prefix>
+//			access_key <key>
+//			secret_key <secret>
+//			region <region>
+//			serve proxy | redirect [<expiry>]
+//			public_endpoint <host or URL browsers use>
+//			spool <dir>
+//		}
 //	}
 func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
 	app := new(App)
@@ -117,9 +135,45 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.NextArg() {
 				return d.ArgErr()
 			}
-			a.Store = d.Val()
+			a.Store = &StoreConfig{Backend: d.Val()}
 			if d.NextArg() {
 				return d.ArgErr()
+			}
+			for d.NextBlock(1) {
+				key := d.Val()
+				if key == "tls" || key == "disable_cache" {
+					if d.NextArg() {
+						return d.ArgErr()
+					}
+					if key == "tls" {
+						a.Store.TLS = true
+					} else {
+						a.Store.DisableCache = true
+					}
+					continue
+				}
+				val, err := oneArg(d)
+				if err != nil {
+					return err
+				}
+				switch key {
+				case "address":
+					a.Store.Address = val
+				case "username":
+					a.Store.Username = val
+				case "password":
+					a.Store.Password = val
+				case "prefix":
+					a.Store.Prefix = val
+				case "lease_ttl":
+					dur, err := caddy.ParseDuration(val)
+					if err != nil || dur <= 0 {
+						return d.Errf("lease_ttl: %q is not a duration", val)
+					}
+					a.Store.LeaseTTL = caddy.Duration(dur)
+				default:
+					return d.Errf("unrecognized store option %q", key)
+				}
 			}
 		case "outputs":
 			if !d.NextArg() {
@@ -132,11 +186,67 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if d.NextArg() {
 				return d.ArgErr()
 			}
+			for d.NextBlock(1) {
+				key := d.Val()
+				if key == "serve" {
+					args := d.RemainingArgs()
+					if len(args) < 1 || len(args) > 2 {
+						return d.ArgErr()
+					}
+					a.Outputs.Serve = args[0]
+					if len(args) == 2 {
+						dur, err := caddy.ParseDuration(args[1])
+						if err != nil || dur <= 0 {
+							return d.Errf("serve %s: %q is not a duration", args[0], args[1])
+						}
+						a.Outputs.RedirectExpiry = caddy.Duration(dur)
+					}
+					continue
+				}
+				val, err := oneArg(d)
+				if err != nil {
+					return err
+				}
+				switch key {
+				case "dir":
+					a.Outputs.Dir = val
+				case "endpoint":
+					a.Outputs.Endpoint = val
+				case "bucket":
+					a.Outputs.Bucket = val
+				case "prefix":
+					a.Outputs.Prefix = val
+				case "access_key":
+					a.Outputs.AccessKey = val
+				case "secret_key":
+					a.Outputs.SecretKey = val
+				case "region":
+					a.Outputs.Region = val
+				case "public_endpoint":
+					a.Outputs.PublicEndpoint = val
+				case "spool":
+					a.Outputs.Spool = val
+				default:
+					return d.Errf("unrecognized outputs option %q", key)
+				}
+			}
 		default:
 			return d.Errf("unrecognized comfyume option %q", d.Val())
 		}
 	}
 	return nil
+}
+
+// oneArg reads exactly one argument of the current line.
+func oneArg(d *caddyfile.Dispenser) (string, error) {
+	if !d.NextArg() {
+		return "", d.ArgErr()
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return v, nil
 }
 
 func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {

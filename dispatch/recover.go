@@ -69,14 +69,73 @@ func (m *Manager) Start(ctx context.Context) {
 
 func (m *Manager) renew(ctx context.Context) {
 	m.mu.Lock()
-	ids := make([]string, 0, len(m.runs))
-	for id := range m.runs {
-		ids = append(ids, id)
+	runs := make([]*run, 0, len(m.runs))
+	for _, r := range m.runs {
+		runs = append(runs, r)
 	}
 	m.mu.Unlock()
-	for _, id := range ids {
-		m.claim(ctx, id)
+	for _, r := range runs {
+		ok, err := m.store.Claim(ctx, r.job.ID, m.owner, m.leaseTTL)
+		if err != nil || ok {
+			continue // store down: keep following; nobody else can claim
+		}
+		// Another gateway took the job over while this one could not renew
+		// (e.g. cut off from the store): let it follow the job alone.
+		m.logger.Warn("job taken over by another gateway; letting go", zap.String("job", r.job.ID))
+		m.abandon(r)
 	}
+}
+
+// abandon stops following a job without ending it.
+func (m *Manager) abandon(r *run) {
+	r.mu.Lock()
+	if r.finished {
+		r.mu.Unlock()
+		return
+	}
+	r.finished = true
+	up, ids, slot := r.up, r.routeIDs, r.slot
+	r.slot = nil
+	r.mu.Unlock()
+	select {
+	case <-r.done:
+	default:
+		close(r.done)
+	}
+	m.mu.Lock()
+	delete(m.runs, r.job.ID)
+	m.mu.Unlock()
+	if up != nil {
+		for _, id := range ids {
+			up.unregister(id, r)
+		}
+	}
+	if slot != nil {
+		slot.release()
+	}
+	if r.adopted && up != nil {
+		up.Close()
+	}
+	for _, p := range m.poolsSnapshot() {
+		p.mu.Lock()
+		for i, w := range p.waiting {
+			if w == r {
+				p.waiting = append(p.waiting[:i:i], p.waiting[i+1:]...)
+				break
+			}
+		}
+		p.mu.Unlock()
+	}
+}
+
+func (m *Manager) poolsSnapshot() []*Pool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]*Pool, 0, len(m.pools))
+	for _, p := range m.pools {
+		out = append(out, p)
+	}
+	return out
 }
 
 // Recover takes over active jobs that no live gateway follows.

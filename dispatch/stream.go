@@ -78,6 +78,17 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 			// Ask for type-4 previews (with node and prompt ids).
 			err = conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true}}`))
 		}
+		if err == nil {
+			// ComfyUI greets a socket once it has registered its sid; events
+			// of prompts queued before that would go nowhere.
+			_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+			var greeting []byte
+			_, greeting, err = conn.ReadMessage()
+			_ = conn.SetReadDeadline(time.Time{})
+			if err == nil {
+				u.onText(greeting)
+			}
+		}
 		if err != nil {
 			if conn != nil {
 				conn.Close()

@@ -40,14 +40,25 @@ install_sdk() {
 }
 
 # ---------------------------------------------------------------------------
-# start_services: starts the servers that tests need and that this machine
-# does not start by itself, and arranges for them to stop when this script
-# exits. Nothing yet. Later: Valkey (shared job state, pub/sub) and an
-# S3-compatible server (output blobs), with their addresses exported for the
-# tests that use them.
+# start_services: starts the servers the shared-state tests need — a real
+# Valkey (job store, pub/sub) and a real S3-compatible server (versitygw,
+# for outputs) — on 127.0.0.1 at free ports, exports their addresses
+# (COMFYUME_TEST_VALKEY, COMFYUME_TEST_S3_*) and stops them when this script
+# exits. The Valkey binary is also exported (COMFYUME_TEST_VALKEY_SERVER and
+# its LD_LIBRARY_PATH) for tests that stop and restart a server of their own.
 # ---------------------------------------------------------------------------
+# shellcheck source=services/valkey.sh
+source scripts/services/valkey.sh
+# shellcheck source=services/s3.sh
+source scripts/services/s3.sh
+cleanup_fns=()
+trap run_cleanup_fns EXIT
+
 start_services() {
-	:
+	start_valkey
+	export COMFYUME_TEST_VALKEY_SERVER="${_valkey_bin:-$(command -v valkey-server || command -v redis-server || true)}"
+	export COMFYUME_TEST_VALKEY_LD_PATH="${_valkey_ld_path:-}"
+	start_s3
 }
 
 start=$(date +%s)

@@ -1,0 +1,328 @@
+package caddymodule_test
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/comfyume/comfyume/comfytest"
+)
+
+// sharedEnv returns the addresses of the Valkey and S3 servers the
+// shared-state tests need (started by scripts/test.sh). Without them the
+// tests skip locally and fail in CI.
+func sharedEnv(t *testing.T) (valkeyAddr string, s3 [4]string) {
+	t.Helper()
+	valkeyAddr = os.Getenv("COMFYUME_TEST_VALKEY")
+	s3 = [4]string{os.Getenv("COMFYUME_TEST_S3_ENDPOINT"), os.Getenv("COMFYUME_TEST_S3_ACCESS_KEY"),
+		os.Getenv("COMFYUME_TEST_S3_SECRET_KEY"), os.Getenv("COMFYUME_TEST_S3_BUCKET")}
+	if valkeyAddr == "" || s3[0] == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("COMFYUME_TEST_VALKEY / COMFYUME_TEST_S3_* not set: scripts/test.sh starts those servers")
+		}
+		t.Skip("needs Valkey and S3 (run scripts/test.sh)")
+	}
+	return valkeyAddr, s3
+}
+
+// sharedCaddyfile is one replica's config: Valkey store, S3 outputs, a
+// private prefix per test so tests never see each other's state.
+func sharedCaddyfile(prefix, valkeyAddr string, s3 [4]string, home, gpu, extraGlobal string) string {
+	return `{
+	admin off
+	comfyume {
+		pool gpu {
+			upstream ` + gpu + ` {
+				max_jobs 1
+				lost_timeout 5s
+			}
+		}
+		store valkey {
+			address ` + valkeyAddr + `
+			prefix ` + prefix + `
+			lease_ttl 1s
+		}
+		outputs s3 {
+			endpoint http://` + s3[0] + `
+			bucket ` + s3[3] + `
+			prefix ` + prefix + `
+			access_key ` + s3[1] + `
+			secret_key ` + s3[2] + `
+			region us-east-1
+			spool {DATA}/spool
+		}
+		` + extraGlobal + `
+	}
+}
+
+:{PORT} {
+	bind 127.0.0.1
+	comfyume {
+		home ` + home + `
+		run_on gpu
+		user {http.request.header.X-User}
+	}
+	reverse_proxy ` + strings.TrimPrefix(home, "http://") + `
+}
+`
+}
+
+var (
+	binOnce sync.Once
+	binPath string
+	binErr  error
+)
+
+// replicaBinary builds cmd/comfyume once per test run.
+func replicaBinary(t *testing.T) string {
+	t.Helper()
+	binOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "comfyume-bin-")
+		if err != nil {
+			binErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "comfyume")
+		out, err := exec.Command("go", "build", "-o", binPath, "../cmd/comfyume").CombinedOutput()
+		if err != nil {
+			binErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if binErr != nil {
+		t.Fatal(binErr)
+	}
+	return binPath
+}
+
+// replica is a second Caddy, in its own process.
+type replica struct {
+	gateway
+	cmd  *exec.Cmd
+	logs *bytes.Buffer
+	mu   *sync.Mutex
+}
+
+func startReplica(t *testing.T, caddyfile string) *replica {
+	t.Helper()
+	bin := replicaBinary(t)
+	port := freePort(t)
+	dir := t.TempDir()
+	cf := strings.ReplaceAll(strings.ReplaceAll(caddyfile, "{PORT}", fmt.Sprint(port)), "{DATA}", dir)
+	path := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(path, []byte(cf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "run", "--config", path, "--adapter", "caddyfile")
+	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	logs := &bytes.Buffer{}
+	mu := &sync.Mutex{}
+	pr, pw, _ := os.Pipe()
+	cmd.Stdout, cmd.Stderr = pw, pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	go func() {
+		sc := bufio.NewScanner(pr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			mu.Lock()
+			logs.WriteString(sc.Text() + "\n")
+			mu.Unlock()
+		}
+	}()
+	r := &replica{gateway: gateway{t: t, Base: fmt.Sprintf("http://127.0.0.1:%d", port)}, cmd: cmd, logs: logs, mu: mu}
+	t.Cleanup(func() {
+		r.kill()
+		if t.Failed() {
+			mu.Lock()
+			t.Logf("replica logs:\n%s", logs.String())
+			mu.Unlock()
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 100*time.Millisecond)
+		if err == nil {
+			c.Close()
+			return r
+		}
+		if time.Now().After(deadline) {
+			mu.Lock()
+			defer mu.Unlock()
+			t.Fatalf("replica did not start:\n%s", logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// kill ends the replica abruptly (SIGKILL), like a crashed container.
+func (r *replica) kill() {
+	if r.cmd.Process != nil {
+		_ = r.cmd.Process.Signal(syscall.SIGKILL)
+		_ = r.cmd.Wait()
+	}
+}
+
+func testPrefix() string { return "t" + strings.ReplaceAll(uuid.NewString(), "-", "")[:10] + ":" }
+
+// A browser on replica A sees, in order, every event of a job submitted
+// through replica B (whose GPU stream B holds), previews included; the
+// outputs are in S3, so A serves them after B and the GPU are gone.
+func TestReplicasShareEventsAndOutputs(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 20 * time.Millisecond})
+	prefix := testPrefix()
+	cf := sharedCaddyfile(prefix, valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	a := startCaddy(t, cf)
+	b := startReplica(t, cf)
+
+	browser := a.openBrowser("alice", "tab-x", true)
+	pa := b.queue("alice", browser.SID, samplerWorkflow("xr", 3))
+	frames := browser.untilJobEnd(pa.PromptID, 30*time.Second)
+	seq := types(frames)
+	start, executed, success := indexOf(frames, "execution_start"), indexOf(frames, "executed"), indexOf(frames, "execution_success")
+	if start < 0 || executed < start || success < executed {
+		t.Fatalf("events across replicas out of order: %v", seq)
+	}
+	previews := 0
+	for _, f := range frames {
+		if !f.text && f.binary == 4 {
+			previews++
+		}
+	}
+	if previews != 3 {
+		t.Fatalf("%d previews across replicas, want 3: %v", previews, seq)
+	}
+	// Both replicas list the job.
+	for _, g := range []*gateway{a, &b.gateway} {
+		var page jobsPage
+		g.getJSON("alice", "/api/jobs", &page)
+		if j := findJob(page.Jobs, pa.PromptID); j == nil || j["status"] != "completed" {
+			t.Fatalf("%s lists %v", g.Base, page.Jobs)
+		}
+	}
+	ref := outputRef(t, frames, "3")
+	want, _ := gpu.OutputFile("output", "", ref["filename"].(string))
+	b.kill()
+	gpu.Kill()
+	st, got, _ := a.do("alice", "GET", "/api/view?"+viewQuery(ref), nil)
+	if st != 200 || !bytes.Equal(got, want) {
+		t.Fatalf("/view from the other replica after capture replica and GPU died: %d (%d bytes, want %d)", st, len(got), len(want))
+	}
+	st, part, _ := a.do("alice", "GET", "/api/view?"+viewQuery(ref), nil, "Range", "bytes=5-14")
+	if st != 206 || !bytes.Equal(part, want[5:15]) {
+		t.Fatalf("Range from S3: %d", st)
+	}
+	if st, _, _ := a.do("bob", "GET", "/api/view?"+viewQuery(ref), nil); st != 404 {
+		t.Fatalf("bob reads alice's S3 output: %d", st)
+	}
+}
+
+// A browser that reconnects to another replica gets what it missed.
+func TestReconnectToOtherReplicaReplaysMissedEvents(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 30 * time.Millisecond})
+	prefix := testPrefix()
+	cf := sharedCaddyfile(prefix, valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	a := startCaddy(t, cf)
+	b := startReplica(t, cf)
+
+	tab := a.openBrowser("alice", "tab-r", true)
+	pa := a.queue("alice", tab.SID, samplerWorkflow("rr", 6))
+	tab.waitType("progress", 10*time.Second)
+	tab.conn.Close()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var j map[string]any
+		a.getJSON("alice", "/api/jobs/"+pa.PromptID, &j)
+		if j["status"] == "completed" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("job did not finish: %v", j)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	again := b.openBrowser("alice", "tab-r", true)
+	frames := again.untilJobEnd(pa.PromptID, 10*time.Second)
+	if indexOf(frames, "executed") < 0 || indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("replayed on the other replica: %v", types(frames))
+	}
+	// bob on the same sid gets nothing of it.
+	spy := b.openBrowser("bob", "tab-r", true)
+	spy.noFrameFor(pa.PromptID, 300*time.Millisecond)
+}
+
+// The replica that runs a job dies mid-job: another takes the job over
+// (after the lease expires), follows it on the GPU and the browser gets
+// its outputs and end. Jobs waiting in the dead replica's queue run too.
+func TestReplicaDeathMidJobIsRecovered(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 100 * time.Millisecond})
+	prefix := testPrefix()
+	cf := sharedCaddyfile(prefix, valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	b := startReplica(t, cf)
+	a := startCaddy(t, cf)
+
+	tab := a.openBrowser("alice", "tab-d", true)
+	running := b.queue("alice", tab.SID, samplerWorkflow("dies", 20))
+	waiting := b.queue("alice", tab.SID, samplerWorkflow("waits", 1))
+	tab.waitType("progress", 10*time.Second)
+	b.kill()
+
+	frames := tab.untilJobEnd(running.PromptID, 60*time.Second)
+	if indexOf(frames, "execution_success") < 0 || indexOf(frames, "executed") < 0 {
+		t.Fatalf("taken-over job: %v", types(frames))
+	}
+	ref := outputRef(t, frames, "3")
+	want, _ := gpu.OutputFile("output", "", ref["filename"].(string))
+	if st, got, _ := a.do("alice", "GET", "/api/view?"+viewQuery(ref), nil); st != 200 || !bytes.Equal(got, want) {
+		t.Fatalf("output of the taken-over job: %d", st)
+	}
+	frames = tab.untilJobEnd(waiting.PromptID, 60*time.Second)
+	if indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("waiting job of the dead replica: %v %s", types(frames), frames[0].data)
+	}
+	n := 0
+	for _, p := range gpu.Prompts() {
+		if p.PromptID == running.PromptID {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("the running job was sent %d times", n)
+	}
+}
+
+// With S3 unreachable, outputs land in the local spool and /view serves
+// them from there.
+func TestS3DownSpoolsOutputs(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	s3[0] = fmt.Sprintf("127.0.0.1:%d", freePort(t)) // nothing listens
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	a := startCaddy(t, sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), ""))
+	tab := a.openBrowser("alice", "", true)
+	pa := a.queue("alice", tab.SID, samplerWorkflow("sp", 1))
+	frames := tab.untilJobEnd(pa.PromptID, 30*time.Second)
+	ref := outputRef(t, frames, "3")
+	want, _ := gpu.OutputFile("output", "", ref["filename"].(string))
+	if st, got, _ := a.do("alice", "GET", "/api/view?"+viewQuery(ref), nil); st != 200 || !bytes.Equal(got, want) {
+		t.Fatalf("/view from the spool: %d", st)
+	}
+}
