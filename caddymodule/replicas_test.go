@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -280,10 +282,19 @@ func TestReplicaDeathMidJobIsRecovered(t *testing.T) {
 	a := startCaddy(t, cf)
 
 	tab := a.openBrowser("alice", "tab-d", true)
+	done := b.queue("alice", tab.SID, samplerWorkflow("done", 1))
+	tab.untilJobEnd(done.PromptID, 30*time.Second)
 	running := b.queue("alice", tab.SID, samplerWorkflow("dies", 20))
 	waiting := b.queue("alice", tab.SID, samplerWorkflow("waits", 1))
 	tab.waitType("progress", 10*time.Second)
 	b.kill()
+	var page jobsPage
+	a.getJSON("alice", "/api/jobs", &page)
+	for id, st := range map[string]string{done.PromptID: "completed", running.PromptID: "in_progress", waiting.PromptID: "pending"} {
+		if j := findJob(page.Jobs, id); j == nil || j["status"] != st {
+			t.Fatalf("after the replica died, job %s is %v, want %s", id, j, st)
+		}
+	}
 
 	frames := tab.untilJobEnd(running.PromptID, 60*time.Second)
 	if indexOf(frames, "execution_success") < 0 || indexOf(frames, "executed") < 0 {
@@ -324,5 +335,94 @@ func TestS3DownSpoolsOutputs(t *testing.T) {
 	want, _ := gpu.OutputFile("output", "", ref["filename"].(string))
 	if st, got, _ := a.do("alice", "GET", "/api/view?"+viewQuery(ref), nil); st != 200 || !bytes.Equal(got, want) {
 		t.Fatalf("/view from the spool: %d", st)
+	}
+}
+
+// A retried POST /prompt with the same client-supplied prompt_id — to the
+// same replica or another — runs once.
+func TestRetriedPromptRunsOnce(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 20 * time.Millisecond})
+	cf := sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	a := startCaddy(t, cf)
+	b := startReplica(t, cf)
+	tab := a.openBrowser("alice", "", true)
+	id := uuid.NewString()
+	body := map[string]any{"prompt": samplerWorkflow("once", 2), "client_id": tab.SID, "prompt_id": id}
+	var wg sync.WaitGroup
+	answers := make([]string, 6)
+	for i := range answers {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			g := a
+			if i%2 == 1 {
+				g = &b.gateway
+			}
+			st, rb, _ := g.do("alice", "POST", "/api/prompt", body)
+			answers[i] = fmt.Sprintf("%d %s", st, rb)
+		}(i)
+	}
+	wg.Wait()
+	for _, ans := range answers {
+		if !strings.HasPrefix(ans, "200 ") || !strings.Contains(ans, id) {
+			t.Fatalf("retried prompt answered %q", ans)
+		}
+	}
+	tab.untilJobEnd(id, 30*time.Second)
+	n := 0
+	for _, p := range gpu.Prompts() {
+		if p.PromptID == id {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("prompt ran %d times", n)
+	}
+	// Another user cannot take that id.
+	if st, _, _ := a.do("bob", "POST", "/api/prompt", body); st != 400 {
+		t.Fatalf("bob reusing alice's prompt_id: %d", st)
+	}
+}
+
+// serve redirect: /view answers 302 to a presigned URL that serves the
+// bytes; transformations are still served by the gateway.
+func TestS3RedirectMode(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	cf := strings.Replace(sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), ""), "spool {DATA}/spool", "spool {DATA}/spool\n\t\t\tserve redirect 2m", 1)
+	a := startCaddy(t, cf)
+	tab := a.openBrowser("alice", "", true)
+	pa := a.queue("alice", tab.SID, samplerWorkflow("redir", 1))
+	ref := outputRef(t, tab.untilJobEnd(pa.PromptID, 30*time.Second), "3")
+	want, _ := gpu.OutputFile("output", "", ref["filename"].(string))
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	req, _ := http.NewRequest("GET", a.Base+"/api/view?"+viewQuery(ref), nil)
+	req.Header.Set("X-User", "alice")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	loc := resp.Header.Get("Location")
+	if resp.StatusCode != 302 || !strings.Contains(loc, "X-Amz-Signature") {
+		t.Fatalf("redirect mode: %d %q", resp.StatusCode, loc)
+	}
+	resp, err = http.Get(loc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !bytes.Equal(got, want) {
+		t.Fatalf("presigned GET: %d, %d bytes", resp.StatusCode, len(got))
+	}
+	if st, _, hdr := a.do("alice", "GET", "/api/view?"+viewQuery(ref)+"&channel=rgb", nil); st != 200 || hdr.Get("Content-Type") != "image/png" {
+		t.Fatalf("channel=rgb in redirect mode: %d", st)
+	}
+	if st, _, _ := a.do("bob", "GET", "/api/view?"+viewQuery(ref), nil); st != 404 {
+		t.Fatalf("bob in redirect mode: %d", st)
 	}
 }
