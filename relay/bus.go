@@ -20,8 +20,10 @@ type Bus interface {
 	// log; Pos is then set to its position there.
 	Publish(ctx context.Context, m *BusMessage) error
 	// Run calls fn with every message published on the bus until ctx ends,
-	// resubscribing after connection failures.
-	Run(ctx context.Context, fn func(BusMessage))
+	// resubscribing after connection failures. subscribed is called each
+	// time the subscription is (re)established: messages published while it
+	// was down are lost, so the caller catches up from the replay logs.
+	Run(ctx context.Context, fn func(BusMessage), subscribed func())
 	// Missed returns the kept frames of a session after position since
 	// ("" = all kept), oldest first.
 	Missed(ctx context.Context, user, sid, since string) ([]BusMessage, error)
@@ -52,6 +54,9 @@ type BusMessage struct {
 	Binary  []byte `json:"b,omitempty"`
 	Preview []byte `json:"v,omitempty"`
 	JobID   string `json:"j,omitempty"`
+	// Origin names the gateway that published the message; it has
+	// delivered it to its own sockets already.
+	Origin string `json:"o,omitempty"`
 }
 
 func frameMessage(user, sid string, f frame) *BusMessage {
@@ -135,9 +140,14 @@ func (b *ValkeyBus) Publish(ctx context.Context, m *BusMessage) error {
 }
 
 // Run implements Bus.
-func (b *ValkeyBus) Run(ctx context.Context, fn func(BusMessage)) {
+func (b *ValkeyBus) Run(ctx context.Context, fn func(BusMessage), subscribed func()) {
 	for ctx.Err() == nil {
-		err := b.client.Receive(ctx, b.client.B().Subscribe().Channel(b.channel()).Build(), func(msg valkey.PubSubMessage) {
+		sctx := valkey.WithOnSubscriptionHook(ctx, func(s valkey.PubSubSubscription) {
+			if s.Kind == "subscribe" && subscribed != nil {
+				go subscribed()
+			}
+		})
+		err := b.client.Receive(sctx, b.client.B().Subscribe().Channel(b.channel()).Build(), func(msg valkey.PubSubMessage) {
 			var m BusMessage
 			if json.Unmarshal([]byte(msg.Message), &m) == nil {
 				fn(m)

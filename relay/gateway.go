@@ -86,7 +86,7 @@ func New(cfg Config) (*Gateway, error) {
 	g.stop = cancel
 	if cfg.Bus != nil {
 		g.hub.bus = cfg.Bus
-		go cfg.Bus.Run(ctx, g.onBus)
+		go cfg.Bus.Run(ctx, g.onBus, g.hub.catchUp)
 	}
 	g.manager.SetInputsFor(func(j *dispatch.Job) dispatch.InputSource {
 		site := Site{User: j.User}
@@ -103,6 +103,9 @@ func New(cfg Config) (*Gateway, error) {
 
 // onBus handles a message from any gateway on the bus.
 func (g *Gateway) onBus(m BusMessage) {
+	if m.Origin == g.hub.id {
+		return // handled here when published
+	}
 	switch m.Kind {
 	case busKindFrame:
 		g.hub.deliverBus(m)
@@ -476,10 +479,10 @@ func (g *Gateway) Deliver(j *dispatch.Job, ev dispatch.Event) {
 func (g *Gateway) QueueChanged(user string) {
 	if bus := g.hub.bus; bus != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
-		err := bus.Publish(ctx, &BusMessage{Kind: busKindQueue, User: user})
+		err := bus.Publish(ctx, &BusMessage{Kind: busKindQueue, User: user, Origin: g.hub.id})
 		cancel()
-		if err == nil {
-			return
+		if err != nil {
+			g.logger.Debug("queue change not shared", zap.Error(err))
 		}
 	}
 	g.localQueueChanged(user)

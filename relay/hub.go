@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/gorilla/websocket"
 
 	"github.com/comfyume/comfyume/comfy"
@@ -45,6 +46,7 @@ type Hub struct {
 	byUser   map[string]map[*session]struct{}
 	open     map[*socket]struct{}
 	bus      Bus
+	id       string // this gateway, as the Origin of its bus messages
 	stop     chan struct{}
 	once     sync.Once
 }
@@ -52,6 +54,7 @@ type Hub struct {
 // NewHub starts a hub; Close stops its housekeeping.
 func NewHub() *Hub {
 	h := &Hub{
+		id:       uuid.NewString(),
 		sessions: map[sessionKey]*session{},
 		byUser:   map[string]map[*session]struct{}{},
 		stop:     make(chan struct{}),
@@ -99,15 +102,57 @@ func (h *Hub) detach(user, sid string, s *socket) {
 // lifecycle frames for replay), else locally.
 func (h *Hub) publish(user, sid string, f frame) {
 	if h.bus != nil {
+		m := frameMessage(user, sid, f)
+		m.Origin = h.id
 		ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
-		err := h.bus.Publish(ctx, frameMessage(user, sid, f))
+		err := h.bus.Publish(ctx, m)
 		cancel()
 		if err == nil {
+			// Other gateways get it from the bus; this one's sockets now,
+			// without a round trip through the subscription.
+			h.deliverFrame(user, sid, f, m.Pos)
 			return
 		}
 		// The bus is down: sockets on this gateway still get the frame.
 	}
 	h.publishLocal(user, sid, f)
+}
+
+// catchUp writes to every socket of this gateway the kept frames it has not
+// had: after the bus subscription was re-established, frames published
+// meanwhile reached nobody here.
+func (h *Hub) catchUp() {
+	if h.bus == nil {
+		return
+	}
+	h.mu.Lock()
+	type target struct {
+		key sessionKey
+		s   *socket
+	}
+	var all []target
+	for k, se := range h.sessions {
+		for s := range se.sockets {
+			all = append(all, target{k, s})
+		}
+	}
+	h.mu.Unlock()
+	for _, t := range all {
+		t.s.mu.Lock()
+		since := t.s.lastPos
+		t.s.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+		missed, err := h.bus.Missed(ctx, t.key.user, t.key.sid, since)
+		cancel()
+		if err != nil {
+			continue
+		}
+		for _, m := range missed {
+			if f, ok := busFrame(m); ok {
+				t.s.deliver(f, m.Pos)
+			}
+		}
+	}
 }
 
 // busTimeout bounds one bus operation.
@@ -116,12 +161,16 @@ const busTimeout = 5 * time.Second
 // deliverBus hands a frame that came over the bus to this gateway's sockets
 // of the session.
 func (h *Hub) deliverBus(m BusMessage) {
-	f, ok := busFrame(m)
-	if !ok {
-		return
+	if f, ok := busFrame(m); ok {
+		h.deliverFrame(m.User, m.SID, f, m.Pos)
 	}
+}
+
+// deliverFrame writes a frame with its replay position to this gateway's
+// sockets of a session.
+func (h *Hub) deliverFrame(user, sid string, f frame, pos string) {
 	h.mu.Lock()
-	se := h.sessions[sessionKey{m.User, m.SID}]
+	se := h.sessions[sessionKey{user, sid}]
 	var targets []*socket
 	if se != nil {
 		for s := range se.sockets {
@@ -130,7 +179,7 @@ func (h *Hub) deliverBus(m BusMessage) {
 	}
 	h.mu.Unlock()
 	for _, s := range targets {
-		s.deliver(f, m.Pos)
+		s.deliver(f, pos)
 	}
 }
 
@@ -279,6 +328,9 @@ func (s *socket) deliver(f frame, pos string) {
 	if s.holding {
 		s.held = append(s.held, heldFrame{f, pos})
 		return
+	}
+	if pos != "" && s.lastPos != "" && !posAfter(pos, s.lastPos) {
+		return // had it already (a catch-up after a live delivery)
 	}
 	s.writeLocked(f)
 	if pos != "" {

@@ -81,7 +81,7 @@ func (g *Gateway) cancel(ctx context.Context, user, id string) {
 	}
 	bctx, done := context.WithTimeout(ctx, busTimeout)
 	defer done()
-	if err := g.hub.bus.Publish(bctx, &BusMessage{Kind: busKindCancel, User: user, JobID: id}); err != nil {
+	if err := g.hub.bus.Publish(bctx, &BusMessage{Kind: busKindCancel, User: user, JobID: id, Origin: g.hub.id}); err != nil {
 		g.logger.Warn("forwarding cancel", zap.String("job", id), zap.Error(err))
 	}
 }
