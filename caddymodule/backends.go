@@ -25,8 +25,7 @@ func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, logger *zap.
 		}
 		return nil, err
 	}
-	cfg := relay.Config{Logger: logger}
-	leaseTTL := time.Duration(st.LeaseTTL)
+	cfg := relay.Config{Logger: logger, LeaseTTL: time.Duration(st.LeaseTTL)}
 
 	switch st.Backend {
 	case "valkey":
@@ -83,7 +82,6 @@ func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, logger *zap.
 	if err != nil {
 		return fail(err)
 	}
-	gw.Manager().SetLeaseTTL(leaseTTL)
 	return gatewayHolder{Gateway: gw, closers: closers}, nil
 }
 

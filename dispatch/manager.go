@@ -564,7 +564,8 @@ func (m *Manager) Close() {
 	}
 }
 
-// SetLeaseTTL changes how long job leases last (see DefaultLeaseTTL).
+// SetLeaseTTL changes how long job leases last (see DefaultLeaseTTL). Call
+// it before Start.
 func (m *Manager) SetLeaseTTL(d time.Duration) {
 	if d > 0 {
 		m.leaseTTL = d

@@ -45,6 +45,9 @@ type Config struct {
 	RedirectExpiry time.Duration
 	// Bus connects this gateway to the others sharing Store (nil: alone).
 	Bus Bus
+	// LeaseTTL is how long this gateway's claim on a job lasts without
+	// renewal (default dispatch.DefaultLeaseTTL).
+	LeaseTTL time.Duration
 }
 
 // Gateway is the per-Caddy core shared by every site: jobs, sessions,
@@ -82,6 +85,7 @@ func New(cfg Config) (*Gateway, error) {
 		features: map[string]featureCache{},
 	}
 	g.manager = dispatch.NewManager(cfg.Store, g, cfg.Logger.Named("dispatch"))
+	g.manager.SetLeaseTTL(cfg.LeaseTTL)
 	ctx, cancel := context.WithCancel(context.Background())
 	g.stop = cancel
 	if cfg.Bus != nil {
