@@ -75,8 +75,16 @@ type PoolConfig struct {
 	// Name identifies the pool in a site's `run_on`.
 	Name string `json:"name"`
 	// Upstreams are the pool's servers. A job goes to the least busy one
-	// with a free slot; when none has one, it waits its turn.
+	// with a free slot; when none has one, it waits its turn in the pool's
+	// fair queue: users of higher priority first, otherwise one job per
+	// user in turn, so one user's batch does not hold up the others.
 	Upstreams []UpstreamConfig `json:"upstreams"`
+	// MaxQueued is how many jobs one user may have waiting (0 = no limit);
+	// more are refused with 429 and a message the UI shows.
+	MaxQueued int `json:"max_queued,omitempty"`
+	// MaxRunning is how many of one user's jobs may run at once on the
+	// pool (0 = no limit).
+	MaxRunning int `json:"max_running,omitempty"`
 }
 
 // UpstreamConfig is one ComfyUI server of a pool.
@@ -206,7 +214,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.gateway = val.(gatewayHolder).Gateway
 	for _, pc := range a.Pools {
-		pool := &dispatch.Pool{Name: pc.Name}
+		pool := &dispatch.Pool{Name: pc.Name, MaxQueued: pc.MaxQueued, MaxRunning: pc.MaxRunning}
 		for _, uc := range pc.Upstreams {
 			h := http.Header{}
 			for k, vs := range uc.Headers {

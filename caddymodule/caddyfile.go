@@ -22,6 +22,8 @@ func init() {
 //
 //	comfyume {
 //		pool <name> {
+//			max_queued <n>
+//			max_running <n>
 //			upstream <url> {
 //				header <field> <value>
 //				max_jobs <n>
@@ -79,6 +81,23 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			for d.NextBlock(1) {
+				if d.Val() == "max_queued" || d.Val() == "max_running" {
+					key := d.Val()
+					val, err := oneArg(d)
+					if err != nil {
+						return err
+					}
+					n, err := strconv.Atoi(val)
+					if err != nil || n < 0 {
+						return d.Errf("%s: %q is not a non-negative number", key, val)
+					}
+					if key == "max_queued" {
+						pool.MaxQueued = n
+					} else {
+						pool.MaxRunning = n
+					}
+					continue
+				}
 				if d.Val() != "upstream" {
 					return d.Errf("unrecognized pool subdirective %q", d.Val())
 				}
@@ -261,6 +280,7 @@ func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		home <url>
 //		run_on <pool>|home
 //		user <placeholder>
+//		priority <number or placeholder>
 //		max_body_size <size>
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
@@ -284,6 +304,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.RunOn = val
 		case "user":
 			h.User = val
+		case "priority":
+			h.Priority = val
 		case "max_body_size":
 			n, err := humanize.ParseBytes(val)
 			if err != nil || n == 0 {

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
@@ -33,6 +34,11 @@ type Handler struct {
 	// request header (e.g. {http.request.header.X-User}) is only
 	// trustworthy if a proxy in front sets it and strips it from clients.
 	User string `json:"user,omitempty"`
+
+	// Priority orders this site's users in a pool's queue: a number, or a
+	// placeholder that gives one per request (e.g. from a `map` of users to
+	// priorities). Higher runs first; default 0.
+	Priority string `json:"priority,omitempty"`
 
 	// MaxBodySize limits request bodies the handler reads, in bytes
 	// (default 100 MiB, ComfyUI's own upload limit). Larger ones get 413.
@@ -104,6 +110,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return caddyhttp.Error(http.StatusBadGateway, err)
 	}
 	site := relay.Site{User: user, Home: home, RunOn: h.RunOn, MaxBody: h.MaxBodySize}
+	if h.Priority != "" {
+		p, err := strconv.Atoi(strings.TrimSpace(repl.ReplaceAll(h.Priority, "")))
+		if err == nil {
+			site.Priority = p
+		}
+	}
 	repl.Set("comfyume.user", user)
 	if h.app.gateway.ServeHTTP(w, r, site) {
 		return nil

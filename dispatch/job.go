@@ -37,7 +37,9 @@ type Job struct {
 	// Home is the user's home URL, where the job's input files come from.
 	Home string `json:"home,omitempty"`
 
-	Number           float64                    `json:"number"`
+	Number float64 `json:"number"`
+	// Priority orders users in the pool's queue (higher first).
+	Priority         int                        `json:"priority_class,omitempty"`
 	Prompt           json.RawMessage            `json:"prompt"`
 	ExtraData        map[string]json.RawMessage `json:"extra_data,omitempty"`
 	OutputsToExecute []string                   `json:"outputs_to_execute"`

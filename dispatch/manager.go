@@ -21,9 +21,23 @@ import (
 type Pool struct {
 	Name      string
 	Upstreams []*Upstream
+	// MaxQueued limits how many of one user's jobs may wait in this pool
+	// (0: no limit); more are refused with ErrQueueFull.
+	MaxQueued int
+	// MaxRunning limits how many of one user's jobs may run on the pool's
+	// endpoints at once (0: no limit).
+	MaxRunning int
 
 	mu      sync.Mutex
-	waiting []*run
+	waiting *fairQueue
+}
+
+// queue returns the pool's queue, made on first use. Call with p.mu held.
+func (p *Pool) queue() *fairQueue {
+	if p.waiting == nil {
+		p.waiting = newFairQueue()
+	}
+	return p.waiting
 }
 
 // Manager places jobs on upstreams and follows them to their end.
@@ -67,11 +81,12 @@ func (m *Manager) SetPool(p *Pool) {
 		return
 	}
 	old.mu.Lock()
-	waiting := old.waiting
-	old.waiting = nil
+	waiting := old.queue().drain()
 	old.mu.Unlock()
 	p.mu.Lock()
-	p.waiting = append(waiting, p.waiting...)
+	for _, r := range waiting {
+		p.queue().push(r)
+	}
 	p.mu.Unlock()
 	for _, u := range old.Upstreams {
 		u.retire()
@@ -100,6 +115,8 @@ type SubmitRequest struct {
 	// forward the inputs if it has to send the job).
 	Home    string
 	Request *comfy.PromptRequest
+	// Priority orders users in the pool's queue (higher first).
+	Priority int
 	// Inputs opens referenced input files; nil forwards nothing.
 	Inputs InputSource
 }
@@ -132,6 +149,58 @@ func (e *UnavailableError) Error() string {
 
 func (e *UnavailableError) Unwrap() error { return e.Err }
 
+// QueueFullError refuses a prompt of a user who already has the pool's
+// limit of waiting jobs.
+type QueueFullError struct {
+	Pool  string
+	Limit int
+}
+
+func (e *QueueFullError) Error() string {
+	return fmt.Sprintf("you already have %d prompts waiting for the GPU pool %q; wait for one to start", e.Limit, e.Pool)
+}
+
+// mayRun reports whether the user is under the pool's running cap.
+func (m *Manager) mayRun(p *Pool, user string) bool {
+	return p.MaxRunning <= 0 || m.runningByUser(p)[user] < p.MaxRunning
+}
+
+// runningByUser counts, per user, the pool's jobs that hold or are taking
+// an endpoint slot.
+func (m *Manager) runningByUser(p *Pool) map[string]int {
+	out := map[string]int{}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, r := range m.runs {
+		if r.job.Pool != p.Name {
+			continue
+		}
+		r.mu.Lock()
+		if r.slot != nil || r.sending {
+			out[r.job.User]++
+		}
+		r.mu.Unlock()
+	}
+	return out
+}
+
+// Positions returns the place (1 = next) of each of the pool's waiting
+// jobs in the order the queue plans to run them.
+func (m *Manager) Positions(pool string) map[string]int {
+	p, ok := m.Pool(pool)
+	if !ok {
+		return nil
+	}
+	running := m.runningByUser(p)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := map[string]int{}
+	for r, pos := range p.queue().positions(running) {
+		out[r.job.ID] = pos
+	}
+	return out
+}
+
 // ErrPromptIDTaken is returned for a client-supplied prompt_id that another
 // user's job already has.
 var ErrPromptIDTaken = errors.New("prompt_id already in use")
@@ -162,6 +231,14 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	if id == "" {
 		id = uuid.NewString()
 	}
+	if pool.MaxQueued > 0 {
+		pool.mu.Lock()
+		n := pool.queue().userLen(req.User)
+		pool.mu.Unlock()
+		if n >= pool.MaxQueued {
+			return SubmitResult{}, &QueueFullError{Pool: pool.Name, Limit: pool.MaxQueued}
+		}
+	}
 	m.mu.Lock()
 	number := m.number
 	m.number++
@@ -183,6 +260,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		OutputsToExecute: sinkNodes(pr.Prompt),
 		WorkflowID:       workflowID(pr.ExtraData),
 		Home:             req.Home,
+		Priority:         req.Priority,
 		Status:           StatusPending,
 		CreateTime:       time.Now().UnixMilli(),
 	}
@@ -216,12 +294,23 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		return SubmitResult{}, &StoreError{Err: err}
 	}
 
-	up := pool.acquire()
+	// Straight to an endpoint when one is free, nobody waits before this
+	// user, and the user is under their running cap; else into the queue.
+	pool.mu.Lock()
+	var up *Upstream
+	if pool.queue().len() == 0 && m.mayRun(pool, req.User) {
+		up = pool.acquire()
+	}
 	if up == nil {
-		pool.mu.Lock()
-		pool.waiting = append(pool.waiting, r)
-		pool.mu.Unlock()
+		pool.queue().push(r)
+	} else {
+		r.sending = true
+		pool.queue().markServed(req.User)
+	}
+	pool.mu.Unlock()
+	if up == nil {
 		m.events.QueueChanged(req.User)
+		m.dispatchWaiting(pool)
 		return SubmitResult{PromptID: id, Number: number, NodeErrors: json.RawMessage("{}")}, nil
 	}
 	res, err := m.send(ctx, r, up)
@@ -317,6 +406,7 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (SubmitResult,
 	}
 	r.mu.Lock()
 	r.slot = up
+	r.sending = false
 	r.mu.Unlock()
 	if res.PromptID != job.ID {
 		// A server older than 2025-07 made its own id: route its events too.
@@ -338,7 +428,7 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (SubmitResult,
 func (m *Manager) dispatchWaiting(p *Pool) {
 	for {
 		p.mu.Lock()
-		if len(p.waiting) == 0 {
+		if p.queue().len() == 0 {
 			p.mu.Unlock()
 			return
 		}
@@ -347,8 +437,17 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 			p.mu.Unlock()
 			return
 		}
-		r := p.waiting[0]
-		p.waiting = p.waiting[1:]
+		running := m.runningByUser(p)
+		r := p.queue().next(func(user string) bool { return p.MaxRunning <= 0 || running[user] < p.MaxRunning }, running)
+		if r == nil {
+			up.release()
+			p.mu.Unlock()
+			return
+		}
+		// Counted as running from now on (for the user's cap).
+		r.mu.Lock()
+		r.sending = true
+		r.mu.Unlock()
 		p.mu.Unlock()
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -480,15 +579,12 @@ func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
 	// Still waiting for a slot here?
 	if pool != nil {
 		pool.mu.Lock()
-		for i, w := range pool.waiting {
-			if w == r {
-				pool.waiting = append(pool.waiting[:i:i], pool.waiting[i+1:]...)
-				pool.mu.Unlock()
-				m.cancelLocal(r)
-				return true
-			}
-		}
+		removed := pool.queue().remove(r)
 		pool.mu.Unlock()
+		if removed {
+			m.cancelLocal(r)
+			return true
+		}
 	}
 	r.mu.Lock()
 	up := r.up

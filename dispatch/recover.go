@@ -118,12 +118,7 @@ func (m *Manager) abandon(r *run) {
 	}
 	for _, p := range m.poolsSnapshot() {
 		p.mu.Lock()
-		for i, w := range p.waiting {
-			if w == r {
-				p.waiting = append(p.waiting[:i:i], p.waiting[i+1:]...)
-				break
-			}
-		}
+		p.queue().remove(r)
 		p.mu.Unlock()
 	}
 }
@@ -182,14 +177,14 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 			r.fail("The job's prompt could not be read back: " + berr.Error())
 			return
 		}
-		r.req = SubmitRequest{User: j.User, ClientID: j.ClientID, Pool: j.Pool, Home: j.Home, Request: pr}
+		r.req = SubmitRequest{User: j.User, ClientID: j.ClientID, Pool: j.Pool, Home: j.Home, Request: pr, Priority: j.Priority}
 		if m.inputsFor != nil {
 			r.req.Inputs = m.inputsFor(j)
 		}
 		m.register(r)
 		log.Info("took over a waiting job")
 		pool.mu.Lock()
-		pool.waiting = append(pool.waiting, r)
+		pool.queue().push(r)
 		pool.mu.Unlock()
 		m.dispatchWaiting(pool)
 		return

@@ -52,8 +52,10 @@ type run struct {
 	started  bool // goroutine running
 	routeIDs []string
 	req      SubmitRequest
-	// slot is the pool endpoint whose capacity the job holds.
-	slot *Upstream
+	// slot is the pool endpoint whose capacity the job holds; sending is
+	// set while the job is taken from the queue and being sent.
+	slot    *Upstream
+	sending bool
 	// adopted runs follow a job another gateway sent, on a stream of their
 	// own (closed when the job ends).
 	adopted bool

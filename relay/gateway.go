@@ -163,6 +163,8 @@ type Site struct {
 	RunOn string
 	// MaxBody limits request bodies the gateway reads (bytes).
 	MaxBody int64
+	// Priority of the user's jobs in the pool's queue (higher first).
+	Priority int
 }
 
 // RunsHome reports whether prompts go to the user's home unchanged.
@@ -288,12 +290,16 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 		Pool:     site.RunOn,
 		Home:     homeURL(site),
 		Request:  pr,
+		Priority: site.Priority,
 		Inputs:   g.inputSource(site),
 	})
 	var rej *dispatch.RejectedError
 	var unav *dispatch.UnavailableError
 	var serr *dispatch.StoreError
+	var full *dispatch.QueueFullError
 	switch {
+	case errors.As(err, &full):
+		writeJSON(w, http.StatusTooManyRequests, comfy.NewPromptError("queue_full", "Too many prompts waiting", full.Error()))
 	case err == nil:
 		writeJSON(w, http.StatusOK, res)
 	case errors.As(err, &rej):

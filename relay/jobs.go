@@ -427,8 +427,20 @@ func (g *Gateway) listJobs(w http.ResponseWriter, r *http.Request, site Site) {
 			all = append(all, v)
 		}
 	}
+	positions := map[string]map[string]int{}
 	for _, j := range g.userJobs(r.Context(), site.User) {
-		if v := remoteJobView(j, false); jq.keep(v) {
+		v := remoteJobView(j, false)
+		if j.Status == dispatch.StatusPending {
+			if positions[j.Pool] == nil {
+				positions[j.Pool] = g.manager.Positions(j.Pool)
+			}
+			if pos, ok := positions[j.Pool][j.ID]; ok {
+				// Not a ComfyUI field: where the job stands in the pool's
+				// fair queue (1 = next). The frontend ignores it.
+				v["queue_position"] = pos
+			}
+		}
+		if jq.keep(v) {
 			all = append(all, v)
 		}
 	}
