@@ -37,6 +37,11 @@ type App struct {
 	// and browser sessions, and a restart forgets nothing.
 	Store *StoreConfig `json:"store,omitempty"`
 
+	// HealthInterval is how often endpoints marked down (after failures)
+	// are probed with GET /system_stats; one that answers takes jobs again.
+	// Default 10s.
+	HealthInterval caddy.Duration `json:"health_interval,omitempty"`
+
 	// Outputs says where outputs captured from GPU servers are stored.
 	// Default: a directory "comfyume/outputs" in Caddy's data directory.
 	Outputs *OutputsConfig `json:"outputs,omitempty"`
@@ -85,6 +90,12 @@ type PoolConfig struct {
 	// MaxRunning is how many of one user's jobs may run at once on the
 	// pool (0 = no limit).
 	MaxRunning int `json:"max_running,omitempty"`
+	// ColdStartTimeout is how long a job waits while no endpoint accepts
+	// it — connection refused, 502/503/504 and timeouts are what a
+	// serverless container scaling from zero looks like. Meanwhile the job
+	// is retried with backoff and the browser shows why it waits; after
+	// it, the job fails with an error the UI shows. Default 5m.
+	ColdStartTimeout caddy.Duration `json:"cold_start_timeout,omitempty"`
 }
 
 // UpstreamConfig is one ComfyUI server of a pool.
@@ -207,14 +218,15 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}{st, out})
 	a.key = "comfyume:" + string(keyJSON)
 	val, _, err := gateways.LoadOrNew(a.key, func() (caddy.Destructor, error) {
-		return newGateway(ctx, st, out, a.logger)
+		return newGateway(ctx, st, out, time.Duration(a.HealthInterval), a.logger)
 	})
 	if err != nil {
 		return err
 	}
 	a.gateway = val.(gatewayHolder).Gateway
 	for _, pc := range a.Pools {
-		pool := &dispatch.Pool{Name: pc.Name, MaxQueued: pc.MaxQueued, MaxRunning: pc.MaxRunning}
+		pool := &dispatch.Pool{Name: pc.Name, MaxQueued: pc.MaxQueued, MaxRunning: pc.MaxRunning,
+			ColdStartTimeout: time.Duration(pc.ColdStartTimeout)}
 		for _, uc := range pc.Upstreams {
 			h := http.Header{}
 			for k, vs := range uc.Headers {

@@ -17,7 +17,7 @@ import (
 )
 
 // newGateway builds the gateway with the configured store and outputs.
-func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, logger *zap.Logger) (caddy.Destructor, error) {
+func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, health time.Duration, logger *zap.Logger) (caddy.Destructor, error) {
 	var closers []func()
 	fail := func(err error) (caddy.Destructor, error) {
 		for _, c := range closers {
@@ -25,7 +25,7 @@ func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, logger *zap.
 		}
 		return nil, err
 	}
-	cfg := relay.Config{Logger: logger, LeaseTTL: time.Duration(st.LeaseTTL)}
+	cfg := relay.Config{Logger: logger, LeaseTTL: time.Duration(st.LeaseTTL), HealthInterval: health}
 
 	switch st.Backend {
 	case "valkey":

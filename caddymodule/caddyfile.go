@@ -24,12 +24,14 @@ func init() {
 //		pool <name> {
 //			max_queued <n>
 //			max_running <n>
+//			cold_start_timeout <duration>
 //			upstream <url> {
 //				header <field> <value>
 //				max_jobs <n>
 //				lost_timeout <duration>
 //			}
 //		}
+//		health_interval <duration>
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
 //			username <name>
@@ -81,6 +83,18 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			for d.NextBlock(1) {
+				if d.Val() == "cold_start_timeout" {
+					val, err := oneArg(d)
+					if err != nil {
+						return err
+					}
+					dur, err := caddy.ParseDuration(val)
+					if err != nil || dur <= 0 {
+						return d.Errf("cold_start_timeout: %q is not a duration", val)
+					}
+					pool.ColdStartTimeout = caddy.Duration(dur)
+					continue
+				}
 				if d.Val() == "max_queued" || d.Val() == "max_running" {
 					key := d.Val()
 					val, err := oneArg(d)
@@ -150,6 +164,16 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				pool.Upstreams = append(pool.Upstreams, up)
 			}
 			a.Pools = append(a.Pools, pool)
+		case "health_interval":
+			val, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			dur, err := caddy.ParseDuration(val)
+			if err != nil || dur <= 0 {
+				return d.Errf("health_interval: %q is not a duration", val)
+			}
+			a.HealthInterval = caddy.Duration(dur)
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()

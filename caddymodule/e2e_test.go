@@ -242,19 +242,31 @@ func TestRejectedPromptReachesBrowserUnchanged(t *testing.T) {
 	}
 }
 
-func TestUnreachablePoolAnswersQuickly(t *testing.T) {
+// A pool nobody answers for: the prompt is accepted and held (a serverless
+// cold start looks the same), the browser is told why it waits, and after
+// cold_start_timeout the job ends with an error the UI shows.
+func TestUnreachablePoolFailsAfterColdStartTimeout(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
 	dead := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
-	g := startCaddy(t, poolCaddyfile(home.URL(), dead, ""))
-	st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("x", 1)})
-	var e struct {
-		Error struct {
-			Type    string `json:"type"`
-			Message string `json:"message"`
-		} `json:"error"`
+	cf := strings.Replace(poolCaddyfile(home.URL(), dead, ""), "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 1s", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("x", 1))
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	notices := 0
+	for _, f := range frames {
+		if !f.text && f.binary == 3 && bytes.Contains(f.data, []byte("Waiting for a GPU")) {
+			notices++
+		}
 	}
-	if st != 503 || json.Unmarshal(body, &e) != nil || e.Error.Message == "" {
-		t.Fatalf("dead pool: %d %s", st, body)
+	i := indexOf(frames, "execution_error")
+	if notices == 0 || i < 0 || !strings.Contains(frames[i].str("exception_message"), "gpu") {
+		t.Fatalf("held job: %d notices, frames %v", notices, types(frames))
+	}
+	var j map[string]any
+	g.getJSON("alice", "/api/jobs/"+a.PromptID, &j)
+	if j["status"] != "failed" {
+		t.Fatalf("job %v", j["status"])
 	}
 }
 

@@ -183,3 +183,18 @@ func FuzzParseView(f *testing.F) {
 		}
 	})
 }
+
+func TestPeekType(t *testing.T) {
+	for in, want := range map[string]string{
+		`{"type":"progress","data":{}}`:  "progress",
+		`{"type": "status", "data": {}}`: "status",
+		`{"data":{},"type":"x"}`:         "",
+		`{"type":"a\"b"}`:                "",
+		`{"type":5}`:                     "",
+	} {
+		got, ok := PeekType([]byte(in))
+		if got != want || ok != (want != "") {
+			t.Errorf("%s: %q %v", in, got, ok)
+		}
+	}
+}

@@ -158,3 +158,24 @@ func (c Common) NodeString() string {
 	}
 	return ""
 }
+
+var typePrefix = []byte(`{"type":`)
+
+// PeekType reads the type of a text frame that starts the way ComfyUI
+// writes them, `{"type": "<name>"`, without decoding the rest. ok is false
+// when the frame does not start that way (decode it to know).
+func PeekType(b []byte) (typ string, ok bool) {
+	rest, found := bytes.CutPrefix(b, typePrefix)
+	if !found {
+		return "", false
+	}
+	rest = bytes.TrimLeft(rest, " ")
+	if len(rest) == 0 || rest[0] != '"' {
+		return "", false
+	}
+	end := bytes.IndexByte(rest[1:], '"')
+	if end < 0 || bytes.IndexByte(rest[1:1+end], '\\') >= 0 {
+		return "", false
+	}
+	return string(rest[1 : 1+end]), true
+}

@@ -44,9 +44,9 @@ type missingInput struct {
 // job's own input subfolder, and points the prompt at those copies. Files
 // that neither the user's home nor their captured outputs have make the
 // prompt fail validation here, as ComfyUI would on home; the GPU server's
-// own files are never used, so one user cannot load another's. The
-// request's prompt is replaced by a rewritten copy.
-func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.PromptRequest, open InputSource) error {
+// own files are never used, so one user cannot load another's. It returns
+// a rewritten copy of the prompt; pr is not modified.
+func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.PromptRequest, open InputSource) (map[string]comfy.Node, error) {
 	rewritten := make(map[string]comfy.Node, len(pr.Prompt))
 	done := map[comfy.FileRef]string{}
 	var missing []missingInput
@@ -76,7 +76,7 @@ func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.Pr
 					continue
 				}
 				if err != nil {
-					return fmt.Errorf("node %s input %q (%s): %w", id, name, v, err)
+					return nil, fmt.Errorf("node %s input %q (%s): %w", id, name, v, err)
 				}
 				done[ref] = newValue
 			}
@@ -94,10 +94,9 @@ func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.Pr
 		rewritten[id] = n
 	}
 	if len(missing) > 0 {
-		return &RejectedError{Status: 400, Body: missingInputsBody(pr.Prompt, missing)}
+		return nil, &RejectedError{Status: 400, Body: missingInputsBody(pr.Prompt, missing)}
 	}
-	pr.Prompt = rewritten
-	return nil
+	return rewritten, nil
 }
 
 // missingInputsBody is ComfyUI's 400 for input files that do not exist, so

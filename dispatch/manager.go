@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"sort"
 	"strings"
 	"sync"
@@ -27,6 +28,9 @@ type Pool struct {
 	// MaxRunning limits how many of one user's jobs may run on the pool's
 	// endpoints at once (0: no limit).
 	MaxRunning int
+	// ColdStartTimeout is how long a job is retried while no endpoint
+	// accepts it (default DefaultColdStartTimeout); then it fails.
+	ColdStartTimeout time.Duration
 
 	mu      sync.Mutex
 	waiting *fairQueue
@@ -315,26 +319,53 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	}
 	res, err := m.send(ctx, r, up)
 	if err != nil {
-		m.drop(r)
 		up.release()
+		if beforeAcceptance(err) {
+			// Cold or dead endpoint: the job is accepted here and waits.
+			up.markFailure(time.Now())
+			m.retryLater(pool, r, err)
+			m.events.QueueChanged(req.User)
+			return SubmitResult{PromptID: id, Number: number, NodeErrors: json.RawMessage("{}")}, nil
+		}
+		m.drop(r)
 		m.dispatchWaiting(pool)
 		return SubmitResult{}, err
 	}
+	up.markSuccess()
 	m.events.QueueChanged(req.User)
 	return res, nil
 }
 
 // acquire takes a slot on the least busy endpoint, or returns nil.
 func (p *Pool) acquire() *Upstream {
-	var best *Upstream
+	var best, trial *Upstream
 	bestLoad := 0
+	now := time.Now()
 	for _, u := range p.Upstreams {
 		u.mu.Lock()
 		load := u.inflight
 		free := u.MaxJobs <= 0 || load < u.MaxJobs
+		healthy := u.failures < FailuresToOpen
+		due := !healthy && !now.Before(u.openUntil)
 		u.mu.Unlock()
-		if free && (best == nil || load < bestLoad) {
+		if !free {
+			continue
+		}
+		if healthy && (best == nil || load < bestLoad) {
 			best, bestLoad = u, load
+		}
+		if due && trial == nil {
+			trial = u
+		}
+	}
+	if best == nil {
+		// Every free endpoint is down: one whose backoff ran out gets a
+		// trial job (the circuit's half-open state).
+		best = trial
+		if best != nil {
+			best.mu.Lock()
+			best.openUntil = now.Add(time.Hour) // one trial at a time
+			best.mu.Unlock()
 		}
 	}
 	if best != nil {
@@ -355,21 +386,37 @@ func (u *Upstream) release() {
 }
 
 // send forwards inputs and posts the prompt to up.
-func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (SubmitResult, error) {
+func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResult, err error) {
 	job := r.snapshot()
-	pr := r.req.Request
+	pr := *r.req.Request // a copy: the rewritten prompt is for this send only
 	poolName := job.Pool
+	defer func() {
+		if err == nil {
+			return
+		}
+		// Not accepted: the job is free to go elsewhere.
+		up.unregister(job.ID, r)
+		r.mu.Lock()
+		if r.up == up {
+			r.up = nil
+			r.job.Upstream, r.job.UpstreamClient, r.job.UpstreamID = "", "", ""
+			r.routeIDs = nil
+		}
+		r.mu.Unlock()
+	}()
 	if err := up.ensureStream(ctx); err != nil {
 		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: err}
 	}
 	if r.req.Inputs != nil {
-		if err := forwardInputs(ctx, up, job.ID, pr, r.req.Inputs); err != nil {
+		rewritten, err := forwardInputs(ctx, up, job.ID, &pr, r.req.Inputs)
+		if err != nil {
 			var rej *RejectedError
 			if errors.As(err, &rej) {
 				return SubmitResult{}, err
 			}
 			return SubmitResult{}, &UnavailableError{Pool: poolName, Err: err}
 		}
+		pr.Prompt = rewritten
 	}
 	body, err := pr.Body(job.ID, up.clientID, comfy.SensitiveExtraData...)
 	if err != nil {
@@ -385,15 +432,19 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (SubmitResult,
 	up.register(job.ID, r)
 	status, rb, err := up.PostJSON(ctx, "/prompt", body)
 	if err != nil {
-		up.unregister(job.ID, r)
 		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: err}
 	}
 	if status != 200 {
-		up.unregister(job.ID, r)
-		if status >= 400 && status < 500 && json.Valid(rb) {
+		switch {
+		case status >= 500 || status == 408 || status == 425 || status == 429:
+			// Starting, overloaded or gone: another try, or another endpoint.
+			return SubmitResult{}, &UnavailableError{Pool: poolName, Err: &HTTPError{Status: status, Body: rb}}
+		case json.Valid(rb):
 			return SubmitResult{}, &RejectedError{Status: status, Body: rb}
+		default:
+			return SubmitResult{}, &RejectedError{Status: status, Body: comfy.NewPromptError("server_error",
+				fmt.Sprintf("The GPU server refused the prompt (%d %s)", status, http.StatusText(status)), string(truncate(rb, 500))).JSON()}
 		}
-		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: &HTTPError{Status: status, Body: rb}}
 	}
 	var res struct {
 		PromptID   string          `json:"prompt_id"`
@@ -401,7 +452,6 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (SubmitResult,
 		NodeErrors json.RawMessage `json:"node_errors"`
 	}
 	if err := json.Unmarshal(rb, &res); err != nil || res.PromptID == "" {
-		up.unregister(job.ID, r)
 		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: fmt.Errorf("unexpected /prompt answer %.200q", rb)}
 	}
 	r.mu.Lock()
@@ -452,11 +502,19 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
-			if _, err := m.send(ctx, r, up); err != nil {
-				up.release()
-				m.failUnsent(r, err)
-				m.dispatchWaiting(p)
+			_, err := m.send(ctx, r, up)
+			if err == nil {
+				up.markSuccess()
+				return
 			}
+			up.release()
+			if beforeAcceptance(err) {
+				up.markFailure(time.Now())
+				m.retryLater(p, r, err)
+			} else {
+				m.failUnsent(r, err)
+			}
+			m.dispatchWaiting(p)
 		}()
 	}
 }
@@ -590,7 +648,12 @@ func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
 	up := r.up
 	pid := r.job.UpstreamID
 	started := r.job.Status == StatusInProgress
+	backingOff := up == nil && !r.sending && r.attempts > 0
 	r.mu.Unlock()
+	if backingOff {
+		m.cancelLocal(r)
+		return true
+	}
 	if up == nil {
 		// Being sent right now: ask again shortly.
 		go func() {

@@ -61,6 +61,17 @@ func (q *fairQueue) push(r *run) {
 	q.byUser[u] = append(q.byUser[u], r)
 }
 
+// pushFront puts a job back at the head of its user's own line (a retry
+// keeps its place).
+func (q *fairQueue) pushFront(r *run) {
+	u := r.job.User
+	if len(q.byUser[u]) == 0 {
+		q.push(r)
+		return
+	}
+	q.byUser[u] = append([]*run{r}, q.byUser[u]...)
+}
+
 // remove takes a job out; it reports whether it was there.
 func (q *fairQueue) remove(r *run) bool {
 	u := r.job.User

@@ -56,6 +56,9 @@ type run struct {
 	// set while the job is taken from the queue and being sent.
 	slot    *Upstream
 	sending bool
+	// attempts and firstTry count sends no endpoint accepted.
+	attempts int
+	firstTry time.Time
 	// adopted runs follow a job another gateway sent, on a stream of their
 	// own (closed when the job ends).
 	adopted bool

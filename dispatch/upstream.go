@@ -52,6 +52,9 @@ type Upstream struct {
 	inflight int    // jobs placed here and not finished
 	closed   bool
 	retired  bool
+	// health (see health.go)
+	failures  int
+	openUntil time.Time
 }
 
 // UpstreamOptions configures NewUpstream.
@@ -287,9 +290,15 @@ func (u *Upstream) WebSocketURL(pathAndQuery string) string {
 // DialWebSocket opens a WebSocket to the server with the gateway's header
 // hygiene.
 func (u *Upstream) DialWebSocket(ctx context.Context, pathAndQuery string) (*websocket.Conn, error) {
+	return u.DialWebSocketWith(ctx, u.dialer, pathAndQuery)
+}
+
+// DialWebSocketWith is DialWebSocket with the caller's dialer (buffer
+// sizes).
+func (u *Upstream) DialWebSocketWith(ctx context.Context, d *websocket.Dialer, pathAndQuery string) (*websocket.Conn, error) {
 	h := http.Header{}
 	u.decorate(h)
-	conn, resp, err := u.dialer.DialContext(ctx, u.WebSocketURL(pathAndQuery), h)
+	conn, resp, err := d.DialContext(ctx, u.WebSocketURL(pathAndQuery), h)
 	if resp != nil && resp.Body != nil {
 		resp.Body.Close()
 	}

@@ -48,6 +48,9 @@ type Config struct {
 	// LeaseTTL is how long this gateway's claim on a job lasts without
 	// renewal (default dispatch.DefaultLeaseTTL).
 	LeaseTTL time.Duration
+	// HealthInterval is how often endpoints that are down are probed
+	// (default 10s).
+	HealthInterval time.Duration
 }
 
 // Gateway is the per-Caddy core shared by every site: jobs, sessions,
@@ -102,6 +105,10 @@ func New(cfg Config) (*Gateway, error) {
 		return g.inputSource(site)
 	})
 	g.manager.Start(ctx)
+	if cfg.HealthInterval <= 0 {
+		cfg.HealthInterval = 10 * time.Second
+	}
+	g.manager.HealthChecks(ctx, cfg.HealthInterval)
 	return g, nil
 }
 

@@ -23,9 +23,15 @@ var writeBuffers = &sync.Pool{}
 
 var upgrader = websocket.Upgrader{
 	HandshakeTimeout: 10 * time.Second,
-	WriteBufferPool:  writeBuffers,
-	CheckOrigin:      sameOrigin,
+	// Small: browsers send one small frame; larger ones are read in parts.
+	ReadBufferSize:  1024,
+	WriteBufferPool: writeBuffers,
+	CheckOrigin:     sameOrigin,
 }
+
+// homeDialer opens the per-browser socket to home with small buffers (one
+// per open tab adds up; write buffers are pooled).
+var homeDialer = &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 4 << 10, WriteBufferPool: writeBuffers}
 
 // sameOrigin accepts sockets from pages of this host and from clients that
 // send no Origin (scripts), so another site cannot read a user's events
@@ -77,16 +83,24 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request, site Site) {
 	// The connection is ours now: no server read/write deadlines apply.
 	_ = conn.UnderlyingConn().SetDeadline(time.Time{})
 	conn.SetReadLimit(browserReadLimit)
+	// The socket lives on in a goroutine of its own, so that Caddy's
+	// handler goroutine and its request state are freed now.
+	go g.runSocket(conn, site, sid)
+}
+
+// runSocket serves one browser socket until it closes.
+func (g *Gateway) runSocket(conn *websocket.Conn, site Site, sid string) {
 	s := &socket{conn: conn}
 	user := site.User
+	bg := context.Background()
 
-	s.send(frame{text: comfy.StatusMessage(g.remoteCount(r.Context(), user), sid).Encode()})
+	s.send(frame{text: comfy.StatusMessage(g.remoteCount(bg, user), sid).Encode()})
 	if bus := g.hub.bus; bus != nil {
 		// Frames this tab missed, from whichever gateway had them; live
 		// frames wait until those are written.
 		s.holding = true
 		g.hub.attach(user, sid, s)
-		ctx, cancel := context.WithTimeout(r.Context(), busTimeout)
+		ctx, cancel := context.WithTimeout(bg, busTimeout)
 		since, err := bus.LastSeen(ctx, user, sid)
 		var missed []BusMessage
 		if err == nil {
@@ -218,7 +232,7 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 	backoff := 500 * time.Millisecond
 	for ctx.Err() == nil {
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		conn, err := site.Home.DialWebSocket(dctx, "/ws?clientId="+url.QueryEscape(sid))
+		conn, err := site.Home.DialWebSocketWith(dctx, homeDialer, "/ws?clientId="+url.QueryEscape(sid))
 		cancel()
 		if err != nil {
 			g.logger.Debug("home websocket unavailable", zap.String("home", site.Home.String()), zap.Error(err))
@@ -245,6 +259,11 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 			}
 			if typ == websocket.BinaryMessage {
 				s.send(frame{binary: b})
+				continue
+			}
+			// Most frames pass unchanged: decode only those we rewrite.
+			if t, ok := comfy.PeekType(b); ok && t != comfy.MsgStatus && t != comfy.MsgFeatureFlags {
+				s.send(frame{text: b})
 				continue
 			}
 			m, err := comfy.ParseMessage(b)

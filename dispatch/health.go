@@ -1,0 +1,156 @@
+package dispatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// Endpoint health. Each failure to hand a job to an endpoint (refused,
+// 502/503/504, timeout — a serverless container scaling from zero looks
+// exactly like that) counts against it; after FailuresToOpen in a row its
+// circuit opens: no job is sent there until a health check (or, when every
+// endpoint is down, one trial job) succeeds. Any success closes it.
+
+// FailuresToOpen is how many failures in a row open an endpoint's circuit.
+const FailuresToOpen = 3
+
+func (u *Upstream) markFailure(now time.Time) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.failures++
+	if u.failures >= FailuresToOpen {
+		backoff := time.Duration(1<<min(u.failures-FailuresToOpen, 6)) * time.Second
+		u.openUntil = now.Add(backoff)
+	}
+}
+
+func (u *Upstream) markSuccess() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.failures = 0
+	u.openUntil = time.Time{}
+}
+
+// Healthy reports whether the endpoint's circuit is closed.
+func (u *Upstream) Healthy() bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.failures < FailuresToOpen
+}
+
+// check probes the endpoint (GET /system_stats) and records the outcome.
+func (u *Upstream) check(ctx context.Context) error {
+	var st map[string]any
+	err := u.GetJSON(ctx, "/system_stats", &st)
+	if err != nil {
+		u.markFailure(time.Now())
+		return err
+	}
+	u.markSuccess()
+	return nil
+}
+
+// HealthChecks probes each pool's endpoints every interval until ctx ends;
+// an endpoint that answers becomes eligible again, and waiting jobs go.
+func (m *Manager) HealthChecks(ctx context.Context, interval time.Duration) {
+	if interval <= 0 {
+		return
+	}
+	go func() {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			for _, p := range m.poolsSnapshot() {
+				recovered := false
+				for _, u := range p.Upstreams {
+					if u.Healthy() {
+						continue // passive counting covers healthy ones
+					}
+					cctx, cancel := context.WithTimeout(ctx, interval)
+					if u.check(cctx) == nil {
+						recovered = true
+						m.logger.Info("endpoint is up again", zap.String("upstream", u.String()))
+					}
+					cancel()
+				}
+				if recovered {
+					m.dispatchWaiting(p)
+				}
+			}
+		}
+	}()
+}
+
+// DefaultColdStartTimeout is how long a job waits for an endpoint to accept
+// it (serverless cold starts take from 30 s to several minutes).
+const DefaultColdStartTimeout = 5 * time.Minute
+
+// retryLater puts a job that no endpoint accepted back in its pool's queue
+// after a backoff, telling the browser why it waits; past the pool's
+// ColdStartTimeout it fails instead.
+func (m *Manager) retryLater(p *Pool, r *run, cause error) {
+	r.mu.Lock()
+	if r.finished {
+		r.mu.Unlock()
+		return
+	}
+	r.sending = false
+	r.attempts++
+	if r.firstTry.IsZero() {
+		r.firstTry = time.Now()
+	}
+	attempts, waited := r.attempts, time.Since(r.firstTry)
+	job := r.job.Clone()
+	r.mu.Unlock()
+	timeout := p.ColdStartTimeout
+	if timeout <= 0 {
+		timeout = DefaultColdStartTimeout
+	}
+	if waited >= timeout {
+		m.failUnsent(r, fmt.Errorf("no GPU server of pool %q accepted the job within %s: %w", p.Name, timeout.Round(time.Second), cause))
+		return
+	}
+	backoff := time.Duration(1<<min(attempts-1, 5)) * 250 * time.Millisecond // 0.25 s … 8 s
+	m.logger.Info("no endpoint took the job; retrying", zap.String("job", job.ID), zap.Int("attempt", attempts), zap.Duration("in", backoff), zap.Error(cause))
+	m.notify(job, fmt.Sprintf("Waiting for a GPU server to start (%s so far, attempt %d)…", waited.Round(time.Second), attempts))
+	time.AfterFunc(backoff, func() {
+		r.mu.Lock()
+		gone := r.finished
+		r.mu.Unlock()
+		if gone {
+			return
+		}
+		p.mu.Lock()
+		p.queue().pushFront(r)
+		p.mu.Unlock()
+		m.dispatchWaiting(p)
+	})
+}
+
+// notify shows a line of text on the job's output node in the browser (a
+// progress-text frame, which the unchanged frontend draws under the node).
+func (m *Manager) notify(j *Job, text string) {
+	node := ""
+	if len(j.OutputsToExecute) > 0 {
+		node = j.OutputsToExecute[0]
+	}
+	m.events.Deliver(j, Event{Text: &comfy.TextFrame{PromptID: j.ID, NodeID: node, Text: []byte(text)}})
+}
+
+// beforeAcceptance reports whether a send error means the endpoint never
+// took the job (so it may be retried or sent elsewhere).
+func beforeAcceptance(err error) bool {
+	var unav *UnavailableError
+	return errors.As(err, &unav)
+}
