@@ -217,7 +217,9 @@ func TestRejectedPromptReachesBrowserUnchanged(t *testing.T) {
 		} `json:"error"`
 		NodeErrors any `json:"node_errors"`
 	}
-	if err := json.Unmarshal(body, &e); err != nil || e.Error.Type != "invalid_prompt" || !strings.Contains(e.Error.Message, "NoSuchNode") {
+	// Answered from the pool's cached /object_info (missing_node_type, as
+	// newer ComfyUI does) before anything is sent.
+	if err := json.Unmarshal(body, &e); err != nil || e.Error.Type != "missing_node_type" || !strings.Contains(e.Error.Message, "NoSuchNode") {
 		t.Fatalf("body %s", body)
 	}
 	// A missing input file: node_errors name the node, as ComfyUI does.
@@ -231,6 +233,28 @@ func TestRejectedPromptReachesBrowserUnchanged(t *testing.T) {
 	}
 	if st != 400 || json.Unmarshal(body, &ne) != nil || ne.NodeErrors["1"] == nil {
 		t.Fatalf("missing input: %d %s", st, body)
+	}
+	// A model the pool does not have: value_not_in_list on that node, at
+	// once — even while the pool is down (its install is cached).
+	model := map[string]any{
+		"1": map[string]any{"class_type": "FakeCheckpointImage", "inputs": map[string]any{"ckpt_name": "missing_model.safetensors"}},
+		"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": "m"}},
+	}
+	gpu.Kill()
+	st, body, _ = g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": model})
+	var ve struct {
+		NodeErrors map[string]struct {
+			Errors []struct {
+				Type string `json:"type"`
+			} `json:"errors"`
+			ClassType string `json:"class_type"`
+		} `json:"node_errors"`
+	}
+	if st != 400 || json.Unmarshal(body, &ve) != nil || len(ve.NodeErrors["1"].Errors) != 1 || ve.NodeErrors["1"].Errors[0].Type != "value_not_in_list" {
+		t.Fatalf("missing model: %d %s", st, body)
+	}
+	if n := len(gpu.Prompts()); n != 0 {
+		t.Fatalf("%d prompts reached the GPU", n)
 	}
 	// Nothing is listed for rejected prompts.
 	var jobs struct {

@@ -158,6 +158,16 @@ func init() {
 			run:        runSaveImageWebsocket,
 		},
 		{
+			name: "FakeCheckpointImage", display: "Fake Checkpoint Image (comfytest)", category: "loaders", module: "custom_nodes.comfytest",
+			description: "Stands for a model loader: its ckpt_name is a COMBO of the model files this server has (Options.Models); outputs a small image.",
+			required: []inputDef{{
+				name: "ckpt_name", typ: "COMBO",
+				combo: func(s *Server) []string { return s.models() },
+			}},
+			outputs: []string{"IMAGE"},
+			run:     runFakeCheckpointImage,
+		},
+		{
 			name: "FakeSampler", display: "Fake Sampler (comfytest)", category: "sampling", module: "custom_nodes.comfytest",
 			description: "Passes its image through unchanged, emitting one progress event and one live preview per step.",
 			required:    []inputDef{{name: "image", typ: "IMAGE"}},
@@ -788,4 +798,21 @@ func decodeAny(data []byte) (image.Image, error) {
 		return nil, errNotImage
 	}
 	return img, nil
+}
+
+// models lists the model files the server "has" (Options.Models, default
+// one SD checkpoint).
+func (s *Server) models() []string {
+	if len(s.opts.Models) > 0 {
+		return append([]string(nil), s.opts.Models...)
+	}
+	return []string{"sd_xl_base_1.0.safetensors"}
+}
+
+func runFakeCheckpointImage(c *nodeCtx, in map[string]any) ([]any, obj, error) {
+	img := image.NewNRGBA(image.Rect(0, 0, 32, 32))
+	for i := 0; i < len(img.Pix); i += 4 {
+		copy(img.Pix[i:i+4], []byte{40, 80, 120, 255})
+	}
+	return []any{imgBatch{img}}, nil, nil
 }

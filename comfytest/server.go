@@ -32,6 +32,9 @@ type Options struct {
 	// many bytes (with JPEG comment segments, so it still decodes), to
 	// exercise multi-megabyte binary WebSocket frames.
 	PreviewBytes int
+	// Models lists the model files the server has: the COMBO of
+	// FakeCheckpointImage's ckpt_name (default "sd_xl_base_1.0.safetensors").
+	Models []string
 	// Logf, if set, receives one line per request and per job event.
 	Logf func(format string, args ...any)
 }

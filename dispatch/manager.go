@@ -34,6 +34,7 @@ type Pool struct {
 
 	mu      sync.Mutex
 	waiting *fairQueue
+	info    *installInfo
 }
 
 // queue returns the pool's queue, made on first use. Call with p.mu held.
@@ -234,6 +235,9 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	}
 	if id == "" {
 		id = uuid.NewString()
+	}
+	if err := m.precheck(ctx, pool, pr); err != nil {
+		return SubmitResult{}, err
 	}
 	if pool.MaxQueued > 0 {
 		pool.mu.Lock()
