@@ -96,6 +96,10 @@ type PoolConfig struct {
 	// is retried with backoff and the browser shows why it waits; after
 	// it, the job fails with an error the UI shows. Default 5m.
 	ColdStartTimeout caddy.Duration `json:"cold_start_timeout,omitempty"`
+	// Watchdog ends a job that has had no event from its GPU server for
+	// this long (the server is asked to interrupt it and the UI shows an
+	// error), so a stuck job never holds a slot forever. 0 = off.
+	Watchdog caddy.Duration `json:"watchdog,omitempty"`
 }
 
 // UpstreamConfig is one ComfyUI server of a pool.
@@ -226,7 +230,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.gateway = val.(gatewayHolder).Gateway
 	for _, pc := range a.Pools {
 		pool := &dispatch.Pool{Name: pc.Name, MaxQueued: pc.MaxQueued, MaxRunning: pc.MaxRunning,
-			ColdStartTimeout: time.Duration(pc.ColdStartTimeout)}
+			ColdStartTimeout: time.Duration(pc.ColdStartTimeout), Watchdog: time.Duration(pc.Watchdog)}
 		for _, uc := range pc.Upstreams {
 			h := http.Header{}
 			for k, vs := range uc.Headers {

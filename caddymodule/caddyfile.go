@@ -25,6 +25,7 @@ func init() {
 //			max_queued <n>
 //			max_running <n>
 //			cold_start_timeout <duration>
+//			watchdog <duration>
 //			upstream <url> {
 //				header <field> <value>
 //				max_jobs <n>
@@ -83,16 +84,20 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			for d.NextBlock(1) {
-				if d.Val() == "cold_start_timeout" {
+				if key := d.Val(); key == "cold_start_timeout" || key == "watchdog" {
 					val, err := oneArg(d)
 					if err != nil {
 						return err
 					}
 					dur, err := caddy.ParseDuration(val)
 					if err != nil || dur <= 0 {
-						return d.Errf("cold_start_timeout: %q is not a duration", val)
+						return d.Errf("%s: %q is not a duration", key, val)
 					}
-					pool.ColdStartTimeout = caddy.Duration(dur)
+					if key == "watchdog" {
+						pool.Watchdog = caddy.Duration(dur)
+					} else {
+						pool.ColdStartTimeout = caddy.Duration(dur)
+					}
 					continue
 				}
 				if d.Val() == "max_queued" || d.Val() == "max_running" {

@@ -154,3 +154,88 @@ func beforeAcceptance(err error) bool {
 	var unav *UnavailableError
 	return errors.As(err, &unav)
 }
+
+// failover moves a job whose endpoint vanished before the job started to
+// another endpoint of its pool (through the queue, with the cold-start
+// rules). It reports false for a job that had started: its work is lost
+// with the endpoint, and it fails.
+func (m *Manager) failover(r *run, up *Upstream, cause error) bool {
+	r.mu.Lock()
+	if r.finished || r.job.Status != StatusPending || r.adopted {
+		r.mu.Unlock()
+		return false
+	}
+	ids, slot := r.routeIDs, r.slot
+	r.up, r.slot, r.routeIDs = nil, nil, nil
+	r.job.Upstream, r.job.UpstreamClient, r.job.UpstreamID = "", "", ""
+	snap := r.job.Clone()
+	r.mu.Unlock()
+	for _, id := range ids {
+		up.unregister(id, r)
+	}
+	if slot != nil {
+		slot.release()
+	}
+	up.markFailure(time.Now())
+	pool, ok := m.Pool(snap.Pool)
+	if !ok {
+		return false
+	}
+	m.save(snap)
+	m.logger.Warn("endpoint lost before the job started; sending it elsewhere", zap.String("job", snap.ID), zap.String("upstream", up.String()))
+	m.retryLater(pool, r, cause)
+	return true
+}
+
+// Watchdogs ends jobs that have had no event for their pool's Watchdog
+// time: the upstream is asked to interrupt them and the browser gets an
+// execution_error. It checks every interval until ctx ends.
+func (m *Manager) Watchdogs(ctx context.Context, interval time.Duration) {
+	go func() {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-t.C:
+				m.checkWatchdogs(ctx, now)
+			}
+		}
+	}()
+}
+
+func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
+	m.mu.Lock()
+	type stale struct {
+		r    *run
+		idle time.Duration
+	}
+	var due []stale
+	for _, r := range m.runs {
+		p := m.pools[r.job.Pool]
+		if p == nil || p.Watchdog <= 0 {
+			continue
+		}
+		r.mu.Lock()
+		if r.up != nil && !r.finished && !r.lastEvent.IsZero() && now.Sub(r.lastEvent) > p.Watchdog {
+			due = append(due, stale{r, p.Watchdog})
+			r.lastEvent = now // one interrupt per period
+		}
+		r.mu.Unlock()
+	}
+	m.mu.Unlock()
+	for _, s := range due {
+		s.r.mu.Lock()
+		up, pid := s.r.up, s.r.job.UpstreamID
+		s.r.mu.Unlock()
+		// The error first: the interruption's own event then comes too
+		// late to replace it.
+		s.r.fail(fmt.Sprintf("The GPU server sent nothing for %s; the job was stopped.", s.idle))
+		if up != nil {
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, _, _ = up.PostJSON(cctx, "/interrupt", map[string]string{"prompt_id": pid})
+			cancel()
+		}
+	}
+}

@@ -31,6 +31,9 @@ type Pool struct {
 	// ColdStartTimeout is how long a job is retried while no endpoint
 	// accepts it (default DefaultColdStartTimeout); then it fails.
 	ColdStartTimeout time.Duration
+	// Watchdog ends a sent job that has had no event for this long
+	// (0: never).
+	Watchdog time.Duration
 
 	mu      sync.Mutex
 	waiting *fairQueue
@@ -461,6 +464,7 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResul
 	r.mu.Lock()
 	r.slot = up
 	r.sending = false
+	r.lastEvent = time.Now()
 	r.mu.Unlock()
 	if res.PromptID != job.ID {
 		// A server older than 2025-07 made its own id: route its events too.

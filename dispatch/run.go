@@ -59,6 +59,8 @@ type run struct {
 	// attempts and firstTry count sends no endpoint accepted.
 	attempts int
 	firstTry time.Time
+	// lastEvent is when the upstream last said something about the job.
+	lastEvent time.Time
 	// adopted runs follow a job another gateway sent, on a stream of their
 	// own (closed when the job ends).
 	adopted bool
@@ -87,6 +89,7 @@ func (r *run) push(ev event) {
 		return
 	}
 	r.queue = append(r.queue, ev)
+	r.lastEvent = time.Now()
 	if !r.started {
 		r.started = true
 		go r.loop()

@@ -163,7 +163,15 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 	u.routes = map[string]*run{}
 	u.ready = nil
 	u.mu.Unlock()
+	seen := map[*run]bool{}
 	for _, r := range runs {
+		if seen[r] {
+			continue // routed under two ids (an older server's own id)
+		}
+		seen[r] = true
+		if r.m.failover(r, u, err) {
+			continue
+		}
 		r.fail("Lost the connection to the GPU server " + u.String() + ": " + err.Error())
 	}
 	return true

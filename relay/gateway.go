@@ -109,6 +109,7 @@ func New(cfg Config) (*Gateway, error) {
 		cfg.HealthInterval = 10 * time.Second
 	}
 	g.manager.HealthChecks(ctx, cfg.HealthInterval)
+	g.manager.Watchdogs(ctx, time.Second)
 	return g, nil
 }
 

@@ -1,0 +1,75 @@
+package caddymodule_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/comfyume/comfyume/comfytest"
+)
+
+// A job that hangs on the GPU (no event for `watchdog`) is interrupted
+// there, ends with an error the UI shows, and frees its slot.
+func TestWatchdogEndsSilentJobs(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	gpu.FailNext("hang")
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "pool gpu {", "pool gpu {\n\t\t\twatchdog 500ms", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	stuck := g.queue("alice", b.SID, samplerWorkflow("stuck", 1))
+	next := g.queue("alice", b.SID, samplerWorkflow("next", 1))
+	frames := b.untilJobEnd(stuck.PromptID, 30*time.Second)
+	i := indexOf(frames, "execution_error")
+	if i < 0 || !strings.Contains(frames[i].str("exception_message"), "sent nothing") {
+		t.Fatalf("stuck job: %v", types(frames))
+	}
+	frames = b.untilJobEnd(next.PromptID, 30*time.Second)
+	if indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("the slot was not freed: %v", types(frames))
+	}
+}
+
+// An endpoint that dies while our job still waits in its own queue: the
+// job moves to the pool's other endpoint and completes there.
+func TestFailoverBeforeStart(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu1 := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu1"})
+	gpu2 := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu2"})
+	// Someone else's job keeps gpu1 busy, so ours waits in gpu1's queue.
+	gpu1.FailNext("hang")
+	other, _ := json.Marshal(map[string]any{"prompt": samplerWorkflow("other", 1)})
+	resp, err := http.Post(gpu1.URL()+"/prompt", "application/json", bytes.NewReader(other))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu1.URL(), ""), "\t\t}\n\t\toutputs", "\t\t\tupstream "+gpu2.URL()+"\n\t\t}\n\t\toutputs", 1)
+	cf = strings.Replace(cf, "max_jobs 1", "max_jobs 1\n\t\t\t\tlost_timeout 300ms", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("moves", 1))
+	// It went to gpu1 (listed first, equally idle) and waits there.
+	deadline := time.Now().Add(10 * time.Second)
+	for len(gpu1.Prompts()) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("job not sent to gpu1")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	gpu1.Kill()
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	if indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("failover: %v", types(frames))
+	}
+	ran := false
+	for _, p := range gpu2.Prompts() {
+		ran = ran || p.PromptID == a.PromptID
+	}
+	if !ran {
+		t.Fatalf("job did not run on gpu2")
+	}
+}
