@@ -426,3 +426,47 @@ func TestS3RedirectMode(t *testing.T) {
 		t.Fatalf("bob in redirect mode: %d", st)
 	}
 }
+
+// Caddy stops mid-job and starts again (a deploy): queued and finished jobs
+// are still listed, and the job that was running is followed again and
+// delivers its outputs.
+func TestRestartMidJobKeepsJobs(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 60 * time.Millisecond})
+	prefix := testPrefix()
+	cf := sharedCaddyfile(prefix, valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	first := startReplica(t, cf)
+	tab := first.openBrowser("alice", "tab-restart", true)
+	done := first.queue("alice", tab.SID, samplerWorkflow("done", 1))
+	tab.untilJobEnd(done.PromptID, 30*time.Second)
+	running := first.queue("alice", tab.SID, samplerWorkflow("running", 12))
+	waiting := first.queue("alice", tab.SID, samplerWorkflow("waiting", 1))
+	tab.waitType("progress", 10*time.Second)
+	// A graceful stop (SIGINT), as a deploy does.
+	_ = first.cmd.Process.Signal(os.Interrupt)
+	_ = first.cmd.Wait()
+
+	second := startCaddy(t, cf)
+	var page jobsPage
+	second.getJSON("alice", "/api/jobs", &page)
+	for _, id := range []string{done.PromptID, running.PromptID, waiting.PromptID} {
+		if findJob(page.Jobs, id) == nil {
+			t.Fatalf("job %s forgotten by the restart: %v", id, page.Jobs)
+		}
+	}
+	again := second.openBrowser("alice", "tab-restart", true)
+	frames := again.untilJobEnd(running.PromptID, 60*time.Second)
+	if indexOf(frames, "execution_success") < 0 || indexOf(frames, "executed") < 0 {
+		t.Fatalf("running job after restart: %v", types(frames))
+	}
+	ref := outputRef(t, frames, "3")
+	want, _ := gpu.OutputFile("output", "", ref["filename"].(string))
+	if st, got, _ := second.do("alice", "GET", "/api/view?"+viewQuery(ref), nil); st != 200 || !bytes.Equal(got, want) {
+		t.Fatalf("output after restart: %d", st)
+	}
+	frames = again.untilJobEnd(waiting.PromptID, 60*time.Second)
+	if indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("waiting job after restart: %v", types(frames))
+	}
+}

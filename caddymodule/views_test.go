@@ -262,3 +262,66 @@ func TestQueueCountsAndCancel(t *testing.T) {
 		t.Fatalf("queue_remaining after all: %d", ps.ExecInfo.QueueRemaining)
 	}
 }
+
+// Bulk cancel, queue clear and history clear act on this user's jobs only,
+// and unknown ids are harmless.
+func TestBulkCancelAndClears(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 50 * time.Millisecond})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	alice := g.openBrowser("alice", "", true)
+	bob := g.openBrowser("bob", "", true)
+	running := g.queue("alice", alice.SID, samplerWorkflow("run", 30))
+	w1 := g.queue("alice", alice.SID, samplerWorkflow("w1", 1))
+	w2 := g.queue("alice", alice.SID, samplerWorkflow("w2", 1))
+	alice.waitType("execution_start", 10*time.Second)
+
+	// bob clears "his" queue: alice's waiting jobs stay.
+	if st, _, _ := g.do("bob", "POST", "/api/queue", map[string]any{"clear": true}); st != 200 {
+		t.Fatalf("bob's clear: %d", st)
+	}
+	bobs := g.queue("bob", bob.SID, samplerWorkflow("bob", 1))
+	var page jobsPage
+	g.getJSON("alice", "/api/jobs?status=pending", &page)
+	if findJob(page.Jobs, w1.PromptID) == nil || findJob(page.Jobs, w2.PromptID) == nil {
+		t.Fatalf("bob's clear removed alice's jobs: %v", page.Jobs)
+	}
+	// alice cancels the running one and w1 in one call, plus an unknown id.
+	st, _, _ := g.do("alice", "POST", "/api/jobs/cancel", map[string]any{"job_ids": []string{running.PromptID, w1.PromptID, "00000000-0000-4000-8000-000000000000"}})
+	if st != 200 {
+		t.Fatalf("bulk cancel: %d", st)
+	}
+	frames := alice.untilJobEnd(running.PromptID, 30*time.Second)
+	if indexOf(frames, "execution_interrupted") < 0 {
+		t.Fatalf("running job not interrupted: %v", types(frames))
+	}
+	// alice clears her queue: w2 never runs.
+	if st, _, _ := g.do("alice", "POST", "/api/queue", map[string]any{"clear": true}); st != 200 {
+		t.Fatalf("alice's clear: %d", st)
+	}
+	bob.untilJobEnd(bobs.PromptID, 30*time.Second)
+	time.Sleep(200 * time.Millisecond)
+	for _, p := range gpu.Prompts() {
+		if p.PromptID == w1.PromptID || p.PromptID == w2.PromptID {
+			t.Fatalf("cancelled job %s reached the GPU", p.PromptID)
+		}
+	}
+	g.getJSON("alice", "/api/jobs", &page)
+	for _, id := range []string{running.PromptID, w1.PromptID, w2.PromptID} {
+		if j := findJob(page.Jobs, id); j == nil || j["status"] != "cancelled" {
+			t.Fatalf("job %s: %v", id, j)
+		}
+	}
+	// History clear hides alice's finished jobs from her views only.
+	if st, _, _ := g.do("alice", "POST", "/api/history", map[string]any{"clear": true}); st != 200 {
+		t.Fatalf("history clear: %d", st)
+	}
+	g.getJSON("alice", "/api/jobs", &page)
+	if len(page.Jobs) != 0 {
+		t.Fatalf("after history clear: %v", page.Jobs)
+	}
+	g.getJSON("bob", "/api/jobs", &page)
+	if j := findJob(page.Jobs, bobs.PromptID); j == nil || j["status"] != "completed" {
+		t.Fatalf("bob's job after alice's clear: %v", page.Jobs)
+	}
+}
