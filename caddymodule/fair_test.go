@@ -2,6 +2,9 @@ package caddymodule_test
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +20,22 @@ func TestFairQueueAcrossUsers(t *testing.T) {
 	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 40 * time.Millisecond})
 	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "pool gpu {", "pool gpu {\n\t\t\tmax_queued 4", 1)
 	g := startCaddy(t, cf)
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		var page jobsPage
+		g.getJSON("alice", "/api/jobs", &page)
+		for _, j := range page.Jobs {
+			t.Logf("job %v %v pos=%v", j["id"], j["status"], j["queue_position"])
+		}
+		for _, p := range gpu.Prompts() {
+			t.Logf("gpu ran %s", p.PromptID)
+		}
+		buf := make([]byte, 1<<20)
+		n := runtime.Stack(buf, true)
+		_ = os.WriteFile(filepath.Join(os.TempDir(), "fair-stacks.txt"), buf[:n], 0o644)
+	})
 	alice := g.openBrowser("alice", "", true)
 	bob := g.openBrowser("bob", "", true)
 
@@ -44,7 +63,7 @@ func TestFairQueueAcrossUsers(t *testing.T) {
 	}
 
 	bob.untilJobEnd(b1, 30*time.Second)
-	alice.untilJobEnd(ids[4], 60*time.Second)
+	alice.untilJobEnd(ids[4], 20*time.Second)
 	var order []string
 	for _, p := range gpu.Prompts() {
 		order = append(order, p.PromptID)

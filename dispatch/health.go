@@ -105,7 +105,6 @@ func (m *Manager) retryLater(p *Pool, r *run, cause error) {
 		r.mu.Unlock()
 		return
 	}
-	r.sending = false
 	r.attempts++
 	if r.firstTry.IsZero() {
 		r.firstTry = time.Now()
@@ -165,17 +164,15 @@ func (m *Manager) failover(r *run, up *Upstream, cause error) bool {
 		r.mu.Unlock()
 		return false
 	}
-	ids, slot := r.routeIDs, r.slot
-	r.up, r.slot, r.routeIDs = nil, nil, nil
+	ids := r.routeIDs
+	r.up, r.routeIDs = nil, nil
 	r.job.Upstream, r.job.UpstreamClient, r.job.UpstreamID = "", "", ""
 	snap := r.job.Clone()
 	r.mu.Unlock()
 	for _, id := range ids {
 		up.unregister(id, r)
 	}
-	if slot != nil {
-		slot.release()
-	}
+	r.releaseSlot()
 	up.markFailure(time.Now())
 	pool, ok := m.Pool(snap.Pool)
 	if !ok {

@@ -184,7 +184,7 @@ func (m *Manager) runningByUser(p *Pool) map[string]int {
 			continue
 		}
 		r.mu.Lock()
-		if r.slot != nil || r.sending {
+		if r.slot != nil {
 			out[r.job.User]++
 		}
 		r.mu.Unlock()
@@ -315,7 +315,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	if up == nil {
 		pool.queue().push(r)
 	} else {
-		r.sending = true
+		r.holdSlot(up)
 		pool.queue().markServed(req.User)
 	}
 	pool.mu.Unlock()
@@ -326,7 +326,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	}
 	res, err := m.send(ctx, r, up)
 	if err != nil {
-		up.release()
+		r.releaseSlot()
 		if beforeAcceptance(err) {
 			// Cold or dead endpoint: the job is accepted here and waits.
 			up.markFailure(time.Now())
@@ -462,8 +462,6 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResul
 		return SubmitResult{}, &UnavailableError{Pool: poolName, Err: fmt.Errorf("unexpected /prompt answer %.200q", rb)}
 	}
 	r.mu.Lock()
-	r.slot = up
-	r.sending = false
 	r.lastEvent = time.Now()
 	r.mu.Unlock()
 	if res.PromptID != job.ID {
@@ -502,10 +500,9 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 			p.mu.Unlock()
 			return
 		}
-		// Counted as running from now on (for the user's cap).
-		r.mu.Lock()
-		r.sending = true
-		r.mu.Unlock()
+		// The job holds the slot from now on (and counts as running for
+		// the user's cap) until it ends or is not accepted.
+		r.holdSlot(up)
 		p.mu.Unlock()
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -515,7 +512,7 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 				up.markSuccess()
 				return
 			}
-			up.release()
+			r.releaseSlot()
 			if beforeAcceptance(err) {
 				up.markFailure(time.Now())
 				m.retryLater(p, r, err)
@@ -589,13 +586,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 			up.unregister(id, r)
 		}
 	}
-	r.mu.Lock()
-	slot := r.slot
-	r.slot = nil
-	r.mu.Unlock()
-	if slot != nil {
-		slot.release()
-	}
+	r.releaseSlot()
 	if r.adopted && up != nil {
 		up.Close()
 	}
@@ -656,7 +647,7 @@ func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
 	up := r.up
 	pid := r.job.UpstreamID
 	started := r.job.Status == StatusInProgress
-	backingOff := up == nil && !r.sending && r.attempts > 0
+	backingOff := up == nil && r.slot == nil && r.attempts > 0
 	r.mu.Unlock()
 	if backingOff {
 		m.cancelLocal(r)

@@ -94,8 +94,7 @@ func (m *Manager) abandon(r *run) {
 		return
 	}
 	r.finished = true
-	up, ids, slot := r.up, r.routeIDs, r.slot
-	r.slot = nil
+	up, ids := r.up, r.routeIDs
 	r.mu.Unlock()
 	select {
 	case <-r.done:
@@ -110,9 +109,7 @@ func (m *Manager) abandon(r *run) {
 			up.unregister(id, r)
 		}
 	}
-	if slot != nil {
-		slot.release()
-	}
+	r.releaseSlot()
 	if r.adopted && up != nil {
 		up.Close()
 	}

@@ -52,10 +52,9 @@ type run struct {
 	started  bool // goroutine running
 	routeIDs []string
 	req      SubmitRequest
-	// slot is the pool endpoint whose capacity the job holds; sending is
-	// set while the job is taken from the queue and being sent.
-	slot    *Upstream
-	sending bool
+	// slot is the pool endpoint whose capacity the job holds, from the
+	// moment it is taken for the job until the job ends or is refused.
+	slot *Upstream
 	// attempts and firstTry count sends no endpoint accepted.
 	attempts int
 	firstTry time.Time
@@ -313,4 +312,23 @@ func (r *run) replayHistory(pid string, h historyEntry) {
 		terminal = &m
 	}
 	r.push(event{msg: terminal})
+}
+
+// holdSlot records the endpoint slot taken for the job.
+func (r *run) holdSlot(up *Upstream) {
+	r.mu.Lock()
+	r.slot = up
+	r.mu.Unlock()
+}
+
+// releaseSlot gives the job's slot back, once: whoever gets here first
+// (the job's end, or its sender after a refusal) releases it.
+func (r *run) releaseSlot() {
+	r.mu.Lock()
+	slot := r.slot
+	r.slot = nil
+	r.mu.Unlock()
+	if slot != nil {
+		slot.release()
+	}
 }
