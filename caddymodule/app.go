@@ -121,6 +121,14 @@ type UpstreamConfig struct {
 	// shows (default 15s). The gateway reconnects meanwhile and recovers
 	// finished results from the server's history.
 	LostTimeout caddy.Duration `json:"lost_timeout,omitempty"`
+	// Transport is how jobs reach this server: "comfyui" (the default:
+	// ComfyUI's own API, an event WebSocket and /view) or "worker": the
+	// server runs comfyume's worker handler (comfyume_worker) in front of
+	// its ComfyUI, and each job travels in one streaming request that
+	// carries its inputs in and its events and outputs back. Use "worker"
+	// for serverless deployments behind a load balancer that sends each
+	// request to any container.
+	Transport string `json:"transport,omitempty"`
 }
 
 // OutputsConfig selects the output store.
@@ -240,6 +248,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 			}
 			up, err := dispatch.NewUpstream(repl.ReplaceAll(uc.URL, ""), dispatch.UpstreamOptions{
 				Header: h, MaxJobs: uc.MaxJobs, LostTimeout: time.Duration(uc.LostTimeout), Logger: a.logger,
+				Pinned: uc.Transport == "worker",
 			})
 			if err != nil {
 				return fmt.Errorf("pool %s: %w", pc.Name, err)
@@ -264,6 +273,11 @@ func (a *App) Validate() error {
 		seen[p.Name] = true
 		if len(p.Upstreams) == 0 {
 			return fmt.Errorf("pool %q has no upstream", p.Name)
+		}
+		for _, u := range p.Upstreams {
+			if u.Transport != "" && u.Transport != "comfyui" && u.Transport != "worker" {
+				return fmt.Errorf("pool %q upstream %s: transport %q: use comfyui or worker", p.Name, u.URL, u.Transport)
+			}
 		}
 	}
 	switch a.Store.Backend {

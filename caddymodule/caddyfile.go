@@ -16,6 +16,8 @@ func init() {
 	httpcaddyfile.RegisterGlobalOption("comfyume", parseGlobal)
 	httpcaddyfile.RegisterHandlerDirective("comfyume", parseHandler)
 	httpcaddyfile.RegisterDirectiveOrder("comfyume", httpcaddyfile.Before, "reverse_proxy")
+	httpcaddyfile.RegisterHandlerDirective("comfyume_worker", parseWorker)
+	httpcaddyfile.RegisterDirectiveOrder("comfyume_worker", httpcaddyfile.Before, "reverse_proxy")
 }
 
 // parseGlobal reads the comfyume global option:
@@ -30,6 +32,7 @@ func init() {
 //				header <field> <value>
 //				max_jobs <n>
 //				lost_timeout <duration>
+//				transport comfyui | worker
 //			}
 //		}
 //		health_interval <duration>
@@ -150,6 +153,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						if d.NextArg() {
 							return d.ArgErr()
 						}
+					case "transport":
+						v, err := oneArg(d)
+						if err != nil {
+							return err
+						}
+						up.Transport = v
 					case "lost_timeout":
 						if !d.NextArg() {
 							return d.ArgErr()

@@ -160,7 +160,7 @@ func beforeAcceptance(err error) bool {
 // with the endpoint, and it fails.
 func (m *Manager) failover(r *run, up *Upstream, cause error) bool {
 	r.mu.Lock()
-	if r.finished || r.job.Status != StatusPending || r.adopted {
+	if r.finished || r.job.Status != StatusPending || r.adopted || r.cancelRun != nil {
 		r.mu.Unlock()
 		return false
 	}
@@ -224,11 +224,15 @@ func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
 	m.mu.Unlock()
 	for _, s := range due {
 		s.r.mu.Lock()
-		up, pid := s.r.up, s.r.job.UpstreamID
+		up, pid, stop := s.r.up, s.r.job.UpstreamID, s.r.cancelRun
 		s.r.mu.Unlock()
 		// The error first: the interruption's own event then comes too
 		// late to replace it.
 		s.r.fail(fmt.Sprintf("The GPU server sent nothing for %s; the job was stopped.", s.idle))
+		if stop != nil {
+			stop()
+			continue
+		}
 		if up != nil {
 			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			_, _, _ = up.PostJSON(cctx, "/interrupt", map[string]string{"prompt_id": pid})

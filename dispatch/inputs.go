@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"sort"
 	"strings"
 
@@ -35,26 +36,48 @@ func annotated(v string) bool {
 	return strings.HasSuffix(v, " [input]") || strings.HasSuffix(v, " [output]") || strings.HasSuffix(v, " [temp]")
 }
 
-// missingInput is a referenced file the user's sources do not have.
-type missingInput struct {
-	node, classType, input, value string
+// place is one node input that names a file.
+type place struct{ node, input string }
+
+// inputFile is one file a prompt references: where it comes from (src, on
+// the user's home or among their captured outputs), where it goes on the
+// GPU server (dest, in the job's own folder), and the inputs naming it.
+type inputFile struct {
+	src, dest comfy.FileRef
+	places    []place
+	body      io.ReadCloser // opened by openInputs
 }
 
-// forwardInputs uploads every file the prompt references to up, into the
-// job's own input subfolder, and points the prompt at those copies. Files
-// that neither the user's home nor their captured outputs have make the
-// prompt fail validation here, as ComfyUI would on home; the GPU server's
-// own files are never used, so one user cannot load another's. It returns
-// a rewritten copy of the prompt; pr is not modified.
-func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.PromptRequest, open InputSource) (map[string]comfy.Node, error) {
-	rewritten := make(map[string]comfy.Node, len(pr.Prompt))
-	done := map[comfy.FileRef]string{}
-	var missing []missingInput
-	for id, n := range pr.Prompt {
+// inputPlan is a prompt's files and the prompt rewritten to name their
+// copies on the GPU server.
+type inputPlan struct {
+	prompt map[string]comfy.Node
+	files  []*inputFile
+}
+
+// planInputs finds the files the prompt references (file inputs of known
+// loader nodes, and any "name [input|output|temp]" value) and rewrites a
+// copy of the prompt to name their copies in the job's folder. pr is not
+// modified.
+func planInputs(jobID string, pr *comfy.PromptRequest) *inputPlan {
+	plan := &inputPlan{prompt: make(map[string]comfy.Node, len(pr.Prompt))}
+	bySrc := map[comfy.FileRef]*inputFile{}
+	ids := make([]string, 0, len(pr.Prompt))
+	for id := range pr.Prompt {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		n := pr.Prompt[id]
 		var inputs map[string]json.RawMessage
-		for name, raw := range n.Inputs {
+		names := make([]string, 0, len(n.Inputs))
+		for name := range n.Inputs {
+			names = append(names, name)
+		}
+		sort.Strings(names)
+		for _, name := range names {
 			var v string
-			if json.Unmarshal(raw, &v) != nil || v == "" {
+			if json.Unmarshal(n.Inputs[name], &v) != nil || v == "" {
 				continue
 			}
 			fi, known := fileInputs[n.ClassType]
@@ -66,37 +89,121 @@ func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.Pr
 			if isFileInput {
 				typ = fi.typ
 			}
-			ref := comfy.ParseAnnotated(v, typ)
-			newValue, ok := done[ref]
-			if !ok {
-				var err error
-				newValue, err = forwardOne(ctx, up, jobID, ref, open)
-				if errors.Is(err, ErrNotFound) {
-					missing = append(missing, missingInput{node: id, classType: n.ClassType, input: name, value: v})
-					continue
+			src := comfy.ParseAnnotated(v, typ)
+			f := bySrc[src]
+			if f == nil {
+				dest := comfy.FileRef{Filename: src.Filename, Subfolder: InputsSubfolder + "/" + jobID, Type: comfy.TypeInput}
+				if src.Type != comfy.TypeInput {
+					dest.Subfolder += "/" + src.Type
 				}
-				if err != nil {
-					return nil, fmt.Errorf("node %s input %q (%s): %w", id, name, v, err)
+				if src.Subfolder != "" {
+					dest.Subfolder += "/" + src.Subfolder
 				}
-				done[ref] = newValue
+				f = &inputFile{src: src, dest: dest}
+				bySrc[src] = f
+				plan.files = append(plan.files, f)
 			}
+			f.places = append(f.places, place{id, name})
 			if inputs == nil {
 				inputs = make(map[string]json.RawMessage, len(n.Inputs))
 				for k, v := range n.Inputs {
 					inputs[k] = v
 				}
 			}
-			inputs[name], _ = json.Marshal(newValue)
+			inputs[name], _ = json.Marshal(f.dest.Annotated())
 		}
 		if inputs != nil {
 			n.Inputs = inputs
 		}
-		rewritten[id] = n
+		plan.prompt[id] = n
+	}
+	return plan
+}
+
+// rename points the inputs naming f at the name the server stored it
+// under (when it differs from the planned one).
+func (p *inputPlan) rename(f *inputFile, stored comfy.FileRef) {
+	v, _ := json.Marshal(stored.Annotated())
+	for _, pl := range f.places {
+		n := p.prompt[pl.node]
+		inputs := make(map[string]json.RawMessage, len(n.Inputs))
+		for k, x := range n.Inputs {
+			inputs[k] = x
+		}
+		inputs[pl.input] = v
+		n.Inputs = inputs
+		p.prompt[pl.node] = n
+	}
+}
+
+// openInputs opens every planned file from the user's sources. Files they
+// do not have make the prompt fail validation here, as ComfyUI would on
+// home; the GPU server's own files are never used, so one user cannot load
+// another's. On error nothing stays open.
+func (p *inputPlan) openInputs(ctx context.Context, original map[string]comfy.Node, open InputSource) error {
+	var missing []missingInput
+	for _, f := range p.files {
+		rc, err := open(ctx, f.src)
+		var he *HTTPError
+		switch {
+		case err == nil:
+			f.body = rc
+			continue
+		case errors.Is(err, ErrNotFound), errors.As(err, &he) && (he.Status == 404 || he.Status == 400 || he.Status == 403):
+			for _, pl := range f.places {
+				n := original[pl.node]
+				var v string
+				_ = json.Unmarshal(n.Inputs[pl.input], &v)
+				missing = append(missing, missingInput{node: pl.node, classType: n.ClassType, input: pl.input, value: v})
+			}
+		default:
+			p.close()
+			return fmt.Errorf("opening input %s: %w", f.src.Annotated(), err)
+		}
 	}
 	if len(missing) > 0 {
-		return nil, &RejectedError{Status: 400, Body: missingInputsBody(pr.Prompt, missing)}
+		p.close()
+		return &RejectedError{Status: 400, Body: missingInputsBody(original, missing)}
 	}
-	return rewritten, nil
+	return nil
+}
+
+// close closes the files still open.
+func (p *inputPlan) close() {
+	for _, f := range p.files {
+		if f.body != nil {
+			f.body.Close()
+			f.body = nil
+		}
+	}
+}
+
+// missingInput is a referenced file the user's sources do not have.
+type missingInput struct {
+	node, classType, input, value string
+}
+
+// forwardInputs uploads every file the prompt references to up (ComfyUI's
+// /upload/image), into the job's own folder, and returns the prompt
+// rewritten to name those copies; pr is not modified.
+func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.PromptRequest, open InputSource) (map[string]comfy.Node, error) {
+	plan := planInputs(jobID, pr)
+	if err := plan.openInputs(ctx, pr.Prompt, open); err != nil {
+		return nil, err
+	}
+	defer plan.close()
+	for _, f := range plan.files {
+		stored, err := up.Upload(ctx, f.dest, f.body)
+		f.body.Close()
+		f.body = nil
+		if err != nil {
+			return nil, fmt.Errorf("uploading %s: %w", f.src.Annotated(), err)
+		}
+		if stored != f.dest {
+			plan.rename(f, stored)
+		}
+	}
+	return plan.prompt, nil
 }
 
 // missingInputsBody is ComfyUI's 400 for input files that do not exist, so
@@ -124,30 +231,4 @@ func missingInputsBody(prompt map[string]comfy.Node, missing []missingInput) []b
 	pe := comfy.NewPromptError("prompt_outputs_failed_validation", "Prompt outputs failed validation", strings.Join(details, "\n"))
 	pe.NodeErrors, _ = json.Marshal(nodeErrors)
 	return pe.JSON()
-}
-
-// forwardOne copies one file into the job's input subfolder on up and
-// returns the value that names it there.
-func forwardOne(ctx context.Context, up *Upstream, jobID string, ref comfy.FileRef, open InputSource) (string, error) {
-	rc, err := open(ctx, ref)
-	if err != nil {
-		var he *HTTPError
-		if errors.As(err, &he) && (he.Status == 404 || he.Status == 400 || he.Status == 403) {
-			return "", ErrNotFound
-		}
-		return "", err
-	}
-	defer rc.Close()
-	dest := comfy.FileRef{Filename: ref.Filename, Subfolder: InputsSubfolder + "/" + jobID, Type: comfy.TypeInput}
-	if ref.Type != comfy.TypeInput {
-		dest.Subfolder += "/" + ref.Type
-	}
-	if ref.Subfolder != "" {
-		dest.Subfolder += "/" + ref.Subfolder
-	}
-	stored, err := up.Upload(ctx, dest, rc)
-	if err != nil {
-		return "", err
-	}
-	return stored.Annotated(), nil
 }

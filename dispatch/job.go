@@ -8,6 +8,9 @@ import (
 	"github.com/comfyume/comfyume/comfy"
 )
 
+// TransportWorker marks jobs sent to a pinned (worker) upstream.
+const TransportWorker = "worker"
+
 // Job statuses, as /api/jobs names them.
 const (
 	StatusPending    = "pending"
@@ -34,6 +37,9 @@ type Job struct {
 	// UpstreamClient is the sid the gateway's event stream used toward the
 	// upstream; another gateway taking the job over listens as that sid.
 	UpstreamClient string `json:"upstream_client,omitempty"`
+	// Transport is how the job travels: "" (ComfyUI's own API) or
+	// TransportWorker (one pinned stream per job).
+	Transport string `json:"transport,omitempty"`
 	// Home is the user's home URL, where the job's input files come from.
 	Home string `json:"home,omitempty"`
 

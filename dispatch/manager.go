@@ -394,6 +394,9 @@ func (u *Upstream) release() {
 
 // send forwards inputs and posts the prompt to up.
 func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResult, err error) {
+	if up.Pinned {
+		return m.sendPinned(ctx, r, up)
+	}
 	job := r.snapshot()
 	pr := *r.req.Request // a copy: the rewritten prompt is for this send only
 	poolName := job.Pool
@@ -648,7 +651,15 @@ func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
 	pid := r.job.UpstreamID
 	started := r.job.Status == StatusInProgress
 	backingOff := up == nil && r.slot == nil && r.attempts > 0
+	stop := r.cancelRun
+	if stop != nil {
+		r.cancelled = true
+	}
 	r.mu.Unlock()
+	if stop != nil {
+		stop() // the worker interrupts the job; the run ends as interrupted
+		return true
+	}
 	if backingOff {
 		m.cancelLocal(r)
 		return true

@@ -186,6 +186,13 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 		m.dispatchWaiting(pool)
 		return
 	}
+	if j.Transport == TransportWorker {
+		// Its stream ended with the gateway that held it; the container
+		// interrupted the job when the stream broke.
+		m.register(r)
+		r.fail("The gateway restarted while this job ran on a pinned GPU endpoint; please queue it again.")
+		return
+	}
 	// It was sent: listen as the sid it was sent with.
 	var slot *Upstream
 	opts := UpstreamOptions{ClientID: j.UpstreamClient, Logger: m.logger}

@@ -60,6 +60,10 @@ type run struct {
 	firstTry time.Time
 	// lastEvent is when the upstream last said something about the job.
 	lastEvent time.Time
+	// cancelRun ends a pinned job's stream (the worker then interrupts
+	// it); cancelled records that the user asked for it.
+	cancelRun func()
+	cancelled bool
 	// adopted runs follow a job another gateway sent, on a stream of their
 	// own (closed when the job ends).
 	adopted bool

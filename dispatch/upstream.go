@@ -36,6 +36,9 @@ type Upstream struct {
 	// LostTimeout is how long the server may stay unreachable while jobs
 	// run on it; then those jobs fail with an execution_error.
 	LostTimeout time.Duration
+	// Pinned upstreams run comfyume's worker handler in front of their
+	// ComfyUI: each job travels in one streaming request (see pinned.go).
+	Pinned bool
 
 	client *http.Client
 	dialer *websocket.Dialer
@@ -63,6 +66,8 @@ type UpstreamOptions struct {
 	MaxJobs int
 	// LostTimeout: see Upstream.LostTimeout (default DefaultLostTimeout).
 	LostTimeout time.Duration
+	// Pinned selects the worker transport (see Upstream.Pinned).
+	Pinned bool
 	// ClientID is the sid of the event stream (default: a new random one).
 	// A gateway that takes over another's jobs reuses that one's sid, since
 	// ComfyUI sends a job's events only to the sid that queued it.
@@ -109,6 +114,7 @@ func NewUpstream(base string, opts UpstreamOptions) (*Upstream, error) {
 		Header:      opts.Header.Clone(),
 		MaxJobs:     opts.MaxJobs,
 		LostTimeout: lost,
+		Pinned:      opts.Pinned,
 		client:      &http.Client{Transport: tr},
 		dialer:      &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 32 << 10, WriteBufferSize: 16 << 10},
 		logger:      logger.With(zap.String("upstream", u.Redacted())),

@@ -400,6 +400,19 @@ func (g *Gateway) Capture(ctx context.Context, j *dispatch.Job, up *dispatch.Ups
 	if !ok {
 		return nil
 	}
+	if up.Pinned {
+		// The files came with the job's stream and are stored already
+		// (StoreOutput): only the refs change.
+		comfy.RefsIn(out, func(_ string, item map[string]any) {
+			ref := comfy.RefOf(item)
+			if storable(ref) {
+				item["subfolder"] = capturedRef(j.ID, ref).Subfolder
+			}
+		})
+		m := ev.Message.WithFields(f)
+		ev.Message = &m
+		return nil
+	}
 	var (
 		wg    sync.WaitGroup
 		mu    sync.Mutex
@@ -408,7 +421,7 @@ func (g *Gateway) Capture(ctx context.Context, j *dispatch.Job, up *dispatch.Ups
 	)
 	comfy.RefsIn(out, func(_ string, item map[string]any) {
 		ref := comfy.RefOf(item)
-		if ref.Filename == "" || strings.ContainsAny(ref.Filename, "/\\") || strings.Contains(ref.Subfolder, "..") || !comfy.ValidType(ref.Type) {
+		if !storable(ref) {
 			return
 		}
 		wg.Add(1)
@@ -432,6 +445,26 @@ func (g *Gateway) Capture(ctx context.Context, j *dispatch.Job, up *dispatch.Ups
 	m := ev.Message.WithFields(f)
 	ev.Message = &m
 	return first
+}
+
+// storable reports whether an output ref names a file the gateway may
+// keep (a plain name, a subfolder that stays inside, a known type).
+func storable(ref comfy.FileRef) bool {
+	return ref.Filename != "" && !strings.ContainsAny(ref.Filename, "/\\") && !strings.Contains(ref.Subfolder, "..") && comfy.ValidType(ref.Type)
+}
+
+// StoreOutput implements dispatch.OutputStore: a file that arrived with a
+// pinned job's stream goes straight into the blob store.
+func (g *Gateway) StoreOutput(ctx context.Context, j *dispatch.Job, ref comfy.FileRef, contentType string, body io.Reader) error {
+	if !storable(ref) {
+		_, err := io.Copy(io.Discard, body)
+		return err
+	}
+	key, _, _ := blobKey(capturedRef(j.ID, ref))
+	if contentType == "" {
+		contentType = contentTypeOf(ref.Filename)
+	}
+	return g.blobs.Put(ctx, key, body, BlobInfo{ContentType: contentType})
 }
 
 func (g *Gateway) captureOne(ctx context.Context, jobID string, up *dispatch.Upstream, ref comfy.FileRef) error {
