@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/comfyume/comfyume/comfytest"
+	"github.com/comfyume/comfyume/dispatch"
+	"github.com/comfyume/comfyume/worker"
 )
 
 // A job that hangs on the GPU (no event for `watchdog`) is interrupted
@@ -71,5 +73,62 @@ func TestFailoverBeforeStart(t *testing.T) {
 	}
 	if !ran {
 		t.Fatalf("job did not run on gpu2")
+	}
+}
+
+// A deployment scaled to zero: the first prompt is held while a replica
+// cold-starts (the browser is told), then runs; nothing fails.
+func TestColdStartIsHeldNotFailed(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	d := comfytest.StartBalancer(t, comfytest.BalancerOptions{
+		Replicas: 1, Server: comfytest.Options{Version: "2026"}, ColdStart: 1500 * time.Millisecond,
+		ExtraHandler: func(_ int, comfy *comfytest.Server) http.Handler {
+			mux := http.NewServeMux()
+			mux.Handle(dispatch.WorkerPath, worker.NewServer(comfy.URL(), worker.Options{}))
+			mux.Handle("/", comfy.Handler())
+			return mux
+		},
+	})
+	d.ScaleToZero()
+	cf := strings.Replace(poolCaddyfile(home.URL(), d.URL(), ""), "max_jobs 1", "max_jobs 1\n\t\t\t\ttransport worker", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("cold", 1))
+	frames := b.untilJobEnd(a.PromptID, 60*time.Second)
+	notices := 0
+	for _, f := range frames {
+		if !f.text && f.binary == 3 && bytes.Contains(f.data, []byte("Waiting for a GPU")) {
+			notices++
+		}
+	}
+	if indexOf(frames, "execution_success") < 0 || notices == 0 {
+		t.Fatalf("cold start: %d notices, %v", notices, types(frames))
+	}
+}
+
+// The GPU-side Caddyfile adapts and provisions the worker handler.
+func TestWorkerDirectiveAdapts(t *testing.T) {
+	comfy := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, `{
+	admin off
+}
+:{PORT} {
+	bind 127.0.0.1
+	comfyume_worker {
+		comfyui `+comfy.URL()+`
+		token {env.COMFYUME_TEST_WORKER_TOKEN}
+		heartbeat 5s
+		idle 5m
+	}
+	reverse_proxy `+strings.TrimPrefix(comfy.URL(), "http://")+`
+}`)
+	// GET on the job path is the platform health check (no token needed).
+	st, body, _ := g.do("", "GET", dispatch.WorkerPath, nil)
+	if st != 200 || !strings.Contains(string(body), "ready") {
+		t.Fatalf("worker status: %d %s", st, body)
+	}
+	// Other paths reach ComfyUI.
+	if st, _, _ := g.do("", "GET", "/system_stats", nil); st != 200 {
+		t.Fatalf("pass-through: %d", st)
 	}
 }
