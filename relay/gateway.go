@@ -63,6 +63,7 @@ type Gateway struct {
 	cfg     Config
 
 	stop     func()
+	control  chan BusMessage // queue changes and cancels from the bus
 	homesMu  sync.Mutex
 	homes    map[string]*dispatch.Upstream
 	features map[string]featureCache
@@ -93,6 +94,8 @@ func New(cfg Config) (*Gateway, error) {
 	g.stop = cancel
 	if cfg.Bus != nil {
 		g.hub.bus = cfg.Bus
+		g.control = make(chan BusMessage, 1024)
+		go g.runControl(ctx)
 		go cfg.Bus.Run(ctx, g.onBus, g.hub.catchUp)
 	}
 	g.manager.SetInputsFor(func(j *dispatch.Job) dispatch.InputSource {
@@ -113,7 +116,10 @@ func New(cfg Config) (*Gateway, error) {
 	return g, nil
 }
 
-// onBus handles a message from any gateway on the bus.
+// onBus handles a message from any gateway on the bus. It runs inside the
+// bus subscription's callback, which shares the store's connection: frames
+// are only written to sockets here; queue changes and cancels, which read
+// the store, are handed to a goroutine of their own (g.control).
 func (g *Gateway) onBus(m BusMessage) {
 	if m.Origin == g.hub.id {
 		return // handled here when published
@@ -121,10 +127,29 @@ func (g *Gateway) onBus(m BusMessage) {
 	switch m.Kind {
 	case busKindFrame:
 		g.hub.deliverBus(m)
-	case busKindQueue:
-		g.localQueueChanged(m.User)
-	case busKindCancel:
-		g.manager.Cancel(context.Background(), m.User, m.JobID)
+	case busKindQueue, busKindCancel:
+		select {
+		case g.control <- m:
+		default:
+			g.logger.Warn("bus control backlog full; dropping", zap.String("kind", m.Kind))
+		}
+	}
+}
+
+// runControl handles queue changes and cancels from other gateways.
+func (g *Gateway) runControl(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case m := <-g.control:
+			switch m.Kind {
+			case busKindQueue:
+				g.localQueueChanged(m.User)
+			case busKindCancel:
+				g.manager.Cancel(ctx, m.User, m.JobID)
+			}
+		}
 	}
 }
 
