@@ -88,18 +88,14 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			for d.NextBlock(1) {
 				if key := d.Val(); key == "cold_start_timeout" || key == "watchdog" {
-					val, err := oneArg(d)
+					dur, err := durationArg(d, key)
 					if err != nil {
 						return err
 					}
-					dur, err := caddy.ParseDuration(val)
-					if err != nil || dur <= 0 {
-						return d.Errf("%s: %q is not a duration", key, val)
-					}
 					if key == "watchdog" {
-						pool.Watchdog = caddy.Duration(dur)
+						pool.Watchdog = dur
 					} else {
-						pool.ColdStartTimeout = caddy.Duration(dur)
+						pool.ColdStartTimeout = dur
 					}
 					continue
 				}
@@ -160,17 +156,11 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						}
 						up.Transport = v
 					case "lost_timeout":
-						if !d.NextArg() {
-							return d.ArgErr()
+						dur, err := durationArg(d, "lost_timeout")
+						if err != nil {
+							return err
 						}
-						dur, err := caddy.ParseDuration(d.Val())
-						if err != nil || dur <= 0 {
-							return d.Errf("lost_timeout: %q is not a duration", d.Val())
-						}
-						up.LostTimeout = caddy.Duration(dur)
-						if d.NextArg() {
-							return d.ArgErr()
-						}
+						up.LostTimeout = dur
 					default:
 						return d.Errf("unrecognized upstream subdirective %q", d.Val())
 					}
@@ -179,15 +169,11 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.Pools = append(a.Pools, pool)
 		case "health_interval":
-			val, err := oneArg(d)
+			dur, err := durationArg(d, "health_interval")
 			if err != nil {
 				return err
 			}
-			dur, err := caddy.ParseDuration(val)
-			if err != nil || dur <= 0 {
-				return d.Errf("health_interval: %q is not a duration", val)
-			}
-			a.HealthInterval = caddy.Duration(dur)
+			a.HealthInterval = dur
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()
@@ -223,11 +209,11 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				case "prefix":
 					a.Store.Prefix = val
 				case "lease_ttl":
-					dur, err := caddy.ParseDuration(val)
-					if err != nil || dur <= 0 {
-						return d.Errf("lease_ttl: %q is not a duration", val)
+					dur, err := parseDuration(d, key, val)
+					if err != nil {
+						return err
 					}
-					a.Store.LeaseTTL = caddy.Duration(dur)
+					a.Store.LeaseTTL = dur
 				default:
 					return d.Errf("unrecognized store option %q", key)
 				}
@@ -292,6 +278,23 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// durationArg reads exactly one positive duration argument.
+func durationArg(d *caddyfile.Dispenser, key string) (caddy.Duration, error) {
+	val, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	return parseDuration(d, key, val)
+}
+
+func parseDuration(d *caddyfile.Dispenser, key, val string) (caddy.Duration, error) {
+	dur, err := caddy.ParseDuration(val)
+	if err != nil || dur <= 0 {
+		return 0, d.Errf("%s: %q is not a duration", key, val)
+	}
+	return caddy.Duration(dur), nil
 }
 
 // oneArg reads exactly one argument of the current line.

@@ -110,14 +110,14 @@ func (w *Worker) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "token":
 			w.Token = val
 		case "heartbeat", "idle":
-			dur, err := caddy.ParseDuration(val)
-			if err != nil || dur <= 0 {
-				return d.Errf("%s: %q is not a duration", key, val)
+			dur, err := parseDuration(d, key, val)
+			if err != nil {
+				return err
 			}
 			if key == "heartbeat" {
-				w.Heartbeat = caddy.Duration(dur)
+				w.Heartbeat = dur
 			} else {
-				w.Idle = caddy.Duration(dur)
+				w.Idle = dur
 			}
 		default:
 			return d.Errf("unrecognized comfyume_worker option %q", key)

@@ -569,20 +569,40 @@ func (m *Manager) save(j *Job) {
 // finish releases a job's slot once it ended and sends the end-of-job
 // executing{node:null} after the queue update, as ComfyUI orders them.
 func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
-	r.mu.Lock()
-	r.finished = true
-	up := r.up
-	ids := r.routeIDs
-	r.mu.Unlock()
-	select {
-	case <-r.done:
+	if !m.detach(r) {
 		return
-	default:
-		close(r.done)
 	}
 	m.mu.Lock()
-	delete(m.runs, snap.ID)
 	pool := m.pools[snap.Pool]
+	m.mu.Unlock()
+	m.unclaim(snap.ID)
+	m.events.QueueChanged(snap.User)
+	if sendEnd {
+		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
+		m.events.Deliver(snap, Event{Message: &end})
+	}
+	if pool != nil {
+		m.dispatchWaiting(pool)
+	}
+}
+
+// detach ends this process's hold on a run: it takes no more events, and
+// its routes, its endpoint slot and (for a job taken over from another
+// gateway) its own event stream are released. It reports false when the
+// run was detached already.
+func (m *Manager) detach(r *run) bool {
+	r.mu.Lock()
+	if r.detached {
+		r.mu.Unlock()
+		return false
+	}
+	r.detached = true
+	r.finished = true
+	up, ids := r.up, r.routeIDs
+	r.mu.Unlock()
+	close(r.done)
+	m.mu.Lock()
+	delete(m.runs, r.job.ID)
 	m.mu.Unlock()
 	if up != nil {
 		for _, id := range ids {
@@ -593,15 +613,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	if r.adopted && up != nil {
 		up.Close()
 	}
-	m.unclaim(snap.ID)
-	m.events.QueueChanged(snap.User)
-	if sendEnd {
-		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
-		m.events.Deliver(snap, Event{Message: &end})
-	}
-	if pool != nil {
-		m.dispatchWaiting(pool)
-	}
+	return true
 }
 
 // Active returns the user's jobs that wait or run in this process.

@@ -89,29 +89,10 @@ func (m *Manager) renew(ctx context.Context) {
 // abandon stops following a job without ending it.
 func (m *Manager) abandon(r *run) {
 	r.mu.Lock()
-	if r.finished {
-		r.mu.Unlock()
-		return
-	}
-	r.finished = true
-	up, ids := r.up, r.routeIDs
+	ending := r.finished // its end is being handled: let that finish it
 	r.mu.Unlock()
-	select {
-	case <-r.done:
-	default:
-		close(r.done)
-	}
-	m.mu.Lock()
-	delete(m.runs, r.job.ID)
-	m.mu.Unlock()
-	if up != nil {
-		for _, id := range ids {
-			up.unregister(id, r)
-		}
-	}
-	r.releaseSlot()
-	if r.adopted && up != nil {
-		up.Close()
+	if ending || !m.detach(r) {
+		return
 	}
 	for _, p := range m.poolsSnapshot() {
 		p.mu.Lock()

@@ -47,6 +47,7 @@ type run struct {
 	node     string // node the upstream is executing
 	display  string
 	finished bool
+	detached bool // see Manager.detach
 	resyncs  int
 	done     chan struct{}
 	started  bool // goroutine running

@@ -1,0 +1,27 @@
+package caddymodule_test
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+)
+
+// Configuration mistakes are refused with a message that names them.
+func TestCaddyfileMistakesAreNamed(t *testing.T) {
+	for _, c := range []struct{ global, site, want string }{
+		{"pool gpu {\n upstream http://x {\n lost_timeout soon\n }\n }", "", `lost_timeout: "soon" is not a duration`},
+		{"pool gpu {\n max_queued -1\n upstream http://x\n }", "", `max_queued: "-1" is not a non-negative number`},
+		{"pool gpu {\n upstream http://x {\n flavour vanilla\n }\n }", "", `unrecognized upstream subdirective "flavour"`},
+		{"store valkey {\n lease_ttl 0s\n }", "", `lease_ttl: "0s" is not a duration`},
+		{"colour blue", "", `unrecognized comfyume option "colour"`},
+		{"", "shoe_size 42", `unrecognized comfyume subdirective "shoe_size"`},
+		{"", "max_body_size lots", `max_body_size: "lots" is not a size`},
+	} {
+		cf := "{\n\tadmin off\n\tcomfyume {\n" + c.global + "\n\t}\n}\n:0 {\n\tcomfyume {\n" + c.site + "\n\t}\n}\n"
+		_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q / %q: %v, want %q", c.global, c.site, err, c.want)
+		}
+	}
+}
