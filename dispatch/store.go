@@ -23,6 +23,9 @@ type Store interface {
 	// ActiveJobs returns copies of the records, of every user, whose status
 	// is pending or in_progress (for recovery after a restart).
 	ActiveJobs(ctx context.Context) ([]*Job, error)
+	// ActiveCount counts one user's pending and in_progress jobs without
+	// reading the records (the queue count browsers are shown often).
+	ActiveCount(ctx context.Context, user string) (int, error)
 	// Claim gives owner the lease on a job for ttl if nobody else holds a
 	// live one (or owner already does: then it is renewed). It reports
 	// whether owner holds the lease afterwards. Gateways sharing a store use
@@ -74,6 +77,19 @@ func (s *MemoryStore) ActiveJobs(_ context.Context) ([]*Job, error) {
 	}
 	SortJobs(out)
 	return out, nil
+}
+
+// ActiveCount implements Store.
+func (s *MemoryStore) ActiveCount(_ context.Context, user string) (int, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	n := 0
+	for id := range s.byUser[user] {
+		if s.jobs[id].Active() {
+			n++
+		}
+	}
+	return n, nil
 }
 
 // Claim implements Store.

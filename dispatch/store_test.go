@@ -262,6 +262,9 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 			}
 		}
 		storeWantActive(t, s, "x2", "x1")
+		storeWantCount(t, s, "alice", 1)
+		storeWantCount(t, s, "bob", 1)
+		storeWantCount(t, s, "carol", 0)
 
 		j1.Status = StatusInProgress
 		if err := s.Save(ctx, j1); err != nil {
@@ -275,6 +278,7 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 			t.Fatal(err)
 		}
 		storeWantActive(t, s, "x2")
+		storeWantCount(t, s, "alice", 0)
 
 		for _, st := range []string{StatusFailed, StatusCancelled} {
 			j2.Status = StatusInProgress
@@ -804,4 +808,13 @@ func (p *storeProxy) stop() {
 		c.Close()
 	}
 	p.wg.Wait()
+}
+
+// storeWantCount checks a user's active count.
+func storeWantCount(t *testing.T, s Store, user string, want int) {
+	t.Helper()
+	n, err := s.ActiveCount(context.Background(), user)
+	if err != nil || n != want {
+		t.Fatalf("ActiveCount(%s) = %d, %v; want %d", user, n, err, want)
+	}
 }

@@ -137,6 +137,18 @@ func (s *ValkeyStore) bound(ctx context.Context) (context.Context, context.Cance
 	return context.WithTimeout(ctx, s.Timeout)
 }
 
+// ActiveCount implements Store: the size of the intersection of the user's
+// index and the active index (ZINTERCARD, Valkey 7+ / Redis 7+).
+func (s *ValkeyStore) ActiveCount(ctx context.Context, user string) (int, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	n, err := s.client.Do(ctx, s.client.B().Zintercard().Numkeys(2).Key(s.userKey(user), s.activeKey()).Build()).AsInt64()
+	if err != nil {
+		return 0, s.wrap("active count of user "+user, err)
+	}
+	return int(n), nil
+}
+
 // Ping checks that Valkey answers (the gateway reports 503 while it does
 // not).
 func (s *ValkeyStore) Ping(ctx context.Context) error {

@@ -70,7 +70,11 @@ func (g *Gateway) activeJobs(ctx context.Context, user string) []*dispatch.Job {
 
 // remoteCount is the user's part of queue_remaining.
 func (g *Gateway) remoteCount(ctx context.Context, user string) int {
-	return len(g.activeJobs(ctx, user))
+	n, err := g.manager.Store().ActiveCount(ctx, user)
+	if err != nil {
+		g.logger.Debug("counting active jobs", zap.Error(err))
+	}
+	return n
 }
 
 // cancel stops one of the user's remote jobs: here if this gateway runs it,
