@@ -593,11 +593,34 @@ func TestValkeyStoreKeys(t *testing.T) {
 	if err := s.Save(ctx, j); err != nil {
 		t.Fatal(err)
 	}
+	// The state record without the prompt and extra_data, which are kept
+	// once under their own key.
 	var stored Job
 	if err := do(client.B().Get().Key(prefix + "job:k1").Build()).DecodeJSON(&stored); err != nil {
 		t.Fatal(err)
 	}
+	if (len(stored.Prompt) > 0 && string(stored.Prompt) != "null") || len(stored.ExtraData) > 0 {
+		t.Fatalf("state record carries the body: %+v", stored)
+	}
+	var body struct {
+		Prompt    json.RawMessage            `json:"prompt"`
+		ExtraData map[string]json.RawMessage `json:"extra_data"`
+	}
+	if err := do(client.B().Get().Key(prefix + "job:k1:body").Build()).DecodeJSON(&body); err != nil {
+		t.Fatal(err)
+	}
+	stored.Prompt, stored.ExtraData = body.Prompt, body.ExtraData
 	storeSameJob(t, &stored, j)
+	// A later save rewrites only the small state record.
+	j.Status = StatusInProgress
+	if err := s.Save(ctx, j); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Job(ctx, "k1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	storeSameJob(t, got, j)
 	if sc, err := do(client.B().Zscore().Key(prefix + "user:alice:jobs").Member("k1").Build()).AsFloat64(); err != nil || sc != 3 {
 		t.Fatalf("user index score = %v, %v", sc, err)
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/valkey-io/valkey-go"
@@ -38,6 +39,9 @@ type ValkeyStore struct {
 	// is 5s), so that a Valkey outage yields errors rather than stalls:
 	// valkey-go retries idempotent commands until the context ends.
 	Timeout time.Duration
+
+	// bodies remembers the jobs whose immutable body this process wrote.
+	bodies sync.Map
 }
 
 // NewValkeyStore returns a store keeping its keys under prefix (e.g.
@@ -65,6 +69,7 @@ if old then
   end
 end
 redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[8] ~= '' then redis.call('SET', KEYS[4], ARGV[8]) end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
@@ -86,7 +91,7 @@ if old then
     redis.call('ZREM', ARGV[2] .. rec.user .. ':jobs', ARGV[1])
   end
 end
-redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 `
@@ -121,6 +126,7 @@ var (
 const mgetBatch = 256
 
 func (s *ValkeyStore) jobKey(id string) string    { return s.prefix + "job:" + id }
+func (s *ValkeyStore) bodyKey(id string) string   { return s.prefix + "job:" + id + ":body" }
 func (s *ValkeyStore) userHead() string           { return s.prefix + "user:" }
 func (s *ValkeyStore) userKey(user string) string { return s.userHead() + user + ":jobs" }
 func (s *ValkeyStore) activeKey() string          { return s.prefix + "active" }
@@ -183,35 +189,77 @@ func (s *ValkeyStore) save(ctx context.Context, script *valkey.Lua, j *Job, only
 	if onlyIfAbsent {
 		op = "create " + j.ID
 	}
-	b, err := marshalJob(j)
+	// The prompt and extra_data (the UI workflow: often megabytes) never
+	// change after submission: they live under their own key, written by
+	// the first save of this process, so that the many state changes of a
+	// job rewrite a small record.
+	state := *j
+	state.Prompt, state.ExtraData = nil, nil
+	b, err := marshalJob(&state)
 	if err != nil {
 		return false, s.wrap(op, err)
+	}
+	var body []byte
+	if _, written := s.bodies.Load(j.ID); !written && (len(j.Prompt) > 0 || j.ExtraData != nil) {
+		if body, err = marshalJob(jobBody{Prompt: j.Prompt, ExtraData: j.ExtraData}); err != nil {
+			return false, s.wrap(op, err)
+		}
 	}
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	n, err := script.Exec(ctx, s.client,
-		[]string{s.jobKey(j.ID), s.userKey(j.User), s.activeKey()},
-		[]string{j.ID, string(b), score(j.Number), flag(j.Active()), s.userHead(), j.User, flag(onlyIfAbsent)},
+		[]string{s.jobKey(j.ID), s.userKey(j.User), s.activeKey(), s.bodyKey(j.ID)},
+		[]string{j.ID, string(b), score(j.Number), flag(j.Active()), s.userHead(), j.User, flag(onlyIfAbsent), string(body)},
 	).AsInt64()
 	if err != nil {
 		return false, s.wrap(op, err)
 	}
+	if n == 1 && body != nil {
+		s.bodies.Store(j.ID, struct{}{})
+	}
 	return n == 1, nil
+}
+
+// jobBody is the immutable part of a job record.
+type jobBody struct {
+	Prompt    json.RawMessage            `json:"prompt,omitempty"`
+	ExtraData map[string]json.RawMessage `json:"extra_data,omitempty"`
+}
+
+// decodeJob reads a job from its state record and its body (nil if none).
+func decodeJob(state, body []byte) (*Job, error) {
+	j := new(Job)
+	if err := json.Unmarshal(state, j); err != nil {
+		return nil, err
+	}
+	if len(body) > 0 {
+		var jb jobBody
+		if err := json.Unmarshal(body, &jb); err != nil {
+			return nil, err
+		}
+		j.Prompt, j.ExtraData = jb.Prompt, jb.ExtraData
+	}
+	return j, nil
 }
 
 // Job implements Store.
 func (s *ValkeyStore) Job(ctx context.Context, id string) (*Job, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	b, err := s.client.Do(ctx, s.client.B().Get().Key(s.jobKey(id)).Build()).AsBytes()
+	res := s.client.DoMulti(ctx, s.client.B().Get().Key(s.jobKey(id)).Build(), s.client.B().Get().Key(s.bodyKey(id)).Build())
+	b, err := res[0].AsBytes()
 	if valkey.IsValkeyNil(err) {
 		return nil, ErrNotFound
 	}
 	if err != nil {
 		return nil, s.wrap("get "+id, err)
 	}
-	j := new(Job)
-	if err := json.Unmarshal(b, j); err != nil {
+	body, err := res[1].AsBytes()
+	if err != nil && !valkey.IsValkeyNil(err) {
+		return nil, s.wrap("get "+id, err)
+	}
+	j, err := decodeJob(b, body)
+	if err != nil {
 		return nil, s.wrap("decode "+id, err)
 	}
 	return j, nil
@@ -261,15 +309,16 @@ func (s *ValkeyStore) indexed(ctx context.Context, index string) ([]*Job, error)
 	out := make([]*Job, 0, len(ids))
 	for start := 0; start < len(ids); start += mgetBatch {
 		batch := ids[start:min(start+mgetBatch, len(ids))]
-		keys := make([]string, len(batch))
-		for i, id := range batch {
-			keys[i] = s.jobKey(id)
+		keys := make([]string, 0, 2*len(batch))
+		for _, id := range batch {
+			keys = append(keys, s.jobKey(id), s.bodyKey(id))
 		}
 		vals, err := valkey.MGet(s.client, ctx, keys)
 		if err != nil {
 			return nil, err
 		}
-		for _, k := range keys {
+		for _, id := range batch {
+			k := s.jobKey(id)
 			v, ok := vals[k]
 			if !ok || v.IsNil() {
 				continue
@@ -278,8 +327,14 @@ func (s *ValkeyStore) indexed(ctx context.Context, index string) ([]*Job, error)
 			if err != nil {
 				return nil, err
 			}
-			j := new(Job)
-			if err := json.Unmarshal(b, j); err != nil {
+			var body []byte
+			if bv, ok := vals[s.bodyKey(id)]; ok && !bv.IsNil() {
+				if body, err = bv.AsBytes(); err != nil {
+					return nil, err
+				}
+			}
+			j, err := decodeJob(b, body)
+			if err != nil {
 				return nil, fmt.Errorf("decode %s: %w", k, err)
 			}
 			out = append(out, j)
@@ -294,12 +349,13 @@ func (s *ValkeyStore) Delete(ctx context.Context, id string) error {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	err := luaDelete.Exec(ctx, s.client,
-		[]string{s.jobKey(id), s.activeKey(), s.leaseKey(id)},
+		[]string{s.jobKey(id), s.activeKey(), s.leaseKey(id), s.bodyKey(id)},
 		[]string{id, s.userHead()},
 	).Error()
 	if err != nil {
 		return s.wrap("delete "+id, err)
 	}
+	s.bodies.Delete(id)
 	return nil
 }
 
@@ -324,7 +380,7 @@ func (s *ValkeyStore) Claim(ctx context.Context, id, owner string, ttl time.Dura
 
 // marshalJob encodes a record without HTML escaping, so that its raw JSON
 // fields (prompt, outputs, messages) come back byte for byte.
-func marshalJob(j *Job) ([]byte, error) {
+func marshalJob(j any) ([]byte, error) {
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
