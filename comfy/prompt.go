@@ -204,17 +204,6 @@ func (pr *PromptRequest) ExtraDataWithout(keys ...string) map[string]json.RawMes
 // history or jobs responses (comfy.org credentials).
 var SensitiveExtraData = []string{"auth_token_comfy_org", "api_key_comfy_org"}
 
-// OutputNodes returns ids of nodes whose class is known to produce outputs,
-// when the caller cannot ask the server's object_info. It is used only for
-// the outputs_to_execute slot of queue items.
-func (pr *PromptRequest) NodeIDs() []string {
-	ids := make([]string, 0, len(pr.Prompt))
-	for id := range pr.Prompt {
-		ids = append(ids, id)
-	}
-	return ids
-}
-
 func isNull(b json.RawMessage) bool {
 	return len(bytes.TrimSpace(b)) == 0 || string(bytes.TrimSpace(b)) == "null"
 }

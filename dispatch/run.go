@@ -48,7 +48,6 @@ type run struct {
 	display  string
 	finished bool
 	detached bool // see Manager.detach
-	resyncs  int
 	done     chan struct{}
 	started  bool // goroutine running
 	routeIDs []string
