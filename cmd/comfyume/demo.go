@@ -72,7 +72,11 @@ func runDemo(cmd *cobra.Command, _ []string) error {
 			fmt.Println("demo job failed:", err)
 		}
 	}
-	fmt.Printf("\nOpen %s in a browser (the UI comes from home). Ctrl-C stops.\n", base)
+	if homeKind == "your ComfyUI" {
+		fmt.Printf("\nOpen %s in a browser: your ComfyUI's UI, with prompts running on the pool. Ctrl-C stops.\n", base)
+	} else {
+		fmt.Printf("\nThe simulated home serves the API but no web UI: start ComfyUI on %s and run this again to use the UI through %s. Ctrl-C stops.\n", homeAddr, base)
+	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, os.Interrupt)
 	<-sig
