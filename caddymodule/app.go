@@ -100,6 +100,10 @@ type PoolConfig struct {
 	// this long (the server is asked to interrupt it and the UI shows an
 	// error), so a stuck job never holds a slot forever. 0 = off.
 	Watchdog caddy.Duration `json:"watchdog,omitempty"`
+	// Fallback "home" runs a job that no endpoint accepted within
+	// ColdStartTimeout on the user's own ComfyUI instead of failing it
+	// (the browser is told). Default: none.
+	Fallback string `json:"fallback,omitempty"`
 }
 
 // UpstreamConfig is one ComfyUI server of a pool.
@@ -238,7 +242,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.gateway = val.(gatewayHolder).Gateway
 	for _, pc := range a.Pools {
 		pool := &dispatch.Pool{Name: pc.Name, MaxQueued: pc.MaxQueued, MaxRunning: pc.MaxRunning,
-			ColdStartTimeout: time.Duration(pc.ColdStartTimeout), Watchdog: time.Duration(pc.Watchdog)}
+			ColdStartTimeout: time.Duration(pc.ColdStartTimeout), Watchdog: time.Duration(pc.Watchdog),
+			FallbackHome: pc.Fallback == "home"}
 		for _, uc := range pc.Upstreams {
 			h := http.Header{}
 			for k, vs := range uc.Headers {
@@ -273,6 +278,9 @@ func (a *App) Validate() error {
 		seen[p.Name] = true
 		if len(p.Upstreams) == 0 {
 			return fmt.Errorf("pool %q has no upstream", p.Name)
+		}
+		if p.Fallback != "" && p.Fallback != "home" {
+			return fmt.Errorf("pool %q: fallback %q: only home is supported", p.Name, p.Fallback)
 		}
 		for _, u := range p.Upstreams {
 			if u.Transport != "" && u.Transport != "comfyui" && u.Transport != "worker" {

@@ -28,6 +28,7 @@ func init() {
 //			max_running <n>
 //			cold_start_timeout <duration>
 //			watchdog <duration>
+//			fallback home
 //			upstream <url> {
 //				header <field> <value>
 //				max_jobs <n>
@@ -87,6 +88,14 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			for d.NextBlock(1) {
+				if d.Val() == "fallback" {
+					v, err := oneArg(d)
+					if err != nil {
+						return err
+					}
+					pool.Fallback = v
+					continue
+				}
 				if key := d.Val(); key == "cold_start_timeout" || key == "watchdog" {
 					dur, err := durationArg(d, key)
 					if err != nil {

@@ -3,6 +3,7 @@ package caddymodule_test
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -130,5 +131,47 @@ func TestWorkerDirectiveAdapts(t *testing.T) {
 	// Other paths reach ComfyUI.
 	if st, _, _ := g.do("", "GET", "/system_stats", nil); st != 200 {
 		t.Fatalf("pass-through: %d", st)
+	}
+}
+
+// fallback home: a pool nobody answers for runs the job on the user's own
+// ComfyUI after cold_start_timeout; the browser is told, gets its output,
+// and the job is listed once.
+func TestFallbackHome(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	dead := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cf := strings.Replace(poolCaddyfile(home.URL(), dead, ""), "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 500ms\n\t\t\tfallback home", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("fb", 1))
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	told := false
+	for _, f := range frames {
+		told = told || (!f.text && f.binary == 3 && bytes.Contains(f.data, []byte("your own ComfyUI")))
+	}
+	if indexOf(frames, "execution_success") < 0 || !told {
+		t.Fatalf("fallback: told=%v %v", told, types(frames))
+	}
+	ran := false
+	for _, p := range home.Prompts() {
+		ran = ran || p.PromptID == a.PromptID
+	}
+	if !ran {
+		t.Fatalf("the job did not run on home")
+	}
+	ref := outputRef(t, frames, "3")
+	if st, _, _ := g.do("alice", "GET", "/api/view?"+viewQuery(ref), nil); st != 200 {
+		t.Fatalf("output: %d", st)
+	}
+	var page jobsPage
+	g.getJSON("alice", "/api/jobs", &page)
+	n := 0
+	for _, j := range page.Jobs {
+		if j["id"] == a.PromptID {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("job listed %d times: %v", n, page.Jobs)
 	}
 }

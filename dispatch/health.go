@@ -117,6 +117,10 @@ func (m *Manager) retryLater(p *Pool, r *run, cause error) {
 		timeout = DefaultColdStartTimeout
 	}
 	if waited >= timeout {
+		if p.FallbackHome && job.Home != "" {
+			m.runOnHome(r, job, fmt.Sprintf("No GPU server of pool %q answered within %s; running on your own ComfyUI instead.", p.Name, timeout.Round(time.Second)))
+			return
+		}
 		m.failUnsent(r, fmt.Errorf("no GPU server of pool %q accepted the job within %s: %w", p.Name, timeout.Round(time.Second), cause))
 		return
 	}
@@ -239,4 +243,46 @@ func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
 			cancel()
 		}
 	}
+}
+
+// runOnHome sends a job no endpoint of its pool took to the user's own
+// ComfyUI (a pool's `fallback home`). Its input files are there already;
+// its outputs are captured from there like any other.
+func (m *Manager) runOnHome(r *run, job *Job, notice string) {
+	home, err := m.homeUpstream(job.Home)
+	if err != nil {
+		m.failUnsent(r, err)
+		return
+	}
+	m.notify(job, notice)
+	r.mu.Lock()
+	req := r.req
+	req.Inputs = nil // the files are on home already
+	r.req = req
+	r.mu.Unlock()
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		if _, err := m.send(ctx, r, home); err != nil {
+			m.failUnsent(r, err)
+		}
+	}()
+}
+
+// homeUpstream returns the manager's upstream for a home URL (one per URL).
+func (m *Manager) homeUpstream(base string) (*Upstream, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if u, ok := m.homes[base]; ok {
+		return u, nil
+	}
+	u, err := NewUpstream(base, UpstreamOptions{Logger: m.logger})
+	if err != nil {
+		return nil, err
+	}
+	if m.homes == nil {
+		m.homes = map[string]*Upstream{}
+	}
+	m.homes[base] = u
+	return u, nil
 }

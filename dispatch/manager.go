@@ -34,6 +34,9 @@ type Pool struct {
 	// Watchdog ends a sent job that has had no event for this long
 	// (0: never).
 	Watchdog time.Duration
+	// FallbackHome sends a job that no endpoint took within
+	// ColdStartTimeout to the user's own ComfyUI instead of failing it.
+	FallbackHome bool
 
 	mu      sync.Mutex
 	waiting *fairQueue
@@ -62,6 +65,7 @@ type Manager struct {
 	owner     string
 	leaseTTL  time.Duration
 	inputsFor InputsFor
+	homes     map[string]*Upstream // fallback targets, by URL
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -735,6 +739,9 @@ func (m *Manager) Close() {
 	}
 	for _, p := range m.pools {
 		ups = append(ups, p.Upstreams...)
+	}
+	for _, h := range m.homes {
+		ups = append(ups, h)
 	}
 	m.mu.Unlock()
 	for _, u := range ups {

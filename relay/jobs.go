@@ -422,13 +422,16 @@ func (g *Gateway) listJobs(w http.ResponseWriter, r *http.Request, site Site) {
 		return
 	}
 	var all []jobView
+	remote := g.userJobs(r.Context(), site.User)
+	mine := jobIDs(remote)
 	for _, v := range g.homeJobs(r.Context(), site, jq, q) {
-		if jq.keep(v) {
+		// A job that fell back to home is listed once, from the gateway.
+		if jq.keep(v) && !mine[v.str("id")] {
 			all = append(all, v)
 		}
 	}
 	positions := map[string]map[string]int{}
-	for _, j := range g.userJobs(r.Context(), site.User) {
+	for _, j := range remote {
 		v := remoteJobView(j, false)
 		if j.Status == dispatch.StatusPending {
 			if positions[j.Pool] == nil {
@@ -520,4 +523,13 @@ func (g *Gateway) jobDetail(w http.ResponseWriter, r *http.Request, site Site, i
 		}
 	}
 	writeJSON(w, http.StatusNotFound, comfy.JobsError{Error: "Job not found"})
+}
+
+// jobIDs is the set of the jobs' ids.
+func jobIDs(jobs []*dispatch.Job) map[string]bool {
+	out := make(map[string]bool, len(jobs))
+	for _, j := range jobs {
+		out[j.ID] = true
+	}
+	return out
 }

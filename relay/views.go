@@ -185,13 +185,12 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 	if err := g.homeGet(ctx, site, "/queue", &q); err != nil {
 		g.logger.Debug("home queue unavailable", zap.Error(err))
 	}
-	if q.Running == nil {
-		q.Running = []json.RawMessage{}
-	}
-	if q.Pending == nil {
-		q.Pending = []json.RawMessage{}
-	}
-	for _, j := range g.activeJobs(ctx, site.User) {
+	active := g.activeJobs(ctx, site.User)
+	mine := jobIDs(active)
+	// A job that fell back to home is listed once, from the gateway.
+	q.Running = withoutJobs(q.Running, mine)
+	q.Pending = withoutJobs(q.Pending, mine)
+	for _, j := range active {
 		b, _ := json.Marshal(queueItem(j))
 		if j.Status == dispatch.StatusInProgress {
 			q.Running = append(q.Running, b)
@@ -200,6 +199,18 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 		}
 	}
 	writeJSON(w, http.StatusOK, q)
+}
+
+// withoutJobs drops queue items whose prompt_id is in ids (never nil).
+func withoutJobs(items []json.RawMessage, ids map[string]bool) []json.RawMessage {
+	out := make([]json.RawMessage, 0, len(items))
+	for _, raw := range items {
+		if t, ok := parseQueueTuple(raw); ok && ids[t.id] {
+			continue
+		}
+		out = append(out, raw)
+	}
+	return out
 }
 
 // historyEntry builds ComfyUI's history entry for a finished remote job.
@@ -383,11 +394,18 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 		homeQuery += "?max_items=" + strconv.Itoa(maxItems+offset)
 	}
 	var entries []orderedEntry
+	remote := g.userJobs(ctx, site.User)
+	mine := jobIDs(remote)
 	var raw json.RawMessage
 	if err := g.homeGet(ctx, site, homeQuery, &raw); err == nil {
-		entries, _ = decodeOrdered(raw)
+		all, _ := decodeOrdered(raw)
+		for _, e := range all {
+			if !mine[e.key] { // a job that fell back to home: listed once
+				entries = append(entries, e)
+			}
+		}
 	}
-	for _, j := range g.userJobs(ctx, site.User) {
+	for _, j := range remote {
 		if j.Active() {
 			continue
 		}
