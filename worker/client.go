@@ -9,6 +9,7 @@ import (
 	"mime"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/comfyume/comfyume/comfy"
@@ -76,6 +77,10 @@ type Client struct {
 	// DefaultClientIdle, a negative value disables the check. Keep it well
 	// above the worker's Options.Heartbeat.
 	IdleTimeout time.Duration
+	// Async, if set, sends jobs the request/response way of platforms
+	// that only offer asynchronous HTTP (see AsyncOptions); nil streams
+	// the response as it is produced.
+	Async *AsyncOptions
 }
 
 // RejectedError is ComfyUI's refusal of the prompt (normally a 400 with
@@ -146,6 +151,9 @@ var errIdle = errors.New("worker: no frame from the worker within the idle timeo
 // interrupts the prompt), or another error when the stream broke after
 // acceptance. An execution_error is not an error of Run: it arrives as an
 // event and Run returns nil.
+//
+// With c.Async set, Run submits the job asynchronously and delivers what
+// it produced once the platform has the whole response; see AsyncOptions.
 func (c *Client) Run(ctx context.Context, job Job, h Handler) error {
 	if len(job.Prompt) == 0 {
 		return errors.New("worker: the job has no prompt")
@@ -176,9 +184,14 @@ func (c *Client) Run(ctx context.Context, job Job, h Handler) error {
 		_ = pw.CloseWithError(err)
 		bodyDone <- err
 	}()
+	var bodyOnce sync.Once
+	var bodyResult error
 	bodyErr := func() error {
-		_ = pr.CloseWithError(errAborted)
-		return <-bodyDone
+		bodyOnce.Do(func() {
+			_ = pr.CloseWithError(errAborted)
+			bodyResult = <-bodyDone
+		})
+		return bodyResult
 	}
 
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.URL, pr)
@@ -191,10 +204,11 @@ func (c *Client) Run(ctx context.Context, job Job, h Handler) error {
 	}
 	req.Header.Set("Content-Type", ContentType)
 	req.Header.Set("Accept", ContentType)
-	hc := c.HTTP
-	if hc == nil {
-		hc = http.DefaultClient
+	if c.Async != nil {
+		req.Header.Set("Prefer", "respond-async")
 	}
+	hc := c.httpClient()
+	submitted := time.Now()
 	resp, err := hc.Do(req)
 	if err != nil {
 		berr := bodyErr()
@@ -210,6 +224,40 @@ func (c *Client) Run(ctx context.Context, job Job, h Handler) error {
 	defer resp.Body.Close()
 	defer bodyErr()
 
+	if c.Async != nil && resp.StatusCode == http.StatusAccepted {
+		sub, err := c.submitted(resp)
+		resp.Body.Close()
+		if berr := bodyErr(); berr != nil {
+			var ie *inputError
+			if errors.As(berr, &ie) {
+				return fmt.Errorf("worker: %w", ie)
+			}
+			return fmt.Errorf("worker: the platform answered 202 before the whole job was sent: %w", berr)
+		}
+		if err != nil {
+			return err
+		}
+		result, err := c.await(ctx, sub, submitted)
+		if err != nil {
+			return err
+		}
+		defer result.Body.Close()
+		return c.consume(ctx, cancel, result, job, h, true)
+	}
+	return c.consume(ctx, cancel, resp, job, h, false)
+}
+
+func (c *Client) httpClient() *http.Client {
+	if c.HTTP != nil {
+		return c.HTTP
+	}
+	return http.DefaultClient
+}
+
+// consume handles the worker's answer to a job: resp is the answer itself
+// (streaming mode) or the platform's stored copy of it (fromResult, async
+// mode), read after the job ran.
+func (c *Client) consume(ctx context.Context, cancel context.CancelCauseFunc, resp *http.Response, job Job, h Handler, fromResult bool) error {
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		msg := strings.TrimSpace(string(b))
@@ -223,7 +271,15 @@ func (c *Client) Run(ctx context.Context, job Job, h Handler) error {
 		}
 		return &WorkerError{Status: resp.StatusCode, Message: msg}
 	}
-	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); mt != ContentType {
+	if fromResult {
+		// The stored response may have lost its Content-Type; the frames
+		// themselves are checked below.
+		if ct := resp.Header.Get("Content-Type"); ct != "" {
+			if mt, _, _ := mime.ParseMediaType(ct); mt != ContentType && mt != "application/octet-stream" {
+				return fmt.Errorf("worker: the async result is %q, not a job stream", ct)
+			}
+		}
+	} else if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); mt != ContentType {
 		return &NotAcceptedError{Status: resp.StatusCode, Err: fmt.Errorf("the answer is %q, not a job stream", resp.Header.Get("Content-Type"))}
 	}
 
@@ -244,6 +300,9 @@ func (c *Client) Run(ctx context.Context, job Job, h Handler) error {
 	if err != nil {
 		if ctx.Err() != nil && context.Cause(ctx) != errIdle {
 			return context.Cause(ctx)
+		}
+		if fromResult {
+			return fmt.Errorf("worker: the async result ended before the job was accepted: %w", err)
 		}
 		return &NotAcceptedError{Status: resp.StatusCode, Err: fmt.Errorf("the stream ended before the job was accepted: %w", err)}
 	}
@@ -271,6 +330,9 @@ func (c *Client) Run(ctx context.Context, job Job, h Handler) error {
 	case KindError:
 		return &WorkerError{Message: errorMessage(p)}
 	default:
+		if fromResult {
+			return fmt.Errorf("worker: the async result is not a job stream (first frame %s)", k)
+		}
 		return &NotAcceptedError{Status: resp.StatusCode, Err: fmt.Errorf("unexpected first frame %s", k)}
 	}
 

@@ -46,4 +46,10 @@
 // whose ComfyUI went silent. GET on the handler answers a small status
 // ({"ready","running"}, 503 until the local ComfyUI answers), usable as
 // the platform's health check.
+//
+// On platforms that only offer asynchronous request/response HTTP
+// (Verda's "Prefer: respond-async"), set Client.Async: the same request
+// is submitted, the platform stores the worker's whole response (the
+// frame stream) and the client reads it back from the result endpoint
+// once the job ended; see AsyncOptions. The worker is unchanged.
 package worker
