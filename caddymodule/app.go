@@ -131,7 +131,10 @@ type UpstreamConfig struct {
 	// its ComfyUI, and each job travels in one streaming request that
 	// carries its inputs in and its events and outputs back. Use "worker"
 	// for serverless deployments behind a load balancer that sends each
-	// request to any container.
+	// request to any container. "worker-async" is the same job request
+	// for platforms that only answer asynchronously (Prefer:
+	// respond-async, then polling status and result): progress shows the
+	// platform's status, events arrive when the job is done.
 	Transport string `json:"transport,omitempty"`
 }
 
@@ -253,7 +256,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 			}
 			up, err := dispatch.NewUpstream(repl.ReplaceAll(uc.URL, ""), dispatch.UpstreamOptions{
 				Header: h, MaxJobs: uc.MaxJobs, LostTimeout: time.Duration(uc.LostTimeout), Logger: a.logger,
-				Pinned: uc.Transport == "worker",
+				Pinned: uc.Transport == "worker", Async: uc.Transport == "worker-async",
 			})
 			if err != nil {
 				return fmt.Errorf("pool %s: %w", pc.Name, err)
@@ -283,8 +286,8 @@ func (a *App) Validate() error {
 			return fmt.Errorf("pool %q: fallback %q: only home is supported", p.Name, p.Fallback)
 		}
 		for _, u := range p.Upstreams {
-			if u.Transport != "" && u.Transport != "comfyui" && u.Transport != "worker" {
-				return fmt.Errorf("pool %q upstream %s: transport %q: use comfyui or worker", p.Name, u.URL, u.Transport)
+			if u.Transport != "" && u.Transport != "comfyui" && u.Transport != "worker" && u.Transport != "worker-async" {
+				return fmt.Errorf("pool %q upstream %s: transport %q: use comfyui, worker or worker-async", p.Name, u.URL, u.Transport)
 			}
 		}
 	}

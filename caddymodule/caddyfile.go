@@ -33,7 +33,7 @@ func init() {
 //				header <field> <value>
 //				max_jobs <n>
 //				lost_timeout <duration>
-//				transport comfyui | worker
+//				transport comfyui | worker | worker-async
 //			}
 //		}
 //		health_interval <duration>

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -173,5 +174,37 @@ func TestFallbackHome(t *testing.T) {
 	}
 	if n != 1 {
 		t.Fatalf("job listed %d times: %v", n, page.Jobs)
+	}
+}
+
+// transport worker-async: a platform that only answers asynchronously
+// (Prefer: respond-async, then status and result polling). The browser is
+// shown the platform's status meanwhile, then gets the job's events and
+// its output; a rejected prompt ends as an error the UI shows.
+func TestAsyncPlatformTransport(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	comfy := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	mux := http.NewServeMux()
+	mux.Handle(dispatch.WorkerPath, worker.NewServer(comfy.URL(), worker.Options{}))
+	mux.Handle("/", comfy.Handler())
+	backend := httptest.NewServer(mux)
+	t.Cleanup(backend.Close)
+	platform := comfytest.StartAsyncPlatformWith(t, comfytest.AsyncPlatformOptions{Backend: backend.URL, Deployment: "comfy-h200", QueueDelay: 2500 * time.Millisecond})
+	cf := strings.Replace(poolCaddyfile(home.URL(), platform.DeploymentURL(), ""), "max_jobs 1", "max_jobs 1\n\t\t\t\ttransport worker-async", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("async", 2))
+	frames := b.untilJobEnd(a.PromptID, 60*time.Second)
+	told := false
+	for _, f := range frames {
+		told = told || (!f.text && f.binary == 3 && bytes.Contains(f.data, []byte("GPU job ")))
+	}
+	if !told || indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("async job: told=%v %v", told, types(frames))
+	}
+	ref := outputRef(t, frames, "3")
+	want, _ := comfy.OutputFile("output", "", ref["filename"].(string))
+	if st, got, _ := g.do("alice", "GET", "/api/view?"+viewQuery(ref), nil); st != 200 || !bytes.Equal(got, want) {
+		t.Fatalf("async output: %d", st)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"time"
 
@@ -76,6 +77,13 @@ func (m *Manager) sendPinned(ctx context.Context, r *run, up *Upstream) (SubmitR
 		}})
 	}
 	client := &worker.Client{URL: up.URL(WorkerPath), Header: up.Header.Clone(), HTTP: up.client}
+	h := &pinnedHandler{m: m, r: r, accepted: make(chan acceptance, 1)}
+	if up.Async {
+		// Submit-and-poll platforms: the job counts as accepted once the
+		// platform has queued it (the first status answer); progress is
+		// shown from the platform's status until the result arrives.
+		client.Async = &worker.AsyncOptions{Progress: h.progress}
+	}
 	runCtx, cancel := context.WithCancel(context.Background())
 	r.mu.Lock()
 	r.up = up
@@ -84,7 +92,6 @@ func (m *Manager) sendPinned(ctx context.Context, r *run, up *Upstream) (SubmitR
 	r.job.Transport = TransportWorker
 	r.cancelRun = cancel
 	r.mu.Unlock()
-	h := &pinnedHandler{m: m, r: r, accepted: make(chan acceptance, 1)}
 	go func() {
 		err := client.Run(runCtx, wjob, h)
 		plan.close()
@@ -175,6 +182,16 @@ func (h *pinnedHandler) Output(ref comfy.FileRef, contentType string, body io.Re
 	return store.StoreOutput(context.Background(), h.r.snapshot(), ref, contentType, body)
 }
 
+// progress reports an async job's platform status: the first report
+// accepts the job; each is shown to the browser.
+func (h *pinnedHandler) progress(status string, elapsed time.Duration) {
+	h.Accepted(h.r.job.ID, 0)
+	if status == worker.AsyncCompleted {
+		return
+	}
+	h.m.notify(h.r.snapshot(), fmt.Sprintf("GPU job %s (%s)…", strings.ToLower(status), elapsed.Round(time.Second)))
+}
+
 // end is called when the stream is over.
 func (h *pinnedHandler) end(err error) {
 	refused := false
@@ -202,6 +219,12 @@ func (h *pinnedHandler) end(err error) {
 			"timestamp": time.Now().UnixMilli(),
 		})
 		r.push(event{msg: &m})
+		return
+	}
+	var rej *worker.RejectedError
+	if errors.As(err, &rej) {
+		// An async platform answers validation errors with the result.
+		h.m.failUnsent(r, &RejectedError{Status: rej.Status, Body: rej.Body})
 		return
 	}
 	msg := "The stream from the GPU server ended before the job did"

@@ -39,6 +39,9 @@ type Upstream struct {
 	// Pinned upstreams run comfyume's worker handler in front of their
 	// ComfyUI: each job travels in one streaming request (see pinned.go).
 	Pinned bool
+	// Async (pinned upstreams only): the platform answers the job request
+	// later (Prefer: respond-async, then polling status and result).
+	Async bool
 
 	client *http.Client
 	dialer *websocket.Dialer
@@ -66,8 +69,9 @@ type UpstreamOptions struct {
 	MaxJobs int
 	// LostTimeout: see Upstream.LostTimeout (default DefaultLostTimeout).
 	LostTimeout time.Duration
-	// Pinned selects the worker transport (see Upstream.Pinned).
-	Pinned bool
+	// Pinned selects the worker transport (see Upstream.Pinned); Async
+	// its submit-and-poll variant.
+	Pinned, Async bool
 	// ClientID is the sid of the event stream (default: a new random one).
 	// A gateway that takes over another's jobs reuses that one's sid, since
 	// ComfyUI sends a job's events only to the sid that queued it.
@@ -114,7 +118,8 @@ func NewUpstream(base string, opts UpstreamOptions) (*Upstream, error) {
 		Header:      opts.Header.Clone(),
 		MaxJobs:     opts.MaxJobs,
 		LostTimeout: lost,
-		Pinned:      opts.Pinned,
+		Pinned:      opts.Pinned || opts.Async,
+		Async:       opts.Async,
 		client:      &http.Client{Transport: tr},
 		dialer:      &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 32 << 10, WriteBufferSize: 16 << 10},
 		logger:      logger.With(zap.String("upstream", u.Redacted())),
