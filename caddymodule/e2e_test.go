@@ -277,15 +277,10 @@ func TestUnreachablePoolFailsAfterColdStartTimeout(t *testing.T) {
 	b := g.openBrowser("alice", "", true)
 	a := g.queue("alice", b.SID, samplerWorkflow("x", 1))
 	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
-	notices := 0
-	for _, f := range frames {
-		if !f.text && f.binary == 3 && bytes.Contains(f.data, []byte("Waiting for a GPU")) {
-			notices++
-		}
-	}
+	n := notices(frames, "Waiting for a GPU")
 	i := indexOf(frames, "execution_error")
-	if notices == 0 || i < 0 || !strings.Contains(frames[i].str("exception_message"), "gpu") {
-		t.Fatalf("held job: %d notices, frames %v", notices, types(frames))
+	if n == 0 || i < 0 || !strings.Contains(frames[i].str("exception_message"), "gpu") {
+		t.Fatalf("held job: %d notices, frames %v", n, types(frames))
 	}
 	var j map[string]any
 	g.getJSON("alice", "/api/jobs/"+a.PromptID, &j)

@@ -308,3 +308,15 @@ func types(frames []wsFrame) []string {
 	}
 	return out
 }
+
+// notices counts the progress-text frames (binary type 3) containing text:
+// the messages the gateway shows under a job's node.
+func notices(frames []wsFrame, text string) int {
+	n := 0
+	for _, f := range frames {
+		if !f.text && f.binary == 3 && bytes.Contains(f.data, []byte(text)) {
+			n++
+		}
+	}
+	return n
+}

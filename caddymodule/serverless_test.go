@@ -97,14 +97,9 @@ func TestColdStartIsHeldNotFailed(t *testing.T) {
 	b := g.openBrowser("alice", "", true)
 	a := g.queue("alice", b.SID, samplerWorkflow("cold", 1))
 	frames := b.untilJobEnd(a.PromptID, 60*time.Second)
-	notices := 0
-	for _, f := range frames {
-		if !f.text && f.binary == 3 && bytes.Contains(f.data, []byte("Waiting for a GPU")) {
-			notices++
-		}
-	}
-	if indexOf(frames, "execution_success") < 0 || notices == 0 {
-		t.Fatalf("cold start: %d notices, %v", notices, types(frames))
+	n := notices(frames, "Waiting for a GPU")
+	if indexOf(frames, "execution_success") < 0 || n == 0 {
+		t.Fatalf("cold start: %d notices, %v", n, types(frames))
 	}
 }
 
@@ -146,10 +141,7 @@ func TestFallbackHome(t *testing.T) {
 	b := g.openBrowser("alice", "", true)
 	a := g.queue("alice", b.SID, samplerWorkflow("fb", 1))
 	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
-	told := false
-	for _, f := range frames {
-		told = told || (!f.text && f.binary == 3 && bytes.Contains(f.data, []byte("your own ComfyUI")))
-	}
+	told := notices(frames, "your own ComfyUI") > 0
 	if indexOf(frames, "execution_success") < 0 || !told {
 		t.Fatalf("fallback: told=%v %v", told, types(frames))
 	}
@@ -195,10 +187,7 @@ func TestAsyncPlatformTransport(t *testing.T) {
 	b := g.openBrowser("alice", "", true)
 	a := g.queue("alice", b.SID, samplerWorkflow("async", 2))
 	frames := b.untilJobEnd(a.PromptID, 60*time.Second)
-	told := false
-	for _, f := range frames {
-		told = told || (!f.text && f.binary == 3 && bytes.Contains(f.data, []byte("GPU job ")))
-	}
+	told := notices(frames, "GPU job ") > 0
 	if !told || indexOf(frames, "execution_success") < 0 {
 		t.Fatalf("async job: told=%v %v", told, types(frames))
 	}
