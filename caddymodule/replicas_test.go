@@ -3,6 +3,7 @@ package caddymodule_test
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -468,5 +469,84 @@ func TestRestartMidJobKeepsJobs(t *testing.T) {
 	frames = again.untilJobEnd(waiting.PromptID, 60*time.Second)
 	if indexOf(frames, "execution_success") < 0 {
 		t.Fatalf("waiting job after restart: %v", types(frames))
+	}
+}
+
+// Gateways sharing a store share each endpoint's max_jobs: two replicas
+// submitting at once never put two jobs on a max_jobs 1 GPU.
+func TestReplicasShareEndpointSlots(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 40 * time.Millisecond})
+	cf := sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	a := startCaddy(t, cf)
+	b := startReplica(t, cf)
+	tab := a.openBrowser("alice", "tab-slots", true)
+	t.Cleanup(func() {
+		if t.Failed() {
+			var page jobsPage
+			a.getJSON("alice", "/api/jobs", &page)
+			for _, j := range page.Jobs {
+				t.Logf("job %v %v upstream-prompts=%d", j["id"], j["status"], len(gpu.Prompts()))
+			}
+		}
+	})
+
+	stop := make(chan struct{})
+	maxOnGPU := 0
+	var watch sync.WaitGroup
+	watch.Add(1)
+	go func() {
+		defer watch.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			resp, err := http.Get(gpu.URL() + "/queue")
+			if err == nil {
+				var q struct {
+					Running []any `json:"queue_running"`
+					Pending []any `json:"queue_pending"`
+				}
+				_ = json.NewDecoder(resp.Body).Decode(&q)
+				resp.Body.Close()
+				maxOnGPU = max(maxOnGPU, len(q.Running)+len(q.Pending))
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	var ids [2]string
+	var wg sync.WaitGroup
+	for i, g := range []*gateway{a, &b.gateway} {
+		wg.Add(1)
+		go func(i int, g *gateway) {
+			defer wg.Done()
+			ids[i] = g.queue("alice", tab.SID, samplerWorkflow(fmt.Sprintf("slot%d", i), 8)).PromptID
+		}(i, g)
+	}
+	wg.Wait()
+	// Either job may finish first: collect both ends.
+	succeeded, ended := map[string]bool{}, map[string]bool{}
+	deadline := time.Now().Add(60 * time.Second)
+	for len(ended) < len(ids) {
+		f := tab.next(time.Until(deadline))
+		switch pid := f.str("prompt_id"); {
+		case f.Type == "execution_success":
+			succeeded[pid] = true
+		case f.Type == "executing" && f.Data["node"] == nil && pid != "":
+			ended[pid] = true
+		}
+	}
+	for _, id := range ids {
+		if !succeeded[id] {
+			t.Fatalf("job %s did not succeed", id)
+		}
+	}
+	close(stop)
+	watch.Wait()
+	if maxOnGPU > 1 {
+		t.Fatalf("%d jobs were on the max_jobs 1 GPU at once", maxOnGPU)
 	}
 }

@@ -85,6 +85,13 @@ func (m *Manager) Store() Store { return m.store }
 // old pool move to the new one; jobs running on the old pool's upstreams
 // finish there, and those upstreams close once idle.
 func (m *Manager) SetPool(p *Pool) {
+	if ss, ok := m.store.(SharedSlots); ok {
+		for _, u := range p.Upstreams {
+			u.mu.Lock()
+			u.shared, u.slotTTL = ss, m.leaseTTL
+			u.mu.Unlock()
+		}
+	}
 	m.mu.Lock()
 	old := m.pools[p.Name]
 	m.pools[p.Name] = p
@@ -313,13 +320,14 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	// user, and the user is under their running cap; else into the queue.
 	pool.mu.Lock()
 	var up *Upstream
+	var token string
 	if pool.queue().len() == 0 && m.mayRun(pool, req.User) {
-		up = pool.acquire()
+		up, token = pool.acquire()
 	}
 	if up == nil {
 		pool.queue().push(r)
 	} else {
-		r.holdSlot(up)
+		r.holdSlot(up, token)
 		pool.queue().markServed(req.User)
 	}
 	pool.mu.Unlock()
@@ -348,43 +356,97 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 }
 
 // acquire takes a slot on the least busy endpoint, or returns nil.
-func (p *Pool) acquire() *Upstream {
-	var best, trial *Upstream
-	bestLoad := 0
+func (p *Pool) acquire() (*Upstream, string) {
+	type cand struct {
+		u    *Upstream
+		load int
+	}
+	var healthy []cand
+	var trial *Upstream
 	now := time.Now()
 	for _, u := range p.Upstreams {
 		u.mu.Lock()
 		load := u.inflight
 		free := u.MaxJobs <= 0 || load < u.MaxJobs
-		healthy := u.failures < FailuresToOpen
-		due := !healthy && !now.Before(u.openUntil)
+		ok := u.failures < FailuresToOpen
+		due := !ok && !now.Before(u.openUntil)
 		u.mu.Unlock()
 		if !free {
 			continue
 		}
-		if healthy && (best == nil || load < bestLoad) {
-			best, bestLoad = u, load
-		}
-		if due && trial == nil {
+		if ok {
+			healthy = append(healthy, cand{u, load})
+		} else if due && trial == nil {
 			trial = u
 		}
 	}
-	if best == nil {
-		// Every free endpoint is down: one whose backoff ran out gets a
-		// trial job (the circuit's half-open state).
-		best = trial
-		if best != nil {
-			best.mu.Lock()
-			best.openUntil = now.Add(time.Hour) // one trial at a time
-			best.mu.Unlock()
+	sort.SliceStable(healthy, func(a, b int) bool { return healthy[a].load < healthy[b].load })
+	for _, c := range healthy {
+		if token, ok := c.u.take(); ok {
+			return c.u, token
 		}
 	}
-	if best != nil {
-		best.mu.Lock()
-		best.inflight++
-		best.mu.Unlock()
+	if trial != nil {
+		// Every free endpoint is down: one whose backoff ran out gets a
+		// trial job (the circuit's half-open state).
+		if token, ok := trial.take(); ok {
+			trial.mu.Lock()
+			trial.openUntil = now.Add(time.Hour) // one trial at a time
+			trial.mu.Unlock()
+			return trial, token
+		}
 	}
-	return best
+	return nil, ""
+}
+
+// take reserves a slot on the endpoint: here, and — when gateways share
+// the store — among all of them. The token names the shared slot ("" when
+// not shared). A store that cannot be asked does not block the job.
+func (u *Upstream) take() (string, bool) {
+	u.mu.Lock()
+	u.inflight++
+	shared, max := u.shared, u.MaxJobs
+	u.mu.Unlock()
+	if shared == nil || max <= 0 {
+		return "", true
+	}
+	token := uuid.NewString()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	ok, err := shared.AcquireSlot(ctx, u.String(), max, token, u.slotTTL)
+	if err != nil {
+		u.logger.Warn("shared slot count unavailable; counting locally", zap.Error(err))
+		return "", true
+	}
+	if !ok {
+		u.release() // another gateway's jobs fill it
+		return "", false
+	}
+	return token, true
+}
+
+// giveBack returns a slot taken with take.
+func (u *Upstream) giveBack(token string) {
+	u.release()
+	ss := u.sharedSlots()
+	if token == "" || ss == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := ss.ReleaseSlot(ctx, u.String(), token); err != nil {
+		u.logger.Warn("releasing shared slot", zap.Error(err))
+	}
+}
+
+// sharedSlots returns the store that counts slots with other gateways.
+func (u *Upstream) sharedSlots() SharedSlots {
+	if u == nil {
+		return nil
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.shared
 }
 
 // release gives back the slot a job held.
@@ -495,7 +557,7 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 			p.mu.Unlock()
 			return
 		}
-		up := p.acquire()
+		up, token := p.acquire()
 		if up == nil {
 			p.mu.Unlock()
 			return
@@ -503,13 +565,13 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 		running := m.runningByUser(p)
 		r := p.queue().next(func(user string) bool { return p.MaxRunning <= 0 || running[user] < p.MaxRunning }, running)
 		if r == nil {
-			up.release()
+			up.giveBack(token)
 			p.mu.Unlock()
 			return
 		}
 		// The job holds the slot from now on (and counts as running for
 		// the user's cap) until it ends or is not accepted.
-		r.holdSlot(up)
+		r.holdSlot(up, token)
 		p.mu.Unlock()
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)

@@ -62,6 +62,10 @@ func (m *Manager) Start(ctx context.Context) {
 			case <-t.C:
 				m.renew(ctx)
 				m.Recover(ctx)
+				// Slots freed by other gateways wake nobody here: look.
+				for _, p := range m.poolsSnapshot() {
+					m.dispatchWaiting(p)
+				}
 			}
 		}
 	}()
@@ -75,6 +79,14 @@ func (m *Manager) renew(ctx context.Context) {
 	}
 	m.mu.Unlock()
 	for _, r := range runs {
+		r.mu.Lock()
+		slot, token := r.slot, r.slotToken
+		r.mu.Unlock()
+		if ss := slot.sharedSlots(); ss != nil && token != "" {
+			if err := ss.RenewSlot(ctx, slot.String(), token, m.leaseTTL); err != nil {
+				m.logger.Warn("renewing shared slot", zap.Error(err))
+			}
+		}
 		ok, err := m.store.Claim(ctx, r.job.ID, m.owner, m.leaseTTL)
 		if err != nil || ok {
 			continue // store down: keep following; nobody else can claim
@@ -183,9 +195,6 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 				slot = u
 				opts.Header = u.Header
 				opts.LostTimeout = u.LostTimeout
-				u.mu.Lock()
-				u.inflight++
-				u.mu.Unlock()
 			}
 		}
 	}
@@ -195,7 +204,18 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 		r.fail("The job's GPU server address is not valid: " + err.Error())
 		return
 	}
-	r.up, r.slot, r.adopted = up, slot, true
+	r.up, r.adopted = up, true
+	if slot != nil {
+		// The job runs there already: take a slot even if the dead
+		// gateway's has not expired yet.
+		token, ok := slot.take()
+		if !ok {
+			slot.mu.Lock()
+			slot.inflight++
+			slot.mu.Unlock()
+		}
+		r.holdSlot(slot, token)
+	}
 	pid := j.UpstreamID
 	if pid == "" {
 		pid = j.ID

@@ -54,7 +54,8 @@ type run struct {
 	req      SubmitRequest
 	// slot is the pool endpoint whose capacity the job holds, from the
 	// moment it is taken for the job until the job ends or is refused.
-	slot *Upstream
+	slot      *Upstream
+	slotToken string // the slot's name among gateways sharing the store
 	// attempts and firstTry count sends no endpoint accepted.
 	attempts int
 	firstTry time.Time
@@ -319,9 +320,9 @@ func (r *run) replayHistory(pid string, h historyEntry) {
 }
 
 // holdSlot records the endpoint slot taken for the job.
-func (r *run) holdSlot(up *Upstream) {
+func (r *run) holdSlot(up *Upstream, token string) {
 	r.mu.Lock()
-	r.slot = up
+	r.slot, r.slotToken = up, token
 	r.mu.Unlock()
 }
 
@@ -329,10 +330,10 @@ func (r *run) holdSlot(up *Upstream) {
 // (the job's end, or its sender after a refusal) releases it.
 func (r *run) releaseSlot() {
 	r.mu.Lock()
-	slot := r.slot
-	r.slot = nil
+	slot, token := r.slot, r.slotToken
+	r.slot, r.slotToken = nil, ""
 	r.mu.Unlock()
 	if slot != nil {
-		slot.release()
+		slot.giveBack(token)
 	}
 }

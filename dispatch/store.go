@@ -33,6 +33,16 @@ type Store interface {
 	Claim(ctx context.Context, id, owner string, ttl time.Duration) (bool, error)
 }
 
+// SharedSlots is implemented by stores that several gateways share: they
+// count the jobs on each endpoint together, so that gateways never put more
+// than an endpoint's max_jobs on it between them. A slot is held by a token
+// until released, or until it expires without renewal (a dead gateway).
+type SharedSlots interface {
+	AcquireSlot(ctx context.Context, endpoint string, max int, token string, ttl time.Duration) (bool, error)
+	RenewSlot(ctx context.Context, endpoint, token string, ttl time.Duration) error
+	ReleaseSlot(ctx context.Context, endpoint, token string) error
+}
+
 // ErrExists is returned by Create for an ID that is taken.
 const ErrExists = dispatchError("dispatch: job exists")
 

@@ -61,6 +61,9 @@ type Upstream struct {
 	// health (see health.go)
 	failures  int
 	openUntil time.Time
+	// shared counts slots with the other gateways sharing the store.
+	shared  SharedSlots
+	slotTTL time.Duration
 }
 
 // UpstreamOptions configures NewUpstream.

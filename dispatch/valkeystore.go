@@ -155,6 +155,59 @@ func (s *ValkeyStore) ActiveCount(ctx context.Context, user string) (int, error)
 	return int(n), nil
 }
 
+// slotScript takes a slot of an endpoint if fewer than max unexpired holders
+// have one: KEYS[1] the endpoint's holders (score: expiry, ms); ARGV now,
+// max, expiry, token, key ttl (ms).
+const slotScript = `
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[4]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return 1
+end
+return 0
+`
+
+var luaSlot = valkey.NewLuaScriptRetryable(slotScript)
+
+func (s *ValkeyStore) slotKey(endpoint string) string { return s.prefix + "slots:" + endpoint }
+
+// AcquireSlot implements SharedSlots.
+func (s *ValkeyStore) AcquireSlot(ctx context.Context, endpoint string, max int, token string, ttl time.Duration) (bool, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	now := time.Now()
+	n, err := luaSlot.Exec(ctx, s.client, []string{s.slotKey(endpoint)}, []string{
+		strconv.FormatInt(now.UnixMilli(), 10), strconv.Itoa(max),
+		strconv.FormatInt(now.Add(ttl).UnixMilli(), 10), token, strconv.FormatInt(ttl.Milliseconds()*2, 10),
+	}).AsInt64()
+	if err != nil {
+		return false, s.wrap("slot of "+endpoint, err)
+	}
+	return n == 1, nil
+}
+
+// RenewSlot implements SharedSlots.
+func (s *ValkeyStore) RenewSlot(ctx context.Context, endpoint, token string, ttl time.Duration) error {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	exp := float64(time.Now().Add(ttl).UnixMilli())
+	if err := s.client.Do(ctx, s.client.B().Zadd().Key(s.slotKey(endpoint)).Xx().ScoreMember().ScoreMember(exp, token).Build()).Error(); err != nil {
+		return s.wrap("renew slot of "+endpoint, err)
+	}
+	return nil
+}
+
+// ReleaseSlot implements SharedSlots.
+func (s *ValkeyStore) ReleaseSlot(ctx context.Context, endpoint, token string) error {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	if err := s.client.Do(ctx, s.client.B().Zrem().Key(s.slotKey(endpoint)).Member(token).Build()).Error(); err != nil {
+		return s.wrap("release slot of "+endpoint, err)
+	}
+	return nil
+}
+
 // Ping checks that Valkey answers (the gateway reports 503 while it does
 // not).
 func (s *ValkeyStore) Ping(ctx context.Context) error {

@@ -308,9 +308,11 @@ type socket struct {
 
 	// With a bus: the replay position of the last frame written, and while
 	// missed frames are being replayed, live frames held back until then.
-	lastPos string
-	holding bool
-	held    []heldFrame
+	lastPos     string
+	recent      map[string]struct{} // positions delivered lately (dedupe)
+	recentOrder []string
+	holding     bool
+	held        []heldFrame
 
 	previewMeta   bool // browser declared supports_preview_metadata
 	homeRemaining int  // queue_remaining of the home server
@@ -322,6 +324,9 @@ type heldFrame struct {
 }
 
 // deliver writes a frame that has a replay position (or "" for none).
+// Frames of one session come from several gateways (each delivers its own
+// at once, the others' through the bus), so positions arrive out of order:
+// duplicates are recognised by position, not by order.
 func (s *socket) deliver(f frame, pos string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -329,13 +334,34 @@ func (s *socket) deliver(f frame, pos string) {
 		s.held = append(s.held, heldFrame{f, pos})
 		return
 	}
-	if pos != "" && s.lastPos != "" && !posAfter(pos, s.lastPos) {
+	if pos != "" && !s.mark(pos) {
 		return // had it already (a catch-up after a live delivery)
 	}
 	s.writeLocked(f)
-	if pos != "" {
+}
+
+// recentPositions bounds the positions a socket remembers for dedupe.
+const recentPositions = 512
+
+// mark records a delivered position; false means it was delivered before.
+// lastPos keeps the highest position delivered.
+func (s *socket) mark(pos string) bool {
+	if _, dup := s.recent[pos]; dup {
+		return false
+	}
+	if s.recent == nil {
+		s.recent = map[string]struct{}{}
+	}
+	s.recent[pos] = struct{}{}
+	s.recentOrder = append(s.recentOrder, pos)
+	if len(s.recentOrder) > recentPositions {
+		delete(s.recent, s.recentOrder[0])
+		s.recentOrder = s.recentOrder[1:]
+	}
+	if posAfter(pos, s.lastPos) {
 		s.lastPos = pos
 	}
+	return true
 }
 
 // replay writes the frames a reconnecting browser missed, then the live
@@ -344,19 +370,18 @@ func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bo
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, m := range missed {
+		if m.Pos != "" && !s.mark(m.Pos) {
+			continue
+		}
 		if f, ok := toFrame(m); ok {
 			s.writeLocked(f)
 		}
-		s.lastPos = m.Pos
 	}
 	for _, h := range s.held {
-		if h.pos != "" && !posAfter(h.pos, s.lastPos) {
+		if h.pos != "" && !s.mark(h.pos) {
 			continue
 		}
 		s.writeLocked(h.f)
-		if h.pos != "" {
-			s.lastPos = h.pos
-		}
 	}
 	s.held = nil
 	s.holding = false
