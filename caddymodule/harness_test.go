@@ -320,3 +320,20 @@ func notices(frames []wsFrame, text string) int {
 	}
 	return n
 }
+
+// waitStatus polls /api/jobs/{id} until the job has the status.
+func (g *gateway) waitStatus(user, id, status string, d time.Duration) {
+	g.t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		var j map[string]any
+		g.getJSON(user, "/api/jobs/"+id, &j)
+		if j["status"] == status {
+			return
+		}
+		if time.Now().After(deadline) {
+			g.t.Fatalf("job %s is %v, not %s, after %v", id, j["status"], status, d)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

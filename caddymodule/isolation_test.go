@@ -80,18 +80,7 @@ func TestReconnectMidJobKeepsEvents(t *testing.T) {
 	b.waitType("progress", 10*time.Second)
 	b.conn.Close()
 	// The job finishes while the tab is away.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var j map[string]any
-		g.getJSON("alice", "/api/jobs/"+a.PromptID, &j)
-		if j["status"] == "completed" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("job did not finish: %v", j)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	g.waitStatus("alice", a.PromptID, "completed", 30*time.Second)
 
 	b2 := g.openBrowser("alice", "tab-1", true)
 	if b2.SID != "tab-1" {

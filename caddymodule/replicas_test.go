@@ -248,18 +248,7 @@ func TestReconnectToOtherReplicaReplaysMissedEvents(t *testing.T) {
 	pa := a.queue("alice", tab.SID, samplerWorkflow("rr", 6))
 	tab.waitType("progress", 10*time.Second)
 	tab.conn.Close()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var j map[string]any
-		a.getJSON("alice", "/api/jobs/"+pa.PromptID, &j)
-		if j["status"] == "completed" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("job did not finish: %v", j)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	a.waitStatus("alice", pa.PromptID, "completed", 30*time.Second)
 	again := b.openBrowser("alice", "tab-r", true)
 	frames := again.untilJobEnd(pa.PromptID, 10*time.Second)
 	if indexOf(frames, "executed") < 0 || indexOf(frames, "execution_success") < 0 {
