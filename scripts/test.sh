@@ -56,6 +56,9 @@ trap run_cleanup_fns EXIT
 
 start_services() {
 	start_valkey
+	# A server that was already running (COMFYUME_TEST_VALKEY set) leaves no
+	# binary known: find one for the tests that run their own.
+	[[ -n "${_valkey_bin:-}" ]] || _valkey_find_server || true
 	export COMFYUME_TEST_VALKEY_SERVER="${_valkey_bin:-$(command -v valkey-server || command -v redis-server || true)}"
 	export COMFYUME_TEST_VALKEY_LD_PATH="${_valkey_ld_path:-}"
 	start_s3
