@@ -50,28 +50,7 @@ func needSDK(t *testing.T) string {
 // anonymousCaddyfile is poolCaddyfile without the `user` line: everyone is
 // the one anonymous user, as in the embedded default Caddyfile.
 func anonymousCaddyfile(home, gpu string) string {
-	return `{
-	admin off
-	comfyume {
-		pool gpu {
-			upstream ` + gpu + ` {
-				header Authorization "Bearer {env.COMFYUME_TEST_TOKEN}"
-				max_jobs 1
-			}
-		}
-		outputs disk {DATA}
-	}
-}
-
-:{PORT} {
-	bind 127.0.0.1
-	comfyume {
-		home ` + home + `
-		run_on gpu
-	}
-	reverse_proxy ` + strings.TrimPrefix(home, "http://") + `
-}
-`
+	return strings.Replace(poolCaddyfile(home, gpu, ""), "\t\tuser {http.request.header.X-User}\n", "", 1)
 }
 
 // sdkResult is the JSON line run.mjs prints.

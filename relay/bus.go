@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 
+	"strconv"
 	"strings"
 	"time"
 
@@ -125,7 +126,7 @@ func (b *ValkeyBus) Publish(ctx context.Context, m *BusMessage) error {
 	if m.Keep {
 		entry, _ := json.Marshal(m)
 		key := b.sessionKey(m.User, m.SID)
-		cmd := b.client.B().Xadd().Key(key).Maxlen().Almost().Threshold(itoa(b.ReplayLen)).Id("*").FieldValue().FieldValue("m", string(entry)).Build()
+		cmd := b.client.B().Xadd().Key(key).Maxlen().Almost().Threshold(strconv.FormatInt(b.ReplayLen, 10)).Id("*").FieldValue().FieldValue("m", string(entry)).Build()
 		id, err := b.client.Do(ctx, cmd).ToString()
 		if err != nil {
 			return err

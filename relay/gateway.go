@@ -12,6 +12,7 @@ import (
 	"mime"
 	"net/http"
 	"path"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -279,31 +280,9 @@ const DefaultMaxBody = 100 << 20
 func formatBytes(n int64) string {
 	const mb = 1 << 20
 	if n%mb == 0 {
-		return itoa(n/mb) + " MiB"
+		return strconv.FormatInt(n/mb, 10) + " MiB"
 	}
-	return itoa(n) + " bytes"
-}
-
-func itoa(n int64) string {
-	if n == 0 {
-		return "0"
-	}
-	neg := n < 0
-	if neg {
-		n = -n
-	}
-	var b [20]byte
-	i := len(b)
-	for n > 0 {
-		i--
-		b[i] = byte('0' + n%10)
-		n /= 10
-	}
-	if neg {
-		i--
-		b[i] = '-'
-	}
-	return string(b[i:])
+	return strconv.FormatInt(n, 10) + " bytes"
 }
 
 // servePrompt runs POST /prompt on the site's pool.
