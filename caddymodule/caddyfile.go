@@ -58,13 +58,8 @@ func init() {
 //			spool <dir>
 //		}
 //	}
-func parseGlobal(d *caddyfile.Dispenser, existing any) (any, error) {
-	app := new(App)
-	if existing != nil {
-		if prev, ok := existing.(httpcaddyfile.App); ok {
-			_ = prev // a second comfyume block replaces the first
-		}
-	}
+func parseGlobal(d *caddyfile.Dispenser, _ any) (any, error) {
+	app := new(App) // a second comfyume block replaces the first
 	if err := app.UnmarshalCaddyfile(d); err != nil {
 		return nil, err
 	}
