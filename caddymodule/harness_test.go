@@ -5,8 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -24,14 +27,50 @@ import (
 // config per process.
 var caddyMu sync.Mutex
 
+// freePort hands out a port nothing listens on, for a server the test
+// starts later. It picks from below the kernel's ephemeral range, so that
+// an outgoing connection (whose local port comes from that range) or a
+// ":0" listener elsewhere cannot take it between now and the bind, and
+// never hands out the same port twice in one test binary.
 func freePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	portMu.Lock()
+	defer portMu.Unlock()
+	low := ephemeralLow()
+	for i := 0; i < 1000; i++ {
+		p := 10000 + rand.IntN(low-10000)
+		if portsGiven[p] {
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		portsGiven[p] = true
+		return p
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatal("no free port below the ephemeral range")
+	return 0
+}
+
+var (
+	portMu     sync.Mutex
+	portsGiven = map[int]bool{}
+)
+
+// ephemeralLow is the first port the kernel hands out for outgoing
+// connections (32768 on Linux unless configured otherwise).
+func ephemeralLow() int {
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 11000 {
+				low = n
+			}
+		}
+	}
+	return low
 }
 
 // gateway is a running Caddy with comfyume, loaded from a Caddyfile.
