@@ -539,3 +539,52 @@ func TestReplicasShareEndpointSlots(t *testing.T) {
 		t.Fatalf("%d jobs were on the max_jobs 1 GPU at once", maxOnGPU)
 	}
 }
+
+// Replicas share one fair queue: alice's batch came in through replica A,
+// bob's and carol's prompts through replica B, yet bob and carol run right
+// after alice's current job — not when A's own queue runs dry. max_queued
+// and the queue positions count every replica's jobs.
+func TestReplicasShareOneFairQueue(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 40 * time.Millisecond})
+	cf := sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	cf = strings.Replace(cf, "pool gpu {", "pool gpu {\n\t\t\tmax_queued 4", 1)
+	a := startCaddy(t, cf)
+	b := startReplica(t, cf)
+	alice := a.openBrowser("alice", "", true)
+	bob := b.openBrowser("bob", "", true)
+	carol := b.openBrowser("carol", "", true)
+
+	var ids []string
+	for i := 0; i < 5; i++ { // one runs, four wait
+		ids = append(ids, a.queue("alice", alice.SID, samplerWorkflow("a", 8)).PromptID)
+	}
+	if st, body, _ := b.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("a", 1), "client_id": alice.SID}); st != 429 {
+		t.Fatalf("alice's sixth prompt, through the other replica: %d %s (want 429: max_queued counts every replica)", st, body)
+	}
+	bj := b.queue("bob", bob.SID, samplerWorkflow("b", 1)).PromptID
+	cj := b.queue("carol", carol.SID, samplerWorkflow("c", 1)).PromptID
+
+	var page jobsPage
+	b.getJSON("carol", "/api/jobs?status=pending", &page)
+	if j := findJob(page.Jobs, cj); j == nil || j["queue_position"] != float64(2) {
+		t.Fatalf("carol's waiting job (bob's is first): %v", page.Jobs)
+	}
+	a.getJSON("alice", "/api/jobs?status=pending", &page)
+	if j := findJob(page.Jobs, ids[1]); j == nil || j["queue_position"] != float64(3) {
+		t.Fatalf("alice's second job, behind bob and carol: %v", page.Jobs)
+	}
+
+	bob.untilJobEnd(bj, 30*time.Second)
+	carol.untilJobEnd(cj, 30*time.Second)
+	alice.untilJobEnd(ids[4], 30*time.Second)
+	var order []string
+	for _, p := range gpu.Prompts() {
+		order = append(order, p.PromptID)
+	}
+	want := []string{ids[0], bj, cj, ids[1], ids[2], ids[3], ids[4]}
+	if strings.Join(order, ",") != strings.Join(want, ",") {
+		t.Fatalf("GPU order\n%v\nwant\n%v (bob and carol right after alice's first)", order, want)
+	}
+}

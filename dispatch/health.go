@@ -134,9 +134,7 @@ func (m *Manager) retryLater(p *Pool, r *run, cause error) {
 		if gone {
 			return
 		}
-		p.mu.Lock()
-		p.queue().pushFront(r)
-		p.mu.Unlock()
+		m.requeue(p, r)
 		m.dispatchWaiting(p)
 	})
 }

@@ -56,6 +56,9 @@ type Manager struct {
 	store  Store
 	events Events
 	logger *zap.Logger
+	// shared is the store's queue shared with other gateways (nil: each
+	// pool's queue lives in this process).
+	shared SharedQueue
 
 	mu     sync.Mutex
 	pools  map[string]*Pool
@@ -74,8 +77,12 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	return &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{},
+	m := &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{},
 		owner: newOwner(), leaseTTL: DefaultLeaseTTL}
+	if sq, ok := store.(SharedQueue); ok {
+		m.shared = sq
+	}
+	return m
 }
 
 // Store returns the job store.
@@ -210,6 +217,9 @@ func (m *Manager) Positions(pool string) map[string]int {
 	if !ok {
 		return nil
 	}
+	if m.shared != nil {
+		return m.sharedPositions(p)
+	}
 	running := m.runningByUser(p)
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -254,9 +264,10 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		return SubmitResult{}, err
 	}
 	if pool.MaxQueued > 0 {
-		pool.mu.Lock()
-		n := pool.queue().userLen(req.User)
-		pool.mu.Unlock()
+		n, err := m.waitingCount(ctx, pool, req.User)
+		if err != nil {
+			return SubmitResult{}, &StoreError{Err: err}
+		}
 		if n >= pool.MaxQueued {
 			return SubmitResult{}, &QueueFullError{Pool: pool.Name, Limit: pool.MaxQueued}
 		}
@@ -316,24 +327,47 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		return SubmitResult{}, &StoreError{Err: err}
 	}
 
-	// Straight to an endpoint when one is free, nobody waits before this
-	// user, and the user is under their running cap; else into the queue.
-	pool.mu.Lock()
 	var up *Upstream
-	var token string
-	if pool.queue().len() == 0 && m.mayRun(pool, req.User) {
-		up, token = pool.acquire()
-	}
-	if up == nil {
-		pool.queue().push(r)
+	if m.shared != nil {
+		// Into the shared queue; if this very job is the next to run and
+		// an endpoint has room, it is sent now.
+		if err := m.shared.Enqueue(ctx, queued(r)); err != nil {
+			m.drop(r)
+			m.unclaim(id)
+			return SubmitResult{}, &StoreError{Err: err}
+		}
+		a := m.dispatchShared(pool, id)
+		if a != nil {
+			if up = pool.endpoint(a.Endpoint); up == nil {
+				m.releaseAssigned(*a)
+				m.requeue(pool, r)
+			} else {
+				m.holdAssigned(r, up, a.Token)
+				go m.dispatchWaiting(pool) // more room, perhaps
+			}
+		}
 	} else {
-		r.holdSlot(up, token)
-		pool.queue().markServed(req.User)
+		// Straight to an endpoint when one is free, nobody waits before
+		// this user, and the user is under their running cap; else into
+		// the queue.
+		pool.mu.Lock()
+		var token string
+		if pool.queue().len() == 0 && m.mayRun(pool, req.User) {
+			up, token = pool.acquire()
+		}
+		if up == nil {
+			pool.queue().push(r)
+		} else {
+			r.holdSlot(up, token)
+			pool.queue().markServed(req.User)
+		}
+		pool.mu.Unlock()
+		if up == nil {
+			m.dispatchWaiting(pool)
+		}
 	}
-	pool.mu.Unlock()
 	if up == nil {
 		m.events.QueueChanged(req.User)
-		m.dispatchWaiting(pool)
 		return SubmitResult{PromptID: id, Number: number, NodeErrors: json.RawMessage("{}")}, nil
 	}
 	res, err := m.send(ctx, r, up)
@@ -382,14 +416,14 @@ func (p *Pool) acquire() (*Upstream, string) {
 	}
 	sort.SliceStable(healthy, func(a, b int) bool { return healthy[a].load < healthy[b].load })
 	for _, c := range healthy {
-		if token, ok := c.u.take(); ok {
+		if token, ok := c.u.take(""); ok {
 			return c.u, token
 		}
 	}
 	if trial != nil {
 		// Every free endpoint is down: one whose backoff ran out gets a
 		// trial job (the circuit's half-open state).
-		if token, ok := trial.take(); ok {
+		if token, ok := trial.take(""); ok {
 			trial.mu.Lock()
 			trial.openUntil = now.Add(time.Hour) // one trial at a time
 			trial.mu.Unlock()
@@ -399,10 +433,11 @@ func (p *Pool) acquire() (*Upstream, string) {
 	return nil, ""
 }
 
-// take reserves a slot on the endpoint: here, and — when gateways share
-// the store — among all of them. The token names the shared slot ("" when
-// not shared). A store that cannot be asked does not block the job.
-func (u *Upstream) take() (string, bool) {
+// take reserves a slot on the endpoint for a job of user: here, and — when
+// gateways share the store — among all of them. The token names the shared
+// slot ("" when not shared). A store that cannot be asked does not block
+// the job.
+func (u *Upstream) take(user string) (string, bool) {
 	u.mu.Lock()
 	u.inflight++
 	shared, max := u.shared, u.MaxJobs
@@ -410,7 +445,7 @@ func (u *Upstream) take() (string, bool) {
 	if shared == nil || max <= 0 {
 		return "", true
 	}
-	token := uuid.NewString()
+	token := uuid.NewString() + "|" + user
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	ok, err := shared.AcquireSlot(ctx, u.String(), max, token, u.slotTTL)
@@ -551,6 +586,10 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResul
 
 // dispatchWaiting sends waiting jobs of the pool while slots are free.
 func (m *Manager) dispatchWaiting(p *Pool) {
+	if m.shared != nil {
+		m.dispatchShared(p, "")
+		return
+	}
 	for {
 		p.mu.Lock()
 		if p.queue().len() == 0 {
@@ -573,24 +612,28 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 		// the user's cap) until it ends or is not accepted.
 		r.holdSlot(up, token)
 		p.mu.Unlock()
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-			defer cancel()
-			_, err := m.send(ctx, r, up)
-			if err == nil {
-				up.markSuccess()
-				return
-			}
-			r.releaseSlot()
-			if beforeAcceptance(err) {
-				up.markFailure(time.Now())
-				m.retryLater(p, r, err)
-			} else {
-				m.failUnsent(r, err)
-			}
-			m.dispatchWaiting(p)
-		}()
+		go m.sendQueued(p, r, up)
 	}
+}
+
+// sendQueued sends a job that waited in the queue to the endpoint whose
+// slot it holds.
+func (m *Manager) sendQueued(p *Pool, r *run, up *Upstream) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	_, err := m.send(ctx, r, up)
+	if err == nil {
+		up.markSuccess()
+		return
+	}
+	r.releaseSlot()
+	if beforeAcceptance(err) {
+		up.markFailure(time.Now())
+		m.retryLater(p, r, err)
+	} else {
+		m.failUnsent(r, err)
+	}
+	m.dispatchWaiting(p)
 }
 
 // failUnsent ends a job that could not be sent after it had been accepted:
@@ -715,14 +758,9 @@ func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
 		return false
 	}
 	// Still waiting for a slot here?
-	if pool != nil {
-		pool.mu.Lock()
-		removed := pool.queue().remove(r)
-		pool.mu.Unlock()
-		if removed {
-			m.cancelLocal(r)
-			return true
-		}
+	if pool != nil && m.unqueue(ctx, pool, r) {
+		m.cancelLocal(r)
+		return true
 	}
 	r.mu.Lock()
 	up := r.up

@@ -3,6 +3,7 @@ package dispatch
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"strings"
 	"time"
@@ -51,6 +52,9 @@ func (m *Manager) unclaim(id string) {
 // was waiting is queued again here; one that was sent is followed on its
 // upstream (its events, or its history entry if it already ended).
 func (m *Manager) Start(ctx context.Context) {
+	if m.shared != nil {
+		go m.followAssignments(ctx)
+	}
 	go func() {
 		m.Recover(ctx)
 		t := time.NewTicker(m.leaseTTL / 3)
@@ -160,22 +164,14 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 			r.fail("The GPU pool " + j.Pool + " is no longer configured.")
 			return
 		}
-		body, _ := json.Marshal(map[string]any{"prompt": j.Prompt, "extra_data": j.ExtraData})
-		pr, berr := comfy.ParsePromptRequest(body)
-		if berr != nil {
-			m.register(r)
-			r.fail("The job's prompt could not be read back: " + berr.Error())
+		r, err := m.waitingRun(j)
+		m.register(r)
+		if err != nil {
+			r.fail(err.Error())
 			return
 		}
-		r.req = SubmitRequest{User: j.User, ClientID: j.ClientID, Pool: j.Pool, Home: j.Home, Request: pr, Priority: j.Priority}
-		if m.inputsFor != nil {
-			r.req.Inputs = m.inputsFor(j)
-		}
-		m.register(r)
 		log.Info("took over a waiting job")
-		pool.mu.Lock()
-		pool.queue().push(r)
-		pool.mu.Unlock()
+		m.requeue(pool, r)
 		m.dispatchWaiting(pool)
 		return
 	}
@@ -208,7 +204,7 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 	if slot != nil {
 		// The job runs there already: take a slot even if the dead
 		// gateway's has not expired yet.
-		token, ok := slot.take()
+		token, ok := slot.take(j.User)
 		if !ok {
 			slot.mu.Lock()
 			slot.inflight++
@@ -235,6 +231,22 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 		}
 		r.resync()
 	}()
+}
+
+// waitingRun rebuilds, from its record, the run of a job that waited for
+// a slot on another gateway.
+func (m *Manager) waitingRun(j *Job) (*run, error) {
+	r := newRun(m, j)
+	body, _ := json.Marshal(map[string]any{"prompt": j.Prompt, "extra_data": j.ExtraData})
+	pr, err := comfy.ParsePromptRequest(body)
+	if err != nil {
+		return r, fmt.Errorf("The job's prompt could not be read back: %w", err)
+	}
+	r.req = SubmitRequest{User: j.User, ClientID: j.ClientID, Pool: j.Pool, Home: j.Home, Request: pr, Priority: j.Priority}
+	if m.inputsFor != nil {
+		r.req.Inputs = m.inputsFor(j)
+	}
+	return r, nil
 }
 
 func (m *Manager) register(r *run) {

@@ -1,0 +1,281 @@
+package dispatch
+
+import (
+	"context"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+)
+
+// With a SharedQueue (the Valkey store) every gateway's waiting jobs are in
+// one queue per pool. A gateway that sees room on an endpoint (a job ended,
+// a prompt came in, or its periodic look) takes the globally next job. Jobs
+// it holds itself it sends; jobs another gateway holds go to that gateway's
+// inbox, and it sends them (it has the job's run: the browser's session,
+// the input files' source). So the fair order holds across every replica,
+// and no job depends on which replica the load balancer picked.
+
+// queued describes a run for the shared queue.
+func queued(r *run) QueuedJob {
+	j := r.job
+	return QueuedJob{Pool: j.Pool, ID: j.ID, User: j.User, Priority: j.Priority, Order: float64(j.CreateTime)}
+}
+
+// requeue puts a job (back) in its pool's queue: at the head of its user's
+// line. In the shared queue it keeps its original place there. A store
+// that cannot be reached is tried again shortly.
+func (m *Manager) requeue(p *Pool, r *run) {
+	if m.shared == nil {
+		p.mu.Lock()
+		p.queue().pushFront(r)
+		p.mu.Unlock()
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := m.shared.Enqueue(ctx, queued(r)); err != nil {
+		m.logger.Warn("putting a job back in the shared queue; trying again", zap.String("job", r.job.ID), zap.Error(err))
+		time.AfterFunc(time.Second, func() {
+			if !r.isFinished() {
+				m.requeue(p, r)
+				m.dispatchWaiting(p)
+			}
+		})
+	}
+}
+
+// waitingCount counts a user's jobs waiting in a pool's queue.
+func (m *Manager) waitingCount(ctx context.Context, p *Pool, user string) (int, error) {
+	if m.shared != nil {
+		return m.shared.Waiting(ctx, p.Name, user)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.queue().userLen(user), nil
+}
+
+// unqueue takes a cancelled job out of its pool's queue; false if it was
+// not waiting there.
+func (m *Manager) unqueue(ctx context.Context, p *Pool, r *run) bool {
+	if m.shared != nil {
+		ok, err := m.shared.Dequeue(ctx, p.Name, r.job.User, r.job.ID)
+		if err != nil {
+			m.logger.Warn("taking a cancelled job out of the shared queue", zap.String("job", r.job.ID), zap.Error(err))
+		}
+		return ok
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.queue().remove(r)
+}
+
+// takeRequest describes the pool's endpoints as this gateway sees them.
+// It returns false when none may take a job.
+func (m *Manager) takeRequest(p *Pool) (TakeRequest, bool) {
+	t := TakeRequest{Pool: p.Name, MaxRunning: p.MaxRunning, Token: uuid.NewString(), TTL: m.leaseTTL, Owner: m.owner}
+	now := time.Now()
+	for _, u := range p.Upstreams {
+		u.mu.Lock()
+		ok := u.failures < FailuresToOpen
+		due := !ok && !now.Before(u.openUntil)
+		u.mu.Unlock()
+		e := EndpointSlots{Endpoint: u.String(), Max: u.MaxJobs}
+		switch {
+		case ok:
+			t.Endpoints = append(t.Endpoints, e)
+		case due:
+			t.Trial = append(t.Trial, e)
+		default:
+			t.Others = append(t.Others, e.Endpoint)
+		}
+	}
+	return t, len(t.Endpoints)+len(t.Trial) > 0
+}
+
+// endpoint returns the pool's upstream with that address, or nil.
+func (p *Pool) endpoint(addr string) *Upstream {
+	for _, u := range p.Upstreams {
+		if u.String() == addr {
+			return u
+		}
+	}
+	return nil
+}
+
+// dispatchShared takes jobs from the shared queue while endpoints have
+// room. The job named want, when this gateway takes it for itself, is not
+// started but returned: its submitter sends it and answers with the
+// endpoint's verdict.
+func (m *Manager) dispatchShared(p *Pool, want string) *Assignment {
+	for i := 0; i < 256; i++ {
+		t, ok := m.takeRequest(p)
+		if !ok {
+			return nil
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		a, err := m.shared.Take(ctx, t)
+		cancel()
+		if err != nil {
+			m.logger.Warn("taking the next job from the shared queue", zap.String("pool", p.Name), zap.Error(err))
+			return nil
+		}
+		if a == nil {
+			return nil
+		}
+		for _, e := range t.Trial {
+			if e.Endpoint == a.Endpoint {
+				if u := p.endpoint(a.Endpoint); u != nil {
+					u.mu.Lock()
+					u.openUntil = time.Now().Add(time.Hour) // one trial at a time
+					u.mu.Unlock()
+				}
+			}
+		}
+		switch {
+		case a.JobID == want && a.Owner == m.owner:
+			return a
+		case a.Owner == m.owner || a.Owner == "":
+			m.assigned(p, *a)
+		default:
+			// In its holder's inbox now; it sends the job.
+		}
+	}
+	return nil
+}
+
+// assigned starts a job the shared queue gave a slot (taken here, or
+// handed over by another gateway).
+func (m *Manager) assigned(p *Pool, a Assignment) {
+	r := m.runOf(a.JobID)
+	if r == nil && a.Owner == "" {
+		r = m.adoptAssigned(a)
+	}
+	up := p.endpoint(a.Endpoint)
+	if r == nil || up == nil || r.isFinished() {
+		m.releaseAssigned(a)
+		if r != nil && up == nil && !r.isFinished() {
+			// This gateway's configuration lacks that endpoint.
+			m.requeue(p, r)
+		}
+		go m.dispatchWaiting(p)
+		return
+	}
+	m.holdAssigned(r, up, a.Token)
+	go m.sendQueued(p, r, up)
+}
+
+// holdAssigned records on the run the slot the shared queue gave it.
+func (m *Manager) holdAssigned(r *run, up *Upstream, token string) {
+	up.mu.Lock()
+	up.inflight++
+	up.mu.Unlock()
+	r.holdSlot(up, token)
+}
+
+// releaseAssigned gives back the slot of an assignment nobody will send.
+func (m *Manager) releaseAssigned(a Assignment) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := m.shared.ReleaseSlot(ctx, a.Endpoint, a.Token); err != nil {
+		m.logger.Warn("releasing an unused shared slot", zap.String("endpoint", a.Endpoint), zap.Error(err))
+	}
+}
+
+// adoptAssigned takes over a waiting job whose gateway is gone, to send it
+// here.
+func (m *Manager) adoptAssigned(a Assignment) *run {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if !m.claim(ctx, a.JobID) {
+		return nil
+	}
+	j, err := m.store.Job(ctx, a.JobID)
+	if err != nil || j.Status != StatusPending || j.Upstream != "" {
+		m.unclaim(a.JobID)
+		return nil
+	}
+	r, err := m.waitingRun(j)
+	if err != nil {
+		m.register(r)
+		r.fail(err.Error())
+		return nil
+	}
+	m.register(r)
+	m.logger.Info("took over a waiting job", zap.String("job", j.ID), zap.String("user", j.User))
+	return r
+}
+
+// followAssignments sends the jobs other gateways hand to this one, until
+// ctx ends.
+func (m *Manager) followAssignments(ctx context.Context) {
+	var lastErr time.Time
+	for ctx.Err() == nil {
+		as, err := m.shared.Assignments(ctx, m.owner, 5*time.Second)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			if time.Since(lastErr) > time.Minute {
+				m.logger.Warn("reading jobs handed to this gateway", zap.Error(err))
+				lastErr = time.Now()
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Second):
+			}
+			continue
+		}
+		for _, a := range as {
+			p, ok := m.Pool(a.Pool)
+			if !ok {
+				m.releaseAssigned(a)
+				continue
+			}
+			m.assigned(p, a)
+		}
+	}
+}
+
+// sharedPositions tells where each waiting job of the pool stands in the
+// shared queue's order.
+func (m *Manager) sharedPositions(p *Pool) map[string]int {
+	names := make([]string, 0, len(p.Upstreams))
+	for _, u := range p.Upstreams {
+		names = append(names, u.String())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := m.shared.QueueState(ctx, p.Name, names)
+	if err != nil {
+		m.logger.Warn("reading the shared queue", zap.String("pool", p.Name), zap.Error(err))
+		return nil
+	}
+	q := newFairQueue()
+	q.served = map[string]uint64{}
+	for _, u := range st.Users {
+		for _, id := range u.Jobs {
+			q.push(&run{job: &Job{ID: id, User: u.User, Priority: u.Priority}})
+		}
+		q.served[u.User] = u.Served
+		q.seq = max(q.seq, u.Served)
+	}
+	out := map[string]int{}
+	for r, pos := range q.positions(st.Running) {
+		out[r.job.ID] = pos
+	}
+	return out
+}
+
+func (m *Manager) runOf(id string) *run {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.runs[id]
+}
+
+func (r *run) isFinished() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.finished
+}
