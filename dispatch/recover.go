@@ -141,7 +141,14 @@ func (m *Manager) Recover(ctx context.Context) {
 		if mine || !m.claim(ctx, j.ID) {
 			continue
 		}
-		m.adopt(ctx, j)
+		// The list may be older than the lease: a job that ended since
+		// has been saved as ended before its gateway let the lease go.
+		fresh, err := m.store.Job(ctx, j.ID)
+		if err != nil || !fresh.Active() {
+			m.unclaim(j.ID)
+			continue
+		}
+		m.adopt(ctx, fresh)
 	}
 }
 
