@@ -120,10 +120,12 @@ type UpstreamConfig struct {
 	// once (0 = no limit). ComfyUI runs one prompt at a time, so 1 keeps
 	// each job's wait visible in the gateway's own queue.
 	MaxJobs int `json:"max_jobs,omitempty"`
-	// LostTimeout is how long this server may stay unreachable while the
-	// gateway's jobs run on it before those jobs end with an error the UI
-	// shows (default 15s). The gateway reconnects meanwhile and recovers
-	// finished results from the server's history.
+	// LostTimeout is how long this server's event stream may stay down
+	// while the gateway's jobs run on it (default 15s). The gateway redials
+	// meanwhile. Past it, each job is looked up over plain HTTP: one that
+	// ended is finished from the server's /history (outputs included), one
+	// still in the server's /queue is waited for; the others end with an
+	// error the UI shows.
 	LostTimeout caddy.Duration `json:"lost_timeout,omitempty"`
 	// Transport is how jobs reach this server: "comfyui" (the default:
 	// ComfyUI's own API, an event WebSocket and /view) or "worker": the

@@ -226,3 +226,41 @@ func TestSocketSurvivesSilenceAndBigFrames(t *testing.T) {
 		t.Fatalf("big previews: %d, frames %v", big, types(frames))
 	}
 }
+
+// The GPU server's event socket breaks mid-job while the server itself
+// lives on (a proxy or the network cut it). A short break: the gateway
+// reconnects and the job's events go on. A long one (past lost_timeout)
+// while the job ends meanwhile: the gateway asks the server over plain
+// HTTP, keeps waiting while the job is still in its queue, and finishes
+// the job from its /history entry — outputs captured, nothing lost.
+func TestEventStreamLossRecoversFromHistory(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 40 * time.Millisecond})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "max_jobs 1", "max_jobs 1\n\t\t\t\tlost_timeout 300ms", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+
+	for _, c := range []struct {
+		name   string
+		outage time.Duration
+		steps  int // differs, so that the sampler is not cached
+	}{{"short", 50 * time.Millisecond, 15}, {"long", 3 * time.Second, 16}} {
+		a := g.queue("alice", b.SID, samplerWorkflow(c.name, c.steps))
+		b.waitType("progress", 10*time.Second)
+		gpu.DropSockets(c.outage)
+		frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+		if indexOf(frames, "execution_success") < 0 || indexOf(frames, "execution_error") >= 0 {
+			t.Fatalf("%s outage: %v", c.name, types(frames))
+		}
+		ref := outputRef(t, frames, "3")
+		want, _ := gpu.OutputFile("output", "", ref["filename"].(string))
+		if st, got, _ := g.do("alice", "GET", "/api/view?"+viewQuery(ref), nil); st != 200 || !bytes.Equal(got, want) {
+			t.Fatalf("%s outage: /view of the output: %d", c.name, st)
+		}
+		var j map[string]any
+		g.getJSON("alice", "/api/jobs/"+a.PromptID, &j)
+		if j["status"] != "completed" {
+			t.Fatalf("%s outage: job status %v", c.name, j["status"])
+		}
+	}
+}

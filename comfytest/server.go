@@ -108,9 +108,10 @@ type Server struct {
 	cache   map[string]*cacheEntry
 	objects map[string]nodeObject
 
-	sockMu  sync.Mutex
-	sockets map[string]*wsConn
-	conns   map[*wsConn]struct{}
+	sockMu     sync.Mutex
+	sockets    map[string]*wsConn
+	conns      map[*wsConn]struct{}
+	refuseWSTo time.Time // WebSocket upgrades answer 503 until then
 
 	fmu   sync.Mutex
 	files map[string]*memFile // "type/rel/path"
@@ -271,6 +272,23 @@ func (s *Server) stopped() bool {
 		return true
 	default:
 		return false
+	}
+}
+
+// DropSockets cuts every WebSocket abruptly (no close frame), as a proxy
+// or network between the gateway and the server might, and answers new
+// WebSocket requests with 503 for refuseFor. The server itself keeps
+// running: jobs go on, and HTTP (/history, /queue, /view) answers.
+func (s *Server) DropSockets(refuseFor time.Duration) {
+	s.sockMu.Lock()
+	s.refuseWSTo = time.Now().Add(refuseFor)
+	conns := make([]*wsConn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.sockMu.Unlock()
+	for _, c := range conns {
+		c.close()
 	}
 }
 

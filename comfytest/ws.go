@@ -97,6 +97,13 @@ var upgrader = websocket.Upgrader{
 }
 
 func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, _ map[string]string) {
+	s.sockMu.Lock()
+	refuse := time.Now().Before(s.refuseWSTo)
+	s.sockMu.Unlock()
+	if refuse {
+		http.Error(w, "503: WebSockets unavailable", http.StatusServiceUnavailable)
+		return
+	}
 	c, err := upgrader.Upgrade(w, r, nil)
 	if err != nil {
 		return // Upgrade already answered

@@ -249,31 +249,64 @@ func (r *run) fail(message string) {
 	r.push(event{msg: &m})
 }
 
+// jobState is what an upstream says of a job whose events were missed.
+type jobState int
+
+const (
+	stateUnknown jobState = iota // the upstream could not be asked
+	stateEnded                   // its history entry was replayed
+	stateActive                  // still queued or running there
+	stateGone                    // neither in its history nor its queue
+)
+
 // resync reads the job's history entry from its upstream after missed
 // events, and replays its outputs and end state if the job already ended.
-func (r *run) resync() {
+// A job without an entry is looked for in the upstream's queue.
+func (r *run) resync() jobState {
 	r.mu.Lock()
 	if r.finished || r.up == nil {
 		r.mu.Unlock()
-		return
+		return stateEnded
 	}
 	pid := r.job.UpstreamID
 	if pid == "" {
 		pid = r.job.ID
 	}
+	up := r.up
 	r.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var hist map[string]historyEntry
-	if err := r.up.GetJSON(ctx, "/history/"+pid, &hist); err != nil {
-		r.m.logger.Warn("reading history after reconnect", zap.String("job", r.job.ID), zap.Error(err))
-		return
+	if err := up.GetJSON(ctx, "/history/"+pid, &hist); err != nil {
+		r.m.logger.Warn("reading history after missed events", zap.String("job", r.job.ID), zap.Error(err))
+		return stateUnknown
 	}
-	h, ok := hist[pid]
-	if !ok || !h.Status.Completed && h.Status.StatusStr == "" {
-		return // still queued or running: its events keep coming
+	if h, ok := hist[pid]; ok && (h.Status.Completed || h.Status.StatusStr != "") {
+		r.replayHistory(pid, h)
+		return stateEnded
 	}
-	r.replayHistory(pid, h)
+	var q struct {
+		Running [][]json.RawMessage `json:"queue_running"`
+		Pending [][]json.RawMessage `json:"queue_pending"`
+	}
+	if err := up.GetJSON(ctx, "/queue", &q); err != nil {
+		return stateUnknown
+	}
+	for _, item := range append(q.Running, q.Pending...) {
+		var id string
+		if len(item) > 1 && json.Unmarshal(item[1], &id) == nil && id == pid {
+			return stateActive
+		}
+	}
+	// It may have ended between the two reads.
+	hist = nil
+	if err := up.GetJSON(ctx, "/history/"+pid, &hist); err == nil {
+		if h, ok := hist[pid]; ok && (h.Status.Completed || h.Status.StatusStr != "") {
+			r.replayHistory(pid, h)
+			return stateEnded
+		}
+	}
+	return stateGone
 }
 
 // replayHistory pushes executed events for outputs not yet seen and the

@@ -143,8 +143,12 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 const DefaultLostTimeout = 15 * time.Second
 
 // giveUp decides, after a failure, whether the loop ends: when no job runs
-// here (the stream is redialed on demand), or when the upstream has been
-// unreachable for its LostTimeout (its jobs then fail).
+// here (the stream is redialed on demand), or when the upstream's event
+// stream has been down for its LostTimeout. Then each job is looked up over
+// plain HTTP: one that ended meanwhile is finished from its history entry;
+// one still queued or running there is kept (the stream keeps being
+// redialed, and the job looked up again); the others fail, or move to
+// another endpoint if they had not started.
 func (u *Upstream) giveUp(since time.Time, err error) bool {
 	u.mu.Lock()
 	if u.closed || len(u.routes) == 0 {
@@ -157,24 +161,42 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 		return false
 	}
 	runs := make([]*run, 0, len(u.routes))
-	for _, r := range u.routes {
-		runs = append(runs, r)
-	}
-	u.routes = map[string]*run{}
-	u.ready = nil
-	u.mu.Unlock()
 	seen := map[*run]bool{}
-	for _, r := range runs {
-		if seen[r] {
-			continue // routed under two ids (an older server's own id)
+	for _, r := range u.routes {
+		if !seen[r] { // routed under two ids (an older server's own id)
+			seen[r] = true
+			runs = append(runs, r)
 		}
-		seen[r] = true
+	}
+	u.mu.Unlock()
+	var lost []*run
+	for _, r := range runs {
+		switch r.resync() {
+		case stateEnded, stateActive:
+		default:
+			lost = append(lost, r)
+		}
+	}
+	u.mu.Lock()
+	for id, r := range u.routes {
+		for _, l := range lost {
+			if r == l {
+				delete(u.routes, id)
+			}
+		}
+	}
+	keep := len(u.routes) > 0 && !u.closed
+	if !keep {
+		u.ready = nil
+	}
+	u.mu.Unlock()
+	for _, r := range lost {
 		if r.m.failover(r, u, err) {
 			continue
 		}
 		r.fail("Lost the connection to the GPU server " + u.String() + ": " + err.Error())
 	}
-	return true
+	return !keep
 }
 
 func (u *Upstream) readStream(conn *websocket.Conn) error {
