@@ -1,6 +1,8 @@
 package caddymodule_test
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -22,6 +24,29 @@ func TestCaddyfileMistakesAreNamed(t *testing.T) {
 		_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%q / %q: %v, want %q", c.global, c.site, err, c.want)
+		}
+	}
+}
+
+// Every Caddyfile shipped in examples/ (and the embedded demo config)
+// adapts: the documentation's configurations are real ones.
+func TestShippedCaddyfilesAdapt(t *testing.T) {
+	files, _ := filepath.Glob("../examples/*/*Caddyfile*")
+	files = append(files, "../Caddyfile")
+	if len(files) < 5 {
+		t.Fatalf("found only %v", files)
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, warn, err := caddyconfig.GetAdapter("caddyfile").Adapt(b, map[string]any{"filename": f}); err != nil {
+			t.Errorf("%s: %v", f, err)
+		} else {
+			for _, w := range warn {
+				t.Logf("%s: %s", f, w.String())
+			}
 		}
 	}
 }

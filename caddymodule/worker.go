@@ -31,8 +31,12 @@ type Worker struct {
 	ComfyUI string `json:"comfyui,omitempty"`
 	// Path is where jobs are taken (default /comfyume/job).
 	Path string `json:"path,omitempty"`
-	// Token, if set, is required as "Authorization: Bearer <token>" on job
-	// requests. Placeholders such as {env.WORKER_TOKEN} work.
+	// Token, if set, is required on job requests: as "Authorization:
+	// Bearer <token>", or — when the platform in front of the container
+	// uses the Authorization header for its own key — in the
+	// X-Comfyume-Worker-Token header (the gateway's upstream sends it with
+	// `header X-Comfyume-Worker-Token {env.WORKER_TOKEN}`). Placeholders
+	// such as {env.WORKER_TOKEN} work.
 	Token string `json:"token,omitempty"`
 	// Heartbeat is how often an idle job stream carries a heartbeat frame,
 	// so proxies in between never cut it (default 15s).

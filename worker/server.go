@@ -56,9 +56,11 @@ const (
 
 // Options configure a worker Server. The zero value is usable.
 type Options struct {
-	// Token, if set, is required as "Authorization: Bearer <Token>" on job
-	// requests. The GET status answer needs no token (platform health
-	// checks cannot send one).
+	// Token, if set, is required on job requests, either in TokenHeader
+	// ("X-Comfyume-Worker-Token: <Token>") or as "Authorization: Bearer
+	// <Token>". The separate header is for platforms whose own key takes
+	// the Authorization header. The GET status answer needs no token
+	// (platform health checks cannot send one).
 	Token string
 	// Heartbeat is how often a heartbeat frame is sent while nothing else
 	// was (default 15s).
@@ -148,9 +150,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// TokenHeader carries a worker's token when the Authorization header
+// belongs to the platform in front of it.
+const TokenHeader = "X-Comfyume-Worker-Token"
+
 func (s *Server) authorized(r *http.Request) bool {
 	if s.opts.Token == "" {
 		return true
+	}
+	if t := r.Header.Get(TokenHeader); t != "" {
+		return subtle.ConstantTimeCompare([]byte(strings.TrimSpace(t)), []byte(s.opts.Token)) == 1
 	}
 	h := r.Header.Get("Authorization")
 	const prefix = "bearer "

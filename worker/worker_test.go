@@ -464,13 +464,29 @@ func TestStatus(t *testing.T) {
 	if resp.StatusCode != 401 {
 		t.Fatalf("POST without token: %d", resp.StatusCode)
 	}
-	req, _ := http.NewRequest(http.MethodPost, ts.URL, strings.NewReader("{}"))
-	req.Header.Set("Authorization", "Bearer t")
-	req.Header.Set("Content-Type", "application/json")
-	resp, _ = http.DefaultClient.Do(req)
-	resp.Body.Close()
-	if resp.StatusCode != 415 {
-		t.Fatalf("POST with another content type: %d", resp.StatusCode)
+	// The token in the Authorization header, or in its own header next to
+	// a platform's key; a wrong one in its own header is not rescued by
+	// the Authorization header.
+	for _, c := range []struct {
+		name string
+		hdr  map[string]string
+		want int
+	}{
+		{"bearer", map[string]string{"Authorization": "Bearer t"}, 415},
+		{"own header", map[string]string{"Authorization": "Bearer platform-key", TokenHeader: "t"}, 415},
+		{"wrong own header", map[string]string{"Authorization": "Bearer t", TokenHeader: "nope"}, 401},
+		{"wrong bearer", map[string]string{"Authorization": "Bearer platform-key"}, 401},
+	} {
+		req, _ := http.NewRequest(http.MethodPost, ts.URL, strings.NewReader("{}"))
+		for k, v := range c.hdr {
+			req.Header.Set(k, v)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		resp, _ = http.DefaultClient.Do(req)
+		resp.Body.Close()
+		if resp.StatusCode != c.want {
+			t.Fatalf("%s: POST with another content type: %d, want %d", c.name, resp.StatusCode, c.want)
+		}
 	}
 }
 
