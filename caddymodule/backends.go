@@ -16,6 +16,33 @@ import (
 	"github.com/comfyume/comfyume/relay"
 )
 
+// valkeyStartWait is how long Caddy's start waits for Valkey to answer
+// (containers started together: Valkey may come up a moment later).
+const valkeyStartWait = 10 * time.Second
+
+// connectValkey makes the client, retrying while Valkey does not answer
+// for up to wait. Once made, the client reconnects by itself: a Valkey that
+// goes away later only makes prompts answer 503 until it is back.
+func connectValkey(opt valkey.ClientOption, wait time.Duration, logger *zap.Logger) (valkey.Client, error) {
+	deadline := time.Now().Add(wait)
+	backoff := 100 * time.Millisecond
+	for logged := false; ; {
+		client, err := valkey.NewClient(opt)
+		if err == nil {
+			return client, nil
+		}
+		if time.Now().Add(backoff).After(deadline) {
+			return nil, err
+		}
+		if !logged {
+			logger.Warn("Valkey does not answer yet; waiting for it", zap.Duration("up_to", wait), zap.Error(err))
+			logged = true
+		}
+		time.Sleep(backoff)
+		backoff = min(2*backoff, time.Second)
+	}
+}
+
 // newGateway builds the gateway with the configured store and outputs.
 func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, health time.Duration, logger *zap.Logger) (caddy.Destructor, error) {
 	var closers []func()
@@ -33,9 +60,8 @@ func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, health time.
 		if err != nil {
 			return fail(err)
 		}
-		client, err := valkey.NewClient(opt)
+		client, err := connectValkey(opt, valkeyStartWait, logger)
 		if err != nil {
-			// Valkey down at start: Caddy must still start; retry lazily.
 			return fail(fmt.Errorf("store valkey %s: %w", st.Address, err))
 		}
 		closers = append(closers, client.Close)

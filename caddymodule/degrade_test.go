@@ -18,13 +18,7 @@ import (
 // found) on a free port, so a test can stop and restart it.
 func startValkey(t *testing.T, port int) *exec.Cmd {
 	t.Helper()
-	bin := os.Getenv("COMFYUME_TEST_VALKEY_SERVER")
-	if bin == "" {
-		if os.Getenv("CI") != "" {
-			t.Fatal("COMFYUME_TEST_VALKEY_SERVER not set: scripts/test.sh sets it")
-		}
-		t.Skip("needs COMFYUME_TEST_VALKEY_SERVER (run scripts/test.sh)")
-	}
+	bin := valkeyServer(t)
 	cmd := exec.Command(bin, "--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
 	cmd.Env = append(os.Environ(), "LD_LIBRARY_PATH="+os.Getenv("COMFYUME_TEST_VALKEY_LD_PATH"))
 	if err := cmd.Start(); err != nil {
@@ -40,6 +34,20 @@ func startValkey(t *testing.T, port int) *exec.Cmd {
 	}
 	t.Fatal("valkey did not start")
 	return nil
+}
+
+// valkeyServer returns the Valkey binary scripts/test.sh found, skipping
+// the test without one (failing it in CI).
+func valkeyServer(t *testing.T) string {
+	t.Helper()
+	bin := os.Getenv("COMFYUME_TEST_VALKEY_SERVER")
+	if bin == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("COMFYUME_TEST_VALKEY_SERVER not set: scripts/test.sh sets it")
+		}
+		t.Skip("needs COMFYUME_TEST_VALKEY_SERVER (run scripts/test.sh)")
+	}
+	return bin
 }
 
 // Valkey goes down: new prompts get a ComfyUI-shaped 503 and nothing is
@@ -97,5 +105,28 @@ func TestValkeyDownAnswers503AndRecovers(t *testing.T) {
 	frames = tab.untilJobEnd(a.PromptID, 30*time.Second)
 	if indexOf(frames, "execution_success") < 0 {
 		t.Fatalf("job after recovery: %v", types(frames))
+	}
+}
+
+// Caddy and Valkey started together (a compose file): Valkey answering a
+// moment after Caddy starts does not stop Caddy from starting.
+func TestCaddyWaitsForValkeyAtStart(t *testing.T) {
+	_, s3 := sharedEnv(t)
+	valkeyServer(t)
+	port := freePort(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	started := make(chan struct{})
+	go func() {
+		defer close(started)
+		time.Sleep(700 * time.Millisecond)
+		startValkey(t, port)
+	}()
+	g := startCaddy(t, sharedCaddyfile(testPrefix(), fmt.Sprintf("127.0.0.1:%d", port), s3, home.URL(), gpu.URL(), ""))
+	<-started
+	tab := g.openBrowser("alice", "", true)
+	a := g.queue("alice", tab.SID, samplerWorkflow("late", 1))
+	if frames := tab.untilJobEnd(a.PromptID, 20*time.Second); indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("job: %v", types(frames))
 	}
 }
