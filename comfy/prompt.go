@@ -3,6 +3,7 @@ package comfy
 import (
 	"bytes"
 	"encoding/json"
+	"sort"
 	"strings"
 )
 
@@ -47,15 +48,22 @@ func (e *BodyError) Error() string { return e.Body.Error.Message }
 
 // ParsePromptRequest decodes and checks a POST /prompt body.
 func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
-	var raw map[string]json.RawMessage
-	d := json.NewDecoder(bytes.NewReader(body))
-	if err := d.Decode(&raw); err != nil || raw == nil {
+	// One validating pass; then the body is split without decoding the
+	// values (extra_data holds the UI workflow: often megabytes).
+	if !json.Valid(body) {
+		var v any
+		err := json.Unmarshal(body, &v)
 		return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_json",
 			"The request body is not a JSON object", errString(err, "expected a JSON object"))}
 	}
-	if d.More() {
+	members, ok := ObjectMembers(body)
+	if !ok {
 		return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_json",
-			"The request body is not a JSON object", "trailing data after the JSON object")}
+			"The request body is not a JSON object", "expected a JSON object")}
+	}
+	raw := make(map[string]json.RawMessage, len(members))
+	for _, m := range members {
+		raw[m.Key] = m.Value // the last of a repeated key, like json.Unmarshal
 	}
 	pr := &PromptRequest{Raw: raw}
 	p, ok := raw["prompt"]
@@ -63,21 +71,23 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 		pe := NewPromptError("no_prompt", "No prompt provided", "")
 		return nil, &BodyError{Status: 400, Body: pe}
 	}
-	var nodes map[string]json.RawMessage
-	if err := json.Unmarshal(p, &nodes); err != nil || nodes == nil {
+	nodes, ok := ObjectMembers(p)
+	if !ok {
+		var m map[string]json.RawMessage
+		err := json.Unmarshal(p, &m)
 		return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_prompt",
 			"Prompt must be an object of nodes", errString(err, "prompt is not an object"))}
 	}
 	pr.Prompt = make(map[string]Node, len(nodes))
-	for id, nb := range nodes {
-		n, err := parseNode(nb)
+	for _, nm := range nodes {
+		n, err := parseNode(nm.Value)
 		if err != nil {
 			pe := NewPromptError("invalid_prompt",
 				"Cannot execute because a node is missing the class_type property.",
-				"Node ID '#"+id+"'")
+				"Node ID '#"+nm.Key+"'")
 			return nil, &BodyError{Status: 400, Body: pe}
 		}
-		pr.Prompt[id] = n
+		pr.Prompt[nm.Key] = n
 	}
 	if v, ok := raw["client_id"]; ok {
 		_ = json.Unmarshal(v, &pr.ClientID)
@@ -90,9 +100,16 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 		pr.PromptID = s
 	}
 	if v, ok := raw["extra_data"]; ok && !isNull(v) {
-		if err := json.Unmarshal(v, &pr.ExtraData); err != nil {
+		ms, ok := ObjectMembers(v)
+		if !ok {
+			var m map[string]json.RawMessage
+			err := json.Unmarshal(v, &m)
 			return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_prompt",
-				"extra_data must be an object", err.Error())}
+				"extra_data must be an object", errString(err, "extra_data is not an object"))}
+		}
+		pr.ExtraData = make(map[string]json.RawMessage, len(ms))
+		for _, m := range ms {
+			pr.ExtraData[m.Key] = m.Value
 		}
 	}
 	if v, ok := raw["front"]; ok {
@@ -164,25 +181,47 @@ func (n Node) MarshalJSON() ([]byte, error) {
 // (possibly rewritten) prompt, and every other key as the client sent it.
 // Keys listed in drop are removed from extra_data.
 func (pr *PromptRequest) Body(promptID, clientID string, dropExtra ...string) ([]byte, error) {
-	out := make(map[string]json.RawMessage, len(pr.Raw)+2)
-	for k, v := range pr.Raw {
-		out[k] = v
-	}
 	p, err := json.Marshal(pr.Prompt)
 	if err != nil {
 		return nil, err
 	}
-	out["prompt"] = p
-	out["prompt_id"], _ = json.Marshal(promptID)
-	out["client_id"], _ = json.Marshal(clientID)
-	ed := pr.ExtraDataWithout(dropExtra...)
-	if ed != nil {
-		out["extra_data"], _ = json.Marshal(ed)
-	} else {
-		// ComfyUI fails with a 500 on "extra_data": null.
-		delete(out, "extra_data")
+	size := len(p) + 128
+	for _, v := range pr.Raw {
+		size += len(v) + 32
 	}
-	return json.Marshal(out)
+	out := make([]byte, 0, size)
+	out = append(out, '{')
+	out = appendKey(out, "prompt")
+	out = append(out, p...)
+	id, _ := json.Marshal(promptID)
+	out = append(out, ',')
+	out = appendKey(out, "prompt_id")
+	out = append(out, id...)
+	cid, _ := json.Marshal(clientID)
+	out = append(out, ',')
+	out = appendKey(out, "client_id")
+	out = append(out, cid...)
+	// ComfyUI fails with a 500 on "extra_data": null: left out when nil.
+	if ed := pr.ExtraDataWithout(dropExtra...); ed != nil {
+		out = append(out, ',')
+		out = appendKey(out, "extra_data")
+		out = AppendObject(out, ed)
+	}
+	keys := make([]string, 0, len(pr.Raw))
+	for k := range pr.Raw {
+		switch k {
+		case "prompt", "prompt_id", "client_id", "extra_data":
+		default:
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		out = append(out, ',')
+		out = appendKey(out, k)
+		out = append(out, pr.Raw[k]...)
+	}
+	return append(out, '}'), nil
 }
 
 // ExtraDataWithout returns a copy of extra_data without the given keys.

@@ -885,14 +885,22 @@ func sinkNodes(prompt map[string]comfy.Node) []string {
 	return out
 }
 
+// workflowID is the UI workflow's id (extra_pnginfo.workflow.id), found
+// without decoding the workflow: the frontend writes "id" first.
 func workflowID(extra map[string]json.RawMessage) string {
-	var pnginfo struct {
-		Workflow struct {
-			ID string `json:"id"`
-		} `json:"workflow"`
+	pnginfo, ok := extra["extra_pnginfo"]
+	if !ok {
+		return ""
 	}
-	if raw, ok := extra["extra_pnginfo"]; ok && json.Unmarshal(raw, &pnginfo) == nil {
-		return pnginfo.Workflow.ID
+	wf, ok := comfy.ObjectMember(pnginfo, "workflow")
+	if !ok {
+		return ""
 	}
-	return ""
+	raw, ok := comfy.ObjectMember(wf, "id")
+	if !ok {
+		return ""
+	}
+	var id string
+	_ = json.Unmarshal(raw, &id)
+	return id
 }

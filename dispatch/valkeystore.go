@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/valkey-io/valkey-go"
+
+	"github.com/comfyume/comfyume/comfy"
 )
 
 // ValkeyStore keeps job records in Valkey so that several gateways (Caddy
@@ -254,9 +256,7 @@ func (s *ValkeyStore) save(ctx context.Context, script *valkey.Lua, j *Job, only
 	}
 	var body []byte
 	if _, written := s.bodies.Load(j.ID); !written && (len(j.Prompt) > 0 || j.ExtraData != nil) {
-		if body, err = marshalJob(jobBody{Prompt: j.Prompt, ExtraData: j.ExtraData}); err != nil {
-			return false, s.wrap(op, err)
-		}
+		body = encodeBody(j)
 	}
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
@@ -271,6 +271,31 @@ func (s *ValkeyStore) save(ctx context.Context, script *valkey.Lua, j *Job, only
 		s.bodies.Store(j.ID, struct{}{})
 	}
 	return n == 1, nil
+}
+
+// encodeBody writes a job's immutable part as jobBody would be marshalled,
+// but without re-encoding the values: they are the client's JSON, checked
+// when the prompt came in, and the workflow in extra_data is often
+// megabytes.
+func encodeBody(j *Job) []byte {
+	size := len(j.Prompt) + 32
+	for _, v := range j.ExtraData {
+		size += len(v) + 32
+	}
+	b := make([]byte, 0, size)
+	b = append(b, '{')
+	if len(j.Prompt) > 0 {
+		b = append(b, `"prompt":`...)
+		b = append(b, j.Prompt...)
+	}
+	if j.ExtraData != nil {
+		if len(j.Prompt) > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, `"extra_data":`...)
+		b = comfy.AppendObject(b, j.ExtraData)
+	}
+	return append(b, '}')
 }
 
 // jobBody is the immutable part of a job record.
