@@ -119,6 +119,13 @@ func (j *Job) Clone() *Job {
 	return &c
 }
 
+// Summary returns a copy without Prompt and ExtraData.
+func (j *Job) Summary() *Job {
+	c := *j
+	c.Prompt, c.ExtraData = nil, nil
+	return c.Clone()
+}
+
 // Apply records the effect of one upstream event on the job. The message's
 // prompt_id must already be the job's ID.
 func (j *Job) Apply(m comfy.Message) {

@@ -2,9 +2,11 @@ package dispatch
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -270,5 +272,48 @@ func BenchmarkSharedQueue1000Users(b *testing.B) {
 		if cursor = e.Cursor; cursor == 0 {
 			return
 		}
+	}
+}
+
+// What the jobs panel costs with Valkey: a user with 50 finished jobs, each
+// carrying a 1 MiB UI workflow. Full records vs summaries.
+func BenchmarkUserJobs50x1MiB(b *testing.B) {
+	addr := os.Getenv("COMFYUME_TEST_VALKEY")
+	if addr == "" {
+		b.Skip("COMFYUME_TEST_VALKEY is not set")
+	}
+	client, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer client.Close()
+	prefix := fmt.Sprintf("comfyume-bench:%d:", time.Now().UnixNano())
+	s := NewValkeyStore(client, prefix)
+	ctx := context.Background()
+	wf := []byte(`{"id":"w","nodes":[` + strings.Repeat(`{"id":1,"type":"CLIPTextEncode","pos":[10,20]},`, 22000) + `{}]}`)
+	for i := 0; i < 50; i++ {
+		j := &Job{ID: fmt.Sprint("j", i), User: "alice", Number: float64(i), Status: StatusCompleted,
+			Prompt: json.RawMessage(`{"1":{"class_type":"SaveImage","inputs":{}}}`), ExtraData: map[string]json.RawMessage{"extra_pnginfo": json.RawMessage(`{"workflow":` + string(wf) + `}`)}}
+		if err := s.Create(ctx, j); err != nil {
+			b.Fatal(err)
+		}
+	}
+	defer func() {
+		keys, _ := client.Do(ctx, client.B().Keys().Pattern(prefix+"*").Build()).AsStrSlice()
+		if len(keys) > 0 {
+			client.Do(ctx, client.B().Unlink().Key(keys...).Build())
+		}
+	}()
+	for _, c := range []struct {
+		name string
+		read func(context.Context, string) ([]*Job, error)
+	}{{"full", s.UserJobs}, {"summaries", s.UserJobSummaries}} {
+		b.Run(c.name, func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				if list, err := c.read(ctx, "alice"); err != nil || len(list) != 50 {
+					b.Fatal(len(list), err)
+				}
+			}
+		})
 	}
 }

@@ -9,19 +9,26 @@ import (
 // Store keeps job records. The memory store is the embedded default; a
 // shared store (Valkey) lets several gateways act as one.
 type Store interface {
-	// Save inserts or replaces a job record.
+	// Save inserts or replaces a job record. A record without Prompt and
+	// ExtraData (a summary) keeps the stored ones: they never change once
+	// the job is made.
 	Save(ctx context.Context, j *Job) error
 	// Job returns a copy of one record, or ErrNotFound.
 	Job(ctx context.Context, id string) (*Job, error)
 	// UserJobs returns copies of every record of one user.
 	UserJobs(ctx context.Context, user string) ([]*Job, error)
+	// UserJobSummaries is UserJobs without each record's Prompt and
+	// ExtraData — the UI workflow, often megabytes — for lists that do not
+	// show them (the jobs panel is read after every queue change).
+	UserJobSummaries(ctx context.Context, user string) ([]*Job, error)
 	// Delete removes a record.
 	Delete(ctx context.Context, id string) error
 	// Create saves a new record only if no record has its ID; otherwise it
 	// returns ErrExists and changes nothing (idempotent submission).
 	Create(ctx context.Context, j *Job) error
-	// ActiveJobs returns copies of the records, of every user, whose status
-	// is pending or in_progress (for recovery after a restart).
+	// ActiveJobs returns summaries (records without Prompt and ExtraData)
+	// of every user's jobs whose status is pending or in_progress (for
+	// recovery after a restart; read the full record with Job).
 	ActiveJobs(ctx context.Context) ([]*Job, error)
 	// ActiveCount counts one user's pending and in_progress jobs without
 	// reading the records (the queue count browsers are shown often).
@@ -82,7 +89,7 @@ func (s *MemoryStore) ActiveJobs(_ context.Context) ([]*Job, error) {
 	var out []*Job
 	for _, j := range s.jobs {
 		if j.Active() {
-			out = append(out, j.Clone())
+			out = append(out, j.Summary())
 		}
 	}
 	SortJobs(out)
@@ -125,8 +132,13 @@ func (s *MemoryStore) Save(_ context.Context, j *Job) error {
 
 func (s *MemoryStore) saveLocked(c *Job) {
 	j := c
-	if old, ok := s.jobs[j.ID]; ok && old.User != j.User {
-		delete(s.byUser[old.User], j.ID)
+	if old, ok := s.jobs[j.ID]; ok {
+		if old.User != j.User {
+			delete(s.byUser[old.User], j.ID)
+		}
+		if len(j.Prompt) == 0 && j.ExtraData == nil {
+			j.Prompt, j.ExtraData = old.Prompt, old.ExtraData
+		}
 	}
 	s.jobs[j.ID] = c
 	ids := s.byUser[j.User]
@@ -155,6 +167,18 @@ func (s *MemoryStore) UserJobs(_ context.Context, user string) ([]*Job, error) {
 	out := make([]*Job, 0, len(s.byUser[user]))
 	for id := range s.byUser[user] {
 		out = append(out, s.jobs[id].Clone())
+	}
+	SortJobs(out)
+	return out, nil
+}
+
+// UserJobSummaries implements Store.
+func (s *MemoryStore) UserJobSummaries(_ context.Context, user string) ([]*Job, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]*Job, 0, len(s.byUser[user]))
+	for id := range s.byUser[user] {
+		out = append(out, s.jobs[id].Summary())
 	}
 	SortJobs(out)
 	return out, nil

@@ -115,6 +115,28 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 		}
 		storeSameJob(t, list[0], storeTestJob("b2", "bob", 0))
 
+		// Summaries: the same records, same order, without the body.
+		sums, err := s.UserJobSummaries(ctx, "bob")
+		if err != nil || len(sums) != 2 {
+			t.Fatalf("summaries: %v %v", sums, err)
+		}
+		storeSameJob(t, sums[0], storeTestJob("b2", "bob", 0).Summary())
+		if sums[0].Prompt != nil || sums[0].ExtraData != nil {
+			t.Fatalf("summary with a body: %s %v", sums[0].Prompt, sums[0].ExtraData)
+		}
+		// Saving a summary (a state change) keeps the stored body.
+		sums[0].Status = StatusCompleted
+		if err := s.Save(ctx, sums[0]); err != nil {
+			t.Fatal(err)
+		}
+		full, err := s.Job(ctx, "b2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := storeTestJob("b2", "bob", 0)
+		want.Status = StatusCompleted
+		storeSameJob(t, full, want)
+
 		// A record that changes hands leaves its former owner's list.
 		moved := storeTestJob("a2", "bob", 2)
 		if err := s.Save(ctx, moved); err != nil {
@@ -271,7 +293,7 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 			t.Fatal(err)
 		}
 		active := storeWantActive(t, s, "x2", "x1")
-		storeSameJob(t, active[1], j1)
+		storeSameJob(t, active[1], j1.Summary()) // without the body
 
 		j1.Status = StatusCompleted
 		if err := s.Save(ctx, j1); err != nil {

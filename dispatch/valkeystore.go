@@ -310,6 +310,8 @@ func decodeJob(state, body []byte) (*Job, error) {
 	if err := json.Unmarshal(state, j); err != nil {
 		return nil, err
 	}
+	// The state record carries "prompt": null; the body, if read, the rest.
+	j.Prompt = nil
 	if len(body) > 0 {
 		var jb jobBody
 		if err := json.Unmarshal(body, &jb); err != nil {
@@ -345,9 +347,18 @@ func (s *ValkeyStore) Job(ctx context.Context, id string) (*Job, error) {
 
 // UserJobs implements Store.
 func (s *ValkeyStore) UserJobs(ctx context.Context, user string) ([]*Job, error) {
+	return s.userJobs(ctx, user, true)
+}
+
+// UserJobSummaries implements Store.
+func (s *ValkeyStore) UserJobSummaries(ctx context.Context, user string) ([]*Job, error) {
+	return s.userJobs(ctx, user, false)
+}
+
+func (s *ValkeyStore) userJobs(ctx context.Context, user string, withBody bool) ([]*Job, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	jobs, err := s.indexed(ctx, s.userKey(user))
+	jobs, err := s.indexed(ctx, s.userKey(user), withBody)
 	if err != nil {
 		return nil, s.wrap("jobs of user "+user, err)
 	}
@@ -364,7 +375,7 @@ func (s *ValkeyStore) UserJobs(ctx context.Context, user string) ([]*Job, error)
 func (s *ValkeyStore) ActiveJobs(ctx context.Context) ([]*Job, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	jobs, err := s.indexed(ctx, s.activeKey())
+	jobs, err := s.indexed(ctx, s.activeKey(), false)
 	if err != nil {
 		return nil, s.wrap("active jobs", err)
 	}
@@ -378,8 +389,9 @@ func (s *ValkeyStore) ActiveJobs(ctx context.Context) ([]*Job, error) {
 }
 
 // indexed reads the records whose ids a sorted set holds, in SortJobs
-// order. Ids without a record (a concurrent Delete) are skipped.
-func (s *ValkeyStore) indexed(ctx context.Context, index string) ([]*Job, error) {
+// order, with their bodies if withBody. Ids without a record (a concurrent
+// Delete) are skipped.
+func (s *ValkeyStore) indexed(ctx context.Context, index string, withBody bool) ([]*Job, error) {
 	ids, err := s.client.Do(ctx, s.client.B().Zrange().Key(index).Min("0").Max("-1").Build()).AsStrSlice()
 	if err != nil {
 		return nil, err
@@ -389,7 +401,10 @@ func (s *ValkeyStore) indexed(ctx context.Context, index string) ([]*Job, error)
 		batch := ids[start:min(start+mgetBatch, len(ids))]
 		keys := make([]string, 0, 2*len(batch))
 		for _, id := range batch {
-			keys = append(keys, s.jobKey(id), s.bodyKey(id))
+			keys = append(keys, s.jobKey(id))
+			if withBody {
+				keys = append(keys, s.bodyKey(id))
+			}
 		}
 		vals, err := valkey.MGet(s.client, ctx, keys)
 		if err != nil {

@@ -422,7 +422,7 @@ func (g *Gateway) listJobs(w http.ResponseWriter, r *http.Request, site Site) {
 		return
 	}
 	var all []jobView
-	remote := g.userJobs(r.Context(), site.User)
+	remote := g.userJobs(r.Context(), site.User, false)
 	mine := jobIDs(remote)
 	for _, v := range g.homeJobs(r.Context(), site, jq, q) {
 		// A job that fell back to home is listed once, from the gateway.

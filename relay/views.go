@@ -40,9 +40,15 @@ func (g *Gateway) homePost(ctx context.Context, site Site, path string, body []b
 	}
 }
 
-// userJobs returns the user's remote job records, visible ones only.
-func (g *Gateway) userJobs(ctx context.Context, user string) []*dispatch.Job {
-	all, err := g.manager.Store().UserJobs(ctx, user)
+// userJobs returns the user's remote job records, visible ones only; with
+// full, each with its prompt and extra_data (the UI workflow: megabytes
+// per job, read only for views that show it).
+func (g *Gateway) userJobs(ctx context.Context, user string, full bool) []*dispatch.Job {
+	read := g.manager.Store().UserJobSummaries
+	if full {
+		read = g.manager.Store().UserJobs
+	}
+	all, err := read(ctx, user)
 	if err != nil {
 		g.logger.Error("reading jobs", zap.Error(err))
 		return nil
@@ -57,10 +63,10 @@ func (g *Gateway) userJobs(ctx context.Context, user string) []*dispatch.Job {
 }
 
 // activeJobs returns the user's remote jobs that wait or run, on any
-// gateway sharing the store.
-func (g *Gateway) activeJobs(ctx context.Context, user string) []*dispatch.Job {
+// gateway sharing the store (full: see userJobs).
+func (g *Gateway) activeJobs(ctx context.Context, user string, full bool) []*dispatch.Job {
 	var out []*dispatch.Job
-	for _, j := range g.userJobs(ctx, user) {
+	for _, j := range g.userJobs(ctx, user, full) {
 		if j.Active() {
 			out = append(out, j)
 		}
@@ -161,7 +167,7 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 			homeIDs = append(homeIDs, id)
 		}
 		if req.Clear {
-			for _, j := range g.activeJobs(ctx, site.User) {
+			for _, j := range g.activeJobs(ctx, site.User, false) {
 				if j.Status == dispatch.StatusPending {
 					g.cancel(ctx, site.User, j.ID)
 				}
@@ -185,7 +191,7 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 	if err := g.homeGet(ctx, site, "/queue", &q); err != nil {
 		g.logger.Debug("home queue unavailable", zap.Error(err))
 	}
-	active := g.activeJobs(ctx, site.User)
+	active := g.activeJobs(ctx, site.User, true)
 	mine := jobIDs(active)
 	// A job that fell back to home is listed once, from the gateway.
 	q.Running = withoutJobs(q.Running, mine)
@@ -244,6 +250,7 @@ type orderedEntry struct {
 	key string
 	val json.RawMessage
 	end int64
+	job *dispatch.Job // a gateway job, val not made yet
 }
 
 func writeOrdered(w http.ResponseWriter, entries []orderedEntry) {
@@ -345,7 +352,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 			homeIDs = append(homeIDs, id)
 		}
 		if req.Clear {
-			for _, j := range g.userJobs(ctx, site.User) {
+			for _, j := range g.userJobs(ctx, site.User, false) {
 				hide(j)
 			}
 		}
@@ -394,7 +401,9 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 		homeQuery += "?max_items=" + strconv.Itoa(maxItems+offset)
 	}
 	var entries []orderedEntry
-	remote := g.userJobs(ctx, site.User)
+	// Summaries first; the prompts (with the UI workflow) are read only for
+	// the page returned.
+	remote := g.userJobs(ctx, site.User, false)
 	mine := jobIDs(remote)
 	var raw json.RawMessage
 	if err := g.homeGet(ctx, site, homeQuery, &raw); err == nil {
@@ -409,8 +418,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 		if j.Active() {
 			continue
 		}
-		b, _ := json.Marshal(historyEntry(j))
-		entries = append(entries, orderedEntry{key: j.ID, val: b, end: j.EndTime})
+		entries = append(entries, orderedEntry{key: j.ID, job: j, end: j.EndTime})
 	}
 	sort.SliceStable(entries, func(a, b int) bool { return entries[a].end < entries[b].end })
 	// ComfyUI: with max_items and no offset, the last N; with an offset,
@@ -433,6 +441,16 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 		entries = entries[start:end]
 	} else if offset > 0 && offset < len(entries) {
 		entries = entries[offset:]
+	}
+	for i, e := range entries {
+		if e.job == nil {
+			continue
+		}
+		j := e.job
+		if full := g.userJob(ctx, site.User, j.ID); full != nil {
+			j = full
+		}
+		entries[i].val, _ = json.Marshal(historyEntry(j))
 	}
 	writeOrdered(w, entries)
 }
@@ -459,7 +477,7 @@ func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Si
 		w.WriteHeader(http.StatusOK)
 		return
 	}
-	for _, j := range g.activeJobs(ctx, site.User) {
+	for _, j := range g.activeJobs(ctx, site.User, false) {
 		if j.Status == dispatch.StatusInProgress {
 			g.cancel(ctx, site.User, j.ID)
 		}
