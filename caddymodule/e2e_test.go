@@ -275,7 +275,14 @@ func TestUnreachablePoolFailsAfterColdStartTimeout(t *testing.T) {
 	cf := strings.Replace(poolCaddyfile(home.URL(), dead, ""), "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 1s", 1)
 	g := startCaddy(t, cf)
 	b := g.openBrowser("alice", "", true)
+	bob := g.openBrowser("bob", "", true)
 	a := g.queue("alice", b.SID, samplerWorkflow("x", 1))
+	// Bob's jobs wait in the queue behind alice's (max_jobs 1) and behind
+	// the endpoint's open circuit: they too end when the timeout passes.
+	var bobs []string
+	for i := 0; i < 2; i++ {
+		bobs = append(bobs, g.queue("bob", bob.SID, samplerWorkflow(fmt.Sprint("y", i), 1)).PromptID)
+	}
 	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
 	n := notices(frames, "Waiting for a GPU")
 	i := indexOf(frames, "execution_error")
@@ -286,6 +293,20 @@ func TestUnreachablePoolFailsAfterColdStartTimeout(t *testing.T) {
 	g.getJSON("alice", "/api/jobs/"+a.PromptID, &j)
 	if j["status"] != "failed" {
 		t.Fatalf("job %v", j["status"])
+	}
+	// Either may end first.
+	failed := map[string]bool{}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(failed) < len(bobs) {
+		f := bob.next(time.Until(deadline))
+		if f.Type == "execution_error" && strings.Contains(f.str("exception_message"), "gpu") {
+			failed[f.str("prompt_id")] = true
+		}
+	}
+	for _, id := range bobs {
+		if !failed[id] {
+			t.Fatalf("bob's queued job %s did not fail: %v", id, failed)
+		}
 	}
 }
 

@@ -25,16 +25,22 @@ func (u *Upstream) markFailure(now time.Time) {
 	defer u.mu.Unlock()
 	u.failures++
 	if u.failures >= FailuresToOpen {
-		backoff := time.Duration(1<<min(u.failures-FailuresToOpen, 6)) * time.Second
+		// 1 s, doubling to 8 s: a cold start that ends is noticed soon.
+		backoff := time.Duration(1<<min(u.failures-FailuresToOpen, 3)) * time.Second
 		u.openUntil = now.Add(backoff)
 	}
 }
 
-func (u *Upstream) markSuccess() {
+// markSuccess records that the endpoint took a job or answered a check; it
+// reports whether the endpoint had been failing (it is back: e.g. done
+// with a cold start).
+func (u *Upstream) markSuccess() bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	back := u.failures > 0
 	u.failures = 0
 	u.openUntil = time.Time{}
+	return back
 }
 
 // Healthy reports whether the endpoint's circuit is closed.
@@ -44,52 +50,161 @@ func (u *Upstream) Healthy() bool {
 	return u.failures < FailuresToOpen
 }
 
-// check probes the endpoint (GET /system_stats) and records the outcome.
+// check probes the endpoint (GET /system_stats). Success marks it up; a
+// failure changes nothing (it is down already: probes must not push its
+// circuit's next trial further away).
 func (u *Upstream) check(ctx context.Context) error {
 	var st map[string]any
-	err := u.GetJSON(ctx, "/system_stats", &st)
-	if err != nil {
-		u.markFailure(time.Now())
+	if err := u.GetJSON(ctx, "/system_stats", &st); err != nil {
 		return err
 	}
 	u.markSuccess()
 	return nil
 }
 
-// HealthChecks probes each pool's endpoints every interval until ctx ends;
-// an endpoint that answers becomes eligible again, and waiting jobs go.
-func (m *Manager) HealthChecks(ctx context.Context, interval time.Duration) {
-	if interval <= 0 {
+// endpointBack is called when an endpoint that had been failing takes a
+// job or answers a check: the jobs held for a cold start need not sit out
+// their backoff — they are queued again now.
+func (m *Manager) endpointBack(p *Pool, u *Upstream) {
+	p.mu.Lock()
+	held := p.held
+	p.held = nil
+	p.mu.Unlock()
+	if len(held) == 0 {
 		return
 	}
+	m.logger.Info("endpoint is back; sending the jobs held for it", zap.String("upstream", u.String()), zap.Int("jobs", len(held)))
+	for r, tm := range held {
+		if tm.Stop() && !r.isFinished() {
+			m.requeue(p, r)
+		}
+	}
+	m.dispatchWaiting(p)
+}
+
+// HealthChecks probes each pool's endpoints that are marked down every
+// interval until ctx ends; an endpoint that answers becomes eligible again,
+// and waiting jobs go. While a pool has jobs waiting or held for a cold
+// start, its down endpoints are probed every ProbeWhileWaiting instead, so
+// that the end of a cold start is noticed at once, not at the next
+// interval or the next retry of a job (whose backoff grows to 8 s).
+func (m *Manager) HealthChecks(ctx context.Context, interval time.Duration) {
 	go func() {
-		t := time.NewTicker(interval)
-		defer t.Stop()
+		var slow <-chan time.Time
+		if interval > 0 {
+			t := time.NewTicker(interval)
+			defer t.Stop()
+			slow = t.C
+		}
+		fast := time.NewTicker(ProbeWhileWaiting)
+		defer fast.Stop()
 		for {
+			all := false
 			select {
 			case <-ctx.Done():
 				return
-			case <-t.C:
+			case <-slow:
+				all = true
+			case <-fast.C:
 			}
 			for _, p := range m.poolsSnapshot() {
-				recovered := false
+				m.expireWaiting(p, time.Now())
+				if !all && !m.hasWaiting(p) {
+					continue
+				}
+				var recovered *Upstream
 				for _, u := range p.Upstreams {
 					if u.Healthy() {
 						continue // passive counting covers healthy ones
 					}
-					cctx, cancel := context.WithTimeout(ctx, interval)
+					timeout := interval
+					if timeout <= 0 || timeout > 10*time.Second {
+						timeout = 10 * time.Second
+					}
+					cctx, cancel := context.WithTimeout(ctx, timeout)
 					if u.check(cctx) == nil {
-						recovered = true
+						recovered = u
 						m.logger.Info("endpoint is up again", zap.String("upstream", u.String()))
 					}
 					cancel()
 				}
-				if recovered {
+				if recovered != nil {
+					m.endpointBack(p, recovered)
 					m.dispatchWaiting(p)
 				}
 			}
 		}
 	}()
+}
+
+// expireWaiting ends the jobs queued here that have waited longer than the
+// pool's cold-start timeout while none of its endpoints was up (counted from
+// when the pool went down, or the job came, whichever is later): like a job
+// whose retries ran out, each runs on the user's own ComfyUI (fallback
+// home) or fails with a message the UI shows.
+func (m *Manager) expireWaiting(p *Pool, now time.Time) {
+	up := false
+	for _, u := range p.Upstreams {
+		if u.Healthy() {
+			up = true
+			break
+		}
+	}
+	timeout := p.ColdStartTimeout
+	if timeout <= 0 {
+		timeout = DefaultColdStartTimeout
+	}
+	p.mu.Lock()
+	if up {
+		p.downSince = time.Time{}
+		p.mu.Unlock()
+		return
+	}
+	if p.downSince.IsZero() {
+		p.downSince = now
+	}
+	var due []*run
+	if m.shared == nil {
+		for _, rs := range p.queue().byUser {
+			for _, r := range rs {
+				since := time.UnixMilli(r.job.CreateTime)
+				if since.Before(p.downSince) {
+					since = p.downSince
+				}
+				if now.Sub(since) > timeout {
+					due = append(due, r)
+				}
+			}
+		}
+		for _, r := range due {
+			p.queue().remove(r)
+		}
+	}
+	p.mu.Unlock()
+	for _, r := range due {
+		job := r.snapshot()
+		if p.FallbackHome && job.Home != "" {
+			m.runOnHome(r, job, fmt.Sprintf("No GPU server of pool %q answered within %s; running on your own ComfyUI instead.", p.Name, timeout.Round(time.Second)))
+			continue
+		}
+		m.failUnsent(r, fmt.Errorf("no GPU server of pool %q was up within %s", p.Name, timeout.Round(time.Second)))
+	}
+}
+
+// ProbeWhileWaiting is how often endpoints marked down are probed while
+// jobs wait for them.
+const ProbeWhileWaiting = 250 * time.Millisecond
+
+// hasWaiting reports whether jobs wait for the pool's endpoints: held for a
+// cold start, or queued (with a shared queue: assume so, the probe of a
+// down endpoint is cheap).
+func (m *Manager) hasWaiting(p *Pool) bool {
+	if m.shared != nil {
+		return true
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.held) > 0 || p.queue().len() > 0
 }
 
 // DefaultColdStartTimeout is how long a job waits for an endpoint to accept
@@ -127,16 +242,31 @@ func (m *Manager) retryLater(p *Pool, r *run, cause error) {
 	backoff := time.Duration(1<<min(attempts-1, 5)) * 250 * time.Millisecond // 0.25 s … 8 s
 	m.logger.Info("no endpoint took the job; retrying", zap.String("job", job.ID), zap.Int("attempt", attempts), zap.Duration("in", backoff), zap.Error(cause))
 	m.notify(job, fmt.Sprintf("Waiting for a GPU server to start (%s so far, attempt %d)…", waited.Round(time.Second), attempts))
-	time.AfterFunc(backoff, func() {
-		r.mu.Lock()
-		gone := r.finished
-		r.mu.Unlock()
-		if gone {
+	// Held until the backoff ends, or until an endpoint of the pool is back
+	// (endpointBack), whichever comes first.
+	p.mu.Lock()
+	var tm *time.Timer
+	tm = time.AfterFunc(backoff, func() {
+		p.mu.Lock()
+		mine := p.held[r] == tm
+		if mine {
+			delete(p.held, r)
+		}
+		p.mu.Unlock()
+		if !mine || r.isFinished() {
 			return
+		}
+		if cur, ok := m.Pool(p.Name); ok {
+			p = cur // the configuration was reloaded meanwhile
 		}
 		m.requeue(p, r)
 		m.dispatchWaiting(p)
 	})
+	if p.held == nil {
+		p.held = map[*run]*time.Timer{}
+	}
+	p.held[r] = tm
+	p.mu.Unlock()
 }
 
 // notify shows a line of text on the job's output node in the browser (a

@@ -41,6 +41,10 @@ type Pool struct {
 	mu      sync.Mutex
 	waiting *fairQueue
 	info    *installInfo
+	// held are jobs waiting out a cold-start backoff, with their timers.
+	held map[*run]*time.Timer
+	// downSince is when the pool last had no endpoint up (zero: one is).
+	downSince time.Time
 }
 
 // queue returns the pool's queue, made on first use. Call with p.mu held.
@@ -384,7 +388,9 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		m.dispatchWaiting(pool)
 		return SubmitResult{}, err
 	}
-	up.markSuccess()
+	if up.markSuccess() {
+		go m.endpointBack(pool, up)
+	}
 	m.events.QueueChanged(req.User)
 	return res, nil
 }
@@ -623,7 +629,9 @@ func (m *Manager) sendQueued(p *Pool, r *run, up *Upstream) {
 	defer cancel()
 	_, err := m.send(ctx, r, up)
 	if err == nil {
-		up.markSuccess()
+		if up.markSuccess() {
+			m.endpointBack(p, up)
+		}
 		return
 	}
 	r.releaseSlot()
