@@ -306,3 +306,40 @@ func runWorkshop(t *testing.T, gws []*gateway, d1, d2 *comfytest.Balancer) {
 		t.Fatalf("only %d replicas ran jobs", used)
 	}
 }
+
+// The GPU container running a pinned job dies mid-job: the browser gets an
+// execution_error saying the stream ended, the job is listed as failed, and
+// the endpoint's slot is free again — the user's next prompt runs (on the
+// deployment's other replica).
+func TestPinnedReplicaDeathMidJob(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	d := workerDeployment(t, 2, "")
+	g := startCaddy(t, strings.Replace(poolCaddyfile(home.URL(), d.URL(), ""), "max_jobs 1", "max_jobs 1\n\t\t\t\ttransport worker", 1))
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("dies", 200))
+	b.waitType("progress", 10*time.Second)
+	victim := -1
+	for i := 0; i < 2; i++ {
+		if len(d.Replica(i).Prompts()) > 0 {
+			victim = i
+		}
+	}
+	if victim < 0 {
+		t.Fatal("no replica runs the job")
+	}
+	d.Kill(victim)
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	i := indexOf(frames, "execution_error")
+	if i < 0 || !strings.Contains(frames[i].str("exception_message"), "stream") {
+		t.Fatalf("no clear error after the replica died: %v", types(frames))
+	}
+	var j map[string]any
+	g.getJSON("alice", "/api/jobs/"+a.PromptID, &j)
+	if j["status"] != "failed" {
+		t.Fatalf("job status %v", j["status"])
+	}
+	next := g.queue("alice", b.SID, samplerWorkflow("after", 1))
+	if frames := b.untilJobEnd(next.PromptID, 30*time.Second); indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("the next prompt: %v", types(frames))
+	}
+}
