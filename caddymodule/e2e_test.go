@@ -273,13 +273,28 @@ func TestUnreachablePoolFailsAfterColdStartTimeout(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
 	dead := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
 	cf := strings.Replace(poolCaddyfile(home.URL(), dead, ""), "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 1s", 1)
-	g := startCaddy(t, cf)
+	unreachablePoolFails(t, startCaddy(t, cf))
+}
+
+// The same with the queue in Valkey (shared by replicas).
+func TestUnreachablePoolFailsWithSharedQueue(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	dead := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cf := sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), dead, "")
+	cf = strings.Replace(cf, "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 1s", 1)
+	unreachablePoolFails(t, startCaddy(t, cf))
+}
+
+func unreachablePoolFails(t *testing.T, g *gateway) {
+	t.Helper()
 	b := g.openBrowser("alice", "", true)
 	bob := g.openBrowser("bob", "", true)
 	a := g.queue("alice", b.SID, samplerWorkflow("x", 1))
 	// Bob's jobs wait in the queue behind alice's (max_jobs 1) and behind
 	// the endpoint's open circuit: they too end when the timeout passes.
 	var bobs []string
+	queued := time.Now()
 	for i := 0; i < 2; i++ {
 		bobs = append(bobs, g.queue("bob", bob.SID, samplerWorkflow(fmt.Sprint("y", i), 1)).PromptID)
 	}
@@ -307,6 +322,11 @@ func TestUnreachablePoolFailsAfterColdStartTimeout(t *testing.T) {
 		if !failed[id] {
 			t.Fatalf("bob's queued job %s did not fail: %v", id, failed)
 		}
+	}
+	// The timeout holds for them too (1 s, with ample slack for a busy
+	// machine; without it they wait for turns at trial sends: 8 s or more).
+	if waited := time.Since(queued); waited > 6*time.Second {
+		t.Fatalf("bob's queued jobs failed after %s; cold_start_timeout is 1s", waited.Round(time.Millisecond))
 	}
 }
 

@@ -163,15 +163,19 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 	if p.downSince.IsZero() {
 		p.downSince = now
 	}
+	downSince := p.downSince
+	expired := func(r *run) bool {
+		since := time.UnixMilli(r.job.CreateTime)
+		if since.Before(downSince) {
+			since = downSince
+		}
+		return now.Sub(since) > timeout
+	}
 	var due []*run
 	if m.shared == nil {
 		for _, rs := range p.queue().byUser {
 			for _, r := range rs {
-				since := time.UnixMilli(r.job.CreateTime)
-				if since.Before(p.downSince) {
-					since = p.downSince
-				}
-				if now.Sub(since) > timeout {
+				if expired(r) {
 					due = append(due, r)
 				}
 			}
@@ -179,8 +183,35 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 		for _, r := range due {
 			p.queue().remove(r)
 		}
+		p.mu.Unlock()
+	} else {
+		held := make(map[*run]bool, len(p.held))
+		for r := range p.held {
+			held[r] = true
+		}
+		p.mu.Unlock()
+		// This gateway's jobs waiting in the shared queue.
+		m.mu.Lock()
+		var mine []*run
+		for _, r := range m.runs {
+			if r.job.Pool == p.Name && !held[r] {
+				mine = append(mine, r)
+			}
+		}
+		m.mu.Unlock()
+		for _, r := range mine {
+			r.mu.Lock()
+			waiting := r.up == nil && r.slot == nil && !r.finished && r.job.Status == StatusPending
+			r.mu.Unlock()
+			if waiting && expired(r) {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				if m.unqueue(ctx, p, r) {
+					due = append(due, r)
+				}
+				cancel()
+			}
+		}
 	}
-	p.mu.Unlock()
 	for _, r := range due {
 		job := r.snapshot()
 		if p.FallbackHome && job.Home != "" {
