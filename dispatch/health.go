@@ -50,12 +50,18 @@ func (u *Upstream) Healthy() bool {
 	return u.failures < FailuresToOpen
 }
 
-// check probes the endpoint (GET /system_stats). Success marks it up; a
-// failure changes nothing (it is down already: probes must not push its
-// circuit's next trial further away).
+// check probes the endpoint — GET /system_stats of a ComfyUI, or the
+// worker's status (GET /comfyume/job: 200 once its ComfyUI answers, 503
+// while it starts) of a pinned endpoint. Success marks it up; a failure
+// changes nothing (it is down already: probes must not push its circuit's
+// next trial further away).
 func (u *Upstream) check(ctx context.Context) error {
+	path := "/system_stats"
+	if u.Pinned {
+		path = WorkerPath
+	}
 	var st map[string]any
-	if err := u.GetJSON(ctx, "/system_stats", &st); err != nil {
+	if err := u.GetJSON(ctx, path, &st); err != nil {
 		return err
 	}
 	u.markSuccess()
