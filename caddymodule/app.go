@@ -7,12 +7,14 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"path/filepath"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/comfyume/comfyume/dispatch"
@@ -266,6 +268,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 			pool.Upstreams = append(pool.Upstreams, up)
 		}
 		a.gateway.Manager().SetPool(pool)
+	}
+	if reg := ctx.GetMetricsRegistry(); reg != nil {
+		if err := reg.Register(metrics{app: a}); err != nil {
+			var dup prometheus.AlreadyRegisteredError
+			if !errors.As(err, &dup) {
+				a.logger.Warn("registering metrics", zap.Error(err))
+			}
+		}
 	}
 	return nil
 }

@@ -71,6 +71,7 @@ type Manager struct {
 
 	owner     string
 	leaseTTL  time.Duration
+	outcomes  jobOutcomes
 	inputsFor InputsFor
 	homes     map[string]*Upstream // fallback targets, by URL
 }
@@ -689,6 +690,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	if !m.detach(r) {
 		return
 	}
+	m.outcomes.count(snap.Status)
 	m.mu.Lock()
 	pool := m.pools[snap.Pool]
 	m.mu.Unlock()

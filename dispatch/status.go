@@ -1,0 +1,109 @@
+package dispatch
+
+import (
+	"context"
+	"sort"
+	"sync/atomic"
+)
+
+// PoolStatus is a pool as an operator sees it, from this gateway.
+type PoolStatus struct {
+	Name string `json:"name"`
+	// Waiting counts the jobs in the pool's queue — of every gateway when
+	// the queue is shared (the Valkey store), else of this one.
+	Waiting int `json:"waiting"`
+	// Held counts this gateway's jobs waiting out a retry because no
+	// endpoint accepted them (a cold start).
+	Held int `json:"held"`
+	// Running counts this gateway's jobs that hold an endpoint slot.
+	Running   int              `json:"running"`
+	Endpoints []EndpointStatus `json:"endpoints"`
+}
+
+// EndpointStatus is one endpoint of a pool.
+type EndpointStatus struct {
+	// URL is the endpoint's address, with any password redacted.
+	URL string `json:"url"`
+	// Up is false while the endpoint's circuit is open (it failed
+	// FailuresToOpen times in a row and has not answered since).
+	Up bool `json:"up"`
+	// Failures in a row, 0 once it answers.
+	Failures int `json:"failures"`
+	// Jobs of this gateway on the endpoint, and its max_jobs (0: no limit).
+	Jobs    int `json:"jobs"`
+	MaxJobs int `json:"max_jobs"`
+	// Transport is "comfyui", "worker" or "worker-async".
+	Transport string `json:"transport"`
+}
+
+// Status describes every pool, sorted by name. With a shared queue it
+// asks the store for the waiting count (a store that does not answer
+// leaves it at 0).
+func (m *Manager) Status(ctx context.Context) []PoolStatus {
+	pools := m.poolsSnapshot()
+	sort.Slice(pools, func(a, b int) bool { return pools[a].Name < pools[b].Name })
+	out := make([]PoolStatus, 0, len(pools))
+	for _, p := range pools {
+		ps := PoolStatus{Name: p.Name}
+		p.mu.Lock()
+		ps.Held = len(p.held)
+		if m.shared == nil {
+			ps.Waiting = p.queue().len()
+		}
+		p.mu.Unlock()
+		if m.shared != nil {
+			names := make([]string, 0, len(p.Upstreams))
+			for _, u := range p.Upstreams {
+				names = append(names, u.String())
+			}
+			if st, err := m.shared.QueueState(ctx, p.Name, names); err == nil {
+				for _, u := range st.Users {
+					ps.Waiting += len(u.Jobs)
+				}
+			}
+		}
+		for _, n := range m.runningByUser(p) {
+			ps.Running += n
+		}
+		for _, u := range p.Upstreams {
+			u.mu.Lock()
+			es := EndpointStatus{URL: u.String(), Up: u.failures < FailuresToOpen, Failures: u.failures, Jobs: u.inflight, MaxJobs: u.MaxJobs, Transport: "comfyui"}
+			u.mu.Unlock()
+			switch {
+			case u.Async:
+				es.Transport = "worker-async"
+			case u.Pinned:
+				es.Transport = "worker"
+			}
+			ps.Endpoints = append(ps.Endpoints, es)
+		}
+		out = append(out, ps)
+	}
+	return out
+}
+
+// jobOutcomes counts jobs that ended here, by their final status.
+type jobOutcomes struct {
+	completed, failed, cancelled atomic.Uint64
+}
+
+func (o *jobOutcomes) count(status string) {
+	switch status {
+	case StatusCompleted:
+		o.completed.Add(1)
+	case StatusFailed:
+		o.failed.Add(1)
+	case StatusCancelled:
+		o.cancelled.Add(1)
+	}
+}
+
+// Ended counts the jobs that ended on this gateway since it started, by
+// final status ("completed", "failed", "cancelled").
+func (m *Manager) Ended() map[string]uint64 {
+	return map[string]uint64{
+		StatusCompleted: m.outcomes.completed.Load(),
+		StatusFailed:    m.outcomes.failed.Load(),
+		StatusCancelled: m.outcomes.cancelled.Load(),
+	}
+}
