@@ -197,3 +197,40 @@ func TestAsyncPlatformTransport(t *testing.T) {
 		t.Fatalf("async output: %d", st)
 	}
 }
+
+// A deployment marked down is probed often only while jobs wait for it:
+// once nothing waits, the gateway leaves it alone (a scaled-to-zero
+// deployment nobody needs is not woken every 250 ms). With the queue
+// shared in Valkey, where "nothing waits" is asked of the store.
+func TestNoProbesWhileNothingWaits(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	d := comfytest.StartBalancer(t, comfytest.BalancerOptions{Replicas: 1, Server: comfytest.Options{Version: "2026"}, ColdStart: time.Minute})
+	d.ScaleToZero()
+	cf := sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), d.URL(), "")
+	cf = strings.Replace(cf, "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 1s", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("never", 1))
+	frames := b.untilJobEnd(a.PromptID, 20*time.Second)
+	if indexOf(frames, "execution_error") < 0 {
+		t.Fatalf("job for a deployment that never starts: %v", types(frames))
+	}
+	probes := func() int {
+		n := 0
+		for _, r := range d.Requests() {
+			if r.Path == "/system_stats" {
+				n++
+			}
+		}
+		return n
+	}
+	while := probes()
+	time.Sleep(1500 * time.Millisecond)
+	if after := probes() - while; after > 1 {
+		t.Fatalf("%d probes in 1.5 s with nothing waiting (%d while the job waited)", after, while)
+	}
+	if while == 0 {
+		t.Fatalf("no probes while the job waited")
+	}
+}

@@ -115,7 +115,7 @@ func (m *Manager) HealthChecks(ctx context.Context, interval time.Duration) {
 			}
 			for _, p := range m.poolsSnapshot() {
 				m.expireWaiting(p, time.Now())
-				if !all && !m.hasWaiting(p) {
+				if !all && (!anyDown(p) || !m.hasWaiting(ctx, p)) {
 					continue
 				}
 				var recovered *Upstream
@@ -233,15 +233,28 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 const ProbeWhileWaiting = 250 * time.Millisecond
 
 // hasWaiting reports whether jobs wait for the pool's endpoints: held for a
-// cold start, or queued (with a shared queue: assume so, the probe of a
-// down endpoint is cheap).
-func (m *Manager) hasWaiting(p *Pool) bool {
-	if m.shared != nil {
-		return true
-	}
+// cold start, or queued (here, or in the shared queue). Probing only then
+// keeps a scaled-to-zero deployment that nobody needs asleep.
+func (m *Manager) hasWaiting(ctx context.Context, p *Pool) bool {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.held) > 0 || p.queue().len() > 0
+	local := len(p.held) > 0 || p.queue().len() > 0
+	p.mu.Unlock()
+	if local || m.shared == nil {
+		return local
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	n, err := m.shared.PoolWaiting(ctx, p.Name)
+	return err != nil || n > 0 // unsure: probe
+}
+
+func anyDown(p *Pool) bool {
+	for _, u := range p.Upstreams {
+		if !u.Healthy() {
+			return true
+		}
+	}
+	return false
 }
 
 // DefaultColdStartTimeout is how long a job waits for an endpoint to accept

@@ -40,6 +40,8 @@ type SharedQueue interface {
 	Assignments(ctx context.Context, owner string, wait time.Duration) ([]Assignment, error)
 	// Waiting counts one user's waiting jobs in a pool (for max_queued).
 	Waiting(ctx context.Context, pool, user string) (int, error)
+	// PoolWaiting counts the users with jobs waiting in a pool (0: none).
+	PoolWaiting(ctx context.Context, pool string) (int, error)
 	// QueueState returns everything the pool's order depends on, to tell
 	// users where their jobs stand. endpoints are the pool's endpoints
 	// (their slots give the running counts).

@@ -131,6 +131,9 @@ func TestSharedQueueTake(t *testing.T) {
 	if n, _ := s.Waiting(ctx, "p", "alice"); n != 2 {
 		t.Fatalf("alice waits with %d jobs, want 2", n)
 	}
+	if n, _ := s.PoolWaiting(ctx, "p"); n != 1 {
+		t.Fatalf("%d users wait, want 1", n)
+	}
 	a := take(TakeRequest{Endpoints: one})
 	if a == nil || a.JobID != "a1" || a.Endpoint != "http://gpu" || a.User != "alice" {
 		t.Fatalf("first take %+v", a)
@@ -164,6 +167,9 @@ func TestSharedQueueTake(t *testing.T) {
 	}
 	if n, _ := s.Waiting(ctx, "p", "alice"); n != 0 {
 		t.Fatalf("alice still waits with %d", n)
+	}
+	if n, _ := s.PoolWaiting(ctx, "p"); n != 0 {
+		t.Fatalf("%d users wait, want none", n)
 	}
 
 	// A job held by another gateway goes to its inbox.

@@ -307,6 +307,17 @@ func (s *ValkeyStore) Waiting(ctx context.Context, pool, user string) (int, erro
 	return int(n), nil
 }
 
+// PoolWaiting implements SharedQueue.
+func (s *ValkeyStore) PoolWaiting(ctx context.Context, pool string) (int, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	n, err := s.client.Do(ctx, s.client.B().Zcard().Key(s.queueKeys(pool)[0]).Build()).AsInt64()
+	if err != nil {
+		return 0, s.wrap("count waiting users", err)
+	}
+	return int(n), nil
+}
+
 // QueueState implements SharedQueue.
 func (s *ValkeyStore) QueueState(ctx context.Context, pool string, endpoints []string) (*QueueState, error) {
 	ctx, cancel := s.bound(ctx)
