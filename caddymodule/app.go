@@ -40,8 +40,10 @@ type App struct {
 	Store *StoreConfig `json:"store,omitempty"`
 
 	// HealthInterval is how often endpoints marked down (after failures)
-	// are probed with GET /system_stats; one that answers takes jobs again.
-	// Default 10s.
+	// are probed — GET /system_stats, or the worker's GET /comfyume/job for
+	// pinned endpoints; one that answers takes jobs again. Default 10s.
+	// While jobs wait for a pool, its down endpoints are probed every
+	// 250 ms regardless, so the end of a cold start is noticed at once.
 	HealthInterval caddy.Duration `json:"health_interval,omitempty"`
 
 	// Outputs says where outputs captured from GPU servers are stored.
