@@ -155,7 +155,8 @@ func (m *Manager) assigned(p *Pool, a Assignment) {
 	if r == nil || up == nil || r.isFinished() {
 		m.releaseAssigned(a)
 		if r != nil && up == nil && !r.isFinished() {
-			// This gateway's configuration lacks that endpoint.
+			m.logger.Warn("another gateway gave this one's job an endpoint its pool lacks: the replicas' pool configurations differ",
+				zap.String("pool", p.Name), zap.String("endpoint", a.Endpoint), zap.String("job", a.JobID))
 			m.requeue(p, r)
 		}
 		go m.dispatchWaiting(p)
