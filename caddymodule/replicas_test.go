@@ -588,3 +588,43 @@ func TestReplicasShareOneFairQueue(t *testing.T) {
 		t.Fatalf("GPU order\n%v\nwant\n%v (bob and carol right after alice's first)", order, want)
 	}
 }
+
+// A job waiting in the shared queue is cancelled through the other
+// replica: it leaves the queue (the next one moves up and runs), it never
+// reaches the GPU, and it is listed as cancelled.
+func TestCancelWaitingJobThroughOtherReplica(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 40 * time.Millisecond})
+	cf := sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	a := startCaddy(t, cf)
+	b := startReplica(t, cf)
+	tab := a.openBrowser("alice", "", true)
+	running := a.queue("alice", tab.SID, samplerWorkflow("run", 8))
+	tab.waitType("execution_start", 10*time.Second)
+	doomed := a.queue("alice", tab.SID, samplerWorkflow("doomed", 1))
+	next := a.queue("alice", tab.SID, samplerWorkflow("next", 1))
+
+	var page jobsPage
+	b.getJSON("alice", "/api/jobs?status=pending", &page)
+	if j := findJob(page.Jobs, next.PromptID); j == nil || j["queue_position"] != float64(2) {
+		t.Fatalf("before the cancel: %v", page.Jobs)
+	}
+	if st, _, _ := b.do("alice", "POST", "/api/jobs/"+doomed.PromptID+"/cancel", nil); st != 200 {
+		t.Fatalf("cancel through replica B: %d", st)
+	}
+	b.waitStatus("alice", doomed.PromptID, "cancelled", 10*time.Second)
+	b.getJSON("alice", "/api/jobs?status=pending", &page)
+	if j := findJob(page.Jobs, next.PromptID); j == nil || j["queue_position"] != float64(1) {
+		t.Fatalf("after the cancel: %v", page.Jobs)
+	}
+	tab.untilJobEnd(next.PromptID, 30*time.Second)
+	for _, p := range gpu.Prompts() {
+		if p.PromptID == doomed.PromptID {
+			t.Fatal("the cancelled job reached the GPU")
+		}
+	}
+	if n := len(gpu.Prompts()); n != 2 {
+		t.Fatalf("%d prompts reached the GPU, want 2 (%s and %s)", n, running.PromptID, next.PromptID)
+	}
+}
