@@ -217,6 +217,48 @@ func TestKill(t *testing.T) {
 	srv.Close() // idempotent
 }
 
+// DropSockets cuts sockets without a goodbye and refuses new ones for a
+// while; the server itself runs on: the job finishes and HTTP answers.
+func TestDropSockets(t *testing.T) {
+	srv := Start(t, Options{StepDelay: 5 * time.Millisecond})
+	base := srv.URL()
+	ws := dialWS(t, base, "d")
+	ws.next()
+	id := queuePrompt(t, base, map[string]any{"prompt": simpleWorkflow("d", 20), "client_id": "d"})
+	ws.until(func(f frame) bool { return f.typ == "executing" })
+	srv.DropSockets(300 * time.Millisecond)
+	_ = ws.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		if _, _, err := ws.c.ReadMessage(); err != nil {
+			if websocket.IsCloseError(err, websocket.CloseGoingAway) {
+				t.Fatal("DropSockets must not say goodbye")
+			}
+			break
+		}
+	}
+	if _, resp, err := websocket.DefaultDialer.Dial(wsURL(base)+"?clientId=d", nil); err == nil || resp == nil || resp.StatusCode != 503 {
+		t.Fatalf("socket during the outage: %v %v", err, resp)
+	}
+	// The job ends meanwhile; its history says so over HTTP.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var h map[string]any
+		getJSON(t, base+"/history/"+id, &h)
+		if len(h) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the job did not end during the outage")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	again := dialWS(t, base, "d")
+	if f := again.next(); f.typ != "status" {
+		t.Fatalf("after the outage: %s", f.typ)
+	}
+}
+
 func TestHandlerUnderHTTPTest(t *testing.T) {
 	s := New(Options{Version: "2026", StepDelay: time.Millisecond})
 	ts := httptest.NewServer(s.Handler())
