@@ -29,7 +29,7 @@ import (
 
 const (
 	prioSpan  = 1_000_000_000
-	memberUse = 10 + 1 + 20 + 1 + 20 + 1 // where the user's name starts (0-based)
+	userOffset = 10 + 1 + 20 + 1 + 20 + 1 // where the user's name starts (0-based)
 )
 
 func prioKey(p int) string {
@@ -242,7 +242,7 @@ func (s *ValkeyStore) Take(ctx context.Context, t TakeRequest) (*Assignment, err
 		t.Owner,
 		strconv.FormatInt(inboxTTL.Milliseconds(), 10),
 		t.Pool,
-		strconv.Itoa(memberUse),
+		strconv.Itoa(userOffset),
 	}
 	for _, e := range t.Endpoints {
 		args = append(args, e.Endpoint, strconv.Itoa(e.Max), "1")
@@ -338,11 +338,11 @@ func (s *ValkeyStore) QueueState(ctx context.Context, pool string, endpoints []s
 	for i := 0; i+1 < len(q); i += 2 {
 		m, _ := q[i].ToString()
 		jobs, _ := q[i+1].AsStrSlice()
-		if len(m) <= memberUse {
+		if len(m) <= userOffset {
 			continue
 		}
 		served, _ := strconv.ParseUint(m[11:31], 10, 64)
-		st.Users = append(st.Users, QueuedUser{User: m[memberUse:], Priority: prioFromKey(m[:10]), Served: served, Jobs: jobs})
+		st.Users = append(st.Users, QueuedUser{User: m[userOffset:], Priority: prioFromKey(m[:10]), Served: served, Jobs: jobs})
 	}
 	holders, _ := both[1].AsStrSlice()
 	for _, h := range holders {
