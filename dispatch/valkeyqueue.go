@@ -28,7 +28,7 @@ import (
 // least recently served, then the first to arrive.
 
 const (
-	prioSpan  = 1_000_000_000
+	prioSpan   = 1_000_000_000
 	userOffset = 10 + 1 + 20 + 1 + 20 + 1 // where the user's name starts (0-based)
 )
 
