@@ -96,3 +96,33 @@ func grepLines(s, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// With the queue in Valkey, GET /comfyume/pools counts the jobs waiting
+// in the shared queue.
+func TestAdminPoolsWithSharedQueue(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cf := strings.Replace(sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), ""), "admin off", "admin "+admin, 1)
+	g := startCaddy(t, cf)
+	gpu.FailNext("hang")
+	b := g.openBrowser("alice", "", true)
+	first := g.queue("alice", b.SID, samplerWorkflow("a", 1))
+	b.waitType("execution_start", 10*time.Second)
+	g.queue("alice", b.SID, samplerWorkflow("b", 1))
+	g.queue("bob", "", samplerWorkflow("c", 1))
+	resp, err := http.Get("http://" + admin + "/comfyume/pools")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var ps []dispatch.PoolStatus
+	if err := json.NewDecoder(resp.Body).Decode(&ps); err != nil || len(ps) != 1 {
+		t.Fatalf("pools: %v %v", ps, err)
+	}
+	if p := ps[0]; p.Waiting != 2 || p.Running != 1 || p.Endpoints[0].Jobs != 1 {
+		t.Fatalf("pool with one job running and two waiting in Valkey: %+v", p)
+	}
+	g.do("alice", "POST", "/api/interrupt", map[string]any{"prompt_id": first.PromptID})
+}
