@@ -46,6 +46,14 @@ type App struct {
 	// 250 ms regardless, so the end of a cold start is noticed at once.
 	HealthInterval caddy.Duration `json:"health_interval,omitempty"`
 
+	// HistoryLimit is how many ended jobs each user keeps (default 1000).
+	// When a job ends, the user's oldest ended jobs beyond it are
+	// forgotten — records and prompts, in memory or in Valkey — as ComfyUI
+	// forgets history beyond its own limit, so that neither grows without
+	// end. /view no longer serves a forgotten job's outputs; their files
+	// are not deleted (give the bucket a lifecycle rule for that).
+	HistoryLimit int `json:"history_limit,omitempty"`
+
 	// Outputs says where outputs captured from GPU servers are stored.
 	// Default: a directory "comfyume/outputs" in Caddy's data directory.
 	Outputs *OutputsConfig `json:"outputs,omitempty"`
@@ -271,6 +279,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		a.gateway.Manager().SetPool(pool)
 	}
+	a.gateway.Manager().SetHistoryLimit(a.HistoryLimit)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		if err := reg.Register(metrics{app: a}); err != nil {
 			var dup prometheus.AlreadyRegisteredError
@@ -284,6 +293,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 
 // Validate checks the configuration.
 func (a *App) Validate() error {
+	if a.HistoryLimit < 0 {
+		return fmt.Errorf("history_limit %d: must not be negative", a.HistoryLimit)
+	}
 	seen := map[string]bool{}
 	for _, p := range a.Pools {
 		if p.Name == "" || p.Name == "home" {

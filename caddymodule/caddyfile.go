@@ -37,6 +37,7 @@ func init() {
 //			}
 //		}
 //		health_interval <duration>
+//		history_limit <n>
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
 //			username <name>
@@ -178,6 +179,16 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.HealthInterval = dur
+		case "history_limit":
+			val, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			n, err := strconv.Atoi(val)
+			if err != nil || n < 1 {
+				return d.Errf("history_limit: %q is not a positive number", val)
+			}
+			a.HistoryLimit = n
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()

@@ -17,6 +17,7 @@ func TestCaddyfileMistakesAreNamed(t *testing.T) {
 		{"pool gpu {\n upstream http://x {\n flavour vanilla\n }\n }", "", `unrecognized upstream subdirective "flavour"`},
 		{"store valkey {\n lease_ttl 0s\n }", "", `lease_ttl: "0s" is not a duration`},
 		{"colour blue", "", `unrecognized comfyume option "colour"`},
+		{"history_limit none", "", `history_limit: "none" is not a positive number`},
 		{"", "shoe_size 42", `unrecognized comfyume subdirective "shoe_size"`},
 		{"", "max_body_size lots", `max_body_size: "lots" is not a size`},
 	} {

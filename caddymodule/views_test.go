@@ -3,6 +3,7 @@ package caddymodule_test
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -323,5 +324,51 @@ func TestBulkCancelAndClears(t *testing.T) {
 	g.getJSON("bob", "/api/jobs", &page)
 	if j := findJob(page.Jobs, bobs.PromptID); j == nil || j["status"] != "completed" {
 		t.Fatalf("bob's job after alice's clear: %v", page.Jobs)
+	}
+}
+
+// history_limit: when a job ends, the user's oldest ended jobs beyond the
+// limit are forgotten (as ComfyUI forgets old history); other users' jobs
+// are not touched.
+func TestHistoryLimit(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}", "outputs disk {DATA}\n\t\thistory_limit 2", 1)
+	g := startCaddy(t, cf)
+	bob := g.openBrowser("bob", "", true)
+	bobs := g.queue("bob", bob.SID, samplerWorkflow("bob", 1))
+	bob.untilJobEnd(bobs.PromptID, 20*time.Second)
+	b := g.openBrowser("alice", "", true)
+	var ids []string
+	for i := 0; i < 3; i++ {
+		a := g.queue("alice", b.SID, samplerWorkflow(fmt.Sprint("h", i), 1))
+		b.untilJobEnd(a.PromptID, 20*time.Second)
+		ids = append(ids, a.PromptID)
+	}
+	// Trimming follows the job's end: wait until it has happened.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var page jobsPage
+		g.getJSON("alice", "/api/jobs", &page)
+		if len(page.Jobs) == 2 {
+			if findJob(page.Jobs, ids[0]) != nil || findJob(page.Jobs, ids[1]) == nil || findJob(page.Jobs, ids[2]) == nil {
+				t.Fatalf("kept the wrong jobs: %v", page.Jobs)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("alice has %d jobs listed, want the newest 2", len(page.Jobs))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var h map[string]any
+	g.getJSON("alice", "/history", &h)
+	if _, ok := h[ids[0]]; ok || len(h) != 2 {
+		t.Fatalf("/history keeps %d entries (the oldest: %v)", len(h), ok)
+	}
+	var page jobsPage
+	g.getJSON("bob", "/api/jobs", &page)
+	if findJob(page.Jobs, bobs.PromptID) == nil {
+		t.Fatal("bob's job was trimmed by alice's")
 	}
 }

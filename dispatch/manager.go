@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -69,11 +70,13 @@ type Manager struct {
 	runs   map[string]*run // job id → live run
 	number float64
 
-	owner     string
-	leaseTTL  time.Duration
-	outcomes  jobOutcomes
-	inputsFor InputsFor
-	homes     map[string]*Upstream // fallback targets, by URL
+	owner    string
+	leaseTTL time.Duration
+	outcomes jobOutcomes
+	// historyLimit is how many ended jobs each user keeps.
+	historyLimit atomic.Int64
+	inputsFor    InputsFor
+	homes        map[string]*Upstream // fallback targets, by URL
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -691,6 +694,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 		return
 	}
 	m.outcomes.count(snap.Status)
+	go m.trimHistory(snap.User)
 	m.mu.Lock()
 	pool := m.pools[snap.Pool]
 	m.mu.Unlock()
@@ -859,6 +863,31 @@ func (m *Manager) Close() {
 	}
 	for _, id := range ids {
 		m.unclaim(id)
+	}
+}
+
+// DefaultHistoryLimit is how many ended jobs each user keeps by default.
+const DefaultHistoryLimit = 1000
+
+// SetHistoryLimit sets how many ended jobs each user keeps (0: the
+// default). When a job ends, the user's oldest ended jobs beyond the limit
+// are forgotten, as ComfyUI forgets the oldest history beyond its own.
+func (m *Manager) SetHistoryLimit(n int) {
+	if n <= 0 {
+		n = DefaultHistoryLimit
+	}
+	m.historyLimit.Store(int64(n))
+}
+
+func (m *Manager) trimHistory(user string) {
+	keep := int(m.historyLimit.Load())
+	if keep <= 0 {
+		keep = DefaultHistoryLimit
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := m.store.Trim(ctx, user, keep); err != nil {
+		m.logger.Warn("forgetting old jobs", zap.String("user", user), zap.Error(err))
 	}
 }
 

@@ -33,6 +33,10 @@ type Store interface {
 	// ActiveCount counts one user's pending and in_progress jobs without
 	// reading the records (the queue count browsers are shown often).
 	ActiveCount(ctx context.Context, user string) (int, error)
+	// Trim forgets the user's oldest ended jobs (in UserJobs order) beyond
+	// the newest keep ended ones, and returns their ids. Waiting and
+	// running jobs are never trimmed.
+	Trim(ctx context.Context, user string, keep int) ([]string, error)
 	// Claim gives owner the lease on a job for ttl if nobody else holds a
 	// live one (or owner already does: then it is renewed). It reports
 	// whether owner holds the lease afterwards. Gateways sharing a store use
@@ -182,6 +186,30 @@ func (s *MemoryStore) UserJobSummaries(_ context.Context, user string) ([]*Job, 
 	}
 	SortJobs(out)
 	return out, nil
+}
+
+// Trim implements Store.
+func (s *MemoryStore) Trim(_ context.Context, user string, keep int) ([]string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ended []*Job
+	for id := range s.byUser[user] {
+		if j := s.jobs[id]; !j.Active() {
+			ended = append(ended, j)
+		}
+	}
+	if len(ended) <= keep {
+		return nil, nil
+	}
+	SortJobs(ended)
+	var gone []string
+	for _, j := range ended[:len(ended)-keep] {
+		delete(s.byUser[user], j.ID)
+		delete(s.jobs, j.ID)
+		delete(s.leases, j.ID)
+		gone = append(gone, j.ID)
+	}
+	return gone, nil
 }
 
 // Delete implements Store.

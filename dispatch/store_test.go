@@ -270,6 +270,43 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 		}
 	})
 
+	t.Run("Trim", func(t *testing.T) {
+		s := newStore(t)
+		for i, id := range []string{"t1", "t2", "t3", "t4"} {
+			j := storeTestJob(id, "alice", float64(i+1))
+			j.Status = StatusCompleted
+			if err := s.Save(ctx, j); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waiting := storeTestJob("t0", "alice", 0)
+		waiting.Status = StatusPending
+		bobs := storeTestJob("b1", "bob", 0)
+		bobs.Status = StatusFailed
+		for _, j := range []*Job{waiting, bobs} {
+			if err := s.Save(ctx, j); err != nil {
+				t.Fatal(err)
+			}
+		}
+		gone, err := s.Trim(ctx, "alice", 2)
+		if err != nil || fmt.Sprint(gone) != "[t1 t2]" {
+			t.Fatalf("Trim(alice, 2) = %v %v, want the two oldest ended", gone, err)
+		}
+		storeWantIDs(t, s, "alice", "t0", "t3", "t4")
+		storeWantIDs(t, s, "bob", "b1")
+		if _, err := s.Job(ctx, "t1"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("trimmed job still readable: %v", err)
+		}
+		if gone, err := s.Trim(ctx, "alice", 2); err != nil || len(gone) != 0 {
+			t.Fatalf("second Trim: %v %v", gone, err)
+		}
+		if gone, err := s.Trim(ctx, "alice", 0); err != nil || fmt.Sprint(gone) != "[t3 t4]" {
+			t.Fatalf("Trim(alice, 0) = %v %v", gone, err)
+		}
+		storeWantIDs(t, s, "alice", "t0") // the waiting job stays
+		storeWantActive(t, s, "t0")
+	})
+
 	t.Run("ActiveJobs", func(t *testing.T) {
 		s := newStore(t)
 		j1 := storeTestJob("x1", "alice", 2)

@@ -452,6 +452,42 @@ func (s *ValkeyStore) Delete(ctx context.Context, id string) error {
 	return nil
 }
 
+// trimScript forgets a user's oldest ended jobs beyond the newest keep.
+//
+//	KEYS: user index, active index
+//	ARGV: keep, job key head ("<prefix>job:"), lease key head
+const trimScript = `
+local ended = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if not redis.call('ZSCORE', KEYS[2], id) then table.insert(ended, id) end
+end
+local gone = {}
+for i = 1, #ended - tonumber(ARGV[1]) do
+  local id = ended[i]
+  redis.call('DEL', ARGV[2] .. id, ARGV[2] .. id .. ':body', ARGV[3] .. id)
+  redis.call('ZREM', KEYS[1], id)
+  table.insert(gone, id)
+end
+return gone
+`
+
+var luaTrim = valkey.NewLuaScriptRetryable(trimScript)
+
+// Trim implements Store.
+func (s *ValkeyStore) Trim(ctx context.Context, user string, keep int) ([]string, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	gone, err := luaTrim.Exec(ctx, s.client, []string{s.userKey(user), s.activeKey()},
+		[]string{strconv.Itoa(keep), s.prefix + "job:", s.prefix + "lease:"}).AsStrSlice()
+	if err != nil {
+		return nil, s.wrap("trim jobs of user "+user, err)
+	}
+	for _, id := range gone {
+		s.bodies.Delete(id)
+	}
+	return gone, nil
+}
+
 // Claim implements Store.
 func (s *ValkeyStore) Claim(ctx context.Context, id, owner string, ttl time.Duration) (bool, error) {
 	ms := ttl.Milliseconds()
