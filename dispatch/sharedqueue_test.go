@@ -322,4 +322,17 @@ func BenchmarkUserJobs50x1MiB(b *testing.B) {
 			}
 		})
 	}
+	// One job, as every /view of an output checks its owner.
+	for _, c := range []struct {
+		name string
+		read func(context.Context, string) (*Job, error)
+	}{{"one-full", s.Job}, {"one-summary", s.JobSummary}} {
+		b.Run(c.name, func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				if j, err := c.read(ctx, "j7"); err != nil || j.User != "alice" {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

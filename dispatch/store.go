@@ -15,6 +15,9 @@ type Store interface {
 	Save(ctx context.Context, j *Job) error
 	// Job returns a copy of one record, or ErrNotFound.
 	Job(ctx context.Context, id string) (*Job, error)
+	// JobSummary is Job without Prompt and ExtraData (for checks of owner
+	// or state, such as every /view of an output).
+	JobSummary(ctx context.Context, id string) (*Job, error)
 	// UserJobs returns copies of every record of one user.
 	UserJobs(ctx context.Context, user string) ([]*Job, error)
 	// UserJobSummaries is UserJobs without each record's Prompt and
@@ -162,6 +165,17 @@ func (s *MemoryStore) Job(_ context.Context, id string) (*Job, error) {
 		return nil, ErrNotFound
 	}
 	return j.Clone(), nil
+}
+
+// JobSummary implements Store.
+func (s *MemoryStore) JobSummary(_ context.Context, id string) (*Job, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	j, ok := s.jobs[id]
+	if !ok {
+		return nil, ErrNotFound
+	}
+	return j.Summary(), nil
 }
 
 // UserJobs implements Store.

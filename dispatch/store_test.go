@@ -115,6 +115,16 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 		}
 		storeSameJob(t, list[0], storeTestJob("b2", "bob", 0))
 
+		// One summary: the record without the body.
+		one, err := s.JobSummary(ctx, "b2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		storeSameJob(t, one, storeTestJob("b2", "bob", 0).Summary())
+		if _, err := s.JobSummary(ctx, "nope"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("JobSummary(missing) = %v", err)
+		}
+
 		// Summaries: the same records, same order, without the body.
 		sums, err := s.UserJobSummaries(ctx, "bob")
 		if err != nil || len(sums) != 2 {

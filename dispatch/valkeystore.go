@@ -345,6 +345,24 @@ func (s *ValkeyStore) Job(ctx context.Context, id string) (*Job, error) {
 	return j, nil
 }
 
+// JobSummary implements Store: the state record only.
+func (s *ValkeyStore) JobSummary(ctx context.Context, id string) (*Job, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	b, err := s.client.Do(ctx, s.client.B().Get().Key(s.jobKey(id)).Build()).AsBytes()
+	if valkey.IsValkeyNil(err) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, s.wrap("get "+id, err)
+	}
+	j, err := decodeJob(b, nil)
+	if err != nil {
+		return nil, s.wrap("decode "+id, err)
+	}
+	return j, nil
+}
+
 // UserJobs implements Store.
 func (s *ValkeyStore) UserJobs(ctx context.Context, user string) ([]*Job, error) {
 	return s.userJobs(ctx, user, true)

@@ -344,7 +344,7 @@ func homeURL(site Site) string {
 func (g *Gateway) inputSource(site Site) dispatch.InputSource {
 	return func(ctx context.Context, ref comfy.FileRef) (io.ReadCloser, error) {
 		if key, jobID, ok := blobKey(ref); ok {
-			j, err := g.manager.Store().Job(ctx, jobID)
+			j, err := g.manager.Store().JobSummary(ctx, jobID)
 			if err != nil || j.User != site.User {
 				return nil, dispatch.ErrNotFound
 			}

@@ -105,6 +105,16 @@ func (g *Gateway) userJob(ctx context.Context, user, id string) *dispatch.Job {
 	return j
 }
 
+// userJobSummary is userJob without the prompt and workflow (megabytes),
+// for checks of owner and state.
+func (g *Gateway) userJobSummary(ctx context.Context, user, id string) *dispatch.Job {
+	j, err := g.manager.Store().JobSummary(ctx, id)
+	if err != nil || j.User != user {
+		return nil
+	}
+	return j
+}
+
 // servePromptStatus answers GET /prompt: {"exec_info": {"queue_remaining"}}.
 func (g *Gateway) servePromptStatus(w http.ResponseWriter, r *http.Request, site Site) {
 	var st struct {
@@ -158,7 +168,7 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 		}
 		var homeIDs []string
 		for _, id := range req.Delete {
-			if j := g.userJob(ctx, site.User, id); j != nil {
+			if j := g.userJobSummary(ctx, site.User, id); j != nil {
 				if j.Status == dispatch.StatusPending {
 					g.cancel(ctx, site.User, id)
 				}
@@ -345,7 +355,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 			}
 		}
 		for _, id := range req.Delete {
-			if j := g.userJob(ctx, site.User, id); j != nil {
+			if j := g.userJobSummary(ctx, site.User, id); j != nil {
 				hide(j)
 				continue
 			}
@@ -469,7 +479,7 @@ func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Si
 	_ = json.Unmarshal(body, &req)
 	ctx := r.Context()
 	if req.PromptID != "" {
-		if j := g.userJob(ctx, site.User, req.PromptID); j != nil {
+		if j := g.userJobSummary(ctx, site.User, req.PromptID); j != nil {
 			g.cancel(ctx, site.User, j.ID)
 		} else {
 			g.homePost(ctx, site, "/interrupt", body)
