@@ -81,7 +81,10 @@ func (m *Manager) endpointBack(p *Pool, u *Upstream) {
 	}
 	m.logger.Info("endpoint is back; sending the jobs held for it", zap.String("upstream", u.String()), zap.Int("jobs", len(held)))
 	for r, tm := range held {
-		if tm.Stop() && !r.isFinished() {
+		// A timer that fired already finds its job gone from p.held and
+		// leaves it to us: requeue whether or not Stop caught it.
+		tm.Stop()
+		if !r.isFinished() {
 			m.requeue(p, r)
 		}
 	}
