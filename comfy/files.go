@@ -3,6 +3,7 @@ package comfy
 import (
 	"net/url"
 	"path"
+	"sort"
 	"strings"
 )
 
@@ -125,11 +126,17 @@ func ParseView(q url.Values) (ViewRequest, int) {
 
 // RefsIn walks a UI output dict ({"images": [{filename, subfolder, type}],
 // "gifs": [...], "audio": [...], ...}) and calls fn for every file reference,
-// whatever its media key. fn may change the ref's fields in place (the map
-// is the item itself). Items without a string filename are skipped.
+// whatever its media key, keys in sorted order and each list in its own.
+// fn may change the ref's fields in place (the map is the item itself).
+// Items without a string filename are skipped.
 func RefsIn(output map[string]any, fn func(key string, item map[string]any)) {
-	for key, v := range output {
-		list, ok := v.([]any)
+	keys := make([]string, 0, len(output))
+	for k := range output {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, key := range keys {
+		list, ok := output[key].([]any)
 		if !ok {
 			continue
 		}

@@ -12,7 +12,6 @@ import (
 	"mime/multipart"
 	"net/http"
 	"net/url"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -969,32 +968,15 @@ func (j *job) sendOutputs(ctx context.Context, m comfy.Message) error {
 	if json.Unmarshal(m.Data, &d) != nil || d.Output == nil {
 		return nil
 	}
-	keys := make([]string, 0, len(d.Output))
-	for k := range d.Output {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		list, ok := d.Output[k].([]any)
-		if !ok {
+	var refs []comfy.FileRef
+	comfy.RefsIn(d.Output, func(_ string, item map[string]any) { refs = append(refs, comfy.RefOf(item)) })
+	for _, ref := range refs {
+		if j.sent[ref] {
 			continue
 		}
-		for _, it := range list {
-			item, ok := it.(map[string]any)
-			if !ok {
-				continue
-			}
-			if _, ok := item["filename"].(string); !ok {
-				continue
-			}
-			ref := comfy.RefOf(item)
-			if j.sent[ref] {
-				continue
-			}
-			j.sent[ref] = true
-			if err := j.sendOutput(ctx, ref); err != nil {
-				return err
-			}
+		j.sent[ref] = true
+		if err := j.sendOutput(ctx, ref); err != nil {
+			return err
 		}
 	}
 	return nil
