@@ -106,13 +106,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				if d.Val() == "max_queued" || d.Val() == "max_running" {
 					key := d.Val()
-					val, err := oneArg(d)
+					n, err := countArg(d, key, 0)
 					if err != nil {
 						return err
-					}
-					n, err := strconv.Atoi(val)
-					if err != nil || n < 0 {
-						return d.Errf("%s: %q is not a non-negative number", key, val)
 					}
 					if key == "max_queued" {
 						pool.MaxQueued = n
@@ -143,17 +139,11 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						}
 						up.Headers.Add(args[0], args[1])
 					case "max_jobs":
-						if !d.NextArg() {
-							return d.ArgErr()
-						}
-						n, err := strconv.Atoi(d.Val())
-						if err != nil || n < 0 {
-							return d.Errf("max_jobs: %q is not a non-negative number", d.Val())
+						n, err := countArg(d, "max_jobs", 0)
+						if err != nil {
+							return err
 						}
 						up.MaxJobs = n
-						if d.NextArg() {
-							return d.ArgErr()
-						}
 					case "transport":
 						v, err := oneArg(d)
 						if err != nil {
@@ -180,13 +170,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.HealthInterval = dur
 		case "history_limit":
-			val, err := oneArg(d)
+			n, err := countArg(d, "history_limit", 1)
 			if err != nil {
 				return err
-			}
-			n, err := strconv.Atoi(val)
-			if err != nil || n < 1 {
-				return d.Errf("history_limit: %q is not a positive number", val)
 			}
 			a.HistoryLimit = n
 		case "store":
@@ -253,11 +239,11 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					}
 					a.Outputs.Serve = args[0]
 					if len(args) == 2 {
-						dur, err := caddy.ParseDuration(args[1])
-						if err != nil || dur <= 0 {
-							return d.Errf("serve %s: %q is not a duration", args[0], args[1])
+						dur, err := parseDuration(d, "serve "+args[0], args[1])
+						if err != nil {
+							return err
 						}
-						a.Outputs.RedirectExpiry = caddy.Duration(dur)
+						a.Outputs.RedirectExpiry = dur
 					}
 					continue
 				}
@@ -312,6 +298,23 @@ func parseDuration(d *caddyfile.Dispenser, key, val string) (caddy.Duration, err
 	return caddy.Duration(dur), nil
 }
 
+// countArg reads exactly one whole-number argument of at least min (0 or 1).
+func countArg(d *caddyfile.Dispenser, key string, min int) (int, error) {
+	val, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(val)
+	if err != nil || n < min {
+		kind := "a non-negative number"
+		if min > 0 {
+			kind = "a positive number"
+		}
+		return 0, d.Errf("%s: %q is not %s", key, val, kind)
+	}
+	return n, nil
+}
+
 // oneArg reads exactly one argument of the current line.
 func oneArg(d *caddyfile.Dispenser) (string, error) {
 	if !d.NextArg() {
@@ -346,12 +349,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	for d.NextBlock(0) {
 		key := d.Val()
-		if !d.NextArg() {
-			return d.ArgErr()
-		}
-		val := d.Val()
-		if d.NextArg() {
-			return d.ArgErr()
+		val, err := oneArg(d)
+		if err != nil {
+			return err
 		}
 		switch key {
 		case "home":
