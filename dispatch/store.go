@@ -206,6 +206,9 @@ func (s *MemoryStore) UserJobSummaries(_ context.Context, user string) ([]*Job, 
 func (s *MemoryStore) Trim(_ context.Context, user string, keep int) ([]string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if len(s.byUser[user]) <= keep {
+		return nil, nil // fewer jobs than kept: nothing to look at
+	}
 	var ended []*Job
 	for id := range s.byUser[user] {
 		if j := s.jobs[id]; !j.Active() {

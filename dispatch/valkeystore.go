@@ -475,6 +475,7 @@ func (s *ValkeyStore) Delete(ctx context.Context, id string) error {
 //	KEYS: user index, active index
 //	ARGV: keep, job key head ("<prefix>job:"), lease key head
 const trimScript = `
+if redis.call('ZCARD', KEYS[1]) <= tonumber(ARGV[1]) then return {} end
 local ended = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if not redis.call('ZSCORE', KEYS[2], id) then table.insert(ended, id) end
