@@ -390,7 +390,7 @@ func (g *Gateway) serveJobs(w http.ResponseWriter, r *http.Request, site Site, r
 // cancelJob cancels one job where it is: the user's remote job through the
 // dispatcher, otherwise on home (interrupt if running, delete if queued).
 func (g *Gateway) cancelJob(ctx context.Context, site Site, id string) {
-	if j := g.userJobSummary(ctx, site.User, id); j != nil {
+	if j := g.userJob(ctx, site.User, id, false); j != nil {
 		g.cancel(ctx, site.User, id)
 		return
 	}
@@ -494,7 +494,7 @@ func (g *Gateway) listJobs(w http.ResponseWriter, r *http.Request, site Site) {
 
 func (g *Gateway) jobDetail(w http.ResponseWriter, r *http.Request, site Site, id string) {
 	ctx := r.Context()
-	if j := g.userJob(ctx, site.User, id); j != nil && !j.Hidden {
+	if j := g.userJob(ctx, site.User, id, true); j != nil && !j.Hidden {
 		writeJSON(w, http.StatusOK, remoteJobView(j, true))
 		return
 	}

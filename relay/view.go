@@ -40,7 +40,7 @@ func (g *Gateway) serveView(w http.ResponseWriter, r *http.Request, site Site) b
 	}
 	// Only the owner sees a job's outputs; anyone else gets the same 404 as
 	// for a file that does not exist.
-	if j := g.userJobSummary(r.Context(), site.User, jobID); j == nil {
+	if j := g.userJob(r.Context(), site.User, jobID, false); j == nil {
 		w.WriteHeader(http.StatusNotFound)
 		return true
 	}

@@ -96,19 +96,15 @@ func (g *Gateway) cancel(ctx context.Context, user, id string) {
 	}
 }
 
-// userJob returns one of the user's remote jobs, or nil.
-func (g *Gateway) userJob(ctx context.Context, user, id string) *dispatch.Job {
-	j, err := g.manager.Store().Job(ctx, id)
-	if err != nil || j.User != user {
-		return nil
+// userJob returns one of the user's remote jobs, or nil; with full, with
+// its prompt and extra_data (the UI workflow: megabytes — checks of owner
+// or state do without).
+func (g *Gateway) userJob(ctx context.Context, user, id string, full bool) *dispatch.Job {
+	read := g.manager.Store().JobSummary
+	if full {
+		read = g.manager.Store().Job
 	}
-	return j
-}
-
-// userJobSummary is userJob without the prompt and workflow (megabytes),
-// for checks of owner and state.
-func (g *Gateway) userJobSummary(ctx context.Context, user, id string) *dispatch.Job {
-	j, err := g.manager.Store().JobSummary(ctx, id)
+	j, err := read(ctx, id)
 	if err != nil || j.User != user {
 		return nil
 	}
@@ -168,7 +164,7 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 		}
 		var homeIDs []string
 		for _, id := range req.Delete {
-			if j := g.userJobSummary(ctx, site.User, id); j != nil {
+			if j := g.userJob(ctx, site.User, id, false); j != nil {
 				if j.Status == dispatch.StatusPending {
 					g.cancel(ctx, site.User, id)
 				}
@@ -355,7 +351,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 			}
 		}
 		for _, id := range req.Delete {
-			if j := g.userJobSummary(ctx, site.User, id); j != nil {
+			if j := g.userJob(ctx, site.User, id, false); j != nil {
 				hide(j)
 				continue
 			}
@@ -385,7 +381,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 		return
 	}
 	if id != "" {
-		if j := g.userJob(ctx, site.User, id); j != nil && !j.Hidden {
+		if j := g.userJob(ctx, site.User, id, true); j != nil && !j.Hidden {
 			if j.Active() {
 				writeJSON(w, http.StatusOK, map[string]any{})
 				return
@@ -457,7 +453,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 			continue
 		}
 		j := e.job
-		if full := g.userJob(ctx, site.User, j.ID); full != nil {
+		if full := g.userJob(ctx, site.User, j.ID, true); full != nil {
 			j = full
 		}
 		entries[i].val, _ = json.Marshal(historyEntry(j))
@@ -479,7 +475,7 @@ func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Si
 	_ = json.Unmarshal(body, &req)
 	ctx := r.Context()
 	if req.PromptID != "" {
-		if j := g.userJobSummary(ctx, site.User, req.PromptID); j != nil {
+		if j := g.userJob(ctx, site.User, req.PromptID, false); j != nil {
 			g.cancel(ctx, site.User, j.ID)
 		} else {
 			g.homePost(ctx, site, "/interrupt", body)
