@@ -234,3 +234,36 @@ func TestNoProbesWhileNothingWaits(t *testing.T) {
 		t.Fatalf("no probes while the job waited")
 	}
 }
+
+// Circuit breaker: an endpoint that keeps refusing (503, a deployment
+// stuck starting) stops getting jobs after a few failures, so it does not
+// eat the queue: the pool's healthy endpoint runs them all.
+func TestCircuitBreakerSparesBadEndpoint(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	bad := comfytest.StartBalancer(t, comfytest.BalancerOptions{Replicas: 1, Server: comfytest.Options{Version: "2026"}, ColdStart: time.Hour})
+	bad.ScaleToZero()
+	good := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "good"})
+	// The bad endpoint is listed first: with equal load it is tried first.
+	cf := strings.Replace(poolCaddyfile(home.URL(), bad.URL(), ""), "\t\t}\n\t\toutputs", "\t\t\tupstream "+good.URL()+"\n\t\t}\n\t\toutputs", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	const jobs = 8
+	for i := 0; i < jobs; i++ {
+		a := g.queue("alice", b.SID, samplerWorkflow(fmt.Sprint("cb", i), 1))
+		if frames := b.untilJobEnd(a.PromptID, 30*time.Second); indexOf(frames, "execution_success") < 0 {
+			t.Fatalf("job %d: %v", i, types(frames))
+		}
+	}
+	// Each send to the comfyui transport begins with its event socket.
+	tries := 0
+	for _, r := range bad.Requests() {
+		if r.WebSocket {
+			tries++
+		}
+	}
+	t.Logf("the refusing endpoint got %d of %d jobs' sends", tries, jobs)
+	if len(good.Prompts()) != jobs || tries > dispatch.FailuresToOpen+1 {
+		t.Fatalf("good endpoint ran %d of %d jobs; the refusing one was sent %d", len(good.Prompts()), jobs, tries)
+	}
+}
+
