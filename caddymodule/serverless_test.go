@@ -266,4 +266,3 @@ func TestCircuitBreakerSparesBadEndpoint(t *testing.T) {
 		t.Fatalf("good endpoint ran %d of %d jobs; the refusing one was sent %d", len(good.Prompts()), jobs, tries)
 	}
 }
-
