@@ -424,7 +424,18 @@ type nodeCtx struct {
 // work spends one StepDelay of "GPU time". Like real node work it is not
 // interruptible; only Close/Kill cut it short.
 func (c *nodeCtx) work() error {
-	t := time.NewTimer(c.s.opts.StepDelay)
+	return c.workFor(c.s.opts.StepDelay)
+}
+
+// workFor is work of d; d <= 0 only checks that the server still runs.
+func (c *nodeCtx) workFor(d time.Duration) error {
+	if d <= 0 {
+		if c.s.stopped() {
+			return errStopped
+		}
+		return nil
+	}
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
@@ -454,10 +465,12 @@ func (c *nodeCtx) progress(value, maxv int, pv *preview) error {
 			if pv.format == "PNG" {
 				mime = "image/png"
 			}
-			r.s.send(r.tgt, previewMetaFrame(obj{
+			m := previewMetaFrame(obj{
 				{"node_id", id}, {"prompt_id", r.j.id}, {"display_node_id", id}, {"parent_node_id", nil},
 				{"real_node_id", id}, {"image_type", mime},
-			}, pv.data))
+			}, pv.data)
+			m.promptID, m.value = r.j.id, value
+			r.s.send(r.tgt, m)
 		}
 	}
 	r.s.sendJSON(r.tgt, "progress", obj{{"value", value}, {"max", maxv}, {"prompt_id", r.j.id}, {"node", id}})
@@ -466,7 +479,9 @@ func (c *nodeCtx) progress(value, maxv int, pv *preview) error {
 		if pv.format == "PNG" {
 			format = 2
 		}
-		r.s.send(r.tgt, previewFrame(format, pv.data))
+		m := previewFrame(format, pv.data)
+		m.promptID, m.value = r.j.id, value
+		r.s.send(r.tgt, m)
 	}
 	return nil
 }

@@ -16,6 +16,7 @@ import (
 	"path"
 	"sort"
 	"strings"
+	"time"
 )
 
 // imgBatch is an IMAGE value: a batch of opaque images. Values are never
@@ -634,12 +635,17 @@ func runFakeSampler(c *nodeCtx, in map[string]any) ([]any, obj, error) {
 	if len(imgs) > 0 {
 		base = fitWithin(imgs[0], 512)
 	}
+	start := time.Now()
 	for i := int64(1); i <= steps; i++ {
-		if err := c.work(); err != nil {
+		d := c.s.opts.StepDelay
+		if c.s.opts.FixedRate {
+			d = time.Until(start.Add(time.Duration(i) * d))
+		}
+		if err := c.workFor(d); err != nil {
 			return nil, nil, err
 		}
 		var pv *preview
-		if base != nil {
+		if every := int64(c.s.opts.PreviewEvery); base != nil && (every <= 0 || i%every == 0) {
 			data, err := samplerPreview(base, float64(i)/float64(steps), c.s.opts.PreviewBytes)
 			if err != nil {
 				return nil, nil, err

@@ -21,8 +21,16 @@ type Options struct {
 	// for the differences.
 	Version string
 	// StepDelay is how long every executed (non-cached) node and every
-	// sampler progress step takes. Default 5ms.
+	// sampler progress step takes. Default 5ms. A negative value means no
+	// delay at all ("blast"): nodes and sampler steps run back to back, and
+	// a job's events are sent as fast as the fake can produce them.
 	StepDelay time.Duration
+	// FixedRate paces the FakeSampler's steps on a fixed clock: step i is
+	// due i×StepDelay after the sampler started, however long sending the
+	// earlier steps' events took, so a job emits progress at a steady rate
+	// (with StepDelay 2ms: one step every 2 ms). Without it each step waits
+	// StepDelay after the previous one finished.
+	FixedRate bool
 	// Steps is the number of progress steps of a FakeSampler node that has
 	// no "steps" input. Default 3.
 	Steps int
@@ -32,11 +40,45 @@ type Options struct {
 	// many bytes (with JPEG comment segments, so it still decodes), to
 	// exercise multi-megabyte binary WebSocket frames.
 	PreviewBytes int
+	// PreviewEvery, if > 0, makes the FakeSampler send a live preview only
+	// on every PreviewEvery-th step (steps PreviewEvery, 2×PreviewEvery, …)
+	// instead of on every step, like a previewer that skips steps. With
+	// steps 1000 and PreviewEvery 100 a job sends 1000 progress events and
+	// 10 previews.
+	PreviewEvery int
 	// Models lists the model files the server has: the COMBO of
 	// FakeCheckpointImage's ckpt_name (default "sd_xl_base_1.0.safetensors").
 	Models []string
 	// Logf, if set, receives one line per request and per job event.
 	Logf func(format string, args ...any)
+	// OnSend, if set, is called for every WebSocket frame the server
+	// writes, by that socket's writer goroutine just before the write
+	// (after the frame waited in the socket's queue), so a benchmark in the
+	// same process can measure each event's latency from the moment the
+	// fake sends it. It is called concurrently for different sockets and
+	// must be quick; the frame is written when it returns.
+	OnSend func(SentFrame)
+}
+
+// SentFrame describes one WebSocket frame for Options.OnSend.
+type SentFrame struct {
+	// SID is the clientId of the socket the frame is written to.
+	SID string
+	// Type is the message type of a text frame ("status", "progress",
+	// "executing", …) or "preview" for a binary preview frame (type 1 or 4).
+	Type string
+	// PromptID is the frame's prompt id: data.prompt_id of a text frame,
+	// the job of a preview; "" when the frame has none (status,
+	// feature_flags).
+	PromptID string
+	// Value is data.value of a progress frame, and the sampler step a
+	// preview belongs to; 0 otherwise.
+	Value int
+	// Binary is true for a binary frame; Bytes is the frame's payload size.
+	Binary bool
+	Bytes  int
+	// Time is when the writer took the frame to write it.
+	Time time.Time
 }
 
 // ReceivedPrompt is one accepted POST /prompt.
@@ -141,7 +183,7 @@ func New(opts Options) *Server {
 	default:
 		panic(fmt.Sprintf("comfytest: unknown Options.Version %q (want \"2024-12\" or \"2026\")", opts.Version))
 	}
-	if opts.StepDelay <= 0 {
+	if opts.StepDelay == 0 {
 		opts.StepDelay = 5 * time.Millisecond
 	}
 	if opts.Steps <= 0 {

@@ -22,6 +22,7 @@ type wsConn struct {
 	notify chan struct{}
 	done   chan struct{}
 	once   sync.Once
+	onSend func(SentFrame) // Options.OnSend
 
 	// guarded by Server.sockMu
 	flags    any
@@ -31,10 +32,14 @@ type wsConn struct {
 type wsMsg struct {
 	binary bool
 	data   []byte
+	// What Options.OnSend is told about the frame (not sent).
+	typ      string
+	promptID string
+	value    int
 }
 
-func newWSConn(sid string, c *websocket.Conn) *wsConn {
-	return &wsConn{sid: sid, c: c, notify: make(chan struct{}, 1), done: make(chan struct{})}
+func newWSConn(sid string, c *websocket.Conn, onSend func(SentFrame)) *wsConn {
+	return &wsConn{sid: sid, c: c, notify: make(chan struct{}, 1), done: make(chan struct{}), onSend: onSend}
 }
 
 func (c *wsConn) enqueue(m wsMsg) {
@@ -67,6 +72,10 @@ func (c *wsConn) writer() {
 			typ := websocket.TextMessage
 			if m.binary {
 				typ = websocket.BinaryMessage
+			}
+			if c.onSend != nil {
+				c.onSend(SentFrame{SID: c.sid, Type: m.typ, PromptID: m.promptID, Value: m.value,
+					Binary: m.binary, Bytes: len(m.data), Time: time.Now()})
 			}
 			if err := c.c.WriteMessage(typ, m.data); err != nil {
 				c.close()
@@ -113,7 +122,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, _ map[string]s
 	if sid == "" {
 		sid = strings.ReplaceAll(uuid.NewString(), "-", "")
 	}
-	wc := newWSConn(sid, c)
+	wc := newWSConn(sid, c, s.opts.OnSend)
 	go wc.writer()
 
 	s.mu.Lock()
@@ -197,7 +206,18 @@ func queueInfo(remaining int) obj {
 }
 
 func textMsg(typ string, data any) wsMsg {
-	return wsMsg{data: mustJSON(obj{{"type", typ}, {"data", data}})}
+	m := wsMsg{data: mustJSON(obj{{"type", typ}, {"data", data}}), typ: typ}
+	if o, ok := data.(obj); ok {
+		if id, ok := o.get("prompt_id"); ok {
+			m.promptID, _ = id.(string)
+		}
+		if typ == "progress" {
+			if v, ok := o.get("value"); ok {
+				m.value, _ = v.(int)
+			}
+		}
+	}
+	return m
 }
 
 // target says where an event goes: one sid, or every socket.
@@ -255,7 +275,7 @@ func previewFrame(format uint32, img []byte) wsMsg {
 	b := make([]byte, 8, 8+len(img))
 	binary.BigEndian.PutUint32(b[0:], 1)
 	binary.BigEndian.PutUint32(b[4:], format)
-	return wsMsg{binary: true, data: append(b, img...)}
+	return wsMsg{binary: true, data: append(b, img...), typ: "preview"}
 }
 
 // previewMetaFrame builds a type-4 frame: [u32 4][u32 len][metadata][image].
@@ -265,5 +285,5 @@ func previewMetaFrame(meta obj, img []byte) wsMsg {
 	binary.BigEndian.PutUint32(b[0:], 4)
 	binary.BigEndian.PutUint32(b[4:], uint32(len(mj)))
 	b = append(b, mj...)
-	return wsMsg{binary: true, data: append(b, img...)}
+	return wsMsg{binary: true, data: append(b, img...), typ: "preview"}
 }
