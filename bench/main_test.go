@@ -9,9 +9,9 @@ import (
 )
 
 // roleEnv selects a helper role when the test binary is re-executed by the
-// idle-socket memory benchmark (see memory_test.go). The helpers keep the
-// browser side and the home side of those sockets out of the measured
-// process.
+// idle-socket memory benchmark (see memory_test.go) or the GPU-events
+// benchmarks (events_test.go). The helpers keep the browsers, homes and
+// fake GPUs out of the measured process.
 const roleEnv = "COMFYUME_BENCH_ROLE"
 
 func TestMain(m *testing.M) {
@@ -21,6 +21,9 @@ func TestMain(m *testing.M) {
 	case "fleet":
 		raiseFileLimit()
 		os.Exit(runFleet(os.Stdin, os.Stdout))
+	case "events":
+		raiseFileLimit()
+		os.Exit(runEventsHelper(os.Stdin, os.Stdout))
 	case "home":
 		raiseFileLimit()
 		os.Exit(runHomeChild(os.Stdin, os.Stdout))

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -24,7 +25,9 @@ import (
 // BenchmarkIdleSocketMemory opens K idle browser WebSockets (K=2000, or
 // $BENCH_SOCKETS) and reports how much Go heap and stack
 // (HeapInuse+StackInuse after GC) the serving process holds per socket,
-// and how many goroutines:
+// its resident set size per socket (rss-B/socket: the Go memory plus what
+// the runtime keeps mapped, but no kernel socket buffers), and how many
+// goroutines:
 //
 //   - path=direct:                        a minimal gorilla/websocket server
 //   - path=reverse_proxy:                 Caddy reverse_proxy to a home server
@@ -141,6 +144,7 @@ func BenchmarkIdleSocketMemory(b *testing.B) {
 			b.ReportMetric(r.perSocket, "B/socket")
 			b.ReportMetric(r.heap, "heap-B/socket")
 			b.ReportMetric(r.stack, "stack-B/socket")
+			b.ReportMetric(r.rss, "rss-B/socket")
 			b.ReportMetric(r.goroutines, "goroutines/socket")
 			b.ReportMetric(float64(r.k), "sockets")
 			b.ReportMetric(0, "ns/op")
@@ -149,8 +153,8 @@ func BenchmarkIdleSocketMemory(b *testing.B) {
 }
 
 type idleResult struct {
-	perSocket, heap, stack, goroutines float64
-	k                                  int
+	perSocket, heap, stack, rss, goroutines float64
+	k                                       int
 }
 
 // measureIdle has the fleet open k sockets to url and returns this
@@ -176,6 +180,7 @@ func measureIdle(b *testing.B, fleet *child, name, url string, k int, settle fun
 		perSocket:  per(after.heap+after.stack, before.heap+before.stack),
 		heap:       per(after.heap, before.heap),
 		stack:      per(after.stack, before.stack),
+		rss:        per(after.rss, before.rss),
 		goroutines: float64(after.goroutines-before.goroutines) / float64(k),
 		k:          k,
 	}
@@ -190,18 +195,35 @@ func measureIdle(b *testing.B, fleet *child, name, url string, k int, settle fun
 }
 
 type memSample struct {
-	heap, stack uint64
-	goroutines  int
+	heap, stack, rss uint64
+	goroutines       int
 }
 
 // memNow is HeapInuse and StackInuse after two full collections (the
-// second frees what the first only finalised).
+// second frees what the first only finalised), and the resident set size
+// after freed memory went back to the OS.
 func memNow() memSample {
 	runtime.GC()
 	runtime.GC()
+	debug.FreeOSMemory()
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
-	return memSample{heap: ms.HeapInuse, stack: ms.StackInuse, goroutines: runtime.NumGoroutine()}
+	return memSample{heap: ms.HeapInuse, stack: ms.StackInuse, rss: rssBytes(), goroutines: runtime.NumGoroutine()}
+}
+
+// rssBytes is this process's resident set size (/proc/self/statm), 0 where
+// there is none.
+func rssBytes() uint64 {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return 0
+	}
+	pages, _ := strconv.ParseUint(f[1], 10, 64)
+	return pages * uint64(os.Getpagesize())
 }
 
 func writeHeapProfile(tb testing.TB, path string) {
