@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Runs the issue-7 table (BENCHMARKS.md, "GPU-job events (issue 7)"):
+# BenchmarkGPUEvents, BenchmarkPromptPost and the idle-socket memory of
+# plain Caddy vs the gateway, ROUNDS rounds one after the other (so load
+# changes hit both paths alike), appends everything to OUT, then prints the
+# benchstat tables and the ratios against the goals.
+#
+#   bash scripts/bench-events.sh [ROUNDS] [OUT]      # defaults: 3, bench-events.txt
+#
+# EVENTS_BENCHTIME (default 5x: jobs per socket), PROMPT_BENCHTIME (default
+# 20x: POSTs) and IDLE (default 1; 0 skips the idle-socket rows) tune it.
+# About 2.5 min per round on a quiet 2-core machine. To only print the
+# tables of an earlier file: bash scripts/bench-events.sh --report FILE
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+BS=(go run golang.org/x/perf/cmd/benchstat@latest)
+
+report() {
+	local out=$1
+	echo
+	echo "=== benchstat (columns: caddy, then gateway as a change against it)"
+	"${BS[@]}" -filter '.name:GPUEvents' -col '/path@(caddy gateway)' "$out" || true
+	"${BS[@]}" -filter '.name:PromptPost' -col '/path@(caddy gateway)' "$out" || true
+	if grep -q '^BenchmarkIdleSocketMemory' "$out"; then
+		"${BS[@]}" -filter '.name:IdleSocketMemory' -col '/path@(reverse_proxy comfyume-home-reachable)' "$out" || true
+	fi
+	echo
+	echo "=== medians and ratios (gateway ÷ caddy), against the issue-7 goals"
+	ratios <"$out"
+}
+
+# ratios prints, per case and metric, the median of each path and their
+# ratio, and whether the goal holds.
+ratios() {
+	awk '
+	function median(key,   n, i, j, v, t) {
+		n = split(vals[key], v, " ")
+		for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j-1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j-1]; v[j-1] = t }
+		return n % 2 ? v[(n+1)/2] : (v[n/2] + v[n/2+1]) / 2
+	}
+	function goal(c, unit, g, r,   blast, paced) {
+		blast = c ~ /blast/; paced = c ~ /paced/
+		if (unit == "events/s" && blast) return r >= 1.0 ? "ok (>= 1.0x)" : "MISSED (>= 1.0x)"
+		if (unit == "cpu-ns/event") return r <= 1.5 ? "ok (<= 1.5x)" : "MISSED (<= 1.5x)"
+		if ((unit == "p50-µs" || unit == "p99-µs") && paced) return r <= 1.1 ? "ok (<= 1.1x)" : "MISSED (<= 1.1x)"
+		if (unit ~ /^lost-/) return g == 0 ? "ok (0)" : "MISSED (0)"
+		if (unit == "p50-ms" && c ~ /PromptPost/) return r <= 1.3 ? "ok (<= 1.3x)" : "MISSED (<= 1.3x)"
+		if (unit == "rss-B/socket" && c ~ /home-reachable/) return g <= 24576 ? "ok (<= 24 KiB)" : "MISSED (<= 24 KiB)"
+		return ""
+	}
+	/^Benchmark(GPUEvents|PromptPost|IdleSocketMemory)/ {
+		name = $1; sub(/-[0-9]+$/, "", name)
+		path = name; sub(/.*\/path=/, "", path)
+		c = name; sub(/\/path=[^\/]*$/, "", c)
+		if (c ~ /IdleSocketMemory/) {
+			if (path == "reverse_proxy") path = "caddy"; else if (path == "comfyume-home-reachable") path = "gateway"; else next
+			c = c "/home-reachable"
+		}
+		for (i = 3; i < NF; i += 2) {
+			key = c SUBSEP $(i+1)
+			if (!(key in seen)) { seen[key] = 1; order[++nk] = key }
+			vals[key SUBSEP path] = vals[key SUBSEP path] " " $i
+		}
+	}
+	END {
+		printf "%-36s %-20s %14s %14s %8s  %s\n", "case", "metric", "caddy", "gateway", "ratio", "goal"
+		for (k = 1; k <= nk; k++) {
+			key = order[k]
+			if (!((key SUBSEP "caddy") in vals) || !((key SUBSEP "gateway") in vals)) continue
+			split(key, p, SUBSEP)
+			cm = median(key SUBSEP "caddy"); gm = median(key SUBSEP "gateway")
+			r = cm != 0 ? gm / cm : 0
+			rs = cm != 0 ? sprintf("%7.2fx", r) : "      -"
+			printf "%-36s %-20s %14.6g %14.6g %s  %s\n", p[1], p[2], cm, gm, rs, goal(p[1], p[2], gm, r)
+		}
+	}'
+}
+
+if [[ ${1:-} == --report ]]; then
+	report "${2:?usage: bench-events.sh --report FILE}"
+	exit 0
+fi
+
+rounds=${1:-3}
+out=${2:-bench-events.txt}
+[[ $out == /* ]] || out="$root/$out"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+go test -c -o "$tmp/bench.test" ./bench/
+cd bench
+for ((i = 1; i <= rounds; i++)); do
+	echo "# round $i of $rounds, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out"
+	"$tmp/bench.test" -test.run '^$' -test.bench 'GPUEvents' -test.benchtime "${EVENTS_BENCHTIME:-5x}" | tee -a "$out"
+	"$tmp/bench.test" -test.run '^$' -test.bench 'PromptPost' -test.benchtime "${PROMPT_BENCHTIME:-20x}" | tee -a "$out"
+	if [[ ${IDLE:-1} != 0 ]]; then
+		"$tmp/bench.test" -test.run '^$' -test.bench 'IdleSocketMemory/path=(reverse_proxy|comfyume-home-reachable)$' -test.benchtime 1x | tee -a "$out"
+	fi
+	echo "# round $i done, load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out"
+done
+report "$out"
