@@ -92,8 +92,12 @@ func TestCrossSiteRequestsRefused(t *testing.T) {
 		{"POST", "/queue", []byte(`{"clear":true}`), crossSite},
 		{"POST", "/history", []byte(`{"clear":true}`), crossSite},
 		{"POST", "/api/history", jsonBytes(map[string]any{"delete": []string{done.PromptID}}), oldBrowser},
-		{"POST", "/upload/image", upload, append([]string{"Origin", "http://evil.example", "Sec-Fetch-Site", "cross-site", "Sec-Fetch-Mode", "navigate", "Sec-Fetch-Dest", "document"}, "Content-Type", uploadType)},
-		{"POST", "/api/upload/image", upload, []string{"Origin", "http://127.0.0.1:1", "Sec-Fetch-Site", "same-site", "Content-Type", uploadType}},
+		// Passed on to home. The gateway is reached by a public name, so
+		// home's own loopback Host/Origin check does not apply: only the
+		// fetch metadata said cross-site (ComfyUI refuses this upload when
+		// it gets it directly) or only Origin shows a sibling site.
+		{"POST", "/upload/image", upload, []string{"Host", "comfy.example.com", "Origin", "https://evil.example", "Sec-Fetch-Site", "cross-site", "Sec-Fetch-Mode", "navigate", "Content-Type", uploadType}},
+		{"POST", "/api/upload/image", upload, []string{"Host", "comfy.example.com", "Origin", "https://wiki.example.com", "Sec-Fetch-Site", "same-site", "Content-Type", uploadType}},
 	}
 	for _, a := range attempts {
 		st, body := g.send("alice", a.method, a.path, a.body, a.hdr...)
