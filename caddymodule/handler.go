@@ -25,7 +25,12 @@ type Handler struct {
 	// Home is the URL of the user's own ComfyUI, which serves the UI, user
 	// data and models. Request placeholders are allowed, e.g.
 	// "http://comfy-{http.auth.user.id}:8188". Default:
-	// http://127.0.0.1:8188.
+	// http://127.0.0.1:8188. Without a placeholder and with User set, one
+	// home serves everyone (a shared home): each request carries its user
+	// as ComfyUI's Comfy-User header (run it with --multi-user), and its
+	// routes that act on all users (/internal/*, /free, clears and
+	// interrupts of the whole server) are refused or kept to the user's
+	// own jobs.
 	Home string `json:"home,omitempty"`
 
 	// RunOn names the pool that runs this site's prompts, or "home" (the
@@ -34,7 +39,8 @@ type Handler struct {
 
 	// User is a placeholder that gives the identity of the person making the
 	// request, e.g. "{http.auth.user.id}". Users see only their own jobs,
-	// events and outputs. Default: everyone is one anonymous user. A
+	// events and outputs. Default: everyone is one anonymous user. An empty
+	// value refuses the request (403, saying why). A
 	// request header (e.g. {http.request.header.X-User}) is only
 	// trustworthy if a proxy in front sets it and strips it from clients.
 	User string `json:"user,omitempty"`
