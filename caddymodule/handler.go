@@ -5,10 +5,14 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
+	"github.com/comfyume/comfyume/comfy"
 	"github.com/comfyume/comfyume/relay"
 )
 
@@ -21,7 +25,12 @@ type Handler struct {
 	// Home is the URL of the user's own ComfyUI, which serves the UI, user
 	// data and models. Request placeholders are allowed, e.g.
 	// "http://comfy-{http.auth.user.id}:8188". Default:
-	// http://127.0.0.1:8188.
+	// http://127.0.0.1:8188. Without a placeholder and with User set, one
+	// home serves everyone (a shared home): each request carries its user
+	// as ComfyUI's Comfy-User header (run it with --multi-user), and its
+	// routes that act on all users (/internal/*, /free, clears and
+	// interrupts of the whole server) are refused or kept to the user's
+	// own jobs.
 	Home string `json:"home,omitempty"`
 
 	// RunOn names the pool that runs this site's prompts, or "home" (the
@@ -30,7 +39,8 @@ type Handler struct {
 
 	// User is a placeholder that gives the identity of the person making the
 	// request, e.g. "{http.auth.user.id}". Users see only their own jobs,
-	// events and outputs. Default: everyone is one anonymous user. A
+	// events and outputs. Default: everyone is one anonymous user. An empty
+	// value refuses the request (403, saying why). A
 	// request header (e.g. {http.request.header.X-User}) is only
 	// trustworthy if a proxy in front sets it and strips it from clients.
 	User string `json:"user,omitempty"`
@@ -44,7 +54,16 @@ type Handler struct {
 	// (default 100 MiB, ComfyUI's own upload limit). Larger ones get 413.
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
-	app *App
+	app        *App
+	logger     *zap.Logger
+	sharedHome bool // home has no placeholder and serves every user
+	warned     *warnings
+}
+
+// warnings are the handler's warnings that must not repeat per request.
+type warnings struct {
+	noUser    sync.Once      // an empty identity: logged once
+	crossSite rateLimitedLog // refused cross-site requests
 }
 
 // CaddyModule returns the Caddy module information.
@@ -77,6 +96,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxBodySize <= 0 {
 		h.MaxBodySize = relay.DefaultMaxBody
 	}
+	h.logger = ctx.Logger()
+	h.warned = new(warnings)
+	h.sharedHome = h.User != "" && !strings.Contains(h.Home, "{")
+	if h.sharedHome {
+		h.logger.Warn("home is shared by every user of this site: each user's identity goes to it as the Comfy-User header, "+
+			"so saved workflows and settings stay apart only if it runs with --multi-user and lists every user; "+
+			"uploads, models and files it saves are everyone's, and /internal/* and /free are refused (README: a shared home)",
+			zap.String("home", h.Home), zap.String("user", h.User))
+	}
 	return nil
 }
 
@@ -93,6 +121,16 @@ func (h *Handler) Validate() error {
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if reason := relay.CrossSite(r); reason != "" {
+		if held, ok := h.warned.crossSite.allow(time.Now()); ok {
+			h.logger.Warn("refused a cross-site request (403): another site's page made the browser send it",
+				zap.String("reason", reason), zap.String("method", r.Method), zap.String("path", r.URL.Path),
+				zap.Int("refused_since_last_warning", held))
+		}
+		// As ComfyUI answers it: 403 with an empty body.
+		w.WriteHeader(http.StatusForbidden)
+		return nil
+	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if repl == nil {
 		repl = caddy.NewReplacer()
@@ -101,7 +139,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.User != "" {
 		user = repl.ReplaceAll(h.User, "")
 		if user == "" {
-			return caddyhttp.Error(http.StatusForbidden, fmt.Errorf("comfyume: no user identity for this request (user %q is empty)", h.User))
+			h.warned.noUser.Do(func() {
+				h.logger.Warn("refusing requests without a user identity (403): the user placeholder was empty; "+
+					"is the auth handler (basic_auth, forward_auth, …) in front of comfyume?", zap.String("user", h.User))
+			})
+			writeError(w, http.StatusForbidden, "no_user_identity", "No user identity",
+				"The gateway's user placeholder "+h.User+" was empty for this request: is the auth handler in front of comfyume?")
+			return nil
 		}
 	}
 	homeURL := repl.ReplaceAll(h.Home, "")
@@ -109,7 +153,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if err != nil {
 		return caddyhttp.Error(http.StatusBadGateway, err)
 	}
-	site := relay.Site{User: user, Home: home, RunOn: h.RunOn, MaxBody: h.MaxBodySize}
+	site := relay.Site{User: user, Home: home, RunOn: h.RunOn, MaxBody: h.MaxBodySize, SharedHome: h.sharedHome}
 	if h.Priority != "" {
 		p, err := strconv.Atoi(strings.TrimSpace(repl.ReplaceAll(h.Priority, "")))
 		if err == nil {
@@ -120,14 +164,51 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.app.gateway.ServeHTTP(w, r, site) {
 		return nil
 	}
-	// Newer ComfyUI refuses cross-site fetch metadata; the browser talks to
-	// the gateway's origin, so those headers say nothing about home.
+	if h.sharedHome {
+		if relay.ActsOnEveryone(r) {
+			writeError(w, http.StatusForbidden, "shared_home", "Not available on a shared home",
+				r.URL.Path+" acts on every user of this site's home ComfyUI, which the gateway does not allow.")
+			return nil
+		}
+		// The user's own identity, never one the client picked.
+		r.Header.Set(relay.ComfyUserHeader, user)
+	}
+	// The request passed the gateway's cross-site check above, the one
+	// rule for everything behind it; home's own check would refuse the
+	// navigations it allows (opening the UI from a link or after a login
+	// on another domain), so fetch metadata stops here.
 	for k := range r.Header {
 		if strings.HasPrefix(k, "Sec-Fetch-") {
 			r.Header.Del(k)
 		}
 	}
 	return next.ServeHTTP(w, r)
+}
+
+// writeError answers in ComfyUI's error shape.
+func writeError(w http.ResponseWriter, status int, typ, message, details string) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = w.Write(comfy.NewPromptError(typ, message, details).JSON())
+}
+
+// rateLimitedLog lets a warning through at most once a minute and counts
+// the ones held back, so a flood of refused requests cannot flood the log.
+type rateLimitedLog struct {
+	mu   sync.Mutex
+	last time.Time
+	held int
+}
+
+func (l *rateLimitedLog) allow(now time.Time) (held int, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.last.IsZero() && now.Sub(l.last) < time.Minute {
+		l.held++
+		return 0, false
+	}
+	held, l.held, l.last = l.held, 0, now
+	return held, true
 }
 
 // Interface guards

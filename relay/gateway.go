@@ -199,6 +199,9 @@ type Site struct {
 	MaxBody int64
 	// Priority of the user's jobs in the pool's queue (higher first).
 	Priority int
+	// SharedHome says Home serves other users too: the gateway's clears
+	// and interrupts then stay with this user's jobs (see shared.go).
+	SharedHome bool
 }
 
 // RunsHome reports whether prompts go to the user's home unchanged.

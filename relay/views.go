@@ -180,7 +180,7 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 			}
 		}
 		fwd := map[string]any{}
-		if req.Clear {
+		if req.Clear && !site.SharedHome { // a shared home's clear is everyone's
 			fwd["clear"] = true
 		}
 		if len(homeIDs) > 0 {
@@ -363,7 +363,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 			}
 		}
 		fwd := map[string]any{}
-		if req.Clear {
+		if req.Clear && !site.SharedHome { // a shared home's clear is everyone's
 			fwd["clear"] = true
 		}
 		if len(homeIDs) > 0 {
@@ -463,7 +463,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 
 // serveInterrupt answers POST /interrupt: the named job is interrupted where
 // it runs (only if it is the user's); without a prompt_id, the user's running
-// remote jobs and whatever runs on home.
+// remote jobs and whatever runs on home (unless home is shared).
 func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Site) {
 	body, ok := readBody(w, r, site)
 	if !ok {
@@ -488,6 +488,8 @@ func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Si
 			g.cancel(ctx, site.User, j.ID)
 		}
 	}
-	g.homePost(ctx, site, "/interrupt", body)
+	if !site.SharedHome { // whatever runs on a shared home may be someone else's
+		g.homePost(ctx, site, "/interrupt", body)
+	}
 	w.WriteHeader(http.StatusOK)
 }

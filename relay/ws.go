@@ -26,27 +26,12 @@ var upgrader = websocket.Upgrader{
 	// Small: browsers send one small frame; larger ones are read in parts.
 	ReadBufferSize:  1024,
 	WriteBufferPool: writeBuffers,
-	CheckOrigin:     sameOrigin,
+	CheckOrigin:     allowedOrigin, // the rule of origin.go
 }
 
 // homeDialer opens the per-browser socket to home with small buffers (one
 // per open tab adds up; write buffers are pooled).
 var homeDialer = &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 4 << 10, WriteBufferPool: writeBuffers}
-
-// sameOrigin accepts sockets from pages of this host and from clients that
-// send no Origin (scripts), so another site cannot read a user's events
-// with the user's cookies.
-func sameOrigin(r *http.Request) bool {
-	o := r.Header.Get("Origin")
-	if o == "" {
-		return true
-	}
-	u, err := url.Parse(o)
-	if err != nil {
-		return false
-	}
-	return strings.EqualFold(u.Host, r.Host)
-}
 
 // hijackable unwraps Caddy's response writer wrappers down to one that can
 // hijack the connection (gorilla's Upgrade asserts http.Hijacker directly).

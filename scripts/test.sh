@@ -69,6 +69,8 @@ step "toolchain"
 go version
 # -race needs cgo, so a C compiler.
 command -v gcc >/dev/null || apt_install gcc libc6-dev
+# caddymodule's TestCrossSiteAttackInChromium drives Debian's Chromium.
+command -v chromium >/dev/null || apt_install chromium
 command -v node >/dev/null && echo "node $(node --version), npm $(npm --version)" || echo "node: not installed yet"
 
 step "npm ci --prefix e2e/sdk"

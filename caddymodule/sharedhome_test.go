@@ -1,0 +1,104 @@
+package caddymodule_test
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/comfyume/comfyume/comfytest"
+)
+
+// homeRequests returns the requests home received whose path ends with
+// suffix, with their Comfy-User header.
+func homeRequests(home *comfytest.Server, method, suffix string) (users []string) {
+	for _, r := range home.Requests() {
+		if r.Method == method && strings.HasSuffix(r.Path, suffix) {
+			users = append(users, strings.Join(r.Header.Values("Comfy-User"), ","))
+		}
+	}
+	return users
+}
+
+// One home for every user of the site: user data requests carry each
+// user's own Comfy-User (ComfyUI's --multi-user header), whatever the
+// client sent; the routes that act on all of home's users are refused or
+// kept to the user's own jobs.
+func TestSharedHome(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), "")) // home has no placeholder: shared
+
+	st, body := g.send("alice", "POST", "/api/userdata/workflows%2Fmine.json?overwrite=true", []byte(`{"nodes":[]}`), "Comfy-User", "bob")
+	if st != 200 {
+		t.Fatalf("alice saves a workflow: %d %s", st, body)
+	}
+	if got := homeRequests(home, "POST", "/userdata/workflows%2Fmine.json"); len(got) != 1 || got[0] != "alice" {
+		t.Fatalf("alice's save reached home as Comfy-User %q, want alice", got)
+	}
+	g.send("bob", "GET", "/api/userdata?dir=workflows", nil)
+	g.send("bob", "GET", "/api/settings", nil, "Comfy-User", "alice")
+	if got := homeRequests(home, "GET", "/userdata"); len(got) != 1 || got[0] != "bob" {
+		t.Fatalf("bob's listing reached home as Comfy-User %q, want bob", got)
+	}
+	if got := homeRequests(home, "GET", "/settings"); len(got) != 1 || got[0] != "bob" {
+		t.Fatalf("bob's settings reached home as Comfy-User %q, want bob", got)
+	}
+
+	// Routes that act on every user of home: refused, ComfyUI-shaped.
+	for _, p := range []string{"/internal/logs", "/api/internal/logs/raw", "/api/internal/files/output", "/api//internal/./logs"} {
+		st, body := g.send("alice", "GET", p, nil)
+		var e struct {
+			Error struct{ Type, Message string } `json:"error"`
+		}
+		if st != 403 || json.Unmarshal(body, &e) != nil || e.Error.Type != "shared_home" {
+			t.Errorf("GET %s on a shared home: %d %s", p, st, body)
+		}
+	}
+	if st, body := g.send("alice", "POST", "/api/free", []byte(`{"unload_models":true}`)); st != 403 {
+		t.Errorf("POST /free on a shared home: %d %s", st, body)
+	}
+	for _, r := range home.Requests() {
+		if strings.Contains(r.Path, "internal") || strings.HasSuffix(r.Path, "/free") {
+			t.Errorf("home received %s %s", r.Method, r.Path)
+		}
+	}
+	// Interrupt without a prompt_id and the clears stay with alice's jobs:
+	// home, where others' jobs run, never hears of them.
+	for _, p := range []string{"/api/interrupt", "/api/queue", "/api/history"} {
+		body := `{"clear":true}`
+		if p == "/api/interrupt" {
+			body = `{}`
+		}
+		if st, b := g.send("alice", "POST", p, []byte(body)); st != 200 {
+			t.Fatalf("POST %s: %d %s", p, st, b)
+		}
+		if got := homeRequests(home, "POST", strings.TrimPrefix(p, "/api")); len(got) != 0 {
+			t.Errorf("POST %s reached the shared home", p)
+		}
+	}
+}
+
+// A home per user (a placeholder in its URL) is the user's own: nothing is
+// refused or rewritten on the way.
+func TestPerUserHomeIsUntouched(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	hostport := strings.TrimPrefix(home.URL(), "http://")
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "home "+home.URL(), "home http://{http.request.header.X-Home}", 1)
+	cf = strings.Replace(cf, "reverse_proxy "+hostport, "reverse_proxy {http.request.header.X-Home}", 1)
+	g := startCaddy(t, cf)
+	if st, b := g.send("alice", "GET", "/api/internal/logs", nil, "X-Home", hostport); st == 403 {
+		t.Fatalf("/internal/logs on alice's own home: %d %s", st, b)
+	}
+	g.send("alice", "POST", "/api/interrupt", []byte(`{}`), "X-Home", hostport)
+	g.send("alice", "GET", "/api/settings", nil, "X-Home", hostport, "Comfy-User", "alice-profile-2")
+	if got := homeRequests(home, "GET", "/internal/logs"); len(got) != 1 {
+		t.Errorf("/internal/logs did not reach alice's own home")
+	}
+	if got := homeRequests(home, "POST", "/interrupt"); len(got) != 1 {
+		t.Errorf("interrupt did not reach alice's own home")
+	}
+	if got := homeRequests(home, "GET", "/settings"); len(got) != 1 || got[0] != "alice-profile-2" {
+		t.Errorf("alice's own profile choice on her own home: %q", got)
+	}
+}
