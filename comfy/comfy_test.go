@@ -23,9 +23,18 @@ func TestParseViewFollowsComfyUI(t *testing.T) {
 		{"subfolder=x", 404, FileRef{}},
 		{"filename=a.png", 0, FileRef{Filename: "a.png", Type: "output"}},
 		{"filename=a.png [temp]&type=output", 0, FileRef{Filename: "a.png", Type: "temp"}},
-		{"filename=a.png&subfolder=x/./y&type=input", 0, FileRef{Filename: "a.png", Subfolder: "x/y", Type: "input"}},
-		{"filename=a.png&subfolder=x/../y", 0, FileRef{Filename: "a.png", Subfolder: "y", Type: "output"}},
+		{"filename=a.png&subfolder=x/y&type=input", 0, FileRef{Filename: "a.png", Subfolder: "x/y", Type: "input"}},
 		{"filename=a.png&subfolder=/abs", 403, FileRef{}},
+		// One spelling per file: what ComfyUI would clean is refused.
+		{"filename=a.png&subfolder=x/./y&type=input", 400, FileRef{}},
+		{"filename=a.png&subfolder=x/../y", 400, FileRef{}},
+		{"filename=a.png&subfolder=comfyume/bob/../alice", 400, FileRef{}},
+		{"filename=a.png&subfolder=x//y", 400, FileRef{}},
+		{"filename=a.png&subfolder=x/", 400, FileRef{}},
+		{"filename=a.png&subfolder=x%5Cy", 400, FileRef{}},
+		{"filename=a%0A.png", 400, FileRef{}},
+		{"filename=a.png&subfolder=x%01", 400, FileRef{}},
+		{"filename=" + strings.Repeat("a", 256), 400, FileRef{}},
 	}
 	for _, c := range cases {
 		q, _ := url.ParseQuery(c.query)
@@ -54,14 +63,32 @@ func TestAnnotatedRoundTrip(t *testing.T) {
 		"cat.png":                      {Filename: "cat.png", Type: "input"},
 		"clipspace/mask-1.png [input]": {Filename: "mask-1.png", Subfolder: "clipspace", Type: "input"},
 		"a/b/out.png [output]":         {Filename: "out.png", Subfolder: "a/b", Type: "output"},
+		" pasted/image (1).png ":       {Filename: "image (1).png", Subfolder: "pasted", Type: "input"},
 	} {
-		got := ParseAnnotated(in, TypeInput)
-		if got != want {
-			t.Errorf("%q: %+v, want %+v", in, got, want)
+		got, err := ParseAnnotated(in, TypeInput)
+		if err != nil || got != want {
+			t.Errorf("%q: %+v %v, want %+v", in, got, err, want)
 		}
 	}
 	if s := (FileRef{Filename: "o.png", Subfolder: "s", Type: "output"}).Annotated(); s != "s/o.png [output]" {
 		t.Errorf("Annotated: %q", s)
+	}
+}
+
+// A file value that names a file in more than one way, or outside its
+// directory, is refused, whatever the spelling (issue 8, finding 1: a value
+// climbing out of the user's own job folder reached another job's file).
+func TestParseAnnotatedRefusesEscapes(t *testing.T) {
+	for _, in := range []string{
+		"comfyume/bob-job/../../alice-job/output/ComfyUI_00001_.png [output]",
+		"../secret.png", "a/../b.png", "./a.png", "a/./b.png", "a//b.png", "/etc/passwd",
+		"a\\..\\b.png", "a\x00b.png", "a/b\nc.png", "sub/", "", "..", ".",
+		"k1/../pic.png", strings.Repeat("d/", 40) + "x.png", strings.Repeat("x", 256) + ".png",
+		"bad\xff.png",
+	} {
+		if r, err := ParseAnnotated(in, TypeInput); err == nil {
+			t.Errorf("%q accepted as %+v", in, r)
+		}
 	}
 }
 
@@ -165,21 +192,60 @@ func TestParsePromptRequestErrors(t *testing.T) {
 	}
 }
 
-func FuzzParseView(f *testing.F) {
+// Any /view query, read the way relay/view.go reads it: either refused, or
+// a ref that Check accepts, that names the same file as the query did, and
+// whose own query reads back to it.
+func FuzzParseQuery(f *testing.F) {
 	f.Add("filename=a.png&subfolder=x&type=output")
 	f.Add("filename=..%2F..%2Fx&subfolder=..")
-	f.Fuzz(func(t *testing.T, q string) {
-		vals, err := url.ParseQuery(q)
-		if err != nil {
-			return
-		}
-		v, st := ParseView(vals)
+	f.Add("filename=a.png&subfolder=comfyume/0b0e/../1c1f&type=output&preview=webp;90")
+	f.Add("filename=x.png [temp]&subfolder=a%5Cb&channel=a")
+	f.Add("filename=%00&subfolder=a//b&type=input")
+	f.Fuzz(func(t *testing.T, raw string) {
+		v, st := ParseView(ParseQuery(raw))
 		if st != 0 {
 			return
 		}
-		sub := v.Subfolder
-		if strings.Contains(v.Filename, "/") || sub == ".." || strings.HasPrefix(sub, "../") || strings.HasPrefix(sub, "/") || strings.Contains(sub, "/../") || strings.HasSuffix(sub, "/..") {
-			t.Fatalf("escaping ref accepted: %+v", v)
+		if err := v.FileRef.Check(); err != nil {
+			t.Fatalf("accepted %+v: %v", v.FileRef, err)
+		}
+		for _, name := range strings.Split(v.Subfolder+"/"+v.Filename, "/")[1:] {
+			if name == ".." || name == "." || name == "" {
+				t.Fatalf("escaping ref accepted: %+v", v.FileRef)
+			}
+		}
+		back, st := ParseView(ParseQuery(v.FileRef.Query()))
+		if st != 0 || back.FileRef != v.FileRef {
+			t.Fatalf("%+v reads back as %+v (%d)", v.FileRef, back.FileRef, st)
+		}
+	})
+}
+
+// Any file value of a prompt: either refused, or a ref Check accepts that
+// Annotated writes back to an equivalent value.
+func FuzzParseAnnotated(f *testing.F) {
+	for _, s := range []string{"cat.png", "clipspace/mask-1.png [input]", "comfyume/b/../../a/output/x.png [output]",
+		"a//b.png", "a\\b.png", " x.png [temp] ", "sub/dir/", "/abs.png"} {
+		f.Add(s, TypeInput)
+	}
+	f.Add("o.png", TypeOutput)
+	f.Fuzz(func(t *testing.T, value, typ string) {
+		if !ValidType(typ) {
+			return
+		}
+		r, err := ParseAnnotated(value, typ)
+		if err != nil {
+			return
+		}
+		if err := r.Check(); err != nil {
+			t.Fatalf("%q accepted as %+v: %v", value, r, err)
+		}
+		if strings.Contains("/"+r.Subfolder+"/", "/../") || strings.Contains(r.Filename, "/") {
+			t.Fatalf("%q escapes: %+v", value, r)
+		}
+		back, err := ParseAnnotated(r.Annotated(), TypeInput)
+		if err != nil || back != r {
+			t.Fatalf("%q → %+v → %q → %+v %v", value, r, r.Annotated(), back, err)
 		}
 	})
 }

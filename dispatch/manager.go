@@ -76,6 +76,7 @@ type Manager struct {
 	// historyLimit is how many ended jobs each user keeps.
 	historyLimit atomic.Int64
 	inputsFor    InputsFor
+	forget       func(ctx context.Context, ids []string)
 	homes        map[string]*Upstream // fallback targets, by URL
 }
 
@@ -269,6 +270,9 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		id = uuid.NewString()
 	}
 	if err := m.precheck(ctx, pool, pr); err != nil {
+		return SubmitResult{}, err
+	}
+	if err := checkInputs(pr); err != nil {
 		return SubmitResult{}, err
 	}
 	if pool.MaxQueued > 0 {
@@ -533,6 +537,10 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResul
 		if err != nil {
 			var rej *RejectedError
 			if errors.As(err, &rej) {
+				// The user's files: their error, not the endpoint's.
+				if ie := (*InputError)(nil); errors.As(err, &ie) {
+					m.logger.Info("input file not delivered", zap.String("job", job.ID), zap.Error(ie))
+				}
 				return SubmitResult{}, err
 			}
 			return SubmitResult{}, &UnavailableError{Pool: poolName, Err: err}
@@ -886,10 +894,18 @@ func (m *Manager) trimHistory(user string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := m.store.Trim(ctx, user, keep); err != nil {
+	ids, err := m.store.Trim(ctx, user, keep)
+	if err != nil {
 		m.logger.Warn("forgetting old jobs", zap.String("user", user), zap.Error(err))
 	}
+	if len(ids) > 0 && m.forget != nil {
+		m.forget(ctx, ids)
+	}
 }
+
+// OnForget sets what else goes with the jobs the history limit forgets
+// (their captured files). Call it before Start.
+func (m *Manager) OnForget(f func(ctx context.Context, ids []string)) { m.forget = f }
 
 // SetLeaseTTL changes how long job leases last (see DefaultLeaseTTL). Call
 // it before Start.

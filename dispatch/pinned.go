@@ -41,7 +41,10 @@ type acceptance struct {
 func (m *Manager) sendPinned(ctx context.Context, r *run, up *Upstream) (SubmitResult, error) {
 	job := r.snapshot()
 	pr := r.req.Request
-	plan := planInputs(job.ID, pr)
+	plan, err := planInputs(job.ID, pr)
+	if err != nil {
+		return SubmitResult{}, err
+	}
 	if r.req.Inputs != nil {
 		if err := plan.openInputs(ctx, pr.Prompt, r.req.Inputs); err != nil {
 			var rej *RejectedError

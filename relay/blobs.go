@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/comfyume/comfyume/comfy"
 )
 
 // BlobInfo describes a stored output file.
@@ -30,6 +32,17 @@ type Blob interface {
 type Blobs interface {
 	Put(ctx context.Context, key string, r io.Reader, info BlobInfo) error
 	Open(ctx context.Context, key string) (Blob, error)
+	// RemoveJob removes every file stored under a job's folder (keys
+	// "<job>/..."); a job with no files is no error.
+	RemoveJob(ctx context.Context, job string) error
+}
+
+// jobFolder checks a job id used as a folder: one plain name.
+func jobFolder(job string) (string, error) {
+	if err := comfy.CheckName(job); err != nil {
+		return "", err
+	}
+	return job + "/", nil
 }
 
 // ErrBlobNotFound is returned by Open for a missing key.
@@ -123,4 +136,12 @@ func (d *DiskBlobs) Open(_ context.Context, key string) (Blob, error) {
 		info.ModTime = st.ModTime()
 	}
 	return diskBlob{File: f, info: info}, nil
+}
+
+// RemoveJob implements Blobs.
+func (d *DiskBlobs) RemoveJob(_ context.Context, job string) error {
+	if _, err := jobFolder(job); err != nil {
+		return err
+	}
+	return os.RemoveAll(filepath.Join(d.Dir, job))
 }

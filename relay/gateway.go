@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/uuid"
 	"go.uber.org/zap"
 
 	"github.com/comfyume/comfyume/comfy"
@@ -108,6 +109,7 @@ func New(cfg Config) (*Gateway, error) {
 		}
 		return g.inputSource(site)
 	})
+	g.manager.OnForget(g.removeFiles)
 	g.manager.Start(ctx)
 	if cfg.HealthInterval <= 0 {
 		cfg.HealthInterval = 10 * time.Second
@@ -299,6 +301,12 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 		writeJSON(w, berr.Status, berr.Body)
 		return
 	}
+	if err := g.freshID(r.Context(), pr.PromptID); err != nil {
+		g.logger.Error("clearing a reused prompt_id's files", zap.Error(err))
+		writeJSON(w, http.StatusServiceUnavailable, comfy.NewPromptError("server_error",
+			"The gateway cannot record jobs right now. Please try again in a moment.", ""))
+		return
+	}
 	res, err := g.manager.Submit(r.Context(), dispatch.SubmitRequest{
 		User:     site.User,
 		ClientID: pr.ClientID,
@@ -335,6 +343,30 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 	}
 }
 
+// removeFiles removes the captured files of jobs that are forgotten.
+func (g *Gateway) removeFiles(ctx context.Context, ids []string) {
+	for _, id := range ids {
+		if err := g.blobs.RemoveJob(ctx, id); err != nil {
+			g.logger.Warn("removing a forgotten job's files", zap.String("job", id), zap.Error(err))
+		}
+	}
+}
+
+// freshID makes sure that a client-supplied prompt_id no job has (any
+// more) starts with an empty folder: files of a job forgotten under that id
+// (history limit, history cleared, or left behind by a removal that failed)
+// must never become the new job's outputs, whoever submits it. Ids in use
+// are left alone (Submit refuses or deduplicates them).
+func (g *Gateway) freshID(ctx context.Context, id string) error {
+	if u, err := uuid.Parse(id); err != nil || u.String() != id {
+		return nil // not one Submit takes
+	}
+	if _, err := g.manager.Store().JobSummary(ctx, id); !errors.Is(err, dispatch.ErrNotFound) {
+		return nil
+	}
+	return g.blobs.RemoveJob(ctx, id)
+}
+
 func homeURL(site Site) string {
 	if site.Home == nil {
 		return ""
@@ -344,9 +376,17 @@ func homeURL(site Site) string {
 
 // inputSource opens files a prompt references: captured outputs from the
 // blob store (only the user's own), anything else from the user's home.
+// Refs that fail comfy.FileRef.Check are never opened anywhere.
 func (g *Gateway) inputSource(site Site) dispatch.InputSource {
 	return func(ctx context.Context, ref comfy.FileRef) (io.ReadCloser, error) {
-		if key, jobID, ok := blobKey(ref); ok {
+		if ref.Check() != nil {
+			return nil, dispatch.ErrNotFound
+		}
+		if ours(ref) {
+			key, jobID, ok := blobKey(ref)
+			if !ok {
+				return nil, dispatch.ErrNotFound
+			}
 			j, err := g.manager.Store().JobSummary(ctx, jobID)
 			if err != nil || j.User != site.User {
 				return nil, dispatch.ErrNotFound
@@ -368,19 +408,31 @@ func (g *Gateway) inputSource(site Site) dispatch.InputSource {
 	}
 }
 
-// blobKey maps a captured output's ref to its blob key and job id.
+// ours reports whether a ref names a file under the gateway's subfolder
+// (a captured output, or a mistake) rather than one of home's.
+func ours(ref comfy.FileRef) bool {
+	return ref.Subfolder == OutputsSubfolder || strings.HasPrefix(ref.Subfolder, OutputsSubfolder+"/")
+}
+
+// blobKey maps a captured output's ref to its blob key and job id. The key
+// is made of the ref's checked names only ("<job>/<type>[/<subfolder>]/
+// <filename>", no cleaning, no joining of anything unchecked), so it always
+// lies inside its job's folder and names exactly one ref (capturedRef of
+// the same parts).
 func blobKey(ref comfy.FileRef) (key, jobID string, ok bool) {
-	sub := ref.Subfolder
-	if !strings.HasPrefix(sub, OutputsSubfolder+"/") {
+	if !ours(ref) || ref.Check() != nil {
 		return "", "", false
 	}
-	rest := sub[len(OutputsSubfolder)+1:]
-	jobID, orig, _ := strings.Cut(rest, "/")
-	if jobID == "" || ref.Filename == "" || !comfy.ValidType(ref.Type) {
+	rest := strings.TrimPrefix(ref.Subfolder, OutputsSubfolder)
+	jobID, orig, _ := strings.Cut(strings.TrimPrefix(rest, "/"), "/")
+	if jobID == "" {
 		return "", "", false
 	}
-	key = path.Join(jobID, ref.Type, orig, ref.Filename)
-	return key, jobID, true
+	key = jobID + "/" + ref.Type + "/"
+	if orig != "" {
+		key += orig + "/"
+	}
+	return key + ref.Filename, jobID, true
 }
 
 // capturedRef is the ref under which a captured output is served.
@@ -454,11 +506,15 @@ func (g *Gateway) Capture(ctx context.Context, j *dispatch.Job, up *dispatch.Ups
 	return first
 }
 
-// storable reports whether an output ref names a file the gateway may
-// keep (a plain name, a subfolder that stays inside, a known type).
+// storable reports whether an output ref an upstream announced names a
+// file the gateway may keep: one that passes comfy.FileRef.Check even once
+// moved under its job's folder (refs are checked where they enter).
 func storable(ref comfy.FileRef) bool {
-	return ref.Filename != "" && !strings.ContainsAny(ref.Filename, "/\\") && !strings.Contains(ref.Subfolder, "..") && comfy.ValidType(ref.Type)
+	return ref.Check() == nil && capturedRef(longestJobID, ref).Check() == nil
 }
+
+// longestJobID has the length of every job id (a UUID).
+const longestJobID = "00000000-0000-0000-0000-000000000000"
 
 // StoreOutput implements dispatch.OutputStore: a file that arrived with a
 // pinned job's stream goes straight into the blob store.

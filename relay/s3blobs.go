@@ -275,6 +275,35 @@ func (s *S3Blobs) Open(ctx context.Context, key string) (Blob, error) {
 	}}, nil
 }
 
+// RemoveJob implements Blobs: it lists the job's objects and removes them.
+func (s *S3Blobs) RemoveJob(ctx context.Context, job string) error {
+	folder, err := jobFolder(job)
+	if err != nil {
+		return err
+	}
+	objects := make(chan minio.ObjectInfo)
+	var listErr error
+	go func() {
+		defer close(objects)
+		for o := range s.client.ListObjects(ctx, s.opts.Bucket, minio.ListObjectsOptions{Prefix: s.prefix + folder, Recursive: true}) {
+			if o.Err != nil {
+				listErr = o.Err
+				return
+			}
+			objects <- o
+		}
+	}()
+	for r := range s.client.RemoveObjects(ctx, s.opts.Bucket, objects, minio.RemoveObjectsOptions{}) {
+		if r.Err != nil && err == nil {
+			err = r.Err
+		}
+	}
+	if err == nil {
+		err = listErr
+	}
+	return err
+}
+
 // PresignGet returns a URL that serves the object without credentials for
 // expiry, with Content-Disposition naming filename. It is signed for
 // PublicEndpoint when that is set.

@@ -233,6 +233,26 @@ func (s *Spool) Open(ctx context.Context, key string) (Blob, error) {
 	return s.primary.Open(ctx, key)
 }
 
+// RemoveJob implements Blobs: the job's files leave the spool (no upload
+// follows) and the primary.
+func (s *Spool) RemoveJob(ctx context.Context, job string) error {
+	folder, err := jobFolder(job)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	for key := range s.pending {
+		if strings.HasPrefix(key, folder) {
+			delete(s.pending, key)
+		}
+	}
+	s.mu.Unlock()
+	if err := s.disk.RemoveJob(ctx, job); err != nil {
+		return err
+	}
+	return s.primary.RemoveJob(ctx, job)
+}
+
 // PresignGet implements Presigner when the primary does, for keys that are
 // not waiting in the spool.
 func (s *Spool) PresignGet(ctx context.Context, key, filename string, expiry time.Duration) (*url.URL, error) {
