@@ -22,7 +22,8 @@ import (
 	"github.com/comfyume/comfyume/comfytest"
 )
 
-// GPU-job events (issue 7): a fake GPU's job events flowing to browsers.
+// BenchmarkGPUEvents measures GPU-job events (issue 7) flowing from fake
+// GPUs to browsers over two paths:
 //
 //   - path=caddy:   browser → Caddy reverse_proxy → fake GPU
 //   - path=gateway: browser → comfyume (the README's Caddyfile: a pool of
