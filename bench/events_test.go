@@ -22,7 +22,8 @@ import (
 	"github.com/comfyume/comfyume/comfytest"
 )
 
-// GPU-job events (issue 7): a fake GPU's job events flowing to browsers.
+// BenchmarkGPUEvents measures GPU-job events (issue 7) flowing from fake
+// GPUs to browsers over two paths:
 //
 //   - path=caddy:   browser → Caddy reverse_proxy → fake GPU
 //   - path=gateway: browser → comfyume (the README's Caddyfile: a pool of
@@ -46,9 +47,12 @@ import (
 // supports_preview_metadata) before its progress. So a job is 1000
 // progress, 1000 progress_state, 10 previews and ~10 lifecycle frames.
 //
-// The fake reports (comfytest.Options.OnSend) when it writes each frame;
-// the browser looks that time up when the frame arrives (same machine,
-// same clock): latency is from the GPU's write to the browser's read.
+// The fake reports (comfytest.Options.OnSend) when each frame was produced
+// (queued for its socket) and written; the browser looks these up when the
+// frame arrives (same machine, same clock). p50/p99 are from production to
+// the browser's read: a proxy that does not keep up makes frames wait in
+// the GPU's socket queue, and that counts. write-p50/p99 leave that wait
+// out (GPU's write → browser's read).
 //
 // Modes:
 //   - blast/sockets=S: the GPU sends steps with no delay (throughput;
@@ -57,7 +61,8 @@ import (
 //     (the path's latency at a realistic, steady rate).
 //
 // b.N is jobs per socket. Reported: events/s (every WebSocket message the
-// browsers got), preview-MB/s, progress latency p50/p99 and preview p50,
+// browsers got), preview-MB/s, progress latency p50/p99 (and from the
+// GPU's write, write-p50/p99), preview p50,
 // cpu-ns/event (CPU time of this process, i.e. the proxy, per event),
 // helper-cpu-ns/event (the fake GPUs and browsers, for reference),
 // lost-progress/job and lost-previews/job (sent by the GPU minus received
@@ -197,6 +202,9 @@ type eventsResult struct {
 	PreviewsSent int64
 	// Latency quantiles in ns (GPU write → browser read).
 	P50, P99, PreviewP50 int64
+	// The same from the GPU's write instead (time queued in the fake's
+	// socket queue left out).
+	WriteP50, WriteP99 int64
 	// Progress frames whose send time was not found (should be 0).
 	Untimed   int64
 	HelperCPU time.Duration
@@ -231,6 +239,8 @@ func (r *eventsRig) runEvents(b *testing.B, base string, sockets int) {
 	b.ReportMetric(float64(res.P50)/1e3, "p50-µs")
 	b.ReportMetric(float64(res.P99)/1e3, "p99-µs")
 	b.ReportMetric(float64(res.PreviewP50)/1e3, "preview-p50-µs")
+	b.ReportMetric(float64(res.WriteP50)/1e3, "write-p50-µs")
+	b.ReportMetric(float64(res.WriteP99)/1e3, "write-p99-µs")
 	b.ReportMetric(float64(cpu.Nanoseconds())/float64(res.Frames), "cpu-ns/event")
 	b.ReportMetric(float64(res.HelperCPU.Nanoseconds())/float64(res.Frames), "helper-cpu-ns/event")
 	b.ReportMetric(float64(res.ProgressSent-res.Progress)/float64(res.Jobs), "lost-progress/job")
@@ -283,8 +293,11 @@ type sendTimes struct {
 }
 
 type jobSends struct {
-	progress     [eventsSteps + 1]atomic.Int64 // unix ns, by value
-	previews     [eventsSteps + 1]atomic.Int64 // unix ns, by step
+	// Unix ns when the GPU produced (queued) each progress frame, by value,
+	// and each preview, by step; and when it wrote each progress frame.
+	progress     [eventsSteps + 1]atomic.Int64
+	previews     [eventsSteps + 1]atomic.Int64
+	written      [eventsSteps + 1]atomic.Int64
 	progressSent atomic.Int64
 	previewsSent atomic.Int64
 }
@@ -305,13 +318,14 @@ func (st *sendTimes) onSend(f comfytest.SentFrame) {
 	ok := f.Value >= 0 && f.Value <= eventsSteps
 	if f.Type == "progress" {
 		if ok {
-			j.progress[f.Value].Store(f.Time.UnixNano())
+			j.progress[f.Value].Store(f.Queued.UnixNano())
+			j.written[f.Value].Store(f.Time.UnixNano())
 		}
 		j.progressSent.Add(1)
 		return
 	}
 	if ok {
-		j.previews[f.Value].Store(f.Time.UnixNano())
+		j.previews[f.Value].Store(f.Queued.UnixNano())
 	}
 	j.previewsSent.Add(1)
 }
@@ -459,7 +473,7 @@ func (h *eventsHelper) run(spec eventsSpec) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	var lat, plat []int64
+	var lat, plat, wlat []int64
 	for _, br := range h.browsers {
 		br.mu.Lock()
 		s := br.stats
@@ -474,6 +488,7 @@ func (h *eventsHelper) run(spec eventsSpec) (string, error) {
 		res.Untimed += s.untimed
 		lat = append(lat, s.lat...)
 		plat = append(plat, s.previewLat...)
+		wlat = append(wlat, s.writeLat...)
 	}
 	q := func(v []int64, p float64) int64 {
 		if len(v) == 0 {
@@ -483,6 +498,7 @@ func (h *eventsHelper) run(spec eventsSpec) (string, error) {
 		return v[int(p*float64(len(v)-1))]
 	}
 	res.P50, res.P99, res.PreviewP50 = q(lat, 0.50), q(lat, 0.99), q(plat, 0.50)
+	res.WriteP50, res.WriteP99 = q(wlat, 0.50), q(wlat, 0.99)
 	v, err := json.Marshal(res)
 	return string(v), err
 }
@@ -518,11 +534,11 @@ type evBrowser struct {
 }
 
 type evStats struct {
-	jobs, untimed          int64
-	frames, previewBytes   int64
-	progress, progressSent int64
-	previews, previewsSent int64
-	lat, previewLat        []int64
+	jobs, untimed             int64
+	frames, previewBytes      int64
+	progress, progressSent    int64
+	previews, previewsSent    int64
+	lat, previewLat, writeLat []int64
 }
 
 func (br *evBrowser) reset() {
@@ -629,6 +645,7 @@ func (br *evBrowser) read(sent *sendTimes) {
 			step = v
 			if js != nil && v >= 0 && v <= eventsSteps && js.progress[v].Load() > 0 {
 				br.stats.lat = append(br.stats.lat, now-js.progress[v].Load())
+				br.stats.writeLat = append(br.stats.writeLat, now-js.written[v].Load())
 			} else {
 				br.stats.untimed++
 			}

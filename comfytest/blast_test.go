@@ -72,8 +72,8 @@ func TestBlastPreviewEveryAndOnSend(t *testing.T) {
 		if f.Type != want || f.SID != "blast" || f.Bytes != len(frames[i].raw) || f.Binary != (want == "preview") {
 			t.Fatalf("OnSend frame %d: %+v, socket got %s", i, f, frames[i].raw[:min(80, len(frames[i].raw))])
 		}
-		if f.Time.After(start) {
-			t.Fatalf("OnSend frame %d at %v, after the frame arrived", i, f.Time)
+		if f.Time.After(start) || f.Queued.IsZero() || f.Queued.After(f.Time) {
+			t.Fatalf("OnSend frame %d queued at %v, written at %v, arrived by %v", i, f.Queued, f.Time, start)
 		}
 		switch f.Type {
 		case "progress":
@@ -104,7 +104,7 @@ func TestFixedRateSteps(t *testing.T) {
 		OnSend: func(f SentFrame) {
 			if f.Type == "progress" {
 				mu.Lock()
-				times = append(times, f.Time)
+				times = append(times, f.Queued)
 				mu.Unlock()
 			}
 		}})

@@ -28,6 +28,11 @@
 //	_ = srv.Prompts()               // what arrived at POST /prompt
 //	b, ok := srv.OutputFile("output", "", "ComfyUI_00001_.png")
 //
+// For event benchmarks, Options.StepDelay < 0 runs steps with no delay,
+// FixedRate paces sampler steps on a clock, PreviewEvery thins out previews,
+// PreviewBytes pads them, and OnSend reports when each frame was queued and
+// written (bench/events_test.go uses all of them).
+//
 // Everything is kept in memory (input/output/temp files, user data, queue,
 // history) and the server is safe for concurrent use. The package imports
 // nothing from the rest of the module on purpose: it is an independent

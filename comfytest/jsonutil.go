@@ -72,7 +72,7 @@ func (o obj) MarshalJSON() ([]byte, error) { return appendJSON(nil, o) }
 
 // marshalJSON encodes v without HTML escaping and without the trailing
 // newline of json.Encoder.
-func marshalJSON(v any) ([]byte, error) { return appendJSON(nil, v) }
+func marshalJSON(v any) ([]byte, error) { return appendJSON(make([]byte, 0, 256), v) }
 
 // appendJSON appends v's JSON to b: what json.Encoder with SetEscapeHTML
 // (false) writes, minus its newline. The types every message is made of are

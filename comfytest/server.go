@@ -52,11 +52,11 @@ type Options struct {
 	// Logf, if set, receives one line per request and per job event.
 	Logf func(format string, args ...any)
 	// OnSend, if set, is called for every WebSocket frame the server
-	// writes, by that socket's writer goroutine just before the write
-	// (after the frame waited in the socket's queue), so a benchmark in the
-	// same process can measure each event's latency from the moment the
-	// fake sends it. It is called concurrently for different sockets and
-	// must be quick; the frame is written when it returns.
+	// writes, by that socket's writer goroutine just before the write, so a
+	// benchmark can measure each event's latency from the moment the fake
+	// produced it (SentFrame.Queued) or wrote it (SentFrame.Time). It is
+	// called concurrently for different sockets and must be quick; the
+	// frame is written when it returns.
 	OnSend func(SentFrame)
 }
 
@@ -77,8 +77,11 @@ type SentFrame struct {
 	// Binary is true for a binary frame; Bytes is the frame's payload size.
 	Binary bool
 	Bytes  int
-	// Time is when the writer took the frame to write it.
-	Time time.Time
+	// Queued is when the event happened: the frame was put in the socket's
+	// queue (like ComfyUI's, unbounded: a socket that does not keep up makes
+	// frames wait there). Time is when the writer took it to write it.
+	Queued time.Time
+	Time   time.Time
 }
 
 // ReceivedPrompt is one accepted POST /prompt.

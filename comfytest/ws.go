@@ -36,6 +36,7 @@ type wsMsg struct {
 	typ      string
 	promptID string
 	value    int
+	queued   time.Time // set by enqueue when Options.OnSend is
 }
 
 func newWSConn(sid string, c *websocket.Conn, onSend func(SentFrame)) *wsConn {
@@ -43,6 +44,9 @@ func newWSConn(sid string, c *websocket.Conn, onSend func(SentFrame)) *wsConn {
 }
 
 func (c *wsConn) enqueue(m wsMsg) {
+	if c.onSend != nil {
+		m.queued = time.Now()
+	}
 	c.mu.Lock()
 	c.queue = append(c.queue, m)
 	c.mu.Unlock()
@@ -75,7 +79,7 @@ func (c *wsConn) writer() {
 			}
 			if c.onSend != nil {
 				c.onSend(SentFrame{SID: c.sid, Type: m.typ, PromptID: m.promptID, Value: m.value,
-					Binary: m.binary, Bytes: len(m.data), Time: time.Now()})
+					Binary: m.binary, Bytes: len(m.data), Queued: m.queued, Time: time.Now()})
 			}
 			if err := c.c.WriteMessage(typ, m.data); err != nil {
 				c.close()

@@ -20,7 +20,7 @@ import (
 func main() {
 	listen := flag.String("listen", "127.0.0.1:8188", "address to listen on (host:port)")
 	version := flag.String("version", "2024-12", `ComfyUI generation to imitate: "2024-12" or "2026"`)
-	step := flag.Duration("step", 0, "time per executed node and per sampler step (default 5ms)")
+	step := flag.Duration("step", 0, "time per executed node and per sampler step (default 5ms; negative: none, steps run back to back)")
 	steps := flag.Int("steps", 0, "progress steps of a FakeSampler without a steps input (default 3)")
 	name := flag.String("name", "", "device name shown in /system_stats and log lines")
 	previewBytes := flag.Int("preview-bytes", 0, "pad sampler preview JPEGs to about this many bytes")
