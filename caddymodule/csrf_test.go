@@ -114,6 +114,15 @@ func TestCrossSiteRequestsRefused(t *testing.T) {
 		t.Errorf("cross-site WebSocket: %v %v", resp, err)
 	}
 
+	// A script's WebSocket client that sends its own Origin (Python's
+	// websocket-client does) is same-origin and connects.
+	h = http.Header{"X-User": {"alice"}, "Origin": {g.Base}}
+	c, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(g.Base, "http")+"/ws", h)
+	if err != nil {
+		t.Fatalf("same-origin WebSocket: %v", err)
+	}
+	c.Close()
+
 	// Nothing changed.
 	if n := len(gpu.Prompts()); n != 2 {
 		t.Errorf("the GPU received %d prompts, want alice's 2", n)
