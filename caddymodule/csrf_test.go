@@ -7,6 +7,8 @@ import (
 	"io"
 	"mime/multipart"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -159,12 +161,16 @@ func TestCrossSiteRequestsRefused(t *testing.T) {
 }
 
 // A request whose user placeholder is empty (the auth handler is missing)
-// is told why, in ComfyUI's error shape, instead of a bare 403.
+// is told why, in ComfyUI's error shape, instead of a bare 403; the
+// operator's log says it once, not once per request. (The shared home of
+// this config is warned about once, at start.)
 func TestEmptyIdentitySaysWhy(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
 	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
-	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
-	for i := 0; i < 2; i++ {
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "\tadmin off\n", "\tadmin off\n\tlog {\n\t\toutput file "+logFile+"\n\t}\n", 1)
+	g := startCaddy(t, cf)
+	for i := 0; i < 3; i++ {
 		st, body := g.send("", "GET", "/api/queue", nil)
 		var e struct {
 			Error struct {
@@ -176,5 +182,15 @@ func TestEmptyIdentitySaysWhy(t *testing.T) {
 			!strings.Contains(e.Error.Details, "{http.request.header.X-User}") || !strings.Contains(e.Error.Details, "auth handler") || e.NodeErrors == nil {
 			t.Fatalf("empty identity: %d %s", st, body)
 		}
+	}
+	log, err := os.ReadFile(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(log), "refusing requests without a user identity"); n != 1 {
+		t.Errorf("the empty identity was logged %d times for 3 requests, want once:\n%s", n, log)
+	}
+	if n := strings.Count(string(log), "home is shared by every user"); n != 1 {
+		t.Errorf("the shared home was warned about %d times, want once:\n%s", n, log)
 	}
 }
