@@ -194,3 +194,27 @@ func TestEmptyIdentitySaysWhy(t *testing.T) {
 		t.Errorf("the shared home was warned about %d times, want once:\n%s", n, log)
 	}
 }
+
+// With reverse_proxy sending home its own Host (header_up Host
+// {upstream_hostport}), a loopback ComfyUI compares that Host with the
+// browser's Origin and refuses every post; the gateway has already decided
+// and passes the request on without Origin and fetch metadata, so the UI's
+// saves work.
+func TestSameOriginPassesHomeWithItsOwnHost(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	hostport := strings.TrimPrefix(home.URL(), "http://")
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "reverse_proxy "+hostport,
+		"reverse_proxy "+hostport+" {\n\t\theader_up Host {upstream_hostport}\n\t}", 1)
+	g := startCaddy(t, cf)
+	st, body := g.send("alice", "POST", "/api/userdata/workflows%2Fsaved.json?overwrite=true", []byte(`{"nodes":[]}`),
+		"Origin", g.Base, "Sec-Fetch-Site", "same-origin", "Sec-Fetch-Mode", "cors", "Content-Type", "application/json")
+	if st != 200 {
+		t.Fatalf("same-origin save through a proxy that sends home its own Host: %d %q", st, body)
+	}
+	for _, r := range home.Requests() {
+		if r.Header.Get("Origin") != "" || r.Header.Get("Sec-Fetch-Site") != "" {
+			t.Errorf("%s %s reached home with Origin %q, Sec-Fetch-Site %q", r.Method, r.Path, r.Header.Get("Origin"), r.Header.Get("Sec-Fetch-Site"))
+		}
+	}
+}

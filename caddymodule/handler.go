@@ -174,9 +174,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		r.Header.Set(relay.ComfyUserHeader, user)
 	}
 	// The request passed the gateway's cross-site check above, the one
-	// rule for everything behind it; home's own check would refuse the
-	// navigations it allows (opening the UI from a link or after a login
-	// on another domain), so fetch metadata stops here.
+	// rule for everything behind it, so Origin and fetch metadata stop
+	// here: home's own check would refuse what the gateway allows — the
+	// navigations that open the UI from a link or after a login on another
+	// domain (newer ComfyUI), and every browser post once reverse_proxy
+	// sends home its own Host (a loopback home compares Host and Origin).
+	r.Header.Del("Origin")
 	for k := range r.Header {
 		if strings.HasPrefix(k, "Sec-Fetch-") {
 			r.Header.Del(k)
