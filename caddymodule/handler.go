@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"fmt"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -98,7 +99,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.logger = ctx.Logger()
 	h.warned = new(warnings)
-	h.sharedHome = h.User != "" && !strings.Contains(h.Home, "{")
+	// {env.*} is the same for everyone; any other placeholder is taken to
+	// pick a home per user.
+	h.sharedHome = h.User != "" && !strings.Contains(envPlaceholder.ReplaceAllString(h.Home, ""), "{")
 	if h.sharedHome {
 		h.logger.Warn("home is shared by every user of this site: each user's identity goes to it as the Comfy-User header, "+
 			"so saved workflows and settings stay apart only if it runs with --multi-user and lists every user; "+
@@ -187,6 +190,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	return next.ServeHTTP(w, r)
 }
+
+var envPlaceholder = regexp.MustCompile(`\{env\.[^}]*\}`)
 
 // writeError answers in ComfyUI's error shape.
 func writeError(w http.ResponseWriter, status int, typ, message, details string) {
