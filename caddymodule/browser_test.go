@@ -150,7 +150,7 @@ func TestCrossSiteAttackInChromium(t *testing.T) {
 	// than 127.0.0.1.
 	var stderr bytes.Buffer
 	cmd := exec.Command(chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-		"--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 		"--user-data-dir="+t.TempDir(), fmt.Sprintf("http://localhost:%d/cross.html", atkPort))
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {

@@ -7,6 +7,8 @@ import (
 	"io"
 	"mime/multipart"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -114,6 +116,15 @@ func TestCrossSiteRequestsRefused(t *testing.T) {
 		t.Errorf("cross-site WebSocket: %v %v", resp, err)
 	}
 
+	// A script's WebSocket client that sends its own Origin (Python's
+	// websocket-client does) is same-origin and connects.
+	h = http.Header{"X-User": {"alice"}, "Origin": {g.Base}}
+	c, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(g.Base, "http")+"/ws", h)
+	if err != nil {
+		t.Fatalf("same-origin WebSocket: %v", err)
+	}
+	c.Close()
+
 	// Nothing changed.
 	if n := len(gpu.Prompts()); n != 2 {
 		t.Errorf("the GPU received %d prompts, want alice's 2", n)
@@ -150,12 +161,16 @@ func TestCrossSiteRequestsRefused(t *testing.T) {
 }
 
 // A request whose user placeholder is empty (the auth handler is missing)
-// is told why, in ComfyUI's error shape, instead of a bare 403.
+// is told why, in ComfyUI's error shape, instead of a bare 403; the
+// operator's log says it once, not once per request. (The shared home of
+// this config is warned about once, at start.)
 func TestEmptyIdentitySaysWhy(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
 	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
-	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
-	for i := 0; i < 2; i++ {
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "\tadmin off\n", "\tadmin off\n\tlog {\n\t\toutput file "+logFile+"\n\t}\n", 1)
+	g := startCaddy(t, cf)
+	for i := 0; i < 3; i++ {
 		st, body := g.send("", "GET", "/api/queue", nil)
 		var e struct {
 			Error struct {
@@ -166,6 +181,40 @@ func TestEmptyIdentitySaysWhy(t *testing.T) {
 		if st != 403 || json.Unmarshal(body, &e) != nil || e.Error.Type != "no_user_identity" ||
 			!strings.Contains(e.Error.Details, "{http.request.header.X-User}") || !strings.Contains(e.Error.Details, "auth handler") || e.NodeErrors == nil {
 			t.Fatalf("empty identity: %d %s", st, body)
+		}
+	}
+	log, err := os.ReadFile(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(log), "refusing requests without a user identity"); n != 1 {
+		t.Errorf("the empty identity was logged %d times for 3 requests, want once:\n%s", n, log)
+	}
+	if n := strings.Count(string(log), "home is shared by every user"); n != 1 {
+		t.Errorf("the shared home was warned about %d times, want once:\n%s", n, log)
+	}
+}
+
+// With reverse_proxy sending home its own Host (header_up Host
+// {upstream_hostport}), a loopback ComfyUI compares that Host with the
+// browser's Origin and refuses every post; the gateway has already decided
+// and passes the request on without Origin and fetch metadata, so the UI's
+// saves work.
+func TestSameOriginPassesHomeWithItsOwnHost(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	hostport := strings.TrimPrefix(home.URL(), "http://")
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "reverse_proxy "+hostport,
+		"reverse_proxy "+hostport+" {\n\t\theader_up Host {upstream_hostport}\n\t}", 1)
+	g := startCaddy(t, cf)
+	st, body := g.send("alice", "POST", "/api/userdata/workflows%2Fsaved.json?overwrite=true", []byte(`{"nodes":[]}`),
+		"Origin", g.Base, "Sec-Fetch-Site", "same-origin", "Sec-Fetch-Mode", "cors", "Content-Type", "application/json")
+	if st != 200 {
+		t.Fatalf("same-origin save through a proxy that sends home its own Host: %d %q", st, body)
+	}
+	for _, r := range home.Requests() {
+		if r.Header.Get("Origin") != "" || r.Header.Get("Sec-Fetch-Site") != "" {
+			t.Errorf("%s %s reached home with Origin %q, Sec-Fetch-Site %q", r.Method, r.Path, r.Header.Get("Origin"), r.Header.Get("Sec-Fetch-Site"))
 		}
 	}
 }

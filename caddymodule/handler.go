@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"fmt"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -98,7 +99,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.logger = ctx.Logger()
 	h.warned = new(warnings)
-	h.sharedHome = h.User != "" && !strings.Contains(h.Home, "{")
+	// {env.*} is the same for everyone; any other placeholder is taken to
+	// pick a home per user.
+	h.sharedHome = h.User != "" && !strings.Contains(envPlaceholder.ReplaceAllString(h.Home, ""), "{")
 	if h.sharedHome {
 		h.logger.Warn("home is shared by every user of this site: each user's identity goes to it as the Comfy-User header, "+
 			"so saved workflows and settings stay apart only if it runs with --multi-user and lists every user; "+
@@ -174,9 +177,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		r.Header.Set(relay.ComfyUserHeader, user)
 	}
 	// The request passed the gateway's cross-site check above, the one
-	// rule for everything behind it; home's own check would refuse the
-	// navigations it allows (opening the UI from a link or after a login
-	// on another domain), so fetch metadata stops here.
+	// rule for everything behind it, so Origin and fetch metadata stop
+	// here: home's own check would refuse what the gateway allows — the
+	// navigations that open the UI from a link or after a login on another
+	// domain (newer ComfyUI), and every browser post once reverse_proxy
+	// sends home its own Host (a loopback home compares Host and Origin).
+	r.Header.Del("Origin")
 	for k := range r.Header {
 		if strings.HasPrefix(k, "Sec-Fetch-") {
 			r.Header.Del(k)
@@ -184,6 +190,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	return next.ServeHTTP(w, r)
 }
+
+var envPlaceholder = regexp.MustCompile(`\{env\.[^}]*\}`)
 
 // writeError answers in ComfyUI's error shape.
 func writeError(w http.ResponseWriter, status int, typ, message, details string) {

@@ -25,10 +25,10 @@ func TestHeaderHygiene(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
 	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
 	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
-	browserHdr := []string{"Origin", "http://localhost:1", "Sec-Fetch-Site", "cross-site", "Sec-Fetch-Mode", "cors"}
+	browserHdr := []string{"Origin", g.Base, "Sec-Fetch-Site", "same-origin", "Sec-Fetch-Mode", "cors"}
 
-	// Through reverse_proxy to home: the 2026 core refuses cross-site fetch
-	// metadata; the gateway strips it.
+	// Through reverse_proxy to home: the gateway has checked the fetch
+	// metadata (cross-site is refused, csrf_test.go) and strips it.
 	st, body, _ := g.do("alice", "POST", "/api/userdata/workflows%2Fmy%20flow.json?overwrite=true", `{"nodes":[]}`, browserHdr[2:]...)
 	if st != 200 {
 		t.Fatalf("userdata save through gateway: %d %s", st, body)

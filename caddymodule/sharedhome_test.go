@@ -102,3 +102,19 @@ func TestPerUserHomeIsUntouched(t *testing.T) {
 		t.Errorf("alice's own profile choice on her own home: %q", got)
 	}
 }
+
+// A home URL from the environment ({env.*}) is the same for everyone: the
+// home is shared, and treated as such.
+func TestSharedHomeFromEnvironment(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	t.Setenv("COMFYUME_TEST_HOME", home.URL())
+	g := startCaddy(t, strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "home "+home.URL(), "home {env.COMFYUME_TEST_HOME}", 1))
+	if st, body := g.send("alice", "GET", "/api/internal/logs", nil); st != 403 || !strings.Contains(string(body), "shared_home") {
+		t.Fatalf("/internal/logs on a home from {env.*}: %d %s", st, body)
+	}
+	g.send("alice", "GET", "/api/settings", nil, "Comfy-User", "bob")
+	if got := homeRequests(home, "GET", "/settings"); len(got) != 1 || got[0] != "alice" {
+		t.Fatalf("settings reached home as Comfy-User %q, want alice", got)
+	}
+}
