@@ -61,6 +61,19 @@ type inputFile struct {
 	src, dest comfy.FileRef
 	places    []place
 	body      io.ReadCloser // opened by openInputs
+	read      *limitedInput // body, as opened
+}
+
+// readFailure returns a file of the plan whose reading failed, or nil.
+func (p *inputPlan) readFailure() (*inputFile, error) {
+	for _, f := range p.files {
+		if f.read != nil {
+			if err := f.read.failed(); err != nil {
+				return f, err
+			}
+		}
+	}
+	return nil, nil
 }
 
 // inputPlan is a prompt's files and the prompt rewritten to name their
@@ -212,7 +225,8 @@ func (p *inputPlan) openInputs(ctx context.Context, original map[string]comfy.No
 		rc, err := open(ctx, f.src)
 		switch {
 		case err == nil:
-			f.body = &limitedInput{r: rc, left: MaxInputBytes}
+			f.read = &limitedInput{r: rc, left: MaxInputBytes}
+			f.body = f.read
 			continue
 		case notThere(err):
 			missing = append(missing, f.missing(original)...)
@@ -252,7 +266,27 @@ var errInputTooLarge = fmt.Errorf("the file is larger than %d MB", MaxInputBytes
 type limitedInput struct {
 	r    io.ReadCloser
 	left int64
-	err  error
+
+	mu  sync.Mutex
+	err error
+}
+
+func (l *limitedInput) fail(err error) error {
+	if err != nil && err != io.EOF {
+		l.mu.Lock()
+		if l.err == nil {
+			l.err = err
+		}
+		l.mu.Unlock()
+	}
+	return err
+}
+
+// failed is why reading the file failed (nil: it did not).
+func (l *limitedInput) failed() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.err
 }
 
 func (l *limitedInput) Read(b []byte) (int, error) {
@@ -262,23 +296,16 @@ func (l *limitedInput) Read(b []byte) (int, error) {
 		var one [1]byte
 		n, err := l.r.Read(one[:])
 		if n > 0 {
-			l.err = errInputTooLarge
-			return 0, l.err
+			return 0, l.fail(errInputTooLarge)
 		}
-		if err != nil && err != io.EOF {
-			l.err = err
-		}
-		return 0, err
+		return 0, l.fail(err)
 	}
 	if int64(len(b)) > l.left {
 		b = b[:l.left]
 	}
 	n, err := l.r.Read(b)
 	l.left -= int64(n)
-	if err != nil && err != io.EOF {
-		l.err = err
-	}
-	return n, err
+	return n, l.fail(err)
 }
 
 func (l *limitedInput) Close() error { return l.r.Close() }
@@ -301,7 +328,7 @@ func (e *InputError) Unwrap() error { return e.Err }
 // inputFailure is ComfyUI's 400 for an input file that could not be read,
 // on every node naming it; it unwraps to the *InputError.
 func inputFailure(original map[string]comfy.Node, f *inputFile, err error) error {
-	reason := "your ComfyUI did not deliver it"
+	reason := "it could not be read"
 	if errors.Is(err, errInputTooLarge) {
 		reason = errInputTooLarge.Error()
 	}
@@ -346,6 +373,7 @@ func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.Pr
 	if err != nil {
 		return nil, err
 	}
+	parent := ctx
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var (
@@ -401,8 +429,10 @@ func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.Pr
 					plan.rename(f, stored)
 				}
 			case userErr != nil || serverErr != nil:
-			case body.err != nil:
-				userErr = inputFailure(pr.Prompt, f, body.err)
+			case parent.Err() != nil:
+				serverErr = parent.Err()
+			case body.failed() != nil:
+				userErr = inputFailure(pr.Prompt, f, body.failed())
 				cancel()
 			case errors.As(err, &he) && he.Status == 413:
 				userErr = inputFailure(pr.Prompt, f, errInputTooLarge)
@@ -415,6 +445,8 @@ func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.Pr
 	}
 	wg.Wait()
 	switch {
+	case parent.Err() != nil && userErr == nil && serverErr == nil:
+		return nil, parent.Err() // given up on: nothing is known about the files
 	case userErr != nil:
 		return nil, userErr
 	case serverErr != nil:

@@ -108,6 +108,11 @@ func (m *Manager) sendPinned(ctx context.Context, r *run, up *Upstream) (SubmitR
 			r.up, r.cancelRun = nil, nil
 			r.job.Upstream, r.job.UpstreamID = "", ""
 			r.mu.Unlock()
+			if f, err := plan.readFailure(); f != nil {
+				// The user's file failed while it was being sent: their
+				// error, not the endpoint's.
+				return SubmitResult{}, inputFailure(pr.Prompt, f, err)
+			}
 			return SubmitResult{}, pinnedError(job.Pool, a.err)
 		}
 		r.mu.Lock()

@@ -287,13 +287,34 @@ func (s *ValkeyStore) Assignments(ctx context.Context, owner string, wait time.D
 	}
 	out := make([]Assignment, 0, len(raw))
 	for _, r := range raw {
-		f := strings.Split(r, "\n")
-		if len(f) != 5 {
-			continue
+		if a, ok := parseAssignment(r); ok {
+			a.Owner = owner
+			out = append(out, a)
 		}
-		out = append(out, Assignment{Pool: f[0], JobID: f[1], Endpoint: f[2], Token: f[3], User: f[4], Owner: owner})
 	}
 	return out, nil
+}
+
+// parseAssignment reads an inbox entry "<pool>\n<id>\n<endpoint>\n<token>
+// \n<user>", where the token is "<uuid>|<user>". Pool, id and endpoint
+// never hold a newline; the user (from outside) may hold anything, so it is
+// found by the shape of the rest: "<uuid>|<user>\n<user>".
+func parseAssignment(r string) (Assignment, bool) {
+	f := strings.SplitN(r, "\n", 4)
+	if len(f) != 4 {
+		return Assignment{}, false
+	}
+	rest := f[3]
+	bar := strings.IndexByte(rest, '|')
+	if bar < 0 || strings.IndexByte(rest[:bar], '\n') >= 0 || (len(rest)-bar-2)%2 != 0 {
+		return Assignment{}, false
+	}
+	n := (len(rest) - bar - 2) / 2
+	user := rest[bar+1 : bar+1+n]
+	if rest[bar+1+n] != '\n' || rest[bar+2+n:] != user {
+		return Assignment{}, false
+	}
+	return Assignment{Pool: f[0], JobID: f[1], Endpoint: f[2], Token: rest[:bar+1+n], User: user}, true
 }
 
 // Waiting implements SharedQueue.

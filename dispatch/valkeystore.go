@@ -127,6 +127,26 @@ var (
 // not become one huge reply.
 const mgetBatch = 256
 
+// Keys made from ids and user names stay apart: a job id is one name of
+// validID's alphabet (no ":", so "job:<id>" is never another job's
+// "job:<id>:body"; reads of other ids find nothing), and a user name, which
+// may hold anything, is followed by a fixed suffix (":jobs") or ends the
+// key ("queue:<pool>:wait:<user>"), so no two users share a key.
+// validID reports whether id can name a job: 1 to 128 letters, digits,
+// ".", "_" or "-" (the gateway's ids are UUIDs).
+func validID(id string) bool {
+	if id == "" || len(id) > 128 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
 func (s *ValkeyStore) jobKey(id string) string    { return s.prefix + "job:" + id }
 func (s *ValkeyStore) bodyKey(id string) string   { return s.prefix + "job:" + id + ":body" }
 func (s *ValkeyStore) userHead() string           { return s.prefix + "user:" }
@@ -324,6 +344,9 @@ func decodeJob(state, body []byte) (*Job, error) {
 
 // Job implements Store.
 func (s *ValkeyStore) Job(ctx context.Context, id string) (*Job, error) {
+	if !validID(id) {
+		return nil, ErrNotFound
+	}
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	res := s.client.DoMulti(ctx, s.client.B().Get().Key(s.jobKey(id)).Build(), s.client.B().Get().Key(s.bodyKey(id)).Build())
@@ -347,6 +370,9 @@ func (s *ValkeyStore) Job(ctx context.Context, id string) (*Job, error) {
 
 // JobSummary implements Store: the state record only.
 func (s *ValkeyStore) JobSummary(ctx context.Context, id string) (*Job, error) {
+	if !validID(id) {
+		return nil, ErrNotFound
+	}
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	b, err := s.client.Do(ctx, s.client.B().Get().Key(s.jobKey(id)).Build()).AsBytes()
@@ -457,6 +483,9 @@ func (s *ValkeyStore) indexed(ctx context.Context, index string, withBody bool) 
 
 // Delete implements Store.
 func (s *ValkeyStore) Delete(ctx context.Context, id string) error {
+	if !validID(id) {
+		return nil
+	}
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	err := luaDelete.Exec(ctx, s.client,

@@ -113,12 +113,25 @@ func NewValkeyBus(client valkey.Client, prefix string) *ValkeyBus {
 
 func (b *ValkeyBus) channel() string { return b.prefix + "events" }
 
+// sessionKey is a session's replay log: "<prefix>session:{<len>:<user>}:<sid>".
+// Both strings come from outside (sid is the browser's clientId), so the
+// user is length-prefixed: one key per (user, sid) pair, whatever either
+// contains ("}", ":", "*", newlines). The {…} hash tag keeps a user's keys
+// in one cluster slot (a "}" in the name shortens the tag, the same way for
+// every key of that user).
 func (b *ValkeyBus) sessionKey(user, sid string) string {
-	return b.prefix + "session:{" + user + "}:" + sid
+	return b.prefix + "session:" + userTag(user) + ":" + sid
 }
 
+// seenKey is how far a session's browser has read its replay log, keyed
+// like sessionKey.
 func (b *ValkeyBus) seenKey(user, sid string) string {
-	return b.prefix + "seen:{" + user + "}:" + sid
+	return b.prefix + "seen:" + userTag(user) + ":" + sid
+}
+
+// userTag is "{<len>:<user>}": the user, delimited by its length.
+func userTag(user string) string {
+	return "{" + strconv.Itoa(len(user)) + ":" + user + "}"
 }
 
 // Publish implements Bus.

@@ -1,8 +1,13 @@
 package relay
 
 import (
+	"context"
+	"os"
 	"strings"
 	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
 
 	"github.com/comfyume/comfyume/comfy"
 )
@@ -78,4 +83,51 @@ func FuzzBlobKey(f *testing.F) {
 			confined(t, comfy.FileRef{Subfolder: value[:i], Filename: value[i+1:], Type: comfy.TypeOutput})
 		}
 	})
+}
+
+// A forgotten job's files leave every kind of blob store, and only its own:
+// a job whose id starts like it keeps its files (issue 8, finding 6).
+func TestRemoveJobRemovesOnlyThatJob(t *testing.T) {
+	disk, err := NewDiskBlobs(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stores := map[string]Blobs{"disk": disk}
+	if os.Getenv("COMFYUME_TEST_S3_ENDPOINT") != "" || os.Getenv("CI") != "" {
+		s3 := s3TestBlobs(t, s3TestOptions(t))
+		stores["s3"] = s3
+		primary := &flakyBlobs{Blobs: s3} // down: files wait in the spool
+		sp, err := newSpool(primary, t.TempDir(), zaptest.NewLogger(t), time.Hour, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = sp.Close() })
+		stores["spool"] = sp
+	}
+	ctx := context.Background()
+	for name, b := range stores {
+		keys := map[string]bool{"j1/output/a.png": false, "j1/temp/sub/b.png": false, "j10/output/a.png": true, "j2/output/a.png": true}
+		for key := range keys {
+			if err := b.Put(ctx, key, strings.NewReader(key), BlobInfo{ContentType: "image/png"}); err != nil {
+				t.Fatalf("%s: put %s: %v", name, key, err)
+			}
+		}
+		if err := b.RemoveJob(ctx, "j1"); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		for key, stays := range keys {
+			f, err := b.Open(ctx, key)
+			if err == nil {
+				f.Close()
+			}
+			if stays != (err == nil) {
+				t.Errorf("%s: after removing j1, %s: %v", name, key, err)
+			}
+		}
+		for _, bad := range []string{"", "..", ".", "j1/..", "/"} {
+			if err := b.RemoveJob(ctx, bad); err == nil {
+				t.Errorf("%s: RemoveJob(%q) accepted", name, bad)
+			}
+		}
+	}
 }
