@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/comfyume/comfyume/comfytest"
 )
@@ -89,5 +90,37 @@ func TestManyMissingInputsGetBoundedAnswer(t *testing.T) {
 	}
 	if !strings.Contains(ve.Error.Details, "(and 70 more nodes with errors)") {
 		t.Fatalf("details do not count the rest: %q", ve.Error.Details)
+	}
+}
+
+// Page numbers past int64's range, or whose sum is, answer 200 with a
+// clamped page (they panicked on a slice before).
+func TestOverflowingPageQueries(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	b := g.openBrowser("alice", "", true)
+	for i := 0; i < 2; i++ {
+		a := g.queue("alice", b.SID, samplerWorkflow(fmt.Sprint("o", i), 1))
+		b.untilJobEnd(a.PromptID, 20*time.Second)
+	}
+	var page jobsPage
+	g.getJSON("alice", "/api/jobs?limit=9223372036854775807&offset=1", &page)
+	if len(page.Jobs) != 1 {
+		t.Fatalf("/api/jobs page has %d jobs, want 1", len(page.Jobs))
+	}
+	g.getJSON("alice", "/api/jobs?limit=1&offset=9223372036854775807", &page)
+	if len(page.Jobs) != 0 {
+		t.Fatalf("/api/jobs page past the end has %d jobs", len(page.Jobs))
+	}
+	var h map[string]any
+	g.getJSON("alice", "/history?max_items=9223372036854775807&offset=1", &h)
+	if len(h) != 1 {
+		t.Fatalf("/history page has %d entries, want 1", len(h))
+	}
+	h = nil
+	g.getJSON("alice", "/history?max_items=99999999999999999999&offset=-5", &h)
+	if len(h) != 2 {
+		t.Fatalf("/history page has %d entries, want 2", len(h))
 	}
 }
