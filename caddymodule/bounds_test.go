@@ -1,8 +1,14 @@
 package caddymodule_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"image"
+	"image/png"
+	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -122,5 +128,85 @@ func TestOverflowingPageQueries(t *testing.T) {
 	g.getJSON("alice", "/history?max_items=99999999999999999999&offset=-5", &h)
 	if len(h) != 2 {
 		t.Fatalf("/history page has %d entries, want 2", len(h))
+	}
+}
+
+// viewSetup runs one job of alice's and returns the gateway, the outputs
+// directory and the job's folder in it, where tests place further outputs
+// as a GPU node could have made them.
+func viewSetup(t *testing.T) (*gateway, string, string) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	dir := t.TempDir()
+	g := startCaddy(t, strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "{DATA}", dir, 1))
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("v", 1))
+	b.untilJobEnd(a.PromptID, 20*time.Second)
+	jobDir := filepath.Join(dir, a.PromptID, "output")
+	if _, err := os.Stat(jobDir); err != nil {
+		t.Fatalf("the job's outputs are not where the test expects them: %v", err)
+	}
+	return g, jobDir, "comfyume/" + a.PromptID
+}
+
+// An output that is a page or a script (HTML, SVG) is a download with
+// nosniff, never rendered in the gateway's origin; images stay inline.
+func TestViewServesOnlyMediaInline(t *testing.T) {
+	g, jobDir, sub := viewSetup(t)
+	files := map[string]string{
+		"evil.html": "<script>alert(document.cookie)</script>",
+		"evil.svg":  `<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>`,
+		"evil.xml":  `<x/>`,
+		"notes.txt": "hello",
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(jobDir, name), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for name, inline := range map[string]bool{"evil.html": false, "evil.svg": false, "evil.xml": false, "notes.txt": true} {
+		q := url.Values{"filename": {name}, "subfolder": {sub}, "type": {"output"}}
+		st, body, h := g.do("alice", "GET", "/api/view?"+q.Encode(), nil)
+		if st != 200 || string(body) != files[name] {
+			t.Fatalf("%s: %d %q", name, st, body)
+		}
+		cd := h.Get("Content-Disposition")
+		if h.Get("X-Content-Type-Options") != "nosniff" || strings.HasPrefix(cd, "attachment") == inline {
+			t.Errorf("%s: Content-Type %q, Content-Disposition %q, X-Content-Type-Options %q", name, h.Get("Content-Type"), cd, h.Get("X-Content-Type-Options"))
+		}
+		if !inline && h.Get("Content-Type") != "application/octet-stream" {
+			t.Errorf("%s: Content-Type %q", name, h.Get("Content-Type"))
+		}
+	}
+}
+
+// preview=jpeg and channel=a of an image above the pixel limit serve the
+// file as stored instead of decoding it whole.
+func TestViewTransformsOnlyBoundedImages(t *testing.T) {
+	g, jobDir, sub := viewSetup(t)
+	img := image.NewGray(image.Rect(0, 0, 4200, 4200)) // 17.6 MP
+	var buf bytes.Buffer
+	if err := (&png.Encoder{CompressionLevel: png.BestSpeed}).Encode(&buf, img); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(jobDir, "big.png"), buf.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, extra := range []string{"preview=jpeg;90", "channel=a"} {
+		st, body, h := g.do("alice", "GET", "/api/view?filename=big.png&type=output&subfolder="+url.QueryEscape(sub)+"&"+extra, nil)
+		if st != 200 || !bytes.Equal(body, buf.Bytes()) || h.Get("Content-Type") != "image/png" {
+			t.Fatalf("%s: %d, %d bytes of %s, want the stored PNG", extra, st, len(body), h.Get("Content-Type"))
+		}
+	}
+	// A small image is still transformed.
+	small := image.NewGray(image.Rect(0, 0, 64, 64))
+	buf.Reset()
+	_ = png.Encode(&buf, small)
+	if err := os.WriteFile(filepath.Join(jobDir, "small.png"), buf.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st, body, h := g.do("alice", "GET", "/api/view?filename=small.png&type=output&preview=jpeg&subfolder="+url.QueryEscape(sub), nil)
+	if st != 200 || h.Get("Content-Type") != "image/jpeg" || len(body) < 2 || body[0] != 0xff || body[1] != 0xd8 {
+		t.Fatalf("small preview: %d %s", st, h.Get("Content-Type"))
 	}
 }
