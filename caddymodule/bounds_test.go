@@ -210,3 +210,33 @@ func TestViewTransformsOnlyBoundedImages(t *testing.T) {
 		t.Fatalf("small preview: %d %s", st, h.Get("Content-Type"))
 	}
 }
+
+// A GPU server lost mid-job: the execution_error the user sees names the
+// pool, never the server's address (whose path may be a secret deployment
+// id, like a serverless platform's).
+func TestGPUErrorNamesPoolNotAddress(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	lb := comfytest.StartBalancer(t, comfytest.BalancerOptions{Replicas: 1, PathPrefix: "/s3cret-deployment", Server: comfytest.Options{Version: "2026"}})
+	lb.Replica(0).FailNext("hang")
+	cf := strings.Replace(poolCaddyfile(home.URL(), lb.URL(), ""), "max_jobs 1", "max_jobs 1\n\t\t\t\tlost_timeout 300ms", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("d", 1))
+	b.waitType("execution_start", 10*time.Second)
+	lb.Kill(0)
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	i := indexOf(frames, "execution_error")
+	if i < 0 {
+		t.Fatalf("no execution_error: %v", types(frames))
+	}
+	msg := frames[i].str("exception_message")
+	u, _ := url.Parse(lb.URL())
+	for _, leak := range []string{u.Host, "s3cret", "127.0.0.1"} {
+		if strings.Contains(msg, leak) {
+			t.Fatalf("the message shows %q: %s", leak, msg)
+		}
+	}
+	if !strings.Contains(msg, "pool gpu") {
+		t.Fatalf("the message does not name the pool: %s", msg)
+	}
+}

@@ -651,7 +651,8 @@ func (m *Manager) sendQueued(p *Pool, r *run, up *Upstream) {
 // failUnsent ends a job that could not be sent after it had been accepted:
 // its browser gets an execution_error explaining why.
 func (m *Manager) failUnsent(r *run, err error) {
-	msg := err.Error()
+	m.logger.Warn("job not sent", zap.String("job", r.job.ID), zap.String("pool", r.job.Pool), zap.Error(err))
+	msg := publicMessage(r.job.Pool, err.Error())
 	var rej *RejectedError
 	if errors.As(err, &rej) {
 		var pe struct {
