@@ -240,3 +240,46 @@ func TestGPUErrorNamesPoolNotAddress(t *testing.T) {
 		t.Fatalf("the message does not name the pool: %s", msg)
 	}
 }
+
+// A user whose jobs carry big workflows keeps only the newest that fit in
+// history_size: /history (no max_items) stays within it.
+func TestHistorySizeBoundsStoredJobs(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}", "outputs disk {DATA}\n\t\thistory_size 1MiB", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	pad := strings.Repeat("x", 400<<10)
+	var ids []string
+	for i := 0; i < 5; i++ {
+		extra := map[string]any{"extra_pnginfo": map[string]any{"workflow": map[string]any{"id": fmt.Sprint("wf", i), "pad": pad}}}
+		st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow(fmt.Sprint("s", i), 1), "client_id": b.SID, "extra_data": extra})
+		var a promptAnswer
+		if st != 200 || json.Unmarshal(body, &a) != nil {
+			t.Fatalf("POST /api/prompt: %d %.200s", st, body)
+		}
+		b.untilJobEnd(a.PromptID, 20*time.Second)
+		ids = append(ids, a.PromptID)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, body, _ := g.do("alice", "GET", "/history", nil)
+		var h map[string]json.RawMessage
+		if st != 200 || json.Unmarshal(body, &h) != nil {
+			t.Fatalf("/history: %d", st)
+		}
+		if len(h) == 2 {
+			if h[ids[3]] == nil || h[ids[4]] == nil {
+				t.Fatalf("kept the wrong jobs")
+			}
+			if len(body) > 1<<20+64<<10 {
+				t.Fatalf("/history is %d bytes", len(body))
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/history keeps %d jobs (%d bytes), want the newest 2", len(h), len(body))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
