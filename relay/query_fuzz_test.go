@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/comfyume/comfyume/dispatch"
@@ -136,4 +137,47 @@ func must[T any](v T, err error) T {
 		panic(err)
 	}
 	return v
+}
+
+// FuzzHomeHistory serves any bytes as a home server's /history (and its
+// /queue, to an older home without the jobs API) and runs the real
+// /history, /history/{id} and /api/jobs handlers on them: they never panic
+// and always answer valid JSON.
+func FuzzHomeHistory(f *testing.F) {
+	f.Add([]byte(`{"a": {"prompt": [1, "a", {}, {"create_time": 5}, []], "outputs": {"9": {"images": [{"filename": "x.png", "subfolder": "", "type": "output"}]}}, "status": {"status_str": "success", "completed": true, "messages": [["execution_start", {"timestamp": 3}], ["execution_success", {"timestamp": 4}]]}}}`))
+	f.Add([]byte(`{"b": {"prompt": null, "status": {"messages": [["execution_error", {"timestamp": "x"}], [1], "x"]}}, "b": 7}`))
+	f.Add([]byte(`{"c": {"prompt": [1e999, 2, 3, [], 5], "outputs": {"n": {"images": "no"}}}}`))
+	f.Add([]byte(`[1,2]`))
+	f.Add([]byte(`{"d": {}`))
+	f.Add([]byte(`{"queue_running": [[1, "r", {}, {}, []]], "queue_pending": [["x"]]}`))
+	g := fuzzGateway(f)
+	var body atomic.Value
+	body.Store([]byte("{}"))
+	home := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/api/jobs" {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(body.Load().([]byte))
+	}))
+	f.Cleanup(home.Close)
+	up, err := g.Home(home.URL)
+	if err != nil {
+		f.Fatal(err)
+	}
+	site := Site{User: "alice", Home: up}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		body.Store(data)
+		for _, path := range []string{"/history", "/history?max_items=2", "/history/a", "/api/jobs", "/api/jobs/a", "/queue"} {
+			r := httptest.NewRequest(http.MethodGet, path, nil)
+			w := httptest.NewRecorder()
+			if !g.ServeHTTP(w, r, site) {
+				t.Fatalf("%s not handled", path)
+			}
+			if w.Code == 200 && !json.Valid(w.Body.Bytes()) {
+				t.Fatalf("%s: invalid JSON %.300s", path, w.Body.Bytes())
+			}
+		}
+	})
 }
