@@ -228,6 +228,8 @@ func missingInputsBody(prompt map[string]comfy.Node, missing []missingInput) []b
 		ne.add(id, classOf[id], byNode[id])
 	}
 	var re *RejectedError
-	errors.As(ne.rejected(), &re)
+	if !errors.As(ne.rejected(), &re) {
+		return nil
+	}
 	return re.Body
 }
