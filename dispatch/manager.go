@@ -654,7 +654,7 @@ func (m *Manager) sendQueued(p *Pool, r *run, up *Upstream) {
 // its browser gets an execution_error explaining why.
 func (m *Manager) failUnsent(r *run, err error) {
 	m.logger.Warn("job not sent", zap.String("job", r.job.ID), zap.String("pool", r.job.Pool), zap.Error(err))
-	msg := publicMessage(r.job.Pool, err.Error())
+	msg := PublicMessage(r.job.Pool, err.Error())
 	var rej *RejectedError
 	if errors.As(err, &rej) {
 		var pe struct {

@@ -231,5 +231,5 @@ func (h *pinnedHandler) end(err error) {
 	if err != nil {
 		msg = fmt.Sprintf("%s: %v", msg, err)
 	}
-	r.fail(publicMessage(r.job.Pool, msg))
+	r.fail(PublicMessage(r.job.Pool, msg))
 }

@@ -20,9 +20,9 @@ var (
 	dnsLookup = regexp.MustCompile(`\blookup [^\s:]+( on [^\s]+)?`)
 )
 
-// publicMessage is msg with every URL and network address it contains
+// PublicMessage is msg with every URL and network address it contains
 // replaced by the name of the pool whose server it was ("pool gpu").
-func publicMessage(pool, msg string) string {
+func PublicMessage(pool, msg string) string {
 	name := "the GPU server"
 	if pool != "" {
 		name = "pool " + pool

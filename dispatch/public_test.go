@@ -18,7 +18,7 @@ func TestPublicMessageHidesAddresses(t *testing.T) {
 	}
 	for _, e := range []error{err, errors.New("dial tcp: lookup gpu-7.internal on 10.0.0.2:53: no such host"),
 		errors.New("read tcp 10.1.2.3:40000->10.0.0.5:8188: connection reset by peer")} {
-		got := publicMessage("gpu", "Lost the connection: "+e.Error())
+		got := PublicMessage("gpu", "Lost the connection: "+e.Error())
 		for _, leak := range []string{"127.0.0.1", "s3cret", "user", "gpu-7", "10.0.0", "10.1.2.3", "8188"} {
 			if strings.Contains(got, leak) {
 				t.Errorf("%q shows %q", got, leak)
