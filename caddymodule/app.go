@@ -54,6 +54,12 @@ type App struct {
 	// are not deleted (give the bucket a lifecycle rule for that).
 	HistoryLimit int `json:"history_limit,omitempty"`
 
+	// HistorySize bounds, in bytes, what each user's ended jobs keep of
+	// their prompts and UI workflows (default 256 MiB). When a job ends,
+	// the user's oldest ended jobs beyond it are forgotten whole, as beyond
+	// history_limit; the newest ended job is always kept.
+	HistorySize int64 `json:"history_size,omitempty"`
+
 	// Outputs says where outputs captured from GPU servers are stored.
 	// Default: a directory "comfyume/outputs" in Caddy's data directory.
 	Outputs *OutputsConfig `json:"outputs,omitempty"`
@@ -280,6 +286,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.gateway.Manager().SetPool(pool)
 	}
 	a.gateway.Manager().SetHistoryLimit(a.HistoryLimit)
+	a.gateway.Manager().SetHistorySize(a.HistorySize)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		if err := reg.Register(metrics{app: a}); err != nil {
 			var dup prometheus.AlreadyRegisteredError
@@ -295,6 +302,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 func (a *App) Validate() error {
 	if a.HistoryLimit < 0 {
 		return fmt.Errorf("history_limit %d: must not be negative", a.HistoryLimit)
+	}
+	if a.HistorySize < 0 {
+		return fmt.Errorf("history_size %d: must not be negative", a.HistorySize)
 	}
 	seen := map[string]bool{}
 	for _, p := range a.Pools {

@@ -38,6 +38,7 @@ func init() {
 //		}
 //		health_interval <duration>
 //		history_limit <n>
+//		history_size <size>
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
 //			username <name>
@@ -175,6 +176,18 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.HistoryLimit = n
+		case "history_size":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(d.Val())
+			if err != nil || n == 0 || n > 1<<62 {
+				return d.Errf("history_size: %q is not a size", d.Val())
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			a.HistorySize = int64(n)
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()

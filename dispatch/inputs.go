@@ -458,28 +458,29 @@ func forwardInputs(ctx context.Context, up *Upstream, jobID string, pr *comfy.Pr
 }
 
 // missingInputsBody is ComfyUI's 400 for input files that do not exist, so
-// the frontend marks the nodes red.
+// the frontend marks the nodes red (bounded: see nodeErrors).
 func missingInputsBody(prompt map[string]comfy.Node, missing []missingInput) []byte {
-	nodeErrors := map[string]any{}
-	sinks := sinkNodes(prompt)
+	byNode := map[string][]nodeError{}
+	classOf := map[string]string{}
 	for _, m := range missing {
-		nodeErrors[m.node] = map[string]any{
-			"errors": []any{map[string]any{
-				"type":       "custom_validation_failed",
-				"message":    "Custom validation failed for node",
-				"details":    m.input + " - Invalid image file: " + m.value,
-				"extra_info": map[string]any{"input_name": m.input},
-			}},
-			"dependent_outputs": sinks,
-			"class_type":        m.classType,
-		}
+		byNode[m.node] = append(byNode[m.node], nodeError{
+			typ: "custom_validation_failed", message: "Custom validation failed for node",
+			details: shown(m.input) + " - Invalid image file: " + shown(m.value), input: m.input,
+		})
+		classOf[m.node] = m.classType
 	}
-	details := make([]string, 0, len(missing))
-	for _, m := range missing {
-		details = append(details, m.input+" - Invalid image file: "+m.value)
+	ids := make([]string, 0, len(byNode))
+	for id := range byNode {
+		ids = append(ids, id)
 	}
-	sort.Strings(details)
-	pe := comfy.NewPromptError("prompt_outputs_failed_validation", "Prompt outputs failed validation", strings.Join(details, "\n"))
-	pe.NodeErrors, _ = json.Marshal(nodeErrors)
-	return pe.JSON()
+	sort.Strings(ids)
+	ne := newNodeErrors(prompt)
+	for _, id := range ids {
+		ne.add(id, classOf[id], byNode[id])
+	}
+	var re *RejectedError
+	if !errors.As(ne.rejected(), &re) {
+		return nil
+	}
+	return re.Body
 }

@@ -75,6 +75,8 @@ type Manager struct {
 	outcomes jobOutcomes
 	// historyLimit is how many ended jobs each user keeps.
 	historyLimit atomic.Int64
+	// historyBytes bounds the bodies of each user's ended jobs (bytes).
+	historyBytes atomic.Int64
 	inputsFor    InputsFor
 	forget       func(ctx context.Context, ids []string)
 	homes        map[string]*Upstream // fallback targets, by URL
@@ -659,7 +661,8 @@ func (m *Manager) sendQueued(p *Pool, r *run, up *Upstream) {
 // failUnsent ends a job that could not be sent after it had been accepted:
 // its browser gets an execution_error explaining why.
 func (m *Manager) failUnsent(r *run, err error) {
-	msg := err.Error()
+	m.logger.Warn("job not sent", zap.String("job", r.job.ID), zap.String("pool", r.job.Pool), zap.Error(err))
+	msg := PublicMessage(r.job.Pool, err.Error())
 	var rej *RejectedError
 	if errors.As(err, &rej) {
 		var pe struct {
@@ -887,6 +890,21 @@ func (m *Manager) SetHistoryLimit(n int) {
 	m.historyLimit.Store(int64(n))
 }
 
+// DefaultHistorySize is the default byte budget of each user's ended
+// jobs' bodies (prompts and UI workflows).
+const DefaultHistorySize = 256 << 20
+
+// SetHistorySize sets the byte budget of each user's ended jobs' bodies —
+// their prompts and UI workflows (0: DefaultHistorySize). When a job ends,
+// the user's oldest ended jobs beyond it are forgotten whole, as beyond
+// the history limit; the newest ended job is always kept.
+func (m *Manager) SetHistorySize(n int64) {
+	if n <= 0 {
+		n = DefaultHistorySize
+	}
+	m.historyBytes.Store(n)
+}
+
 func (m *Manager) trimHistory(user string) {
 	keep := int(m.historyLimit.Load())
 	if keep <= 0 {
@@ -894,7 +912,11 @@ func (m *Manager) trimHistory(user string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	ids, err := m.store.Trim(ctx, user, keep)
+	budget := m.historyBytes.Load()
+	if budget <= 0 {
+		budget = DefaultHistorySize
+	}
+	ids, err := m.store.Trim(ctx, user, keep, budget)
 	if err != nil {
 		m.logger.Warn("forgetting old jobs", zap.String("user", user), zap.Error(err))
 	}

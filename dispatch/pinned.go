@@ -239,5 +239,5 @@ func (h *pinnedHandler) end(err error) {
 	if err != nil {
 		msg = fmt.Sprintf("%s: %v", msg, err)
 	}
-	r.fail(msg)
+	r.fail(PublicMessage(r.job.Pool, msg))
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/comfyume/comfyume/comfy"
 )
@@ -28,7 +29,33 @@ type installInfo struct {
 
 type classInfo struct {
 	// combos maps an input name to its allowed values (COMBO inputs only).
-	combos map[string][]string
+	combos map[string]combo
+}
+
+// combo is one COMBO input's allowed values, with a set for long lists
+// (a checkpoint folder may hold thousands of files).
+type combo struct {
+	list []string
+	set  map[string]struct{}
+}
+
+func newCombo(list []string) combo {
+	c := combo{list: list}
+	if len(list) > comboListShown {
+		c.set = make(map[string]struct{}, len(list))
+		for _, v := range list {
+			c.set[v] = struct{}{}
+		}
+	}
+	return c
+}
+
+func (c combo) has(v string) bool {
+	if c.set != nil {
+		_, ok := c.set[v]
+		return ok
+	}
+	return contains(c.list, v)
 }
 
 // install returns the pool's cached install, refreshing it from a healthy
@@ -60,11 +87,11 @@ func (m *Manager) install(ctx context.Context, p *Pool) map[string]classInfo {
 		}
 		classes := make(map[string]classInfo, len(raw))
 		for name, def := range raw {
-			ci := classInfo{combos: map[string][]string{}}
+			ci := classInfo{combos: map[string]combo{}}
 			for _, group := range def.Input {
 				for in, spec := range group {
 					if opts, ok := comboOptions(spec); ok {
-						ci.combos[in] = opts
+						ci.combos[in] = newCombo(opts)
 					}
 				}
 			}
@@ -101,7 +128,8 @@ func comboOptions(spec json.RawMessage) ([]string, bool) {
 
 // precheck refuses a prompt that needs what the pool does not have. File
 // inputs the gateway forwards (LoadImage...) are not checked: their files
-// are uploaded with the prompt.
+// are uploaded with the prompt. It takes time linear in the prompt's size,
+// and its answer is bounded (see nodeErrors).
 func (m *Manager) precheck(ctx context.Context, p *Pool, pr *comfy.PromptRequest) error {
 	classes := m.install(ctx, p)
 	if classes == nil {
@@ -112,8 +140,7 @@ func (m *Manager) precheck(ctx context.Context, p *Pool, pr *comfy.PromptRequest
 		ids = append(ids, id)
 	}
 	sort.Strings(ids)
-	nodeErrors := map[string]any{}
-	var details []string
+	ne := newNodeErrors(pr.Prompt)
 	for _, id := range ids {
 		n := pr.Prompt[id]
 		ci, ok := classes[n.ClassType]
@@ -126,42 +153,190 @@ func (m *Manager) precheck(ctx context.Context, p *Pool, pr *comfy.PromptRequest
 				title = meta.Title
 			}
 			pe := comfy.NewPromptError("missing_node_type",
-				fmt.Sprintf("Cannot execute because node %s does not exist.", n.ClassType), fmt.Sprintf("Node ID '#%s'", id))
-			pe.Error.ExtraInfo = map[string]any{"node_id": id, "class_type": n.ClassType, "node_title": title}
+				fmt.Sprintf("Cannot execute because node %s does not exist.", shown(n.ClassType)), fmt.Sprintf("Node ID '#%s'", shown(id)))
+			pe.Error.ExtraInfo = map[string]any{"node_id": shown(id), "class_type": shown(n.ClassType), "node_title": shown(title)}
 			pe.NodeErrors = json.RawMessage("[]")
 			return &RejectedError{Status: 400, Body: pe.JSON()}
 		}
 		fi, hasFile := fileInputs[n.ClassType]
-		var errs []any
-		for name, raw := range n.Inputs {
+		names := make([]string, 0, len(n.Inputs))
+		for name := range n.Inputs {
+			names = append(names, name)
+		}
+		sort.Strings(names)
+		var errs []nodeError
+		for _, name := range names {
 			allowed, isCombo := ci.combos[name]
 			if !isCombo || (hasFile && fi.input == name) {
 				continue
 			}
 			var v string
-			if json.Unmarshal(raw, &v) != nil {
+			if json.Unmarshal(n.Inputs[name], &v) != nil {
 				continue // a link, or not a string
 			}
-			if annotated(v) || contains(allowed, v) {
+			if annotated(v) || allowed.has(v) {
 				continue
 			}
-			detail := fmt.Sprintf("%s: '%s' not in %s", name, v, pyList(allowed))
-			details = append(details, detail)
-			errs = append(errs, map[string]any{
-				"type": "value_not_in_list", "message": "Value not in list", "details": detail,
-				"extra_info": map[string]any{"input_name": name, "received_value": v},
+			errs = append(errs, nodeError{
+				typ: "value_not_in_list", message: "Value not in list",
+				details: fmt.Sprintf("%s: '%s' not in %s", shown(name), shown(v), listInfo(allowed.list)),
+				input:   name, value: v, hasValue: true,
 			})
 		}
-		if len(errs) > 0 {
-			nodeErrors[id] = map[string]any{"errors": errs, "dependent_outputs": sinkNodes(pr.Prompt), "class_type": n.ClassType}
-		}
+		ne.add(id, n.ClassType, errs)
 	}
-	if len(nodeErrors) == 0 {
+	return ne.rejected()
+}
+
+// Bounds of a validation error's body. A prompt of thousands of failing
+// nodes is answered with the first ones: the frontend marks them red, the
+// details end with how many more there are.
+const (
+	// maxNodeErrors is how many failing nodes node_errors names.
+	maxNodeErrors = 50
+	// comboListShown is the longest list of allowed values a message
+	// prints; longer ones are shown as "(list of length N)", as ComfyUI
+	// does.
+	comboListShown = 20
+	// maxShown bounds each user-supplied string an error repeats.
+	maxShown = 256
+	// maxDependentOutputs bounds each node's dependent_outputs.
+	maxDependentOutputs = 20
+)
+
+// nodeError is one entry of a node's "errors".
+type nodeError struct {
+	typ, message, details string
+	input                 string
+	value                 string
+	hasValue              bool
+}
+
+// nodeErrors collects a prompt's validation errors into ComfyUI's 400
+// (prompt_outputs_failed_validation), keeping the first maxNodeErrors
+// failing nodes and counting the rest.
+type nodeErrors struct {
+	prompt  map[string]comfy.Node
+	nodes   map[string]any
+	details []string
+	omitted int
+	users   map[string][]string // node id → nodes taking its output
+}
+
+func newNodeErrors(prompt map[string]comfy.Node) *nodeErrors {
+	return &nodeErrors{prompt: prompt, nodes: map[string]any{}}
+}
+
+// add records a node's errors (none: nothing). Call it in a stable order
+// (sorted node ids): the first nodes are the ones named.
+func (e *nodeErrors) add(id, classType string, errs []nodeError) {
+	if len(errs) == 0 {
+		return
+	}
+	if len(e.nodes) >= maxNodeErrors {
+		e.omitted++
+		return
+	}
+	list := make([]any, 0, len(errs))
+	for _, x := range errs {
+		extra := map[string]any{"input_name": shown(x.input)}
+		if x.hasValue {
+			extra["received_value"] = shown(x.value)
+		}
+		list = append(list, map[string]any{"type": x.typ, "message": x.message, "details": x.details, "extra_info": extra})
+		e.details = append(e.details, x.details)
+	}
+	e.nodes[id] = map[string]any{"errors": list, "dependent_outputs": e.dependentOutputs(id), "class_type": shown(classType)}
+}
+
+// rejected is the 400 for the errors added, or nil when there are none.
+func (e *nodeErrors) rejected() error {
+	if len(e.nodes) == 0 {
 		return nil
 	}
-	pe := comfy.NewPromptError("prompt_outputs_failed_validation", "Prompt outputs failed validation", strings.Join(details, "\n"))
-	pe.NodeErrors, _ = json.Marshal(nodeErrors)
+	details := e.details
+	pe := comfy.NewPromptError("prompt_outputs_failed_validation", "Prompt outputs failed validation", "")
+	if e.omitted > 0 {
+		details = append(details[:len(details):len(details)], fmt.Sprintf("(and %d more nodes with errors)", e.omitted))
+		pe.Error.ExtraInfo["omitted_node_errors"] = e.omitted
+	}
+	pe.Error.Details = strings.Join(details, "\n")
+	pe.NodeErrors, _ = json.Marshal(e.nodes)
 	return &RejectedError{Status: 400, Body: pe.JSON()}
+}
+
+// dependentOutputs lists the output nodes (nodes whose output nobody
+// takes) that depend on id, itself included, up to maxDependentOutputs.
+// The graph's reverse links are built once, on the first call.
+func (e *nodeErrors) dependentOutputs(id string) []string {
+	if e.users == nil {
+		e.users = map[string][]string{}
+		for uid, n := range e.prompt {
+			for _, raw := range n.Inputs {
+				if src, ok := linkSource(raw); ok {
+					e.users[src] = append(e.users[src], uid)
+				}
+			}
+		}
+	}
+	out := []string{}
+	seen := map[string]bool{id: true}
+	queue := []string{id}
+	for len(queue) > 0 && len(out) < maxDependentOutputs {
+		cur := queue[0]
+		queue = queue[1:]
+		users := e.users[cur]
+		if len(users) == 0 {
+			out = append(out, shown(cur))
+			continue
+		}
+		for _, u := range users {
+			if !seen[u] {
+				seen[u] = true
+				queue = append(queue, u)
+			}
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// linkSource reads an input that links another node's output:
+// ["<node id>", <slot>].
+func linkSource(raw json.RawMessage) (string, bool) {
+	if len(raw) == 0 || raw[0] != '[' {
+		return "", false
+	}
+	var link []json.RawMessage
+	if json.Unmarshal(raw, &link) != nil || len(link) != 2 {
+		return "", false
+	}
+	var src string
+	if json.Unmarshal(link[0], &src) != nil {
+		return "", false
+	}
+	return src, true
+}
+
+// shown shortens a user-supplied string an error message repeats.
+func shown(s string) string {
+	if len(s) <= maxShown {
+		return s
+	}
+	cut := maxShown
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
+}
+
+// listInfo prints allowed values the way ComfyUI's "not in" message does:
+// the list itself, or "(list of length N)" beyond comboListShown items.
+func listInfo(list []string) string {
+	if len(list) > comboListShown {
+		return fmt.Sprintf("(list of length %d)", len(list))
+	}
+	return pyList(list)
 }
 
 func contains(list []string, v string) bool {
@@ -177,7 +352,7 @@ func contains(list []string, v string) bool {
 func pyList(list []string) string {
 	q := make([]string, len(list))
 	for i, s := range list {
-		q[i] = "'" + s + "'"
+		q[i] = "'" + shown(s) + "'"
 	}
 	return "[" + strings.Join(q, ", ") + "]"
 }

@@ -204,7 +204,7 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 	up, err := NewUpstream(j.Upstream, opts)
 	if err != nil {
 		m.register(r)
-		r.fail("The job's GPU server address is not valid: " + err.Error())
+		r.fail(PublicMessage(j.Pool, "The job's GPU server address is not valid: "+err.Error()))
 		return
 	}
 	r.up, r.adopted = up, true

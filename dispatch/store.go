@@ -37,9 +37,11 @@ type Store interface {
 	// reading the records (the queue count browsers are shown often).
 	ActiveCount(ctx context.Context, user string) (int, error)
 	// Trim forgets the user's oldest ended jobs (in UserJobs order) beyond
-	// the newest keep ended ones, and returns their ids. Waiting and
-	// running jobs are never trimmed.
-	Trim(ctx context.Context, user string, keep int) ([]string, error)
+	// the newest keep ended ones, and beyond the newest ones whose bodies
+	// (Prompt and ExtraData, see BodySize) fit in budget bytes together (0:
+	// no budget; the newest ended job is always kept), and returns their
+	// ids. Waiting and running jobs are never trimmed.
+	Trim(ctx context.Context, user string, keep int, budget int64) ([]string, error)
 	// Claim gives owner the lease on a job for ttl if nobody else holds a
 	// live one (or owner already does: then it is renewed). It reports
 	// whether owner holds the lease afterwards. Gateways sharing a store use
@@ -66,6 +68,18 @@ type MemoryStore struct {
 	jobs   map[string]*Job
 	byUser map[string]map[string]struct{}
 	leases map[string]lease
+	// bodies is each user's total BodySize (every job of theirs).
+	bodies map[string]int64
+}
+
+// BodySize is the size of a job record's body, its Prompt and ExtraData
+// (the UI workflow): what a store keeps per job beyond a small summary.
+func BodySize(j *Job) int64 {
+	n := int64(len(j.Prompt))
+	for k, v := range j.ExtraData {
+		n += int64(len(k) + len(v))
+	}
+	return n
 }
 
 type lease struct {
@@ -75,7 +89,7 @@ type lease struct {
 
 // NewMemoryStore returns an empty store.
 func NewMemoryStore() *MemoryStore {
-	return &MemoryStore{jobs: map[string]*Job{}, byUser: map[string]map[string]struct{}{}, leases: map[string]lease{}}
+	return &MemoryStore{jobs: map[string]*Job{}, byUser: map[string]map[string]struct{}{}, leases: map[string]lease{}, bodies: map[string]int64{}}
 }
 
 // Create implements Store.
@@ -146,7 +160,9 @@ func (s *MemoryStore) saveLocked(c *Job) {
 		if len(j.Prompt) == 0 && j.ExtraData == nil {
 			j.Prompt, j.ExtraData = old.Prompt, old.ExtraData
 		}
+		s.bodies[old.User] -= BodySize(old)
 	}
+	s.bodies[j.User] += BodySize(j)
 	s.jobs[j.ID] = c
 	ids := s.byUser[j.User]
 	if ids == nil {
@@ -203,11 +219,11 @@ func (s *MemoryStore) UserJobSummaries(_ context.Context, user string) ([]*Job, 
 }
 
 // Trim implements Store.
-func (s *MemoryStore) Trim(_ context.Context, user string, keep int) ([]string, error) {
+func (s *MemoryStore) Trim(_ context.Context, user string, keep int, budget int64) ([]string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(s.byUser[user]) <= keep {
-		return nil, nil // fewer jobs than kept: nothing to look at
+	if len(s.byUser[user]) <= keep && (budget <= 0 || s.bodies[user] <= budget) {
+		return nil, nil // fewer jobs and bytes than kept: nothing to look at
 	}
 	var ended []*Job
 	for id := range s.byUser[user] {
@@ -215,18 +231,35 @@ func (s *MemoryStore) Trim(_ context.Context, user string, keep int) ([]string, 
 			ended = append(ended, j)
 		}
 	}
-	if len(ended) <= keep {
-		return nil, nil
-	}
 	SortJobs(ended)
+	n := keepEnded(ended, keep, budget)
 	var gone []string
-	for _, j := range ended[:len(ended)-keep] {
+	for _, j := range ended[:len(ended)-n] {
 		delete(s.byUser[user], j.ID)
 		delete(s.jobs, j.ID)
 		delete(s.leases, j.ID)
+		s.bodies[user] -= BodySize(j)
 		gone = append(gone, j.ID)
 	}
 	return gone, nil
+}
+
+// keepEnded is how many of the newest ended jobs (sorted oldest first)
+// Trim keeps: at most keep, and (budget > 0) as many as fit in budget
+// bytes of BodySize together, but at least the newest one.
+func keepEnded(ended []*Job, keep int, budget int64) int {
+	n := min(len(ended), keep)
+	if budget <= 0 {
+		return n
+	}
+	var sum int64
+	for i := 0; i < n; i++ {
+		sum += BodySize(ended[len(ended)-1-i])
+		if sum > budget && i > 0 {
+			return i
+		}
+	}
+	return n
 }
 
 // Delete implements Store.
@@ -236,6 +269,7 @@ func (s *MemoryStore) Delete(_ context.Context, id string) error {
 	if j, ok := s.jobs[id]; ok {
 		delete(s.byUser[j.User], id)
 		delete(s.jobs, id)
+		s.bodies[j.User] -= BodySize(j)
 	}
 	delete(s.leases, id)
 	return nil

@@ -298,7 +298,7 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 				t.Fatal(err)
 			}
 		}
-		gone, err := s.Trim(ctx, "alice", 2)
+		gone, err := s.Trim(ctx, "alice", 2, 0)
 		if err != nil || fmt.Sprint(gone) != "[t1 t2]" {
 			t.Fatalf("Trim(alice, 2) = %v %v, want the two oldest ended", gone, err)
 		}
@@ -307,14 +307,46 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 		if _, err := s.Job(ctx, "t1"); !errors.Is(err, ErrNotFound) {
 			t.Fatalf("trimmed job still readable: %v", err)
 		}
-		if gone, err := s.Trim(ctx, "alice", 2); err != nil || len(gone) != 0 {
+		if gone, err := s.Trim(ctx, "alice", 2, 0); err != nil || len(gone) != 0 {
 			t.Fatalf("second Trim: %v %v", gone, err)
 		}
-		if gone, err := s.Trim(ctx, "alice", 0); err != nil || fmt.Sprint(gone) != "[t3 t4]" {
+		if gone, err := s.Trim(ctx, "alice", 0, 0); err != nil || fmt.Sprint(gone) != "[t3 t4]" {
 			t.Fatalf("Trim(alice, 0) = %v %v", gone, err)
 		}
 		storeWantIDs(t, s, "alice", "t0") // the waiting job stays
 		storeWantActive(t, s, "t0")
+	})
+
+	t.Run("TrimBudget", func(t *testing.T) {
+		s := newStore(t)
+		big := json.RawMessage(`{"1":{"class_type":"X","inputs":{"text":"` + strings.Repeat("x", 1000) + `"}}}`)
+		for i, id := range []string{"t1", "t2", "t3", "t4"} {
+			j := storeTestJob(id, "alice", float64(i+1))
+			j.Status, j.Prompt, j.ExtraData = StatusCompleted, big, nil
+			if err := s.Save(ctx, j); err != nil {
+				t.Fatal(err)
+			}
+			// Later saves (summaries) keep the body and its size.
+			if err := s.Save(ctx, j.Summary()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waiting := storeTestJob("t0", "alice", 0)
+		waiting.Status, waiting.Prompt = StatusPending, big
+		if err := s.Save(ctx, waiting); err != nil {
+			t.Fatal(err)
+		}
+		// Two bodies fit in 2500 bytes, three do not.
+		gone, err := s.Trim(ctx, "alice", 100, 2500)
+		if err != nil || fmt.Sprint(gone) != "[t1 t2]" {
+			t.Fatalf("Trim(alice, 100, 2500) = %v %v, want the two oldest ended", gone, err)
+		}
+		storeWantIDs(t, s, "alice", "t0", "t3", "t4")
+		// The newest ended job stays, however small the budget.
+		if gone, err := s.Trim(ctx, "alice", 100, 1); err != nil || fmt.Sprint(gone) != "[t3]" {
+			t.Fatalf("Trim(alice, 100, 1) = %v %v", gone, err)
+		}
+		storeWantIDs(t, s, "alice", "t0", "t4")
 	})
 
 	t.Run("ActiveJobs", func(t *testing.T) {

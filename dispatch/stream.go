@@ -194,7 +194,7 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 		if r.m.failover(r, u, err) {
 			continue
 		}
-		r.fail("Lost the connection to the GPU server " + u.String() + ": " + err.Error())
+		r.fail(PublicMessage(r.job.Pool, "Lost the connection to the GPU server of pool "+r.job.Pool+": "+err.Error()))
 	}
 	return !keep
 }

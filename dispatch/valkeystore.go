@@ -499,18 +499,29 @@ func (s *ValkeyStore) Delete(ctx context.Context, id string) error {
 	return nil
 }
 
-// trimScript forgets a user's oldest ended jobs beyond the newest keep.
+// trimScript forgets a user's oldest ended jobs beyond the newest keep,
+// and (budget > 0) beyond the newest whose bodies fit in budget bytes
+// together (the newest one is always kept).
 //
 //	KEYS: user index, active index
-//	ARGV: keep, job key head ("<prefix>job:"), lease key head
+//	ARGV: keep, job key head ("<prefix>job:"), lease key head, budget
 const trimScript = `
-if redis.call('ZCARD', KEYS[1]) <= tonumber(ARGV[1]) then return {} end
+local budget = tonumber(ARGV[4])
+if budget <= 0 and redis.call('ZCARD', KEYS[1]) <= tonumber(ARGV[1]) then return {} end
 local ended = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if not redis.call('ZSCORE', KEYS[2], id) then table.insert(ended, id) end
 end
+local n = math.min(#ended, tonumber(ARGV[1]))
+if budget > 0 then
+  local sum = 0
+  for i = 0, n - 1 do
+    sum = sum + redis.call('STRLEN', ARGV[2] .. ended[#ended - i] .. ':body')
+    if sum > budget and i > 0 then n = i break end
+  end
+end
 local gone = {}
-for i = 1, #ended - tonumber(ARGV[1]) do
+for i = 1, #ended - n do
   local id = ended[i]
   redis.call('DEL', ARGV[2] .. id, ARGV[2] .. id .. ':body', ARGV[3] .. id)
   redis.call('ZREM', KEYS[1], id)
@@ -522,11 +533,11 @@ return gone
 var luaTrim = valkey.NewLuaScriptRetryable(trimScript)
 
 // Trim implements Store.
-func (s *ValkeyStore) Trim(ctx context.Context, user string, keep int) ([]string, error) {
+func (s *ValkeyStore) Trim(ctx context.Context, user string, keep int, budget int64) ([]string, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	gone, err := luaTrim.Exec(ctx, s.client, []string{s.userKey(user), s.activeKey()},
-		[]string{strconv.Itoa(keep), s.prefix + "job:", s.prefix + "lease:"}).AsStrSlice()
+		[]string{strconv.Itoa(keep), s.prefix + "job:", s.prefix + "lease:", strconv.FormatInt(max(budget, 0), 10)}).AsStrSlice()
 	if err != nil {
 		return nil, s.wrap("trim jobs of user "+user, err)
 	}

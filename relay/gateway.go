@@ -336,10 +336,10 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 	case errors.As(err, &unav):
 		g.logger.Warn("prompt not sent", zap.String("pool", site.RunOn), zap.Error(err))
 		writeJSON(w, http.StatusServiceUnavailable, comfy.NewPromptError("server_error",
-			"The GPU server is not reachable right now. Please try again.", err.Error()))
+			"The GPU server is not reachable right now. Please try again.", dispatch.PublicMessage(site.RunOn, err.Error())))
 	default:
 		g.logger.Error("prompt failed", zap.Error(err))
-		writeJSON(w, http.StatusInternalServerError, comfy.NewPromptError("server_error", "The gateway could not queue the prompt", err.Error()))
+		writeJSON(w, http.StatusInternalServerError, comfy.NewPromptError("server_error", "The gateway could not queue the prompt", dispatch.PublicMessage(site.RunOn, err.Error())))
 	}
 }
 

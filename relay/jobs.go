@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/url"
 	"sort"
@@ -78,20 +79,56 @@ func parseJobsQuery(q url.Values) (jobsQuery, string) {
 		jq.desc = s == "desc"
 	}
 	if s := q.Get("limit"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 {
+		n, ok := queryInt(s)
+		if !ok || n < 1 {
 			return jq, "limit must be a positive integer"
 		}
 		jq.limit = n
 	}
 	if s := q.Get("offset"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 0 {
+		n, ok := queryInt(s)
+		if !ok || n < 0 {
 			return jq, "offset must be a non-negative integer"
 		}
 		jq.offset = n
 	}
 	return jq, ""
+}
+
+// maxQueryInt bounds every integer read from a query (a count or an
+// offset): larger values mean "all" and are clamped to it, so that no sum
+// of two of them overflows.
+const maxQueryInt = 1<<31 - 1
+
+// queryInt reads a query integer clamped to ±maxQueryInt; ok is false for
+// anything but an optionally signed run of decimal digits.
+func queryInt(s string) (int, bool) {
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		var ne *strconv.NumError
+		if !errors.As(err, &ne) || ne.Err != strconv.ErrRange {
+			return 0, false
+		}
+		// Out of int64's range: clamped below, by its sign.
+		if strings.HasPrefix(s, "-") {
+			n = -maxQueryInt
+		} else {
+			n = maxQueryInt
+		}
+	}
+	return int(max(-maxQueryInt, min(n, maxQueryInt))), true
+}
+
+// page returns the bounds of the items [start, end) that a page of limit
+// items (<= 0: all) from offset selects out of total: never out of range,
+// whatever the numbers.
+func page(total, offset, limit int) (start, end int) {
+	start = min(max(offset, 0), total)
+	end = total
+	if limit > 0 && limit < end-start {
+		end = start + limit
+	}
+	return start, end
 }
 
 func (jq jobsQuery) keep(j jobView) bool {
@@ -205,7 +242,7 @@ func (g *Gateway) homeJobs(ctx context.Context, site Site, jq jobsQuery, q url.V
 		}
 	}
 	if jq.limit > 0 {
-		hq.Set("limit", strconv.Itoa(jq.limit+jq.offset))
+		hq.Set("limit", strconv.Itoa(min(jq.limit+jq.offset, maxQueryInt)))
 	}
 	hq.Set("offset", "0")
 	var resp struct {
@@ -468,24 +505,17 @@ func (g *Gateway) listJobs(w http.ResponseWriter, r *http.Request, site Site) {
 		return ka < kb
 	})
 	total := len(all)
-	start := jq.offset
-	if start > total {
-		start = total
-	}
-	end := total
-	if jq.limit > 0 && start+jq.limit < end {
-		end = start + jq.limit
-	}
-	page := all[start:end]
-	if page == nil {
-		page = []jobView{}
+	start, end := page(total, jq.offset, jq.limit)
+	items := all[start:end]
+	if items == nil {
+		items = []jobView{}
 	}
 	limit := jq.limit
 	if limit < 0 {
 		limit = total
 	}
 	writeJSON(w, http.StatusOK, map[string]any{
-		"jobs": page,
+		"jobs": items,
 		"pagination": map[string]any{
 			"offset": jq.offset, "limit": limit, "total": total, "has_more": end < total,
 		},

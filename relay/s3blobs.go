@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net"
 	"net/url"
 	"path"
@@ -318,12 +317,14 @@ func (s *S3Blobs) PresignGet(ctx context.Context, key, filename string, expiry t
 	}
 	q := url.Values{}
 	if filename != "" {
-		q.Set("response-content-disposition", mime.FormatMediaType("inline", map[string]string{"filename": filename}))
-		// Like ComfyUI's /view: a stored file must not render as a page
-		// (here of the bucket's origin).
-		if activeContent(contentTypeOf(filename)) {
+		// Like /view: only media are shown; anything else is a download,
+		// never a page (here of the bucket's origin).
+		kind := "inline"
+		if !servedInline(contentTypeOf(filename)) {
+			kind = "attachment"
 			q.Set("response-content-type", "application/octet-stream")
 		}
+		q.Set("response-content-disposition", disposition(kind, filename))
 	}
 	return c.PresignedGetObject(ctx, s.opts.Bucket, name, expiry, q)
 }
@@ -353,15 +354,4 @@ func (s *S3Blobs) presignClient(ctx context.Context) (*minio.Client, error) {
 	}
 	s.presign = c
 	return c, nil
-}
-
-// activeContent reports content types a browser would run as a page, a
-// script or a style sheet: /view never serves them under their own type.
-func activeContent(ct string) bool {
-	for _, p := range []string{"text/html", "text/javascript", "application/javascript", "text/css", "application/xhtml", "image/svg"} {
-		if strings.HasPrefix(ct, p) {
-			return true
-		}
-	}
-	return false
 }

@@ -37,7 +37,7 @@ func (g *Gateway) redirectView(w http.ResponseWriter, r *http.Request, key strin
 	p, ok := g.blobs.(Presigner)
 	// GET only: a presigned URL is bound to its method (a HEAD would fail).
 	if !ok || g.cfg.RedirectExpiry <= 0 || r.Method != http.MethodGet || vr.Preview != "" || (vr.Channel != "" && vr.Channel != "rgba") ||
-		activeContent(contentTypeOf(vr.Filename)) {
+		!servedInline(contentTypeOf(vr.Filename)) {
 		return false
 	}
 	u, err := p.PresignGet(r.Context(), key, vr.Filename, g.cfg.RedirectExpiry)

@@ -2,15 +2,18 @@ package relay
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"image"
 	"image/color"
 	"image/draw"
 	"image/jpeg"
 	"image/png"
+	"mime"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 
 	_ "image/gif" // decoders for preview= and channel=
 
@@ -64,9 +67,10 @@ func (g *Gateway) serveView(w http.ResponseWriter, r *http.Request, site Site) b
 	if ct == "" {
 		ct = contentTypeOf(vr.Filename)
 	}
-	if transformed, tct, ok := transformImage(b, ct, vr); ok {
+	if transformed, tct, ok := transformImage(r.Context(), b, ct, vr); ok {
 		w.Header().Set("Content-Type", tct)
-		w.Header().Set("Content-Disposition", `filename="`+vr.Filename+`"`)
+		w.Header().Set("Content-Disposition", disposition("inline", vr.Filename))
+		w.Header().Set("X-Content-Type-Options", "nosniff")
 		w.Header().Set("Content-Length", strconv.Itoa(len(transformed)))
 		w.WriteHeader(http.StatusOK)
 		if r.Method != http.MethodHead {
@@ -74,28 +78,112 @@ func (g *Gateway) serveView(w http.ResponseWriter, r *http.Request, site Site) b
 		}
 		return true
 	}
-	// Like ComfyUI: never let a stored file render as a page of this origin.
-	switch {
-	case strings.HasPrefix(ct, "text/html"), strings.HasPrefix(ct, "text/javascript"),
-		strings.HasPrefix(ct, "application/javascript"), strings.HasPrefix(ct, "text/css"),
-		strings.HasPrefix(ct, "application/xhtml"), strings.HasPrefix(ct, "image/svg"):
+	// Only the media ComfyUI makes are shown in the browser; anything else
+	// (HTML, SVG, scripts...) is a download, never a page of this origin.
+	if servedInline(ct) {
+		w.Header().Set("Content-Disposition", disposition("inline", vr.Filename))
+	} else {
 		ct = "application/octet-stream"
+		w.Header().Set("Content-Disposition", disposition("attachment", vr.Filename))
 	}
 	w.Header().Set("Content-Type", ct)
-	w.Header().Set("Content-Disposition", `filename="`+strings.ReplaceAll(vr.Filename, `"`, "")+`"`)
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	http.ServeContent(w, r, vr.Filename, info.ModTime, b)
 	return true
 }
 
+// servedInline reports whether a stored output of this content type is
+// shown by the browser: images (not SVG, which runs scripts), video, audio,
+// 3D models, and plain text or JSON.
+func servedInline(ct string) bool {
+	mt, _, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return false
+	}
+	switch {
+	case mt == "image/svg+xml":
+		return false
+	case strings.HasPrefix(mt, "image/"), strings.HasPrefix(mt, "video/"), strings.HasPrefix(mt, "audio/"):
+		return true
+	}
+	switch mt {
+	case "model/gltf-binary", "model/gltf+json", "model/obj", "model/stl", "model/vnd.usdz+zip",
+		"text/plain", "application/json":
+		return true
+	}
+	return false
+}
+
+// disposition is a Content-Disposition header naming the file (quoted or
+// RFC 2231-encoded as needed).
+func disposition(kind, filename string) string {
+	if v := mime.FormatMediaType(kind, map[string]string{"filename": filename}); v != "" {
+		return v
+	}
+	return kind
+}
+
+// Bounds of preview= and channel= transforms, which decode the whole image
+// in memory (4 bytes or more per pixel).
+const (
+	// maxTransformPixels is the largest image transformed; a bigger one is
+	// served as stored.
+	maxTransformPixels = 16 << 20
+	// transformSlots is how many transforms run at once; maxTransformWaits
+	// more may wait for a slot, beyond that the file is served as stored.
+	transformSlots    = 2
+	maxTransformWaits = 8
+)
+
+var (
+	transforms       = make(chan struct{}, transformSlots)
+	transformWaiting atomic.Int64
+)
+
+// transformSlot waits for a transform slot; ok is false (serve the file as
+// stored) when too many wait already or ctx ends.
+func transformSlot(ctx context.Context) (release func(), ok bool) {
+	select {
+	case transforms <- struct{}{}:
+		return func() { <-transforms }, true
+	default:
+	}
+	if transformWaiting.Add(1) > maxTransformWaits {
+		transformWaiting.Add(-1)
+		return nil, false
+	}
+	defer transformWaiting.Add(-1)
+	select {
+	case transforms <- struct{}{}:
+		return func() { <-transforms }, true
+	case <-ctx.Done():
+		return nil, false
+	}
+}
+
 // transformImage applies preview= (JPEG re-encoding; a WebP request gets the
 // original file, as Go has no WebP encoder) and channel= (rgb: drop alpha,
 // a: alpha as grey PNG). ok is false when the file is served as stored.
-func transformImage(b Blob, ct string, vr comfy.ViewRequest) ([]byte, string, bool) {
+//
+// Only images up to maxTransformPixels are transformed, transformSlots at
+// a time; others are served as stored.
+func transformImage(ctx context.Context, b Blob, ct string, vr comfy.ViewRequest) ([]byte, string, bool) {
 	wantJPEG := strings.HasPrefix(vr.Preview, "jpeg")
-	if !strings.HasPrefix(ct, "image/") || (!wantJPEG && vr.Channel == "rgba") {
+	if !strings.HasPrefix(ct, "image/") || (!wantJPEG && vr.Channel != "rgb" && vr.Channel != "a") {
 		return nil, "", false
 	}
+	cfg, _, err := image.DecodeConfig(b)
+	if _, serr := b.Seek(0, 0); err != nil || serr != nil {
+		return nil, "", false
+	}
+	if cfg.Width <= 0 || cfg.Height <= 0 || int64(cfg.Width)*int64(cfg.Height) > maxTransformPixels {
+		return nil, "", false
+	}
+	release, ok := transformSlot(ctx)
+	if !ok {
+		return nil, "", false
+	}
+	defer release()
 	img, _, err := image.Decode(b)
 	if _, serr := b.Seek(0, 0); err != nil || serr != nil {
 		return nil, "", false

@@ -1,10 +1,12 @@
 package relay
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
 	"net/url"
 	"sort"
@@ -20,13 +22,43 @@ import (
 // building a merged view; without an answer the view shows the remote part.
 const homeTimeout = 10 * time.Second
 
+// maxHomeAnswer bounds what the gateway reads of one answer of a home
+// server (its queue, history or jobs): a home is semi-trusted — a user may
+// run their own — and a view merging it is built in memory.
+const maxHomeAnswer = 64 << 20
+
+// errHomeTooLarge is a home answer beyond maxHomeAnswer.
+var errHomeTooLarge = errors.New("relay: home answer too large")
+
 func (g *Gateway) homeGet(ctx context.Context, site Site, pathAndQuery string, v any) error {
 	if site.Home == nil {
 		return dispatch.ErrNotFound
 	}
 	ctx, cancel := context.WithTimeout(ctx, homeTimeout)
 	defer cancel()
-	return site.Home.GetJSON(ctx, pathAndQuery, v)
+	req, err := site.Home.NewRequest(ctx, http.MethodGet, pathAndQuery, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := site.Home.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return &dispatch.HTTPError{Status: resp.StatusCode, Body: b}
+	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxHomeAnswer+1))
+	if err != nil {
+		return err
+	}
+	if len(b) > maxHomeAnswer {
+		g.logger.Warn("home answer too large: showing the gateway's part only",
+			zap.String("path", pathAndQuery), zap.Int("limit", maxHomeAnswer))
+		return errHomeTooLarge
+	}
+	return json.Unmarshal(b, v)
 }
 
 func (g *Gateway) homePost(ctx context.Context, site Site, path string, body []byte) {
@@ -259,20 +291,53 @@ type orderedEntry struct {
 	job *dispatch.Job // a gateway job, val not made yet
 }
 
-func writeOrdered(w http.ResponseWriter, entries []orderedEntry) {
-	var buf bytes.Buffer
-	buf.WriteByte('{')
+// writeHistory writes a history object entry by entry, in order, making
+// each gateway job's entry (with its prompt and workflow, read from the
+// store) only when it is written: the answer is streamed, never built whole
+// in memory.
+func (g *Gateway) writeHistory(ctx context.Context, w http.ResponseWriter, user string, entries []orderedEntry) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(http.StatusOK)
+	bw := bufio.NewWriterSize(w, 32<<10)
+	defer bw.Flush()
+	bw.WriteByte('{')
 	for i, e := range entries {
+		val := e.val
+		if e.job != nil {
+			j := e.job
+			if full := g.userJob(ctx, user, j.ID, true); full != nil {
+				j = full
+			}
+			val, _ = json.Marshal(historyEntry(j))
+		}
 		if i > 0 {
-			buf.WriteString(", ")
+			bw.WriteString(", ")
 		}
 		k, _ := json.Marshal(e.key)
-		buf.Write(k)
-		buf.WriteString(": ")
-		buf.Write(e.val)
+		bw.Write(k)
+		bw.WriteString(": ")
+		if _, err := bw.Write(val); err != nil {
+			return // the client went away
+		}
 	}
-	buf.WriteByte('}')
-	writeRaw(w, http.StatusOK, buf.Bytes())
+	bw.WriteByte('}')
+}
+
+// historyPage selects the entries a /history query asks for, out of total
+// in completion order, as ComfyUI does: with max_items and no offset, the
+// last max_items; with an offset, max_items from there; max_items absent
+// (or not a positive integer): all from offset. Every number is clamped,
+// so start <= end <= total whatever the query.
+func historyPage(q url.Values, total int) (start, end int) {
+	maxItems, _ := queryInt(q.Get("max_items"))
+	offset, ok := queryInt(q.Get("offset"))
+	if !ok {
+		offset = -1 // ComfyUI's default: none
+	}
+	if maxItems > 0 && offset < 0 {
+		offset = total - maxItems
+	}
+	return page(total, offset, maxItems)
 }
 
 // decodeOrdered reads a JSON object keeping its key order.
@@ -397,18 +462,14 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 		return
 	}
 	q := r.URL.Query()
-	maxItems, _ := strconv.Atoi(q.Get("max_items"))
-	offset, _ := strconv.Atoi(q.Get("offset"))
-	if offset < 0 {
-		offset = 0
-	}
 	homeQuery := "/history"
-	if maxItems > 0 {
-		homeQuery += "?max_items=" + strconv.Itoa(maxItems+offset)
+	if maxItems, _ := queryInt(q.Get("max_items")); maxItems > 0 {
+		offset, _ := queryInt(q.Get("offset"))
+		homeQuery += "?max_items=" + strconv.Itoa(min(maxItems+max(offset, 0), maxQueryInt))
 	}
 	var entries []orderedEntry
 	// Summaries first; the prompts (with the UI workflow) are read only for
-	// the page returned.
+	// the page returned, one entry at a time as it is written.
 	remote := g.userJobs(ctx, site.User, false)
 	mine := jobIDs(remote)
 	var raw json.RawMessage
@@ -427,38 +488,8 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 		entries = append(entries, orderedEntry{key: j.ID, job: j, end: j.EndTime})
 	}
 	sort.SliceStable(entries, func(a, b int) bool { return entries[a].end < entries[b].end })
-	// ComfyUI: with max_items and no offset, the last N; with an offset,
-	// N items starting there.
-	if maxItems > 0 {
-		start := offset
-		if q.Get("offset") == "" {
-			start = len(entries) - maxItems
-		}
-		if start < 0 {
-			start = 0
-		}
-		if start > len(entries) {
-			start = len(entries)
-		}
-		end := start + maxItems
-		if end > len(entries) {
-			end = len(entries)
-		}
-		entries = entries[start:end]
-	} else if offset > 0 && offset < len(entries) {
-		entries = entries[offset:]
-	}
-	for i, e := range entries {
-		if e.job == nil {
-			continue
-		}
-		j := e.job
-		if full := g.userJob(ctx, site.User, j.ID, true); full != nil {
-			j = full
-		}
-		entries[i].val, _ = json.Marshal(historyEntry(j))
-	}
-	writeOrdered(w, entries)
+	start, end := historyPage(q, len(entries))
+	g.writeHistory(ctx, w, site.User, entries[start:end])
 }
 
 // serveInterrupt answers POST /interrupt: the named job is interrupted where

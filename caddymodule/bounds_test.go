@@ -1,0 +1,285 @@
+package caddymodule_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"image"
+	"image/png"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/comfyume/comfyume/comfytest"
+)
+
+// validationError is ComfyUI's 400 for a prompt that fails validation.
+type validationError struct {
+	Error struct {
+		Type      string         `json:"type"`
+		Details   string         `json:"details"`
+		ExtraInfo map[string]any `json:"extra_info"`
+	} `json:"error"`
+	NodeErrors map[string]struct {
+		Errors []struct {
+			Type    string `json:"type"`
+			Details string `json:"details"`
+		} `json:"errors"`
+		DependentOutputs []string `json:"dependent_outputs"`
+	} `json:"node_errors"`
+}
+
+// A prompt of 4000 nodes naming a model the pool lacks is refused with a
+// bounded answer: the first 50 nodes, and how many more fail. (The old
+// answer repeated every output node in every node's error: 104 MiB.)
+func TestHugeInvalidPromptGetsBoundedAnswer(t *testing.T) {
+	var models []string
+	for i := 0; i < 25; i++ {
+		models = append(models, fmt.Sprintf("model_%02d.safetensors", i))
+	}
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", Models: models})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	const nodes = 4000
+	prompt := map[string]any{}
+	for i := 0; i < nodes; i++ {
+		prompt[fmt.Sprintf("%04d", i)] = map[string]any{"class_type": "FakeCheckpointImage", "inputs": map[string]any{"ckpt_name": "missing.safetensors"}}
+	}
+	st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": prompt})
+	var ve validationError
+	if st != 400 || json.Unmarshal(body, &ve) != nil || ve.Error.Type != "prompt_outputs_failed_validation" {
+		t.Fatalf("status %d, body %.300s", st, body)
+	}
+	if len(body) > 64<<10 {
+		t.Fatalf("answer is %d bytes", len(body))
+	}
+	if len(ve.NodeErrors) != 50 {
+		t.Fatalf("node_errors names %d nodes, want the first 50", len(ve.NodeErrors))
+	}
+	first := ve.NodeErrors["0000"]
+	if len(first.Errors) != 1 || first.Errors[0].Type != "value_not_in_list" ||
+		first.Errors[0].Details != "ckpt_name: 'missing.safetensors' not in (list of length 25)" {
+		t.Fatalf("first node's error: %+v", first)
+	}
+	if len(first.DependentOutputs) != 1 || first.DependentOutputs[0] != "0000" {
+		t.Fatalf("dependent_outputs %v", first.DependentOutputs)
+	}
+	if !strings.Contains(ve.Error.Details, "(and 3950 more nodes with errors)") || ve.Error.ExtraInfo["omitted_node_errors"] != float64(3950) {
+		t.Fatalf("details do not count the rest: %q %v", ve.Error.Details[len(ve.Error.Details)-80:], ve.Error.ExtraInfo)
+	}
+}
+
+// 120 LoadImage nodes naming files the user does not have: the answer
+// names the first 50, each with its own output only.
+func TestManyMissingInputsGetBoundedAnswer(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	const nodes = 120
+	prompt := map[string]any{}
+	for i := 0; i < nodes; i++ {
+		prompt[fmt.Sprintf("%03d", i)] = map[string]any{"class_type": "LoadImage", "inputs": map[string]any{"image": fmt.Sprintf("missing%d.png", i)}}
+	}
+	st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": prompt})
+	var ve validationError
+	if st != 400 || json.Unmarshal(body, &ve) != nil {
+		t.Fatalf("status %d, body %.300s", st, body)
+	}
+	if len(ve.NodeErrors) != 50 || len(body) > 32<<10 {
+		t.Fatalf("node_errors names %d nodes in %d bytes, want 50", len(ve.NodeErrors), len(body))
+	}
+	if e := ve.NodeErrors["000"]; len(e.Errors) != 1 || e.Errors[0].Details != "image - Invalid image file: missing0.png" || len(e.DependentOutputs) != 1 {
+		t.Fatalf("first node's error: %+v", e)
+	}
+	if !strings.Contains(ve.Error.Details, "(and 70 more nodes with errors)") {
+		t.Fatalf("details do not count the rest: %q", ve.Error.Details)
+	}
+}
+
+// Page numbers past int64's range, or whose sum is, answer 200 with a
+// clamped page (they panicked on a slice before).
+func TestOverflowingPageQueries(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	b := g.openBrowser("alice", "", true)
+	for i := 0; i < 2; i++ {
+		a := g.queue("alice", b.SID, samplerWorkflow(fmt.Sprint("o", i), 1))
+		b.untilJobEnd(a.PromptID, 20*time.Second)
+	}
+	var page jobsPage
+	g.getJSON("alice", "/api/jobs?limit=9223372036854775807&offset=1", &page)
+	if len(page.Jobs) != 1 {
+		t.Fatalf("/api/jobs page has %d jobs, want 1", len(page.Jobs))
+	}
+	g.getJSON("alice", "/api/jobs?limit=1&offset=9223372036854775807", &page)
+	if len(page.Jobs) != 0 {
+		t.Fatalf("/api/jobs page past the end has %d jobs", len(page.Jobs))
+	}
+	var h map[string]any
+	g.getJSON("alice", "/history?max_items=9223372036854775807&offset=1", &h)
+	if len(h) != 1 {
+		t.Fatalf("/history page has %d entries, want 1", len(h))
+	}
+	h = nil
+	g.getJSON("alice", "/history?max_items=99999999999999999999&offset=-5", &h)
+	if len(h) != 2 {
+		t.Fatalf("/history page has %d entries, want 2", len(h))
+	}
+}
+
+// viewSetup runs one job of alice's and returns the gateway, the outputs
+// directory and the job's folder in it, where tests place further outputs
+// as a GPU node could have made them.
+func viewSetup(t *testing.T) (*gateway, string, string) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	dir := t.TempDir()
+	g := startCaddy(t, strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "{DATA}", dir, 1))
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("v", 1))
+	b.untilJobEnd(a.PromptID, 20*time.Second)
+	jobDir := filepath.Join(dir, a.PromptID, "output")
+	if _, err := os.Stat(jobDir); err != nil {
+		t.Fatalf("the job's outputs are not where the test expects them: %v", err)
+	}
+	return g, jobDir, "comfyume/" + a.PromptID
+}
+
+// An output that is a page or a script (HTML, SVG) is a download with
+// nosniff, never rendered in the gateway's origin; images stay inline.
+func TestViewServesOnlyMediaInline(t *testing.T) {
+	g, jobDir, sub := viewSetup(t)
+	files := map[string]string{
+		"evil.html": "<script>alert(document.cookie)</script>",
+		"evil.svg":  `<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>`,
+		"evil.xml":  `<x/>`,
+		"notes.txt": "hello",
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(jobDir, name), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for name, inline := range map[string]bool{"evil.html": false, "evil.svg": false, "evil.xml": false, "notes.txt": true} {
+		q := url.Values{"filename": {name}, "subfolder": {sub}, "type": {"output"}}
+		st, body, h := g.do("alice", "GET", "/api/view?"+q.Encode(), nil)
+		if st != 200 || string(body) != files[name] {
+			t.Fatalf("%s: %d %q", name, st, body)
+		}
+		cd := h.Get("Content-Disposition")
+		if h.Get("X-Content-Type-Options") != "nosniff" || strings.HasPrefix(cd, "attachment") == inline {
+			t.Errorf("%s: Content-Type %q, Content-Disposition %q, X-Content-Type-Options %q", name, h.Get("Content-Type"), cd, h.Get("X-Content-Type-Options"))
+		}
+		if !inline && h.Get("Content-Type") != "application/octet-stream" {
+			t.Errorf("%s: Content-Type %q", name, h.Get("Content-Type"))
+		}
+	}
+}
+
+// preview=jpeg and channel=a of an image above the pixel limit serve the
+// file as stored instead of decoding it whole.
+func TestViewTransformsOnlyBoundedImages(t *testing.T) {
+	g, jobDir, sub := viewSetup(t)
+	img := image.NewGray(image.Rect(0, 0, 4200, 4200)) // 17.6 MP
+	var buf bytes.Buffer
+	if err := (&png.Encoder{CompressionLevel: png.BestSpeed}).Encode(&buf, img); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(jobDir, "big.png"), buf.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, extra := range []string{"preview=jpeg;90", "channel=a"} {
+		st, body, h := g.do("alice", "GET", "/api/view?filename=big.png&type=output&subfolder="+url.QueryEscape(sub)+"&"+extra, nil)
+		if st != 200 || !bytes.Equal(body, buf.Bytes()) || h.Get("Content-Type") != "image/png" {
+			t.Fatalf("%s: %d, %d bytes of %s, want the stored PNG", extra, st, len(body), h.Get("Content-Type"))
+		}
+	}
+	// A small image is still transformed.
+	small := image.NewGray(image.Rect(0, 0, 64, 64))
+	buf.Reset()
+	_ = png.Encode(&buf, small)
+	if err := os.WriteFile(filepath.Join(jobDir, "small.png"), buf.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st, body, h := g.do("alice", "GET", "/api/view?filename=small.png&type=output&preview=jpeg&subfolder="+url.QueryEscape(sub), nil)
+	if st != 200 || h.Get("Content-Type") != "image/jpeg" || len(body) < 2 || body[0] != 0xff || body[1] != 0xd8 {
+		t.Fatalf("small preview: %d %s", st, h.Get("Content-Type"))
+	}
+}
+
+// A GPU server lost mid-job: the execution_error the user sees names the
+// pool, never the server's address (whose path may be a secret deployment
+// id, like a serverless platform's).
+func TestGPUErrorNamesPoolNotAddress(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	lb := comfytest.StartBalancer(t, comfytest.BalancerOptions{Replicas: 1, PathPrefix: "/s3cret-deployment", Server: comfytest.Options{Version: "2026"}})
+	lb.Replica(0).FailNext("hang")
+	cf := strings.Replace(poolCaddyfile(home.URL(), lb.URL(), ""), "max_jobs 1", "max_jobs 1\n\t\t\t\tlost_timeout 300ms", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("d", 1))
+	b.waitType("execution_start", 10*time.Second)
+	lb.Kill(0)
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	i := indexOf(frames, "execution_error")
+	if i < 0 {
+		t.Fatalf("no execution_error: %v", types(frames))
+	}
+	msg := frames[i].str("exception_message")
+	u, _ := url.Parse(lb.URL())
+	for _, leak := range []string{u.Host, "s3cret", "127.0.0.1"} {
+		if strings.Contains(msg, leak) {
+			t.Fatalf("the message shows %q: %s", leak, msg)
+		}
+	}
+	if !strings.Contains(msg, "pool gpu") {
+		t.Fatalf("the message does not name the pool: %s", msg)
+	}
+}
+
+// A user whose jobs carry big workflows keeps only the newest that fit in
+// history_size: /history (no max_items) stays within it.
+func TestHistorySizeBoundsStoredJobs(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}", "outputs disk {DATA}\n\t\thistory_size 1MiB", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	pad := strings.Repeat("x", 400<<10)
+	var ids []string
+	for i := 0; i < 5; i++ {
+		extra := map[string]any{"extra_pnginfo": map[string]any{"workflow": map[string]any{"id": fmt.Sprint("wf", i), "pad": pad}}}
+		st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow(fmt.Sprint("s", i), 1), "client_id": b.SID, "extra_data": extra})
+		var a promptAnswer
+		if st != 200 || json.Unmarshal(body, &a) != nil {
+			t.Fatalf("POST /api/prompt: %d %.200s", st, body)
+		}
+		b.untilJobEnd(a.PromptID, 20*time.Second)
+		ids = append(ids, a.PromptID)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, body, _ := g.do("alice", "GET", "/history", nil)
+		var h map[string]json.RawMessage
+		if st != 200 || json.Unmarshal(body, &h) != nil {
+			t.Fatalf("/history: %d", st)
+		}
+		if len(h) == 2 {
+			if h[ids[3]] == nil || h[ids[4]] == nil {
+				t.Fatalf("kept the wrong jobs")
+			}
+			if len(body) > 1<<20+64<<10 {
+				t.Fatalf("/history is %d bytes", len(body))
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/history keeps %d jobs (%d bytes), want the newest 2", len(h), len(body))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
