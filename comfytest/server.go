@@ -37,6 +37,11 @@ type Options struct {
 	Models []string
 	// Logf, if set, receives one line per request and per job event.
 	Logf func(format string, args ...any)
+	// KeepReplacedSockets makes a second socket on a sid behave as in
+	// real ComfyUI: the older socket is forgotten but not closed (it stays
+	// open and receives nothing more), and when either socket closes the
+	// sid is unregistered. By default the fake closes the older socket.
+	KeepReplacedSockets bool
 }
 
 // ReceivedPrompt is one accepted POST /prompt.
