@@ -951,7 +951,7 @@ func workflowID(extra map[string]json.RawMessage) string {
 	if !ok {
 		return ""
 	}
-	wf, ok := comfy.ObjectMember(pnginfo, "workflow")
+	wf, ok := comfy.ValueFrom(pnginfo, "workflow") // not to its end: megabytes
 	if !ok {
 		return ""
 	}
