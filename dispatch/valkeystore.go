@@ -271,7 +271,10 @@ func (s *ValkeyStore) save(ctx context.Context, script *valkey.Lua, j *Job, only
 	if err != nil {
 		return false, s.wrap(op, err)
 	}
-	if n == 1 && body != nil {
+	switch {
+	case n == 1 && !j.Active():
+		s.bodies.Delete(j.ID) // ended: no more saves to spare the body
+	case n == 1 && body != nil:
 		s.bodies.Store(j.ID, struct{}{})
 	}
 	return n == 1, nil
