@@ -430,8 +430,11 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 			t.Fatal(err)
 		}
 		got, err := s.Job(ctx, "e1")
-		if err != nil || got.Status != StatusCompleted {
-			t.Fatalf("after a late in_progress save: %+v, %v; want completed", got, err)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Status != StatusCompleted {
+			t.Fatalf("after a late in_progress save: %s, want completed", got.Status)
 		}
 		if active := storeMustJobs(t)(s.ActiveJobs(ctx)); len(active) != 0 {
 			t.Fatalf("ended job listed as active: %v", storeIDs(active))
