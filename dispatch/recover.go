@@ -340,6 +340,22 @@ func (m *Manager) streamWithSid(upstream, sid string) (_ *Upstream, own bool) {
 			return u, true
 		}
 	}
+	// An endpoint a config reload replaced keeps its stream while its jobs
+	// run.
+	for _, r := range m.runs {
+		r.mu.Lock()
+		u, adopted := r.up, r.adopted
+		r.mu.Unlock()
+		if u != nil && !adopted && u.String() == upstream && u.clientID == sid {
+			u.mu.Lock()
+			closed := u.closed
+			u.mu.Unlock()
+			if !closed {
+				m.mu.Unlock()
+				return u, true
+			}
+		}
+	}
 	m.mu.Unlock()
 	if u := m.adopted[streamKey{upstream, sid}]; u != nil {
 		u.mu.Lock()
