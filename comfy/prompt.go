@@ -48,22 +48,19 @@ func (e *BodyError) Error() string { return e.Body.Error.Message }
 
 // ParsePromptRequest decodes and checks a POST /prompt body.
 func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
-	// One validating pass; then the body is split without decoding the
-	// values (extra_data holds the UI workflow: often megabytes).
-	if !json.Valid(body) {
-		var v any
-		err := json.Unmarshal(body, &v)
-		return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_json",
-			"The request body is not a JSON object", errString(err, "expected a JSON object"))}
-	}
-	members, ok := ObjectMembers(body)
+	// One validating pass that splits the body as it goes, without
+	// decoding the values (extra_data holds the UI workflow: often
+	// megabytes). Only a refused body is looked at again, for the error.
+	raw, extra, ok := splitPromptBody(body)
 	if !ok {
+		if !json.Valid(body) {
+			var v any
+			err := json.Unmarshal(body, &v)
+			return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_json",
+				"The request body is not a JSON object", errString(err, "expected a JSON object"))}
+		}
 		return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_json",
 			"The request body is not a JSON object", "expected a JSON object")}
-	}
-	raw := make(map[string]json.RawMessage, len(members))
-	for _, m := range members {
-		raw[m.Key] = m.Value // the last of a repeated key, like json.Unmarshal
 	}
 	pr := &PromptRequest{Raw: raw}
 	p, ok := raw["prompt"]
@@ -100,15 +97,14 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 		pr.PromptID = s
 	}
 	if v, ok := raw["extra_data"]; ok && !isNull(v) {
-		ms, ok := ObjectMembers(v)
-		if !ok {
+		if extra == nil {
 			var m map[string]json.RawMessage
 			err := json.Unmarshal(v, &m)
 			return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_prompt",
 				"extra_data must be an object", errString(err, "extra_data is not an object"))}
 		}
-		pr.ExtraData = make(map[string]json.RawMessage, len(ms))
-		for _, m := range ms {
+		pr.ExtraData = make(map[string]json.RawMessage, len(extra))
+		for _, m := range extra {
 			pr.ExtraData[m.Key] = m.Value
 		}
 	}

@@ -192,3 +192,43 @@ func endOfValue(b []byte, i int) int {
 		return j
 	}
 }
+
+// ValueFrom returns b from the start of the value of key (its first
+// occurrence in the object b) to the end of b, without finding where that
+// value ends: for the value's own first members (the frontend's workflow
+// "id") read a few bytes of a megabyte. Values before key are skipped. b
+// must be valid JSON.
+func ValueFrom(b []byte, key string) ([]byte, bool) {
+	i := skipSpace(b, 0)
+	if i >= len(b) || b[i] != '{' {
+		return nil, false
+	}
+	i = skipSpace(b, i+1)
+	for i < len(b) && b[i] == '"' {
+		e := endOfString(b, i)
+		if e < 0 {
+			return nil, false
+		}
+		k, ok := decodeKey(b[i:e])
+		if !ok {
+			return nil, false
+		}
+		i = skipSpace(b, e)
+		if i >= len(b) || b[i] != ':' {
+			return nil, false
+		}
+		i = skipSpace(b, i+1)
+		if k == key {
+			return b[i:], i < len(b)
+		}
+		if i = endOfValue(b, i); i < 0 {
+			return nil, false
+		}
+		i = skipSpace(b, i)
+		if i >= len(b) || b[i] != ',' {
+			return nil, false
+		}
+		i = skipSpace(b, i+1)
+	}
+	return nil, false
+}

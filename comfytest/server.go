@@ -58,6 +58,11 @@ type Options struct {
 	// called concurrently for different sockets and must be quick; the
 	// frame is written when it returns.
 	OnSend func(SentFrame)
+	// KeepReplacedSockets makes a second socket on a sid behave as in
+	// real ComfyUI: the older socket is forgotten but not closed (it stays
+	// open and receives nothing more), and when either socket closes the
+	// sid is unregistered. By default the fake closes the older socket.
+	KeepReplacedSockets bool
 }
 
 // SentFrame describes one WebSocket frame for Options.OnSend.

@@ -152,7 +152,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, _ map[string]s
 	}
 	s.sockMu.Unlock()
 	s.mu.Unlock()
-	if old != nil {
+	if old != nil && !s.opts.KeepReplacedSockets {
 		// Real ComfyUI forgets the old socket without closing it (and later
 		// orphans the new one when the old closes). We close it instead.
 		old.close()
@@ -188,8 +188,8 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, _ map[string]s
 	}
 
 	s.sockMu.Lock()
-	if s.sockets[sid] == wc {
-		delete(s.sockets, sid)
+	if s.sockets[sid] == wc || s.opts.KeepReplacedSockets {
+		delete(s.sockets, sid) // real ComfyUI pops the sid whichever socket it was
 	}
 	delete(s.conns, wc)
 	s.sockMu.Unlock()

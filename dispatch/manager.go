@@ -80,6 +80,13 @@ type Manager struct {
 	inputsFor    InputsFor
 	forget       func(ctx context.Context, ids []string)
 	homes        map[string]*Upstream // fallback targets, by URL
+	// ended are the jobs this gateway ended lately (see Recover).
+	ended map[string]endedJob
+
+	// adoptMu guards adopted: the event streams opened for jobs taken
+	// over, by upstream and sid, and the routes added to them.
+	adoptMu sync.Mutex
+	adopted map[streamKey]*Upstream
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -628,6 +635,13 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 			p.mu.Unlock()
 			return
 		}
+		if r.isFinished() {
+			// Ended while it waited (its end took it out of the queue
+			// just after): the slot is not its to hold.
+			up.giveBack(token)
+			p.mu.Unlock()
+			continue
+		}
 		// The job holds the slot from now on (and counts as running for
 		// the user's cap) until it ends or is not accepted.
 		r.holdSlot(up, token)
@@ -678,18 +692,21 @@ func (m *Manager) failUnsent(r *run, err error) {
 	r.fail(msg)
 }
 
-// drop forgets a job that never started (rejected or unreachable).
+// drop forgets a job that never started (rejected or unreachable). Its
+// record goes first: while it exists, the run stays listed as this
+// gateway's, so that nobody takes the job over.
 func (m *Manager) drop(r *run) {
 	r.mu.Lock()
 	r.finished = true
 	id := r.job.ID
 	r.mu.Unlock()
-	m.mu.Lock()
-	delete(m.runs, id)
-	m.mu.Unlock()
 	if err := m.store.Delete(context.Background(), id); err != nil {
 		m.logger.Warn("deleting rejected job", zap.String("job", id), zap.Error(err))
 	}
+	m.rememberEnded(id, nil)
+	m.mu.Lock()
+	delete(m.runs, id)
+	m.mu.Unlock()
 }
 
 func (m *Manager) save(j *Job) {
@@ -701,6 +718,9 @@ func (m *Manager) save(j *Job) {
 // finish releases a job's slot once it ended and sends the end-of-job
 // executing{node:null} after the queue update, as ComfyUI orders them.
 func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
+	// Remembered before it leaves m.runs: Recover never sees it as
+	// nobody's.
+	m.rememberEnded(snap.ID, snap.Summary())
 	if !m.detach(r) {
 		return
 	}
@@ -745,7 +765,7 @@ func (m *Manager) detach(r *run) bool {
 	}
 	r.releaseSlot()
 	if r.adopted && up != nil {
-		up.Close()
+		m.releaseStream(up)
 	}
 	return true
 }
@@ -969,7 +989,7 @@ func workflowID(extra map[string]json.RawMessage) string {
 	if !ok {
 		return ""
 	}
-	wf, ok := comfy.ObjectMember(pnginfo, "workflow")
+	wf, ok := comfy.ValueFrom(pnginfo, "workflow") // not to its end: megabytes
 	if !ok {
 		return ""
 	}

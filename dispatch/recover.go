@@ -51,10 +51,25 @@ func (m *Manager) unclaim(id string) {
 // nobody follows — after a restart, or from a gateway that died. A job that
 // was waiting is queued again here; one that was sent is followed on its
 // upstream (its events, or its history entry if it already ended).
+//
+// Renewal runs on a goroutine of its own: no amount of takeover work
+// (store reads, dials, history lookups) can delay it past a lease's end.
 func (m *Manager) Start(ctx context.Context) {
 	if m.shared != nil {
 		go m.followAssignments(ctx)
 	}
+	go func() {
+		t := time.NewTicker(m.leaseTTL / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				m.renew(ctx)
+			}
+		}
+	}()
 	go func() {
 		m.Recover(ctx)
 		t := time.NewTicker(m.leaseTTL / 3)
@@ -64,7 +79,6 @@ func (m *Manager) Start(ctx context.Context) {
 			case <-ctx.Done():
 				return
 			case <-t.C:
-				m.renew(ctx)
 				m.Recover(ctx)
 				// Slots freed by other gateways wake nobody here: look.
 				for _, p := range m.poolsSnapshot() {
@@ -107,14 +121,17 @@ func (m *Manager) abandon(r *run) {
 	r.mu.Lock()
 	ending := r.finished // its end is being handled: let that finish it
 	r.mu.Unlock()
-	if ending || !m.detach(r) {
+	if ending {
 		return
 	}
+	// Out of the queues first, so that no dispatch hands it a slot after
+	// it let go.
 	for _, p := range m.poolsSnapshot() {
 		p.mu.Lock()
 		p.queue().remove(r)
 		p.mu.Unlock()
 	}
+	m.detach(r)
 }
 
 func (m *Manager) poolsSnapshot() []*Pool {
@@ -127,18 +144,30 @@ func (m *Manager) poolsSnapshot() []*Pool {
 	return out
 }
 
-// Recover takes over active jobs that no live gateway follows.
+// Recover takes over active jobs that no live gateway follows. It never
+// takes over a job this gateway follows or has just ended: one it ended
+// whose record still says active (the final save failed) is saved again
+// instead.
 func (m *Manager) Recover(ctx context.Context) {
 	jobs, err := m.store.ActiveJobs(ctx)
 	if err != nil {
 		m.logger.Warn("listing active jobs", zap.Error(err))
 		return
 	}
+	m.forgetEnded(time.Now())
 	for _, j := range jobs {
 		m.mu.Lock()
 		_, mine := m.runs[j.ID]
+		end, endedHere := m.ended[j.ID]
 		m.mu.Unlock()
-		if mine || !m.claim(ctx, j.ID) {
+		if mine {
+			continue
+		}
+		if endedHere {
+			m.repairEnded(ctx, j.ID, end)
+			continue
+		}
+		if !m.claim(ctx, j.ID) {
 			continue
 		}
 		// The list may be older than the lease: a job that ended since
@@ -201,11 +230,29 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 			}
 		}
 	}
-	up, err := NewUpstream(j.Upstream, opts)
-	if err != nil {
-		m.register(r)
-		r.fail(PublicMessage(j.Pool, "The job's GPU server address is not valid: "+err.Error()))
-		return
+	pid := j.UpstreamID
+	if pid == "" {
+		pid = j.ID
+	}
+	// ComfyUI sends a sid's events to one socket only: a second socket
+	// on a sid this process listens on already would cut the first off.
+	// So the job is followed on the stream that has its sid, if any; else
+	// on a stream of its own, shared with the other jobs taken over on
+	// that sid and closed with the last of them.
+	m.adoptMu.Lock()
+	up, own := m.streamWithSid(j.Upstream, j.UpstreamClient)
+	if up == nil {
+		var err error
+		if up, err = NewUpstream(j.Upstream, opts); err != nil {
+			m.adoptMu.Unlock()
+			m.register(r)
+			r.fail(PublicMessage(j.Pool, "The job's GPU server address is not valid: "+err.Error()))
+			return
+		}
+		if m.adopted == nil {
+			m.adopted = map[streamKey]*Upstream{}
+		}
+		m.adopted[streamKey{up.String(), up.clientID}] = up
 	}
 	r.up, r.adopted = up, true
 	if slot != nil {
@@ -219,14 +266,17 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 		}
 		r.holdSlot(slot, token)
 	}
-	pid := j.UpstreamID
-	if pid == "" {
-		pid = j.ID
-	}
 	r.routeIDs = []string{pid}
 	m.register(r)
 	up.register(pid, r)
-	log.Info("took over a running job", zap.String("upstream", up.String()))
+	m.adoptMu.Unlock()
+	if own {
+		// Sent by this very process (sids are made per process), which
+		// then lost track of it: follow it again on its own stream.
+		log.Warn("following again a job this gateway had lost track of", zap.String("upstream", up.String()))
+	} else {
+		log.Info("took over a running job", zap.String("upstream", up.String()))
+	}
 	go func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		err := up.ensureStream(sctx)
@@ -236,7 +286,10 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 			// The stream loop keeps trying and fails the job after its
 			// LostTimeout; the history check below may still finish it.
 		}
-		r.resync()
+		if r.resync() == stateGone {
+			// Neither ended nor queued there: no event will ever come.
+			r.fail("The job is no longer on its GPU server: it was lost while no gateway followed it. Please queue it again.")
+		}
 	}()
 }
 
@@ -260,4 +313,122 @@ func (m *Manager) register(r *run) {
 	m.mu.Lock()
 	m.runs[r.job.ID] = r
 	m.mu.Unlock()
+}
+
+// streamKey names an event stream: an upstream and the sid it listens as.
+type streamKey struct{ upstream, sid string }
+
+// streamWithSid returns this process's stream toward upstream that listens
+// as sid: a pool endpoint's or a home's own stream (own), or one opened
+// for jobs taken over. Call with m.adoptMu held.
+func (m *Manager) streamWithSid(upstream, sid string) (_ *Upstream, own bool) {
+	if sid == "" {
+		return nil, false
+	}
+	m.mu.Lock()
+	for _, p := range m.pools {
+		for _, u := range p.Upstreams {
+			if u.String() == upstream && u.clientID == sid {
+				m.mu.Unlock()
+				return u, true
+			}
+		}
+	}
+	for _, u := range m.homes {
+		if u.String() == upstream && u.clientID == sid {
+			m.mu.Unlock()
+			return u, true
+		}
+	}
+	// An endpoint a config reload replaced keeps its stream while its jobs
+	// run.
+	for _, r := range m.runs {
+		r.mu.Lock()
+		u, adopted := r.up, r.adopted
+		r.mu.Unlock()
+		if u != nil && !adopted && u.String() == upstream && u.clientID == sid {
+			u.mu.Lock()
+			closed := u.closed
+			u.mu.Unlock()
+			if !closed {
+				m.mu.Unlock()
+				return u, true
+			}
+		}
+	}
+	m.mu.Unlock()
+	if u := m.adopted[streamKey{upstream, sid}]; u != nil {
+		u.mu.Lock()
+		closed := u.closed
+		u.mu.Unlock()
+		if !closed {
+			return u, false
+		}
+	}
+	return nil, false
+}
+
+// releaseStream closes a stream opened for jobs taken over once no job
+// is routed on it. Streams the process uses otherwise are left alone.
+func (m *Manager) releaseStream(up *Upstream) {
+	m.adoptMu.Lock()
+	defer m.adoptMu.Unlock()
+	key := streamKey{up.String(), up.clientID}
+	if m.adopted[key] != up {
+		return
+	}
+	up.mu.Lock()
+	idle := len(up.routes) == 0
+	up.mu.Unlock()
+	if idle {
+		delete(m.adopted, key)
+		up.Close()
+	}
+}
+
+// endedMemory is how long this gateway remembers the jobs it ended, to
+// tell them from jobs nobody follows when their records lag behind.
+func (m *Manager) endedMemory() time.Duration { return 4 * m.leaseTTL }
+
+// endedJob is the final state of a job this gateway ended (nil: the job was
+// dropped, its record deleted).
+type endedJob struct {
+	at  time.Time
+	job *Job
+}
+
+// rememberEnded notes that this gateway ended a job (final is its last
+// state, without the prompt; nil for a job that was dropped).
+func (m *Manager) rememberEnded(id string, final *Job) {
+	m.mu.Lock()
+	if m.ended == nil {
+		m.ended = map[string]endedJob{}
+	}
+	m.ended[id] = endedJob{at: time.Now(), job: final}
+	m.mu.Unlock()
+}
+
+func (m *Manager) forgetEnded(now time.Time) {
+	keep := m.endedMemory()
+	m.mu.Lock()
+	for id, e := range m.ended {
+		if now.Sub(e.at) > keep {
+			delete(m.ended, id)
+		}
+	}
+	m.mu.Unlock()
+}
+
+// repairEnded writes again the end of a job this gateway ended but whose
+// record still says it waits or runs (the store missed the final write).
+func (m *Manager) repairEnded(ctx context.Context, id string, e endedJob) {
+	var err error
+	if e.job == nil {
+		err = m.store.Delete(ctx, id)
+	} else {
+		err = m.store.Save(ctx, e.job)
+	}
+	if err != nil {
+		m.logger.Warn("writing the end of a job again", zap.String("job", id), zap.Error(err))
+	}
 }

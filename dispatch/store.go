@@ -11,7 +11,10 @@ import (
 type Store interface {
 	// Save inserts or replaces a job record. A record without Prompt and
 	// ExtraData (a summary) keeps the stored ones: they never change once
-	// the job is made.
+	// the job is made. A job that ended stays ended: saving a waiting or
+	// running state over an ended record (a late write of an older state,
+	// racing the job's end) changes nothing, so that no gateway ever sees
+	// the job as active again and takes it over.
 	Save(ctx context.Context, j *Job) error
 	// Job returns a copy of one record, or ErrNotFound.
 	Job(ctx context.Context, id string) (*Job, error)
@@ -154,6 +157,9 @@ func (s *MemoryStore) Save(_ context.Context, j *Job) error {
 func (s *MemoryStore) saveLocked(c *Job) {
 	j := c
 	if old, ok := s.jobs[j.ID]; ok {
+		if !old.Active() && j.Active() {
+			return // ended for good (see Store.Save)
+		}
 		if old.User != j.User {
 			delete(s.byUser[old.User], j.ID)
 		}

@@ -381,28 +381,34 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 		storeWantActive(t, s, "x2")
 		storeWantCount(t, s, "alice", 0)
 
-		for _, st := range []string{StatusFailed, StatusCancelled} {
-			j2.Status = StatusInProgress
-			if err := s.Save(ctx, j2); err != nil {
+		for i, st := range []string{StatusFailed, StatusCancelled} {
+			j := storeTestJob(fmt.Sprintf("x%d", 4+i), "bob", float64(3+i))
+			j.Status = StatusInProgress
+			if err := s.Save(ctx, j); err != nil {
+				t.Fatal(err)
+			}
+			storeWantActive(t, s, "x2", j.ID)
+			j.Status = st
+			if err := s.Save(ctx, j); err != nil {
 				t.Fatal(err)
 			}
 			storeWantActive(t, s, "x2")
-			j2.Status = st
-			if err := s.Save(ctx, j2); err != nil {
-				t.Fatal(err)
-			}
-			storeWantActive(t, s)
 		}
+		j2.Status = StatusCompleted
+		if err := s.Save(ctx, j2); err != nil {
+			t.Fatal(err)
+		}
+		storeWantActive(t, s)
 
-		// A finished job that is queued again is active again.
+		// An older state saved late does not make an ended job active again.
 		j3.Status = StatusPending
 		if err := s.Save(ctx, j3); err != nil {
 			t.Fatal(err)
 		}
-		storeWantActive(t, s, "x3")
+		storeWantActive(t, s)
 		// The user indexes are untouched by all this.
 		storeWantIDs(t, s, "alice", "x3", "x1")
-		storeWantIDs(t, s, "bob", "x2")
+		storeWantIDs(t, s, "bob", "x2", "x4", "x5")
 	})
 
 	t.Run("Claim", func(t *testing.T) {
@@ -433,6 +439,41 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 		claim("l3", "gw-a", long, true)
 		time.Sleep(long * 5 / 8) // past the first lease's end
 		claim("l3", "gw-b", long, false)
+	})
+
+	// A job's sender saves its "sent" state while the job's events end it:
+	// when the older state lands last, the job stays ended (else it would
+	// show as running forever and be taken over as if its gateway died).
+	t.Run("EndedStaysEnded", func(t *testing.T) {
+		s := newStore(t)
+		j := storeTestJob("e1", "alice", 1)
+		j.Status = StatusPending
+		if err := s.Create(ctx, j); err != nil {
+			t.Fatal(err)
+		}
+		late := j.Summary()
+		late.Status = StatusInProgress
+		ended := j.Summary()
+		ended.Status = StatusCompleted
+		if err := s.Save(ctx, ended); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Save(ctx, late); err != nil {
+			t.Fatal(err)
+		}
+		got, err := s.Job(ctx, "e1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Status != StatusCompleted {
+			t.Fatalf("after a late in_progress save: %s, want completed", got.Status)
+		}
+		if active := storeMustJobs(t)(s.ActiveJobs(ctx)); len(active) != 0 {
+			t.Fatalf("ended job listed as active: %v", storeIDs(active))
+		}
+		if n, err := s.ActiveCount(ctx, "alice"); err != nil || n != 0 {
+			t.Fatalf("ActiveCount = %d, %v; want 0", n, err)
+		}
 	})
 
 	t.Run("ConcurrentSaves", func(t *testing.T) {

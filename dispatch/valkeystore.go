@@ -54,7 +54,8 @@ func NewValkeyStore(client valkey.Client, prefix string) *ValkeyStore {
 
 // saveScript writes a record and its index entries. With ARGV[7] == "1" it
 // does nothing and returns 0 if the record exists (Create); otherwise it
-// returns 1.
+// returns 1. An active state over an ended record (not in the active
+// index) is not written: a job that ended stays ended.
 //
 //	KEYS: job, user index, active index
 //	ARGV: id, record JSON, score, active ("1"/"0"), user index key head
@@ -63,6 +64,9 @@ const saveScript = `
 local old = redis.call('GET', KEYS[1])
 if old then
   if ARGV[7] == '1' then return 0 end
+  if ARGV[4] == '1' and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+    return 1 -- ended for good: an older state arriving late changes nothing
+  end
   if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
     local ok, rec = pcall(cjson.decode, old)
     if ok and type(rec) == 'table' and type(rec.user) == 'string' and rec.user ~= ARGV[6] then
@@ -287,7 +291,10 @@ func (s *ValkeyStore) save(ctx context.Context, script *valkey.Lua, j *Job, only
 	if err != nil {
 		return false, s.wrap(op, err)
 	}
-	if n == 1 && body != nil {
+	switch {
+	case n == 1 && !j.Active():
+		s.bodies.Delete(j.ID) // ended: no more saves to spare the body
+	case n == 1 && body != nil:
 		s.bodies.Store(j.ID, struct{}{})
 	}
 	return n == 1, nil
