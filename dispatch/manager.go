@@ -76,6 +76,7 @@ type Manager struct {
 	// historyLimit is how many ended jobs each user keeps.
 	historyLimit atomic.Int64
 	inputsFor    InputsFor
+	limits       EventLimits // set before Start; see SetEventLimits
 	homes        map[string]*Upstream // fallback targets, by URL
 }
 
@@ -100,6 +101,9 @@ func (m *Manager) Store() Store { return m.store }
 // old pool move to the new one; jobs running on the old pool's upstreams
 // finish there, and those upstreams close once idle.
 func (m *Manager) SetPool(p *Pool) {
+	for _, u := range p.Upstreams {
+		u.setLimits(m.limits)
+	}
 	if ss, ok := m.store.(SharedSlots); ok {
 		for _, u := range p.Upstreams {
 			u.mu.Lock()
@@ -702,7 +706,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	m.events.QueueChanged(snap.User)
 	if sendEnd {
 		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
-		m.events.Deliver(snap, Event{Message: &end})
+		m.events.Deliver(recipientOf(snap), jobMessage(end))
 	}
 	if pool != nil {
 		m.dispatchWaiting(pool)

@@ -150,24 +150,13 @@ func (h *pinnedHandler) Accepted(_ string, number float64) {
 	})
 }
 
-func (h *pinnedHandler) Event(msg comfy.Message) {
-	h.r.push(event{msg: &msg})
+func (h *pinnedHandler) Event(frame []byte, head comfy.Head) {
+	h.r.push(event{json: frame, head: head})
 }
 
 func (h *pinnedHandler) Binary(frame []byte) {
-	t, ok := comfy.BinaryType(frame)
-	if !ok {
-		return
-	}
-	switch t {
-	case comfy.BinaryPreviewImage, comfy.BinaryPreviewImageWithMetadata:
-		if p, err := comfy.ParsePreview(frame); err == nil {
-			h.r.push(event{preview: &p})
-		}
-	case comfy.BinaryText:
-		if tf, err := comfy.ParseText(frame, false); err == nil {
-			h.r.push(event{text: &tf})
-		}
+	if ev, _, ok := binaryEvent(frame); ok {
+		h.r.push(ev)
 	}
 }
 
@@ -214,11 +203,10 @@ func (h *pinnedHandler) end(err error) {
 		return
 	}
 	if cancelled {
-		m := comfy.NewMessage(comfy.MsgExecutionInterrupted, map[string]any{
+		r.pushMessage(comfy.NewMessage(comfy.MsgExecutionInterrupted, map[string]any{
 			"prompt_id": r.job.ID, "node_id": node, "node_type": "", "executed": []string{},
 			"timestamp": time.Now().UnixMilli(),
-		})
-		r.push(event{msg: &m})
+		}))
 		return
 	}
 	var rej *worker.RejectedError

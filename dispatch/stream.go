@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
+	"slices"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -12,19 +14,9 @@ import (
 	"github.com/comfyume/comfyume/comfy"
 )
 
-// event is one frame from an upstream, not yet tied to a job.
-type event struct {
-	msg     *comfy.Message
-	preview *comfy.Preview
-	text    *comfy.TextFrame
-}
-
 // maxOrphans bounds events kept for prompt_ids not (yet) known: events can
 // arrive before the POST /prompt answer that tells us an old server's id.
 const maxOrphans = 512
-
-// streamReadLimit bounds one upstream frame (previews can be several MB).
-const streamReadLimit = 64 << 20
 
 // ensureStream makes sure the upstream's event WebSocket is open, dialing it
 // if needed, and waits until it is.
@@ -111,7 +103,6 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 			}
 			continue
 		}
-		conn.SetReadLimit(streamReadLimit)
 		u.mu.Lock()
 		u.conn = conn
 		u.dialErr = nil
@@ -199,11 +190,29 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 	return !keep
 }
 
+// readStream reads the upstream's frames until the connection fails. A
+// frame over its limit is discarded as it is read (never buffered whole)
+// and logged once per job; the connection and its other jobs go on.
 func (u *Upstream) readStream(conn *websocket.Conn) error {
 	for {
-		typ, b, err := conn.ReadMessage()
+		typ, rd, err := conn.NextReader()
 		if err != nil {
 			return err
+		}
+		limit := u.maxText.Load()
+		if typ == websocket.BinaryMessage {
+			limit = u.maxBinary.Load()
+		}
+		if limit <= 0 {
+			limit = EventLimits{}.withDefaults().MaxBinary
+		}
+		b, over, err := readFrame(rd, limit)
+		if err != nil {
+			return err
+		}
+		if over {
+			u.oversized(typ, b, limit)
+			continue
 		}
 		switch typ {
 		case websocket.TextMessage:
@@ -214,62 +223,83 @@ func (u *Upstream) readStream(conn *websocket.Conn) error {
 	}
 }
 
-func (u *Upstream) onText(b []byte) {
-	m, err := comfy.ParseMessage(b)
-	if err != nil {
-		u.logger.Warn("skipping malformed event", zap.Error(err), zap.ByteString("frame", truncate(b, 200)))
+// readFrame reads one frame of at most limit bytes into a new buffer. A
+// larger frame is read to its end and discarded: over is true and b holds
+// its first bytes.
+func readFrame(rd io.Reader, limit int64) (b []byte, over bool, err error) {
+	max := limit + 1 // reading one byte more tells a frame over the limit
+	b = make([]byte, 0, min(512, max))
+	for {
+		if int64(len(b)) >= max {
+			_, err = io.Copy(io.Discard, rd)
+			return clip(b, 256), true, err
+		}
+		if len(b) == cap(b) {
+			b = slices.Grow(b, int(min(int64(cap(b)), max-int64(len(b)))))
+		}
+		n, rerr := rd.Read(b[len(b):int(min(int64(cap(b)), max))])
+		b = b[:len(b)+n]
+		if rerr == io.EOF {
+			if int64(len(b)) > limit {
+				return clip(b, 256), true, nil
+			}
+			return b, false, nil
+		}
+		if rerr != nil {
+			return nil, false, rerr
+		}
+	}
+}
+
+// oversized logs a skipped frame, once per job the server runs.
+func (u *Upstream) oversized(typ int, head []byte, limit int64) {
+	u.mu.Lock()
+	job := u.running
+	first := u.oversizeJob != job || !u.oversizeLogged
+	u.oversizeJob, u.oversizeLogged = job, true
+	u.mu.Unlock()
+	if !first {
 		return
 	}
-	switch m.Type {
+	kind := "event"
+	if typ == websocket.BinaryMessage {
+		kind = "binary frame"
+		head = nil
+	}
+	u.logger.Warn("skipping an upstream "+kind+" over the size limit (further ones of this job are skipped silently)",
+		zap.String("upstream_prompt_id", job), zap.Int64("limit", limit), zap.ByteString("start", truncate(head, 120)))
+}
+
+// onText routes a JSON event by what comfy.ScanEvent reads of it.
+func (u *Upstream) onText(b []byte) {
+	h, ok := comfy.ScanEvent(b)
+	if !ok {
+		u.logger.Warn("skipping malformed event", zap.ByteString("frame", truncate(b, 200)))
+		return
+	}
+	switch h.Type {
 	case comfy.MsgStatus, comfy.MsgFeatureFlags, "crystools.monitor", "logs":
 		return
 	}
-	c, err := m.Common()
-	if err != nil {
-		u.logger.Warn("skipping malformed event", zap.String("type", m.Type), zap.Error(err))
-		return
-	}
 	u.mu.Lock()
-	pid := c.PromptID
+	pid := h.PromptID
 	if pid == "" {
 		pid = u.running
 	}
 	switch {
-	case m.Type == comfy.MsgExecutionStart:
+	case h.Type == comfy.MsgExecutionStart:
 		u.running = pid
-	case comfy.IsTerminal(m.Type) && u.running == pid:
+	case comfy.IsTerminal(h.Type) && u.running == pid:
 		u.running = ""
 	}
-	u.routeLocked(pid, event{msg: &m})
+	u.routeLocked(pid, event{json: b, head: h})
 	u.mu.Unlock()
 }
 
 func (u *Upstream) onBinary(b []byte) {
-	t, ok := comfy.BinaryType(b)
+	ev, pid, ok := binaryEvent(b)
 	if !ok {
-		return
-	}
-	var ev event
-	pid := ""
-	switch t {
-	case comfy.BinaryPreviewImage, comfy.BinaryPreviewImageWithMetadata:
-		p, err := comfy.ParsePreview(b)
-		if err != nil {
-			u.logger.Warn("skipping malformed preview", zap.Error(err))
-			return
-		}
-		if p.Metadata != nil {
-			pid = p.Metadata.PromptID
-		}
-		ev.preview = &p
-	case comfy.BinaryText:
-		tf, err := comfy.ParseText(b, false)
-		if err != nil {
-			u.logger.Warn("skipping malformed text frame", zap.Error(err))
-			return
-		}
-		ev.text = &tf
-	default:
+		u.logger.Warn("skipping malformed binary frame", zap.ByteString("start", truncate(b, 16)))
 		return
 	}
 	u.mu.Lock()
@@ -278,6 +308,36 @@ func (u *Upstream) onBinary(b []byte) {
 	}
 	u.routeLocked(pid, ev)
 	u.mu.Unlock()
+}
+
+// binaryEvent reads a preview or progress-text frame and the prompt_id it
+// names ("" for none). ok is false for frames of unknown types and
+// malformed ones.
+func binaryEvent(b []byte) (ev event, pid string, ok bool) {
+	t, ok := comfy.BinaryType(b)
+	if !ok {
+		return ev, "", false
+	}
+	switch t {
+	case comfy.BinaryPreviewImage, comfy.BinaryPreviewImageWithMetadata:
+		p, err := comfy.ParsePreview(b)
+		if err != nil {
+			return ev, "", false
+		}
+		if p.Metadata != nil {
+			pid = p.Metadata.PromptID
+		}
+		ev.preview = &p
+	case comfy.BinaryText:
+		tf, err := comfy.ParseText(b, false)
+		if err != nil {
+			return ev, "", false
+		}
+		ev.text = &tf
+	default:
+		return ev, "", false
+	}
+	return ev, pid, true
 }
 
 func (u *Upstream) routeLocked(pid string, ev event) {
@@ -302,6 +362,7 @@ func (u *Upstream) routeLocked(pid string, ev event) {
 // register routes the upstream's events for pid to r, delivering any that
 // arrived before.
 func (u *Upstream) register(pid string, r *run) {
+	u.setLimits(r.m.limits)
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.routes[pid] = r
@@ -379,6 +440,11 @@ type historyEntry struct {
 		Completed bool              `json:"completed"`
 		Messages  []json.RawMessage `json:"messages"`
 	} `json:"status"`
+}
+
+// clip returns a copy of b's first n bytes at most.
+func clip(b []byte, n int) []byte {
+	return append([]byte(nil), truncate(b, n)...)
 }
 
 func truncate(b []byte, n int) []byte {

@@ -47,8 +47,10 @@ type Handler interface {
 	// Accepted: ComfyUI queued the prompt (number is its queue number).
 	Accepted(promptID string, number float64)
 	// Event is a ComfyUI WebSocket text message of the job (status and
-	// other prompts' messages are filtered out), with the job's prompt id.
-	Event(m comfy.Message)
+	// other prompts' messages are filtered out), with the job's prompt id:
+	// the JSON frame as the worker sent it and what comfy.ScanEvent read
+	// of it. The handler may keep the frame.
+	Event(frame []byte, head comfy.Head)
 	// Binary is a binary WebSocket frame of the job (previews of type 1
 	// and 4, progress text of type 3). The handler may keep it.
 	Binary(frame []byte)
@@ -346,11 +348,11 @@ func (c *Client) consume(ctx context.Context, cancel context.CancelCauseFunc, re
 		}
 		switch k {
 		case KindEvent:
-			m, err := comfy.ParseMessage(p)
-			if err != nil {
-				return fmt.Errorf("worker: bad event frame: %w", err)
+			head, ok := comfy.ScanEvent(p)
+			if !ok {
+				return fmt.Errorf("worker: bad event frame: %q", truncate(p, 200))
 			}
-			h.Event(m)
+			h.Event(p, head)
 		case KindBinary:
 			h.Binary(p)
 		case KindOutputBegin:
