@@ -76,7 +76,7 @@ type Manager struct {
 	// historyLimit is how many ended jobs each user keeps.
 	historyLimit atomic.Int64
 	inputsFor    InputsFor
-	limits       EventLimits // set before Start; see SetEventLimits
+	limits       EventLimits          // set before Start; see SetEventLimits
 	homes        map[string]*Upstream // fallback targets, by URL
 }
 

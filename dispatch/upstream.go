@@ -62,9 +62,9 @@ type Upstream struct {
 	maxText, maxBinary atomic.Int64
 	oversizeJob        string
 	oversizeLogged     bool
-	inflight int    // jobs placed here and not finished
-	closed   bool
-	retired  bool
+	inflight           int // jobs placed here and not finished
+	closed             bool
+	retired            bool
 	// health (see health.go)
 	failures  int
 	openUntil time.Time
