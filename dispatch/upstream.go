@@ -56,15 +56,15 @@ type Upstream struct {
 	routes   map[string]*run // upstream prompt_id → run
 	orphans  map[string][]event
 	running  string // upstream prompt_id that last started executing
+	inflight int    // jobs placed here and not finished
+	closed   bool
+	retired  bool
 	// maxText and maxBinary bound one frame of the event stream (see
 	// EventLimits); oversizeJob is the job whose oversized frame was
 	// logged last.
 	maxText, maxBinary atomic.Int64
 	oversizeJob        string
 	oversizeLogged     bool
-	inflight           int // jobs placed here and not finished
-	closed             bool
-	retired            bool
 	// health (see health.go)
 	failures  int
 	openUntil time.Time
