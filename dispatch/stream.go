@@ -1,6 +1,7 @@
 package dispatch
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -194,6 +195,7 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 // frame over its limit is discarded as it is read (never buffered whole)
 // and logged once per job; the connection and its other jobs go on.
 func (u *Upstream) readStream(conn *websocket.Conn) error {
+	var scratch []byte
 	for {
 		typ, rd, err := conn.NextReader()
 		if err != nil {
@@ -206,7 +208,7 @@ func (u *Upstream) readStream(conn *websocket.Conn) error {
 		if limit <= 0 {
 			limit = EventLimits{}.withDefaults().MaxBinary
 		}
-		b, over, err := readFrame(rd, limit)
+		b, over, err := readFrame(rd, limit, &scratch)
 		if err != nil {
 			return err
 		}
@@ -223,27 +225,38 @@ func (u *Upstream) readStream(conn *websocket.Conn) error {
 	}
 }
 
-// readFrame reads one frame of at most limit bytes into a new buffer. A
-// larger frame is read to its end and discarded: over is true and b holds
-// its first bytes.
-func readFrame(rd io.Reader, limit int64) (b []byte, over bool, err error) {
+// readFrame reads one frame of at most limit bytes and returns it in a
+// new slice of its size. A larger frame is read to its end and discarded:
+// over is true and b holds its first bytes. scratch is the reader's buffer,
+// reused from frame to frame (and let go after a frame over 1 MiB).
+func readFrame(rd io.Reader, limit int64, scratch *[]byte) (b []byte, over bool, err error) {
 	max := limit + 1 // reading one byte more tells a frame over the limit
-	b = make([]byte, 0, min(512, max))
+	buf := (*scratch)[:0]
+	if cap(buf) == 0 {
+		buf = make([]byte, 0, min(4096, max))
+	}
+	defer func() {
+		if cap(buf) <= 1<<20 {
+			*scratch = buf[:0]
+		} else {
+			*scratch = nil
+		}
+	}()
 	for {
-		if int64(len(b)) >= max {
+		if int64(len(buf)) >= max {
 			_, err = io.Copy(io.Discard, rd)
-			return clip(b, 256), true, err
+			return clip(buf, 256), true, err
 		}
-		if len(b) == cap(b) {
-			b = slices.Grow(b, int(min(int64(cap(b)), max-int64(len(b)))))
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, int(min(int64(cap(buf)), max-int64(len(buf)))))
 		}
-		n, rerr := rd.Read(b[len(b):int(min(int64(cap(b)), max))])
-		b = b[:len(b)+n]
+		n, rerr := rd.Read(buf[len(buf):int(min(int64(cap(buf)), max))])
+		buf = buf[:len(buf)+n]
 		if rerr == io.EOF {
-			if int64(len(b)) > limit {
-				return clip(b, 256), true, nil
+			if int64(len(buf)) > limit {
+				return clip(buf, 256), true, nil
 			}
-			return b, false, nil
+			return bytes.Clone(buf), false, nil
 		}
 		if rerr != nil {
 			return nil, false, rerr
