@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -189,6 +190,9 @@ func runBrowserJob(t testing.TB, base string, conn *websocket.Conn, sid string) 
 			continue
 		}
 		if bytes.Contains(b[:min(len(b), 24)], []byte(`"progress"`)) {
+			if !bytes.Contains(b, []byte(a.PromptID)) {
+				t.Fatalf("progress %s does not carry the job's prompt_id %s", b, a.PromptID)
+			}
 			seen.progress++
 			seen.lastRaw = b
 			continue
@@ -253,6 +257,31 @@ func BenchmarkGatewayJobEvents(b *testing.B) {
 			b.StopTimer()
 			b.ReportMetric(float64((cpuTime()-cpu0).Microseconds())/float64(events), "cpu-µs/event")
 			b.ReportMetric(float64(events)/float64(b.N), "events/job")
+		})
+	}
+}
+
+// A browser that keeps up gets every progress event and every preview of
+// a GPU job, in order, under the job's prompt_id — also from a server that
+// made its own ids.
+func TestFastBrowserGetsEveryEvent(t *testing.T) {
+	for _, own := range []bool{false, true} {
+		t.Run(fmt.Sprintf("own-ids=%v", own), func(t *testing.T) {
+			gpu := startBlastGPU(t, &blastGPU{Progress: 1000, Previews: 10, PreviewBytes: 64 << 10, OwnIDs: own})
+			base := eventGateway(t, gpu.srv.URL, dispatch.EventLimits{})
+			conn, sid := openBrowser(t, base)
+			for job := 0; job < 3; job++ {
+				seen := runBrowserJob(t, base, conn, sid)
+				if seen.progress != 1000 || seen.previews != 10 {
+					t.Fatalf("job %d: browser got %d of 1000 progress events and %d of 10 previews", job, seen.progress, seen.previews)
+				}
+				if want := []string{"execution_start", "executing", "executed", "execution_success", "executing"}; !slices.Equal(seen.types, want) {
+					t.Fatalf("job %d: browser got %v, want %v", job, seen.types, want)
+				}
+				if len(seen.ids) != 1 || !bytes.Contains(seen.lastRaw, []byte(`"value": 1000`)) {
+					t.Fatalf("job %d: prompt_ids %v, last progress %s", job, seen.ids, seen.lastRaw)
+				}
+			}
 		})
 	}
 }
