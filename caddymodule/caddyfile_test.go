@@ -18,6 +18,7 @@ func TestCaddyfileMistakesAreNamed(t *testing.T) {
 		{"store valkey {\n lease_ttl 0s\n }", "", `lease_ttl: "0s" is not a duration`},
 		{"colour blue", "", `unrecognized comfyume option "colour"`},
 		{"history_limit none", "", `history_limit: "none" is not a positive number`},
+		{"max_event_size huge", "", `max_event_size: "huge" is not a size`},
 		{"", "shoe_size 42", `unrecognized comfyume subdirective "shoe_size"`},
 		{"", "max_body_size lots", `max_body_size: "lots" is not a size`},
 	} {

@@ -174,8 +174,18 @@ func (ev *event) transient() (coalesceKey, bool) {
 	return coalesceKey{}, false
 }
 
-// SetEventLimits bounds the events of every upstream and job of the
-// manager. Call it before Start.
+// SetEventLimits bounds the events of the manager's upstreams and jobs.
+// It applies to pools set afterwards (SetPool) and to every job's queue at
+// once.
 func (m *Manager) SetEventLimits(l EventLimits) {
-	m.limits = l.withDefaults()
+	l = l.withDefaults()
+	m.limits.Store(&l)
+}
+
+// eventLimits returns the limits in force.
+func (m *Manager) eventLimits() EventLimits {
+	if l := m.limits.Load(); l != nil {
+		return *l
+	}
+	return EventLimits{}.withDefaults()
 }

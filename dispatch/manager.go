@@ -76,8 +76,9 @@ type Manager struct {
 	// historyLimit is how many ended jobs each user keeps.
 	historyLimit atomic.Int64
 	inputsFor    InputsFor
-	limits       EventLimits          // set before Start; see SetEventLimits
 	homes        map[string]*Upstream // fallback targets, by URL
+	// limits bound upstream frames and job queues (SetEventLimits).
+	limits atomic.Pointer[EventLimits]
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -102,7 +103,7 @@ func (m *Manager) Store() Store { return m.store }
 // finish there, and those upstreams close once idle.
 func (m *Manager) SetPool(p *Pool) {
 	for _, u := range p.Upstreams {
-		u.setLimits(m.limits)
+		u.setLimits(m.eventLimits())
 	}
 	if ss, ok := m.store.(SharedSlots); ok {
 		for _, u := range p.Upstreams {

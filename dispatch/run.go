@@ -113,7 +113,7 @@ func (r *run) enqueueLocked(ev event) {
 		r.lastKept = next
 		return
 	}
-	bound := r.m.limits.withDefaults().MaxJobQueue
+	bound := r.m.eventLimits().MaxJobQueue
 	if r.latest == nil {
 		r.latest = map[coalesceKey]int64{}
 	}

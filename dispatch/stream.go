@@ -375,7 +375,7 @@ func (u *Upstream) routeLocked(pid string, ev event) {
 // register routes the upstream's events for pid to r, delivering any that
 // arrived before.
 func (u *Upstream) register(pid string, r *run) {
-	u.setLimits(r.m.limits)
+	u.setLimits(r.m.eventLimits())
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.routes[pid] = r
