@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/comfyume/comfyume/comfy"
 	"github.com/comfyume/comfyume/worker"
 )
@@ -76,7 +78,9 @@ func (m *Manager) sendPinned(ctx context.Context, r *run, up *Upstream) (SubmitR
 			return b, nil
 		}})
 	}
-	client := &worker.Client{URL: up.URL(WorkerPath), Header: up.Header.Clone(), HTTP: up.client}
+	limits := m.eventLimits()
+	client := &worker.Client{URL: up.URL(WorkerPath), Header: up.Header.Clone(), HTTP: up.client,
+		MaxEventSize: int(limits.MaxText), MaxBinarySize: int(limits.MaxBinary)}
 	h := &pinnedHandler{m: m, r: r, accepted: make(chan acceptance, 1)}
 	if up.Async {
 		// Submit-and-poll platforms: the job counts as accepted once the
@@ -152,6 +156,14 @@ func (h *pinnedHandler) Accepted(_ string, number float64) {
 
 func (h *pinnedHandler) Event(frame []byte, head comfy.Head) {
 	h.r.push(event{json: frame, head: head})
+}
+
+// Oversized logs frames skipped over the event limits, once per job.
+func (h *pinnedHandler) Oversized(skipped int) {
+	if skipped == 1 {
+		h.m.logger.Warn("skipping a frame over the size limit from the GPU server (further ones of this job are skipped silently)",
+			zap.String("job", h.r.job.ID))
+	}
 }
 
 func (h *pinnedHandler) Binary(frame []byte) {

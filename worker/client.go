@@ -83,6 +83,16 @@ type Client struct {
 	// that only offer asynchronous HTTP (see AsyncOptions); nil streams
 	// the response as it is produced.
 	Async *AsyncOptions
+	// MaxEventSize and MaxBinarySize, if > 0, bound the job's JSON events
+	// and binary frames (previews): larger ones are skipped, reported to a
+	// Handler that has an Oversized method, and the job goes on.
+	MaxEventSize, MaxBinarySize int
+}
+
+// OversizedHandler is a Handler told of frames skipped over the Client's
+// MaxEventSize or MaxBinarySize (the count so far).
+type OversizedHandler interface {
+	Oversized(skipped int)
 }
 
 // RejectedError is ComfyUI's refusal of the prompt (normally a 400 with
@@ -286,6 +296,17 @@ func (c *Client) consume(ctx context.Context, cancel context.CancelCauseFunc, re
 	}
 
 	st := &stream{ctx: ctx, fr: NewReader(resp.Body)}
+	if c.MaxEventSize > 0 || c.MaxBinarySize > 0 {
+		st.fr.SkipOver = func(k Kind) int {
+			switch k {
+			case KindEvent:
+				return c.MaxEventSize
+			case KindBinary:
+				return c.MaxBinarySize
+			}
+			return 0
+		}
+	}
 	idle := c.IdleTimeout
 	if idle == 0 {
 		idle = DefaultClientIdle
@@ -345,6 +366,10 @@ func (c *Client) consume(ctx context.Context, cancel context.CancelCauseFunc, re
 				err = io.ErrUnexpectedEOF
 			}
 			return st.broken(err)
+		}
+		if oh, ok := h.(OversizedHandler); ok && st.fr.Skipped > st.reported {
+			st.reported = st.fr.Skipped
+			oh.Oversized(st.reported)
 		}
 		switch k {
 		case KindEvent:
@@ -439,6 +464,8 @@ type stream struct {
 	idle  time.Duration
 	timer *time.Timer
 	fatal error // the stream broke while an output body was read
+	// reported is how many skipped frames the handler was told of.
+	reported int
 }
 
 func (s *stream) next() (Kind, []byte, error) {
