@@ -2,6 +2,12 @@
 // merges a user's home ComfyUI with the jobs the gateway ran elsewhere,
 // captures outputs into a blob store and serves them on /view, and answers
 // the queue, history and jobs APIs per user.
+//
+// A GPU job's events come from dispatch (its package comment follows one
+// from the GPU server's frame to here): Gateway.Capture stores an executed
+// event's outputs and rewrites their refs, and Gateway.Deliver publishes
+// each event — the upstream's own bytes, as a rule — to the hub, which
+// writes it to every socket of the job's browser session.
 package relay
 
 import (
