@@ -53,68 +53,105 @@ func ScanEvent(b []byte) (Head, bool) {
 	if i >= len(b) || b[i] != '{' {
 		return h, false
 	}
-	typeStart, typeEnd := -1, -1
-	dataStart, dataEnd := -1, -1
-	end, ok := scanObject(b, i, 1, func(key []byte, vs, ve int) bool {
-		switch {
-		case keyIs(key, "type"):
-			typeStart, typeEnd = vs, ve
-		case keyIs(key, "data"):
-			dataStart, dataEnd = vs, ve
-		}
-		return true
-	})
-	if !ok || skipSpace(b, end) != len(b) {
-		return h, false
-	}
-	if typeStart < 0 || b[typeStart] != '"' || typeEnd-typeStart < 3 {
-		return h, false
-	}
-	h.Type = messageType(b[typeStart:typeEnd])
-	if dataStart < 0 || b[dataStart] == 'n' {
-		return h, true
-	}
-	if b[dataStart] != '{' {
-		return h, false
-	}
-	pidStart, pidEnd := -1, -1
-	nodeStart, nodeEnd := -1, -1
-	dispStart, dispEnd := -1, -1
-	// The object was validated above: this pass only picks members.
-	scanObject(b[:dataEnd], dataStart, 1, func(key []byte, vs, ve int) bool {
+	// One pass: the members of data are picked while it is validated.
+	var typ, data, pid, node, disp [2]int // value bounds; [0] < 0: absent
+	typ[0], data[0] = -1, -1
+	inData := func(key []byte, vs, ve int) bool {
 		switch {
 		case keyIs(key, "prompt_id"):
-			pidStart, pidEnd = vs, ve
+			pid = [2]int{vs, ve}
 		case keyIs(key, "node"):
-			nodeStart, nodeEnd = vs, ve
+			node = [2]int{vs, ve}
 		case keyIs(key, "display_node"):
-			dispStart, dispEnd = vs, ve
+			disp = [2]int{vs, ve}
 		}
 		return true
-	})
-	if pidStart >= 0 {
-		switch b[pidStart] {
+	}
+	i = skipSpace(b, i+1)
+	if i < len(b) && b[i] == '}' {
+		return h, false // no type
+	}
+	for {
+		if i >= len(b) || b[i] != '"' {
+			return h, false
+		}
+		ke, ok := scanString(b, i)
+		if !ok {
+			return h, false
+		}
+		key := b[i:ke]
+		i = skipSpace(b, ke)
+		if i >= len(b) || b[i] != ':' {
+			return h, false
+		}
+		i = skipSpace(b, i+1)
+		var ve int
+		if keyIs(key, "data") {
+			// The last "data" counts, as in encoding/json.
+			pid, node, disp = [2]int{-1, -1}, [2]int{-1, -1}, [2]int{-1, -1}
+			if i < len(b) && b[i] == '{' {
+				ve, ok = scanObject(b, i, 2, inData)
+			} else {
+				ve, ok = scanValue(b, i, 1)
+			}
+			data = [2]int{i, ve}
+		} else {
+			ve, ok = scanValue(b, i, 1)
+			if keyIs(key, "type") {
+				typ = [2]int{i, ve}
+			}
+		}
+		if !ok {
+			return h, false
+		}
+		i = skipSpace(b, ve)
+		if i >= len(b) {
+			return h, false
+		}
+		if b[i] == '}' {
+			break
+		}
+		if b[i] != ',' {
+			return h, false
+		}
+		i = skipSpace(b, i+1)
+	}
+	if skipSpace(b, i+1) != len(b) {
+		return h, false
+	}
+	if typ[0] < 0 || b[typ[0]] != '"' || typ[1]-typ[0] < 3 {
+		return h, false
+	}
+	h.Type = messageType(b[typ[0]:typ[1]])
+	if data[0] < 0 || b[data[0]] == 'n' {
+		return h, true
+	}
+	if b[data[0]] != '{' {
+		return h, false
+	}
+	if pid[0] >= 0 {
+		switch b[pid[0]] {
 		case '"':
-			h.PromptID = unquote(b[pidStart:pidEnd])
-			h.PromptIDStart, h.PromptIDEnd = pidStart, pidEnd
+			h.PromptID = unquote(b[pid[0]:pid[1]])
+			h.PromptIDStart, h.PromptIDEnd = pid[0], pid[1]
 		case 'n':
 		default:
 			return h, false
 		}
 	}
-	if dispStart >= 0 {
-		switch b[dispStart] {
+	if disp[0] >= 0 {
+		switch b[disp[0]] {
 		case '"':
-			h.DisplayNode = unquote(b[dispStart:dispEnd])
+			h.DisplayNode = unquote(b[disp[0]:disp[1]])
 		case 'n':
 		default:
 			return h, false
 		}
 	}
-	if nodeStart >= 0 {
-		switch b[nodeStart] {
+	if node[0] >= 0 {
+		switch b[node[0]] {
 		case '"':
-			h.NodeKind, h.Node = NodeString, unquote(b[nodeStart:nodeEnd])
+			h.NodeKind, h.Node = NodeString, unquote(b[node[0]:node[1]])
 		case 'n':
 			h.NodeKind = NodeNull
 		default:

@@ -174,3 +174,18 @@ func BenchmarkScanEvent(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkDecodeEvent is what routing an event cost before ScanEvent.
+func BenchmarkDecodeEvent(b *testing.B) {
+	frame := []byte(`{"type": "progress", "data": {"value": 17, "max": 1000, "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "node": "3"}}`)
+	b.SetBytes(int64(len(frame)))
+	for i := 0; i < b.N; i++ {
+		m, err := ParseMessage(frame)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := m.Common(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -76,9 +76,9 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 			// of prompts queued before that would go nowhere.
 			_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 			var greeting []byte
-			_, greeting, err = conn.ReadMessage()
+			greeting, err = u.readGreeting(conn)
 			_ = conn.SetReadDeadline(time.Time{})
-			if err == nil {
+			if err == nil && greeting != nil {
 				u.onText(greeting)
 			}
 		}
@@ -201,13 +201,7 @@ func (u *Upstream) readStream(conn *websocket.Conn) error {
 		if err != nil {
 			return err
 		}
-		limit := u.maxText.Load()
-		if typ == websocket.BinaryMessage {
-			limit = u.maxBinary.Load()
-		}
-		if limit <= 0 {
-			limit = EventLimits{}.withDefaults().MaxBinary
-		}
+		limit := u.frameLimit(typ)
 		b, over, err := readFrame(rd, limit, &scratch)
 		if err != nil {
 			return err
@@ -223,6 +217,33 @@ func (u *Upstream) readStream(conn *websocket.Conn) error {
 			u.onBinary(b)
 		}
 	}
+}
+
+// frameLimit is the largest frame of a type the stream accepts.
+func (u *Upstream) frameLimit(typ int) int64 {
+	l, def := u.maxText.Load(), int64(DefaultMaxTextEvent)
+	if typ == websocket.BinaryMessage {
+		l, def = u.maxBinary.Load(), DefaultMaxBinaryEvent
+	}
+	if l <= 0 {
+		return def
+	}
+	return l
+}
+
+// readGreeting reads the server's first frame (within the JSON event
+// limit; nil if it was over).
+func (u *Upstream) readGreeting(conn *websocket.Conn) ([]byte, error) {
+	_, rd, err := conn.NextReader()
+	if err != nil {
+		return nil, err
+	}
+	var scratch []byte
+	b, over, err := readFrame(rd, u.frameLimit(websocket.TextMessage), &scratch)
+	if over {
+		return nil, err
+	}
+	return b, err
 }
 
 // readFrame reads one frame of at most limit bytes and returns it in a
