@@ -65,9 +65,10 @@ type EventLimits struct {
 	// skipped.
 	MaxText int64
 	// MaxJobQueue is how many bytes of events may wait for one job while
-	// it is busy (default 16 MiB). Past half of it, progress and previews
-	// are coalesced to the latest per node; past it, they are dropped.
-	// Lifecycle events (execution_*, executing, executed) are always kept.
+	// it is busy (default 16 MiB). Past half of it, progress, previews and
+	// custom nodes' own events are coalesced to the latest per node; past
+	// it, they are dropped. Lifecycle events (execution_*, executing,
+	// executed) are always kept.
 	MaxJobQueue int64
 }
 
@@ -147,8 +148,9 @@ func (ev *event) size() int64 {
 }
 
 // coalesceKey says whether an event is transient — superseded by the next
-// of its kind for its node: progress, previews and progress text — and
-// under which key.
+// of its kind for its node: progress, previews, progress text, and JSON
+// events of types that are not part of a job's lifecycle (custom nodes'
+// own) — and under which key.
 type coalesceKey struct {
 	kind string
 	node string
@@ -158,10 +160,11 @@ func (ev *event) transient() (coalesceKey, bool) {
 	switch {
 	case ev.json != nil:
 		switch ev.head.Type {
-		case comfy.MsgProgress, comfy.MsgProgressState:
-			return coalesceKey{ev.head.Type, ev.head.Node}, true
+		case comfy.MsgExecutionStart, comfy.MsgExecutionCached, comfy.MsgExecuting, comfy.MsgExecuted,
+			comfy.MsgExecutionSuccess, comfy.MsgExecutionError, comfy.MsgExecutionInterrupted, comfy.MsgStatus:
+			return coalesceKey{}, false
 		}
-		return coalesceKey{}, false
+		return coalesceKey{ev.head.Type, ev.head.Node}, true
 	case ev.preview != nil:
 		node := ""
 		if ev.preview.Metadata != nil {
