@@ -331,6 +331,9 @@ func (u *Upstream) onText(b []byte) {
 }
 
 func (u *Upstream) onBinary(b []byte) {
+	if t, ok := comfy.BinaryType(b); ok && t != comfy.BinaryPreviewImage && t != comfy.BinaryText && t != comfy.BinaryPreviewImageWithMetadata {
+		return // a type the frontend does not know either
+	}
 	ev, pid, ok := binaryEvent(b)
 	if !ok {
 		u.logger.Warn("skipping malformed binary frame", zap.ByteString("start", truncate(b, 16)))
