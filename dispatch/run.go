@@ -68,7 +68,7 @@ type run struct {
 }
 
 func newRun(m *Manager, j *Job) *run {
-	return &run{m: m, job: j, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	return &run{m: m, job: j, wake: make(chan struct{}, 1), done: make(chan struct{}), lastKept: -1}
 }
 
 // snapshot returns a copy of the job record.
@@ -143,7 +143,7 @@ func (r *run) enqueueLocked(ev event) {
 	r.dropped++
 }
 
-// dequeue takes the next queued event, if any. Call with r.mu held.
+// dequeueLocked takes the next queued event, if any.
 func (r *run) dequeueLocked() (event, bool) {
 	if len(r.queue) == 0 {
 		return event{}, false
