@@ -59,6 +59,13 @@ type App struct {
 	// the user's oldest ended jobs beyond it are forgotten whole, as beyond
 	// history_limit; the newest ended job is always kept.
 	HistorySize int64 `json:"history_size,omitempty"`
+	// MaxEventSize is the largest binary frame (a preview, or a whole
+	// image from SaveImageWebsocket) accepted from a GPU server, in bytes
+	// (default 32 MiB); MaxTextEventSize the largest JSON event (default
+	// 4 MiB, or MaxEventSize if smaller). A larger frame is logged and
+	// skipped, and the job goes on.
+	MaxEventSize     int64 `json:"max_event_size,omitempty"`
+	MaxTextEventSize int64 `json:"max_text_event_size,omitempty"`
 
 	// Outputs says where outputs captured from GPU servers are stored.
 	// Default: a directory "comfyume/outputs" in Caddy's data directory.
@@ -263,6 +270,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.gateway = val.(gatewayHolder).Gateway
+	a.gateway.Manager().SetEventLimits(dispatch.EventLimits{MaxBinary: a.MaxEventSize, MaxText: a.MaxTextEventSize})
 	for _, pc := range a.Pools {
 		pool := &dispatch.Pool{Name: pc.Name, MaxQueued: pc.MaxQueued, MaxRunning: pc.MaxRunning,
 			ColdStartTimeout: time.Duration(pc.ColdStartTimeout), Watchdog: time.Duration(pc.Watchdog),

@@ -39,6 +39,7 @@ func init() {
 //		health_interval <duration>
 //		history_limit <n>
 //		history_size <size>
+//		max_event_size <size> [<text size>]
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
 //			username <name>
@@ -188,6 +189,20 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			a.HistorySize = int64(n)
+		case "max_event_size":
+			for _, dst := range []*int64{&a.MaxEventSize, &a.MaxTextEventSize} {
+				if !d.NextArg() {
+					break
+				}
+				n, err := humanize.ParseBytes(d.Val())
+				if err != nil || n == 0 || n > 1<<40 {
+					return d.Errf("max_event_size: %q is not a size", d.Val())
+				}
+				*dst = int64(n)
+			}
+			if a.MaxEventSize == 0 || d.NextArg() {
+				return d.ArgErr()
+			}
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()

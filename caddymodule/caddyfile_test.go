@@ -19,6 +19,7 @@ func TestCaddyfileMistakesAreNamed(t *testing.T) {
 		{"colour blue", "", `unrecognized comfyume option "colour"`},
 		{"history_limit none", "", `history_limit: "none" is not a positive number`},
 		{"history_size lots", "", `history_size: "lots" is not a size`},
+		{"max_event_size huge", "", `max_event_size: "huge" is not a size`},
 		{"", "shoe_size 42", `unrecognized comfyume subdirective "shoe_size"`},
 		{"", "max_body_size lots", `max_body_size: "lots" is not a size`},
 	} {

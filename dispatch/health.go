@@ -329,7 +329,7 @@ func (m *Manager) notify(j *Job, text string) {
 	if len(j.OutputsToExecute) > 0 {
 		node = j.OutputsToExecute[0]
 	}
-	m.events.Deliver(j, Event{Text: &comfy.TextFrame{PromptID: j.ID, NodeID: node, Text: []byte(text)}})
+	m.events.Deliver(recipientOf(j), Event{Text: &comfy.TextFrame{PromptID: j.ID, NodeID: node, Text: []byte(text)}})
 }
 
 // beforeAcceptance reports whether a send error means the endpoint never

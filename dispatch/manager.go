@@ -87,6 +87,8 @@ type Manager struct {
 	// over, by upstream and sid, and the routes added to them.
 	adoptMu sync.Mutex
 	adopted map[streamKey]*Upstream
+	// limits bound upstream frames and job queues (SetEventLimits).
+	limits atomic.Pointer[EventLimits]
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -110,6 +112,9 @@ func (m *Manager) Store() Store { return m.store }
 // old pool move to the new one; jobs running on the old pool's upstreams
 // finish there, and those upstreams close once idle.
 func (m *Manager) SetPool(p *Pool) {
+	for _, u := range p.Upstreams {
+		u.setLimits(m.eventLimits())
+	}
 	if ss, ok := m.store.(SharedSlots); ok {
 		for _, u := range p.Upstreams {
 			u.mu.Lock()
@@ -733,7 +738,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	m.events.QueueChanged(snap.User)
 	if sendEnd {
 		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
-		m.events.Deliver(snap, Event{Message: &end})
+		m.events.Deliver(recipientOf(snap), jobMessage(end))
 	}
 	if pool != nil {
 		m.dispatchWaiting(pool)

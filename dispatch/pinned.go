@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/comfyume/comfyume/comfy"
 	"github.com/comfyume/comfyume/worker"
 )
@@ -79,7 +81,9 @@ func (m *Manager) sendPinned(ctx context.Context, r *run, up *Upstream) (SubmitR
 			return b, nil
 		}})
 	}
-	client := &worker.Client{URL: up.URL(WorkerPath), Header: up.Header.Clone(), HTTP: up.client}
+	limits := m.eventLimits()
+	client := &worker.Client{URL: up.URL(WorkerPath), Header: up.Header.Clone(), HTTP: up.client,
+		MaxEventSize: int(limits.MaxText), MaxBinarySize: int(limits.MaxBinary)}
 	h := &pinnedHandler{m: m, r: r, accepted: make(chan acceptance, 1)}
 	if up.Async {
 		// Submit-and-poll platforms: the job counts as accepted once the
@@ -158,24 +162,21 @@ func (h *pinnedHandler) Accepted(_ string, number float64) {
 	})
 }
 
-func (h *pinnedHandler) Event(msg comfy.Message) {
-	h.r.push(event{msg: &msg})
+func (h *pinnedHandler) Event(frame []byte, head comfy.Head) {
+	h.r.push(event{json: frame, head: head})
+}
+
+// Oversized logs frames skipped over the event limits, once per job.
+func (h *pinnedHandler) Oversized(skipped int) {
+	if skipped == 1 {
+		h.m.logger.Warn("skipping a frame over the size limit from the GPU server (further ones of this job are skipped silently)",
+			zap.String("job", h.r.job.ID))
+	}
 }
 
 func (h *pinnedHandler) Binary(frame []byte) {
-	t, ok := comfy.BinaryType(frame)
-	if !ok {
-		return
-	}
-	switch t {
-	case comfy.BinaryPreviewImage, comfy.BinaryPreviewImageWithMetadata:
-		if p, err := comfy.ParsePreview(frame); err == nil {
-			h.r.push(event{preview: &p})
-		}
-	case comfy.BinaryText:
-		if tf, err := comfy.ParseText(frame, false); err == nil {
-			h.r.push(event{text: &tf})
-		}
+	if ev, _, ok := binaryEvent(frame); ok {
+		h.r.push(ev)
 	}
 }
 
@@ -222,11 +223,10 @@ func (h *pinnedHandler) end(err error) {
 		return
 	}
 	if cancelled {
-		m := comfy.NewMessage(comfy.MsgExecutionInterrupted, map[string]any{
+		r.pushMessage(comfy.NewMessage(comfy.MsgExecutionInterrupted, map[string]any{
 			"prompt_id": r.job.ID, "node_id": node, "node_type": "", "executed": []string{},
 			"timestamp": time.Now().UnixMilli(),
-		})
-		r.push(event{msg: &m})
+		}))
 		return
 	}
 	var rej *worker.RejectedError

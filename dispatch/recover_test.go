@@ -36,11 +36,11 @@ func (e *endEvents) ch(id string) chan string {
 	return c
 }
 
-func (e *endEvents) Capture(context.Context, *Job, *Upstream, *Event) error { return nil }
-func (e *endEvents) QueueChanged(string)                                    {}
-func (e *endEvents) Deliver(j *Job, ev Event) {
-	if ev.Message != nil && comfy.IsTerminal(ev.Message.Type) {
-		e.ch(j.ID) <- ev.Message.Type
+func (e *endEvents) Capture(context.Context, Recipient, *Upstream, *Event) error { return nil }
+func (e *endEvents) QueueChanged(string)                                         {}
+func (e *endEvents) Deliver(to Recipient, ev Event) {
+	if comfy.IsTerminal(ev.Type) {
+		e.ch(to.JobID) <- ev.Type
 	}
 }
 

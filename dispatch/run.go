@@ -11,25 +11,15 @@ import (
 	"github.com/comfyume/comfyume/comfy"
 )
 
-// Event is one thing that happened to a job, in the job's own terms: every
-// prompt_id in it is the job's ID.
-type Event struct {
-	// Message is a JSON event (execution_start, executing, progress, ...).
-	Message *comfy.Message
-	// Preview is a live preview image; its Metadata names the job and node.
-	Preview *comfy.Preview
-	// Text is a progress-text frame of the job's running node.
-	Text *comfy.TextFrame
-}
-
 // Events receives what happens to jobs. The dispatcher calls it from one
 // goroutine per job, in the job's event order.
 type Events interface {
-	// Capture sees each event before it is recorded on the job and may
-	// rewrite it (output capture rewrites executed refs).
-	Capture(ctx context.Context, j *Job, up *Upstream, ev *Event) error
-	// Deliver hands a recorded event to whoever shows it (the browser).
-	Deliver(j *Job, ev Event)
+	// Capture sees each executed event before it is recorded on the job or
+	// delivered, and may replace its JSON (output capture rewrites refs).
+	Capture(ctx context.Context, to Recipient, up *Upstream, ev *Event) error
+	// Deliver hands a job's event to whoever shows it (the browser
+	// session of to).
+	Deliver(to Recipient, ev Event)
 	// QueueChanged says a user's set of waiting or running jobs changed.
 	QueueChanged(user string)
 }
@@ -40,9 +30,16 @@ type run struct {
 	m  *Manager
 	up *Upstream
 
-	mu       sync.Mutex
-	job      *Job
+	mu  sync.Mutex
+	job *Job
+	// queue holds the upstream's events waiting for the job's goroutine;
+	// see enqueueLocked for its bound.
 	queue    []event
+	queueSeq int64                 // sequence number of queue[0]
+	qBytes   int64                 // what the queued events weigh
+	latest   map[coalesceKey]int64 // sequence number of the last transient event per key
+	lastKept int64                 // sequence number of the last lifecycle event queued
+	dropped  int                   // transient events dropped over the bound
 	wake     chan struct{}
 	node     string // node the upstream is executing
 	display  string
@@ -71,7 +68,7 @@ type run struct {
 }
 
 func newRun(m *Manager, j *Job) *run {
-	return &run{m: m, job: j, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	return &run{m: m, job: j, wake: make(chan struct{}, 1), done: make(chan struct{}), lastKept: -1}
 }
 
 // snapshot returns a copy of the job record.
@@ -87,12 +84,7 @@ func (r *run) push(ev event) {
 		r.mu.Unlock()
 		return
 	}
-	// Keep memory bounded if a consumer is slow: drop previews first.
-	if ev.preview != nil && len(r.queue) > 64 {
-		r.mu.Unlock()
-		return
-	}
-	r.queue = append(r.queue, ev)
+	r.enqueueLocked(ev)
 	r.lastEvent = time.Now()
 	if !r.started {
 		r.started = true
@@ -105,10 +97,76 @@ func (r *run) push(ev event) {
 	}
 }
 
+// enqueueLocked queues an event for the job's goroutine, within the job's
+// queue bound (EventLimits.MaxJobQueue): lifecycle events are always
+// queued; progress, previews and progress text are queued while the queue
+// is under half the bound, then each replaces the queued one of its kind
+// and node (since the last lifecycle event), and past the bound they are
+// dropped. An event never waits: the upstream's reader goes on at once.
+func (r *run) enqueueLocked(ev event) {
+	size := ev.size()
+	next := r.queueSeq + int64(len(r.queue))
+	key, transient := ev.transient()
+	if !transient {
+		r.queue = append(r.queue, ev)
+		r.qBytes += size
+		r.lastKept = next
+		return
+	}
+	bound := r.m.eventLimits().MaxJobQueue
+	if r.latest == nil {
+		r.latest = map[coalesceKey]int64{}
+	}
+	if len(r.queue) == 0 || r.qBytes+size <= bound/2 {
+		r.queue = append(r.queue, ev)
+		r.qBytes += size
+		r.latest[key] = next
+		return
+	}
+	if seq, ok := r.latest[key]; ok && seq > r.lastKept && seq >= r.queueSeq {
+		i := seq - r.queueSeq
+		if grown := r.qBytes + size - r.queue[i].size(); grown <= bound {
+			r.qBytes = grown
+			r.queue[i] = ev
+			return
+		}
+	} else if r.qBytes+size <= bound {
+		r.queue = append(r.queue, ev)
+		r.qBytes += size
+		r.latest[key] = next
+		return
+	}
+	if r.dropped == 0 {
+		r.m.logger.Warn("job events arrive faster than they are handled; dropping progress and previews over the job's queue bound",
+			zap.String("job", r.job.ID), zap.Int64("bound", bound))
+	}
+	r.dropped++
+}
+
+// dequeueLocked takes the next queued event, if any.
+func (r *run) dequeueLocked() (event, bool) {
+	if len(r.queue) == 0 {
+		return event{}, false
+	}
+	ev := r.queue[0]
+	r.queue[0] = event{}
+	r.queue = r.queue[1:]
+	r.qBytes -= ev.size()
+	if key, ok := ev.transient(); ok && r.latest[key] == r.queueSeq {
+		delete(r.latest, key)
+	}
+	r.queueSeq++
+	if len(r.queue) == 0 {
+		r.queue = nil // let the backing array go
+	}
+	return ev, true
+}
+
 func (r *run) loop() {
 	for {
 		r.mu.Lock()
-		if len(r.queue) == 0 {
+		ev, ok := r.dequeueLocked()
+		if !ok {
 			if r.finished {
 				r.mu.Unlock()
 				return
@@ -127,14 +185,15 @@ func (r *run) loop() {
 				continue
 			}
 		}
-		ev := r.queue[0]
-		r.queue = r.queue[1:]
 		r.mu.Unlock()
 		r.handle(ev)
 	}
 }
 
-// handle turns an upstream event into a job event, records and delivers it.
+// handle turns an upstream event into the job's event, records it and
+// delivers it. The upstream's bytes are forwarded as they came unless the
+// job's prompt_id must replace the server's own; job state changes in
+// memory, and the record is saved only at lifecycle points.
 func (r *run) handle(raw event) {
 	r.mu.Lock()
 	if r.finished {
@@ -142,36 +201,33 @@ func (r *run) handle(raw event) {
 		return
 	}
 	job := r.job
+	to := recipientOf(job)
 	var ev Event
 	switch {
-	case raw.msg != nil:
-		m := *raw.msg
-		c, _ := m.Common()
-		if c.PromptID != "" && c.PromptID != job.ID {
-			if f, err := m.Fields(); err == nil {
-				f["prompt_id"] = job.ID
-				m = m.WithFields(f)
-			}
+	case raw.json != nil:
+		h := &raw.head
+		ev.Type, ev.JSON = h.Type, raw.json
+		if h.PromptID != "" && h.PromptID != job.ID {
+			ev.JSON = h.WithPromptID(raw.json, job.ID)
 		}
-		switch m.Type {
+		switch h.Type {
 		case comfy.MsgExecuting:
-			if c.Node == nil {
+			if h.NodeKind == comfy.NodeNull {
 				// The upstream's end-of-job marker; the dispatcher sends
 				// its own after the terminal event.
 				r.mu.Unlock()
 				return
 			}
-			r.node = c.NodeString()
-			r.display = c.DisplayNode
+			r.node = h.Node
+			r.display = h.DisplayNode
 			if r.display == "" {
 				r.display = r.node
 			}
 		case comfy.MsgProgress:
-			if n := c.NodeString(); n != "" {
-				r.node = n
+			if h.Node != "" {
+				r.node = h.Node
 			}
 		}
-		ev.Message = &m
 	case raw.preview != nil:
 		p := *raw.preview
 		md := comfy.PreviewMetadata{NodeID: r.node, DisplayNodeID: r.display, RealNodeID: r.node}
@@ -193,35 +249,55 @@ func (r *run) handle(raw event) {
 		t.PromptID = job.ID
 		ev.Text = &t
 	}
-	snap := job.Clone()
 	r.mu.Unlock()
 
-	if err := r.m.events.Capture(context.Background(), snap, r.up, &ev); err != nil {
-		r.m.logger.Warn("capture failed", zap.String("job", job.ID), zap.Error(err))
+	if ev.Type == comfy.MsgExecuted {
+		if err := r.m.events.Capture(context.Background(), to, r.up, &ev); err != nil {
+			r.m.logger.Warn("capture failed", zap.String("job", to.JobID), zap.Error(err))
+		}
 	}
+	var snap *Job // the record as saved, at lifecycle points
 	terminal := false
-	if ev.Message != nil {
+	switch ev.Type {
+	case comfy.MsgExecutionStart, comfy.MsgExecutionCached, comfy.MsgExecuted, comfy.MsgExecutionSuccess,
+		comfy.MsgExecutionError, comfy.MsgExecutionInterrupted:
+		m, err := comfy.ParseMessage(ev.JSON)
+		if err != nil {
+			break
+		}
 		r.mu.Lock()
-		r.job.Apply(*ev.Message)
-		terminal = comfy.IsTerminal(ev.Message.Type)
+		r.job.Apply(m)
+		terminal = comfy.IsTerminal(m.Type)
 		if terminal {
 			r.finished = true
 		}
-		snap = r.job.Clone()
+		if m.Type != comfy.MsgExecutionCached {
+			snap = r.job.Clone()
+		}
 		r.mu.Unlock()
-		switch ev.Message.Type {
-		case comfy.MsgExecutionStart, comfy.MsgExecuted, comfy.MsgExecutionSuccess,
-			comfy.MsgExecutionError, comfy.MsgExecutionInterrupted:
+		if snap != nil {
 			r.m.save(snap)
 		}
-		if ev.Message.Type == comfy.MsgExecutionStart {
-			r.m.events.QueueChanged(snap.User)
+		if m.Type == comfy.MsgExecutionStart {
+			r.m.events.QueueChanged(to.User)
 		}
 	}
-	r.m.events.Deliver(snap, ev)
+	r.m.events.Deliver(to, ev)
 	if terminal {
 		r.m.finish(r, snap, true)
 	}
+}
+
+// pushMessage queues a message the gateway made for the job. It reports
+// false for a message that is not a well-formed event.
+func (r *run) pushMessage(m comfy.Message) bool {
+	ev, ok := messageEvent(m)
+	if !ok {
+		r.m.logger.Error("dropping a malformed event", zap.String("job", r.job.ID), zap.String("type", m.Type))
+		return false
+	}
+	r.push(ev)
+	return true
 }
 
 // fail ends the job with an execution_error the UI shows.
@@ -245,8 +321,7 @@ func (r *run) fail(message string) {
 		"current_outputs":   map[string]any{},
 		"timestamp":         time.Now().UnixMilli(),
 	}
-	m := comfy.NewMessage(comfy.MsgExecutionError, data)
-	r.push(event{msg: &m})
+	r.pushMessage(comfy.NewMessage(comfy.MsgExecutionError, data))
 }
 
 // jobState is what an upstream says of a job whose events were missed.
@@ -322,10 +397,9 @@ func (r *run) replayHistory(pid string, h historyEntry) {
 		if seen[node] {
 			continue
 		}
-		m := comfy.NewMessage(comfy.MsgExecuted, map[string]any{
+		r.pushMessage(comfy.NewMessage(comfy.MsgExecuted, map[string]any{
 			"node": node, "display_node": node, "output": out, "prompt_id": pid,
-		})
-		r.push(event{msg: &m})
+		}))
 	}
 	var terminal *comfy.Message
 	for _, raw := range h.Status.Messages {
@@ -349,7 +423,9 @@ func (r *run) replayHistory(pid string, h historyEntry) {
 		m := comfy.NewMessage(typ, map[string]any{"prompt_id": pid, "timestamp": time.Now().UnixMilli()})
 		terminal = &m
 	}
-	r.push(event{msg: terminal})
+	if !r.pushMessage(*terminal) {
+		r.fail("The job ended on the GPU server, but its history entry could not be read.")
+	}
 }
 
 // holdSlot records the endpoint slot taken for the job.

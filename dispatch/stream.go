@@ -1,9 +1,12 @@
 package dispatch
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
+	"slices"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -12,19 +15,9 @@ import (
 	"github.com/comfyume/comfyume/comfy"
 )
 
-// event is one frame from an upstream, not yet tied to a job.
-type event struct {
-	msg     *comfy.Message
-	preview *comfy.Preview
-	text    *comfy.TextFrame
-}
-
 // maxOrphans bounds events kept for prompt_ids not (yet) known: events can
 // arrive before the POST /prompt answer that tells us an old server's id.
 const maxOrphans = 512
-
-// streamReadLimit bounds one upstream frame (previews can be several MB).
-const streamReadLimit = 64 << 20
 
 // ensureStream makes sure the upstream's event WebSocket is open, dialing it
 // if needed, and waits until it is.
@@ -83,9 +76,9 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 			// of prompts queued before that would go nowhere.
 			_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 			var greeting []byte
-			_, greeting, err = conn.ReadMessage()
+			greeting, err = u.readGreeting(conn)
 			_ = conn.SetReadDeadline(time.Time{})
-			if err == nil {
+			if err == nil && greeting != nil {
 				u.onText(greeting)
 			}
 		}
@@ -111,7 +104,6 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 			}
 			continue
 		}
-		conn.SetReadLimit(streamReadLimit)
 		u.mu.Lock()
 		u.conn = conn
 		u.dialErr = nil
@@ -199,11 +191,24 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 	return !keep
 }
 
+// readStream reads the upstream's frames until the connection fails. A
+// frame over its limit is discarded as it is read (never buffered whole)
+// and logged once per job; the connection and its other jobs go on.
 func (u *Upstream) readStream(conn *websocket.Conn) error {
+	var scratch []byte
 	for {
-		typ, b, err := conn.ReadMessage()
+		typ, rd, err := conn.NextReader()
 		if err != nil {
 			return err
+		}
+		limit := u.frameLimit(typ)
+		b, over, err := readFrame(rd, limit, &scratch)
+		if err != nil {
+			return err
+		}
+		if over {
+			u.oversized(typ, b, limit)
+			continue
 		}
 		switch typ {
 		case websocket.TextMessage:
@@ -214,62 +219,124 @@ func (u *Upstream) readStream(conn *websocket.Conn) error {
 	}
 }
 
-func (u *Upstream) onText(b []byte) {
-	m, err := comfy.ParseMessage(b)
+// frameLimit is the largest frame of a type the stream accepts.
+func (u *Upstream) frameLimit(typ int) int64 {
+	l, def := u.maxText.Load(), int64(DefaultMaxTextEvent)
+	if typ == websocket.BinaryMessage {
+		l, def = u.maxBinary.Load(), DefaultMaxBinaryEvent
+	}
+	if l <= 0 {
+		return def
+	}
+	return l
+}
+
+// readGreeting reads the server's first frame (within the JSON event
+// limit; nil if it was over).
+func (u *Upstream) readGreeting(conn *websocket.Conn) ([]byte, error) {
+	_, rd, err := conn.NextReader()
 	if err != nil {
-		u.logger.Warn("skipping malformed event", zap.Error(err), zap.ByteString("frame", truncate(b, 200)))
+		return nil, err
+	}
+	var scratch []byte
+	b, over, err := readFrame(rd, u.frameLimit(websocket.TextMessage), &scratch)
+	if over {
+		return nil, err
+	}
+	return b, err
+}
+
+// readFrame reads one frame of at most limit bytes and returns it in a
+// new slice of its size. A larger frame is read to its end and discarded:
+// over is true and b holds its first bytes. scratch is the reader's buffer,
+// reused from frame to frame (and let go after a frame over 1 MiB).
+func readFrame(rd io.Reader, limit int64, scratch *[]byte) (b []byte, over bool, err error) {
+	max := limit + 1 // reading one byte more tells a frame over the limit
+	buf := (*scratch)[:0]
+	if cap(buf) == 0 {
+		buf = make([]byte, 0, min(4096, max))
+	}
+	defer func() {
+		if cap(buf) <= 1<<20 {
+			*scratch = buf[:0]
+		} else {
+			*scratch = nil
+		}
+	}()
+	for {
+		if int64(len(buf)) >= max {
+			_, err = io.Copy(io.Discard, rd)
+			return clip(buf, 256), true, err
+		}
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, int(min(int64(cap(buf)), max-int64(len(buf)))))
+		}
+		n, rerr := rd.Read(buf[len(buf):int(min(int64(cap(buf)), max))])
+		buf = buf[:len(buf)+n]
+		if rerr == io.EOF {
+			if int64(len(buf)) > limit {
+				return clip(buf, 256), true, nil
+			}
+			return bytes.Clone(buf), false, nil
+		}
+		if rerr != nil {
+			return nil, false, rerr
+		}
+	}
+}
+
+// oversized logs a skipped frame, once per job the server runs.
+func (u *Upstream) oversized(typ int, head []byte, limit int64) {
+	u.mu.Lock()
+	job := u.running
+	first := u.oversizeJob != job || !u.oversizeLogged
+	u.oversizeJob, u.oversizeLogged = job, true
+	u.mu.Unlock()
+	if !first {
 		return
 	}
-	switch m.Type {
+	kind := "event"
+	if typ == websocket.BinaryMessage {
+		kind = "binary frame"
+		head = nil
+	}
+	u.logger.Warn("skipping an upstream "+kind+" over the size limit (further ones of this job are skipped silently)",
+		zap.String("upstream_prompt_id", job), zap.Int64("limit", limit), zap.ByteString("start", truncate(head, 120)))
+}
+
+// onText routes a JSON event by what comfy.ScanEvent reads of it.
+func (u *Upstream) onText(b []byte) {
+	h, ok := comfy.ScanEvent(b)
+	if !ok {
+		u.logger.Warn("skipping malformed event", zap.ByteString("frame", truncate(b, 200)))
+		return
+	}
+	switch h.Type {
 	case comfy.MsgStatus, comfy.MsgFeatureFlags, "crystools.monitor", "logs":
 		return
 	}
-	c, err := m.Common()
-	if err != nil {
-		u.logger.Warn("skipping malformed event", zap.String("type", m.Type), zap.Error(err))
-		return
-	}
 	u.mu.Lock()
-	pid := c.PromptID
+	pid := h.PromptID
 	if pid == "" {
 		pid = u.running
 	}
 	switch {
-	case m.Type == comfy.MsgExecutionStart:
+	case h.Type == comfy.MsgExecutionStart:
 		u.running = pid
-	case comfy.IsTerminal(m.Type) && u.running == pid:
+	case comfy.IsTerminal(h.Type) && u.running == pid:
 		u.running = ""
 	}
-	u.routeLocked(pid, event{msg: &m})
+	u.routeLocked(pid, event{json: b, head: h})
 	u.mu.Unlock()
 }
 
 func (u *Upstream) onBinary(b []byte) {
-	t, ok := comfy.BinaryType(b)
-	if !ok {
-		return
+	if t, ok := comfy.BinaryType(b); ok && t != comfy.BinaryPreviewImage && t != comfy.BinaryText && t != comfy.BinaryPreviewImageWithMetadata {
+		return // a type the frontend does not know either
 	}
-	var ev event
-	pid := ""
-	switch t {
-	case comfy.BinaryPreviewImage, comfy.BinaryPreviewImageWithMetadata:
-		p, err := comfy.ParsePreview(b)
-		if err != nil {
-			u.logger.Warn("skipping malformed preview", zap.Error(err))
-			return
-		}
-		if p.Metadata != nil {
-			pid = p.Metadata.PromptID
-		}
-		ev.preview = &p
-	case comfy.BinaryText:
-		tf, err := comfy.ParseText(b, false)
-		if err != nil {
-			u.logger.Warn("skipping malformed text frame", zap.Error(err))
-			return
-		}
-		ev.text = &tf
-	default:
+	ev, pid, ok := binaryEvent(b)
+	if !ok {
+		u.logger.Warn("skipping malformed binary frame", zap.ByteString("start", truncate(b, 16)))
 		return
 	}
 	u.mu.Lock()
@@ -278,6 +345,36 @@ func (u *Upstream) onBinary(b []byte) {
 	}
 	u.routeLocked(pid, ev)
 	u.mu.Unlock()
+}
+
+// binaryEvent reads a preview or progress-text frame and the prompt_id it
+// names ("" for none). ok is false for frames of unknown types and
+// malformed ones.
+func binaryEvent(b []byte) (ev event, pid string, ok bool) {
+	t, ok := comfy.BinaryType(b)
+	if !ok {
+		return ev, "", false
+	}
+	switch t {
+	case comfy.BinaryPreviewImage, comfy.BinaryPreviewImageWithMetadata:
+		p, err := comfy.ParsePreview(b)
+		if err != nil {
+			return ev, "", false
+		}
+		if p.Metadata != nil {
+			pid = p.Metadata.PromptID
+		}
+		ev.preview = &p
+	case comfy.BinaryText:
+		tf, err := comfy.ParseText(b, false)
+		if err != nil {
+			return ev, "", false
+		}
+		ev.text = &tf
+	default:
+		return ev, "", false
+	}
+	return ev, pid, true
 }
 
 func (u *Upstream) routeLocked(pid string, ev event) {
@@ -302,6 +399,7 @@ func (u *Upstream) routeLocked(pid string, ev event) {
 // register routes the upstream's events for pid to r, delivering any that
 // arrived before.
 func (u *Upstream) register(pid string, r *run) {
+	u.setLimits(r.m.eventLimits())
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.routes[pid] = r
@@ -379,6 +477,11 @@ type historyEntry struct {
 		Completed bool              `json:"completed"`
 		Messages  []json.RawMessage `json:"messages"`
 	} `json:"status"`
+}
+
+// clip returns a copy of b's first n bytes at most.
+func clip(b []byte, n int) []byte {
+	return append([]byte(nil), truncate(b, n)...)
 }
 
 func truncate(b []byte, n int) []byte {

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -58,6 +59,12 @@ type Upstream struct {
 	inflight int    // jobs placed here and not finished
 	closed   bool
 	retired  bool
+	// maxText and maxBinary bound one frame of the event stream (see
+	// EventLimits); oversizeJob is the job whose oversized frame was
+	// logged last.
+	maxText, maxBinary atomic.Int64
+	oversizeJob        string
+	oversizeLogged     bool
 	// health (see health.go)
 	failures  int
 	openUntil time.Time
@@ -116,7 +123,7 @@ func NewUpstream(base string, opts UpstreamOptions) (*Upstream, error) {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	return &Upstream{
+	up := &Upstream{
 		Base:        u,
 		Header:      opts.Header.Clone(),
 		MaxJobs:     opts.MaxJobs,
@@ -129,7 +136,16 @@ func NewUpstream(base string, opts UpstreamOptions) (*Upstream, error) {
 		clientID:    clientID,
 		routes:      map[string]*run{},
 		orphans:     map[string][]event{},
-	}, nil
+	}
+	up.setLimits(EventLimits{})
+	return up, nil
+}
+
+// setLimits applies the event limits to the upstream's stream.
+func (u *Upstream) setLimits(l EventLimits) {
+	l = l.withDefaults()
+	u.maxText.Store(l.MaxText)
+	u.maxBinary.Store(l.MaxBinary)
 }
 
 // String names the upstream for logs and job records (no credentials).

@@ -2,6 +2,12 @@
 // merges a user's home ComfyUI with the jobs the gateway ran elsewhere,
 // captures outputs into a blob store and serves them on /view, and answers
 // the queue, history and jobs APIs per user.
+//
+// A GPU job's events come from dispatch (its package comment follows one
+// from the GPU server's frame to here): Gateway.Capture stores an executed
+// event's outputs and rewrites their refs, and Gateway.Deliver publishes
+// each event — the upstream's own bytes, as a rule — to the hub, which
+// writes it to every socket of the job's browser session.
 package relay
 
 import (
@@ -53,6 +59,9 @@ type Config struct {
 	// HealthInterval is how often endpoints that are down are probed
 	// (default 10s).
 	HealthInterval time.Duration
+	// Events bounds what GPU servers' events may cost: the largest frame
+	// accepted and the bytes queued per job (see dispatch.EventLimits).
+	Events dispatch.EventLimits
 }
 
 // Gateway is the per-Caddy core shared by every site: jobs, sessions,
@@ -92,6 +101,7 @@ func New(cfg Config) (*Gateway, error) {
 	}
 	g.manager = dispatch.NewManager(cfg.Store, g, cfg.Logger.Named("dispatch"))
 	g.manager.SetLeaseTTL(cfg.LeaseTTL)
+	g.manager.SetEventLimits(cfg.Events)
 	ctx, cancel := context.WithCancel(context.Background())
 	g.stop = cancel
 	if cfg.Bus != nil {
@@ -455,12 +465,17 @@ func capturedRef(jobID string, orig comfy.FileRef) comfy.FileRef {
 
 // Capture implements dispatch.Events: before an executed event is recorded
 // or shown, every file it names is copied from the upstream into the blob
-// store and its ref rewritten to the gateway's copy.
-func (g *Gateway) Capture(ctx context.Context, j *dispatch.Job, up *dispatch.Upstream, ev *dispatch.Event) error {
-	if ev.Message == nil || ev.Message.Type != comfy.MsgExecuted || up == nil {
+// store and its ref rewritten to the gateway's copy. (Executed events are
+// a few per job: decoding them whole is fine.)
+func (g *Gateway) Capture(ctx context.Context, to dispatch.Recipient, up *dispatch.Upstream, ev *dispatch.Event) error {
+	if ev.Type != comfy.MsgExecuted || up == nil {
 		return nil
 	}
-	f, err := ev.Message.Fields()
+	msg, err := comfy.ParseMessage(ev.JSON)
+	if err != nil {
+		return err
+	}
+	f, err := msg.Fields()
 	if err != nil {
 		return err
 	}
@@ -474,11 +489,10 @@ func (g *Gateway) Capture(ctx context.Context, j *dispatch.Job, up *dispatch.Ups
 		comfy.RefsIn(out, func(_ string, item map[string]any) {
 			ref := comfy.RefOf(item)
 			if storable(ref) {
-				item["subfolder"] = capturedRef(j.ID, ref).Subfolder
+				item["subfolder"] = capturedRef(to.JobID, ref).Subfolder
 			}
 		})
-		m := ev.Message.WithFields(f)
-		ev.Message = &m
+		ev.JSON = msg.WithFields(f).Encode()
 		return nil
 	}
 	var (
@@ -496,7 +510,7 @@ func (g *Gateway) Capture(ctx context.Context, j *dispatch.Job, up *dispatch.Ups
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			err := g.captureOne(ctx, j.ID, up, ref)
+			err := g.captureOne(ctx, to.JobID, up, ref)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -505,13 +519,12 @@ func (g *Gateway) Capture(ctx context.Context, j *dispatch.Job, up *dispatch.Ups
 				}
 				return
 			}
-			nr := capturedRef(j.ID, ref)
+			nr := capturedRef(to.JobID, ref)
 			item["subfolder"] = nr.Subfolder
 		}()
 	})
 	wg.Wait()
-	m := ev.Message.WithFields(f)
-	ev.Message = &m
+	ev.JSON = msg.WithFields(f).Encode()
 	return first
 }
 
@@ -580,12 +593,13 @@ func contentTypeOf(name string) string {
 }
 
 // Deliver implements dispatch.Events: it shows a job event to the browser
-// session that submitted it.
-func (g *Gateway) Deliver(j *dispatch.Job, ev dispatch.Event) {
+// session that submitted it. A JSON event goes out as the bytes it came
+// with (see dispatch's package comment for the path before).
+func (g *Gateway) Deliver(to dispatch.Recipient, ev dispatch.Event) {
 	var f frame
 	switch {
-	case ev.Message != nil:
-		f.text = ev.Message.Encode()
+	case ev.JSON != nil:
+		f.text = ev.JSON
 	case ev.Preview != nil:
 		f.preview = ev.Preview
 	case ev.Text != nil:
@@ -593,7 +607,7 @@ func (g *Gateway) Deliver(j *dispatch.Job, ev dispatch.Event) {
 	default:
 		return
 	}
-	g.hub.publish(j.User, j.ClientID, f)
+	g.hub.publish(to.User, to.ClientID, f)
 }
 
 // QueueChanged implements dispatch.Events: every socket of the user gets a

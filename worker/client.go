@@ -47,8 +47,10 @@ type Handler interface {
 	// Accepted: ComfyUI queued the prompt (number is its queue number).
 	Accepted(promptID string, number float64)
 	// Event is a ComfyUI WebSocket text message of the job (status and
-	// other prompts' messages are filtered out), with the job's prompt id.
-	Event(m comfy.Message)
+	// other prompts' messages are filtered out), with the job's prompt id:
+	// the JSON frame as the worker sent it and what comfy.ScanEvent read
+	// of it. The handler may keep the frame.
+	Event(frame []byte, head comfy.Head)
 	// Binary is a binary WebSocket frame of the job (previews of type 1
 	// and 4, progress text of type 3). The handler may keep it.
 	Binary(frame []byte)
@@ -81,6 +83,16 @@ type Client struct {
 	// that only offer asynchronous HTTP (see AsyncOptions); nil streams
 	// the response as it is produced.
 	Async *AsyncOptions
+	// MaxEventSize and MaxBinarySize, if > 0, bound the job's JSON events
+	// and binary frames (previews): larger ones are skipped, reported to a
+	// Handler that has an Oversized method, and the job goes on.
+	MaxEventSize, MaxBinarySize int
+}
+
+// OversizedHandler is a Handler told of frames skipped over the Client's
+// MaxEventSize or MaxBinarySize (the count so far).
+type OversizedHandler interface {
+	Oversized(skipped int)
 }
 
 // RejectedError is ComfyUI's refusal of the prompt (normally a 400 with
@@ -284,6 +296,17 @@ func (c *Client) consume(ctx context.Context, cancel context.CancelCauseFunc, re
 	}
 
 	st := &stream{ctx: ctx, fr: NewReader(resp.Body)}
+	if c.MaxEventSize > 0 || c.MaxBinarySize > 0 {
+		st.fr.SkipOver = func(k Kind) int {
+			switch k {
+			case KindEvent:
+				return c.MaxEventSize
+			case KindBinary:
+				return c.MaxBinarySize
+			}
+			return 0
+		}
+	}
 	idle := c.IdleTimeout
 	if idle == 0 {
 		idle = DefaultClientIdle
@@ -344,13 +367,17 @@ func (c *Client) consume(ctx context.Context, cancel context.CancelCauseFunc, re
 			}
 			return st.broken(err)
 		}
+		if oh, ok := h.(OversizedHandler); ok && st.fr.Skipped > st.reported {
+			st.reported = st.fr.Skipped
+			oh.Oversized(st.reported)
+		}
 		switch k {
 		case KindEvent:
-			m, err := comfy.ParseMessage(p)
-			if err != nil {
-				return fmt.Errorf("worker: bad event frame: %w", err)
+			head, ok := comfy.ScanEvent(p)
+			if !ok {
+				return fmt.Errorf("worker: bad event frame: %q", truncate(p, 200))
 			}
-			h.Event(m)
+			h.Event(p, head)
 		case KindBinary:
 			h.Binary(p)
 		case KindOutputBegin:
@@ -437,6 +464,8 @@ type stream struct {
 	idle  time.Duration
 	timer *time.Timer
 	fatal error // the stream broke while an output body was read
+	// reported is how many skipped frames the handler was told of.
+	reported int
 }
 
 func (s *stream) next() (Kind, []byte, error) {

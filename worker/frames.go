@@ -164,6 +164,12 @@ type Reader struct {
 	r io.Reader
 	// Max is the largest payload accepted (MaxPayload if 0).
 	Max int
+	// SkipOver, if set, gives for a kind of frame a size over which such a
+	// frame is skipped — its payload read and discarded, never buffered —
+	// instead of ending the stream with ErrFrameTooLarge (0: none). Each
+	// skipped frame is counted in Skipped.
+	SkipOver func(k Kind) int
+	Skipped  int
 }
 
 // NewReader returns a frame reader on r.
@@ -180,6 +186,18 @@ func (fr *Reader) Next() (Kind, []byte, error) {
 	}
 	k := Kind(hdr[0])
 	n := binary.BigEndian.Uint32(hdr[1:])
+	if fr.SkipOver != nil {
+		if skip := fr.SkipOver(k); skip > 0 && uint64(n) > uint64(skip) {
+			if _, err := io.CopyN(io.Discard, fr.r, int64(n)); err != nil {
+				if err == io.EOF {
+					err = io.ErrUnexpectedEOF
+				}
+				return k, nil, err
+			}
+			fr.Skipped++
+			return fr.Next()
+		}
+	}
 	max := fr.Max
 	if max <= 0 {
 		max = MaxPayload

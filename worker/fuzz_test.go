@@ -81,7 +81,7 @@ type fuzzHandler struct {
 }
 
 func (h *fuzzHandler) Accepted(string, float64) {}
-func (h *fuzzHandler) Event(comfy.Message)      {}
+func (h *fuzzHandler) Event([]byte, comfy.Head) {}
 func (h *fuzzHandler) Binary([]byte)            {}
 func (h *fuzzHandler) Output(_ comfy.FileRef, _ string, body io.Reader) error {
 	h.announced++

@@ -93,7 +93,11 @@ func (r *recorder) Accepted(id string, number float64) {
 	}
 }
 
-func (r *recorder) Event(m comfy.Message) {
+func (r *recorder) Event(frame []byte, _ comfy.Head) {
+	m, err := comfy.ParseMessage(frame)
+	if err != nil {
+		r.t.Errorf("event %q: %v", frame, err)
+	}
 	r.mu.Lock()
 	r.log = append(r.log, "event:"+m.Type)
 	r.events = append(r.events, m)

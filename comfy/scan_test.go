@@ -1,0 +1,191 @@
+package comfy
+
+import (
+	"bufio"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// decodeHead is ScanEvent's contract written with encoding/json.
+func decodeHead(b []byte) (Head, bool) {
+	var h Head
+	var top map[string]json.RawMessage
+	if json.Unmarshal(b, &top) != nil || top == nil {
+		return h, false
+	}
+	t, ok := top["type"]
+	if !ok || t[0] != '"' || json.Unmarshal(t, &h.Type) != nil || h.Type == "" {
+		return h, false
+	}
+	d, ok := top["data"]
+	if !ok || string(d) == "null" {
+		return h, true
+	}
+	if d[0] != '{' {
+		return h, false
+	}
+	var data map[string]json.RawMessage
+	if json.Unmarshal(d, &data) != nil {
+		return h, false
+	}
+	str := func(key string, dst *string) bool {
+		v, ok := data[key]
+		if !ok || string(v) == "null" {
+			return true
+		}
+		return v[0] == '"' && json.Unmarshal(v, dst) == nil
+	}
+	if !str("prompt_id", &h.PromptID) || !str("display_node", &h.DisplayNode) {
+		return h, false
+	}
+	if v, ok := data["node"]; ok {
+		switch v[0] {
+		case '"':
+			h.NodeKind = NodeString
+			if json.Unmarshal(v, &h.Node) != nil {
+				return h, false
+			}
+		case 'n':
+			h.NodeKind = NodeNull
+		default:
+			h.NodeKind = NodeOther
+		}
+	}
+	return h, true
+}
+
+func checkScan(t *testing.T, b []byte) {
+	t.Helper()
+	got, ok := ScanEvent(b)
+	want, wantOK := decodeHead(b)
+	if ok != wantOK {
+		t.Fatalf("%q: ScanEvent ok=%v, encoding/json says %v", b, ok, wantOK)
+	}
+	if !ok {
+		return
+	}
+	span := got.PromptIDStart != 0 || got.PromptIDEnd != 0
+	got.PromptIDStart, got.PromptIDEnd = 0, 0
+	if got != want {
+		t.Fatalf("%q:\nScanEvent  %+v\nencoding/json %+v", b, got, want)
+	}
+	if !span {
+		return
+	}
+	// The span is the prompt_id the decoder reads: replacing it changes
+	// exactly that.
+	h, _ := ScanEvent(b)
+	for _, id := range []string{"gw-\"id\"\n", ""} {
+		nb := h.WithPromptID(b, id)
+		w, ok := decodeHead(nb)
+		if !ok || w.PromptID != id || w.Type != want.Type || w.Node != want.Node || w.DisplayNode != want.DisplayNode {
+			t.Fatalf("%q with prompt_id %q: %q decodes to %+v (ok=%v)", b, id, nb, w, ok)
+		}
+	}
+}
+
+func TestScanEvent(t *testing.T) {
+	for _, in := range []string{
+		`{"type": "progress", "data": {"value": 3, "max": 20, "prompt_id": "p1", "node": "3"}}`,
+		`{"data": {"node": null, "prompt_id": "p1"}, "type": "executing"}`,
+		`{"type":"executing","data":{"node":"12","display_node":"12:3","prompt_id":"p1"}}`,
+		`{"type":"executed","data":{"node":"9","output":{"images":[{"filename":"a\"}.png","subfolder":"","type":"output"}]},"prompt_id":"p2"}}`,
+		`{"type":"status","data":{"status":{"exec_info":{"queue_remaining":0}},"sid":"abc"}}`,
+		`{"type":"execution_start"}`, `{"type":"x","data":null}`,
+		`{"type":"x","data":[]}`, `{"type":"x","data":"s"}`, `{"type":""}`, `{"type":null}`, `{"type":1}`,
+		`{"type":"a","data":{"prompt_id":5}}`, `{"type":"a","data":{"prompt_id":null,"node":7}}`,
+		`{"type":"a","data":{"display_node":{}}}`, `{"type":"a","data":{"node":{"x":[1,2]}}}`,
+		`{"typ\u0065":"pro\u0067ress","d\u0061ta":{"prompt\u005fid":"\ud83d\ude00-\u00e9\/x","node":"\ud800"}}`,
+		`{"type":"a","type":"b","data":{"prompt_id":"1"},"data":{"node":"2"}}`,
+		`{"type":"a","data":{"prompt_id":"1","prompt_id":"2"}}`,
+		`{"Type":"a"}`, `{"type":"a","data":{"Prompt_ID":"x"}}`,
+		" \t\r\n{ \"type\" : \"a\" , \"data\" : { \"prompt_id\" : \"p\" } } \n",
+		`{"type":"a"} x`, `{"type":"a",}`, `{"type":"a" "data":{}}`, `{"type":"a","data":{"node":"1",}}`,
+		`{"type":"a","n":01}`, `{"type":"a","n":-}`, `{"type":"a","n":1.}`, `{"type":"a","n":1e}`, `{"type":"a","n":-0.5E+7}`,
+		`{"type":"a","s":"\x"}`, `{"type":"a","s":"\u12"}`, "{\"type\":\"a\",\"s\":\"\x01\"}", "{\"type\":\"\xff\xfe\"}",
+		`{"type":"a","t":tru}`, `{"type":"a","t":[true,false,null,{}]}`, `[{"type":"a"}]`, `"x"`, ``, `{`, `{"type":"a"`,
+		`{"type":"a","data":{"prompt_id":"` + strings.Repeat("\\\\", 10) + `"}}`,
+		`{"type":"a","deep":` + strings.Repeat("[", 9999) + strings.Repeat("]", 9999) + `}`,
+		`{"type":"a","deep":` + strings.Repeat("[", 10000) + strings.Repeat("]", 10000) + `}`,
+	} {
+		checkScan(t, []byte(in))
+	}
+}
+
+// The wire traces of real ComfyUI servers: every event scans like
+// encoding/json reads it.
+func traceFrames(t testing.TB) [][]byte {
+	files, _ := filepath.Glob("../comfytest/testdata/wire-traces/*.jsonl")
+	if len(files) == 0 {
+		t.Fatal("no wire traces")
+	}
+	var out [][]byte
+	for _, name := range files {
+		f, err := os.Open(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(f)
+		sc.Buffer(nil, 16<<20)
+		for sc.Scan() {
+			var line struct {
+				Kind string          `json:"kind"`
+				Type string          `json:"type"`
+				Data json.RawMessage `json:"data"`
+			}
+			if json.Unmarshal(sc.Bytes(), &line) != nil || line.Kind != "ws_text" {
+				continue
+			}
+			m := Message{Type: line.Type, Data: line.Data}
+			out = append(out, m.Encode(), append([]byte(nil), sc.Bytes()...))
+		}
+		f.Close()
+	}
+	return out
+}
+
+func TestScanEventTraces(t *testing.T) {
+	frames := traceFrames(t)
+	for _, b := range frames {
+		checkScan(t, b)
+	}
+	t.Logf("%d frames", len(frames))
+}
+
+func FuzzScanEvent(f *testing.F) {
+	for _, b := range traceFrames(f) {
+		f.Add(b)
+	}
+	f.Add([]byte(`{"type":"executing","data":{"node":null,"display_node":"\u0031","prompt_id":"\ud83d"}}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		checkScan(t, b)
+	})
+}
+
+func BenchmarkScanEvent(b *testing.B) {
+	frame := []byte(`{"type": "progress", "data": {"value": 17, "max": 1000, "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "node": "3"}}`)
+	b.SetBytes(int64(len(frame)))
+	for i := 0; i < b.N; i++ {
+		if _, ok := ScanEvent(frame); !ok {
+			b.Fatal("not ok")
+		}
+	}
+}
+
+// BenchmarkDecodeEvent is what routing an event cost before ScanEvent.
+func BenchmarkDecodeEvent(b *testing.B) {
+	frame := []byte(`{"type": "progress", "data": {"value": 17, "max": 1000, "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "node": "3"}}`)
+	b.SetBytes(int64(len(frame)))
+	for i := 0; i < b.N; i++ {
+		m, err := ParseMessage(frame)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := m.Common(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,194 @@
+// Package dispatch is where jobs run: the Job record and its store, pools
+// of upstream ComfyUI servers (health, capacity, cold start), the fair
+// scheduler, input forwarding, submission under the gateway's prompt_id,
+// and each upstream's event stream.
+//
+// # The path of one event
+//
+// Every event of every job takes the same path, and it is kept cheap: an
+// upstream frame is read into one buffer, routed by scanning a few of its
+// bytes, and forwarded as it came unless something in it must change.
+//
+//  1. Upstream.readStream (stream.go) reads each WebSocket frame of a GPU
+//     server with a size limit (EventLimits): a larger frame is discarded
+//     as it is read, logged once per job, and the job goes on.
+//  2. onText scans a JSON frame with comfy.ScanEvent (type, prompt_id,
+//     node; nothing is decoded); onBinary reads a preview's or progress
+//     text's header. Both route the frame by prompt_id (or, without one,
+//     to the job the server is running) to the job's run.
+//     A pinned job's stream (pinned.go) pushes its frames the same way.
+//  3. run.push (run.go) queues it for the job's goroutine. The queue is
+//     bounded by bytes: over its bound, progress and previews coalesce to
+//     the latest per node; lifecycle events are always kept.
+//  4. run.handle turns it into the job's Event in place: the original
+//     bytes, or a copy with the job's prompt_id for a server that made its
+//     own, or a type-1 preview given the job's metadata. Job state (node,
+//     outputs, status) is updated in memory; the record is saved only at
+//     lifecycle points (start, executed, end). An executed event first
+//     goes through Events.Capture, which stores its outputs and rewrites
+//     their refs.
+//  5. Events.Deliver hands the Event to its Recipient (user, browser
+//     session, job); relay's Gateway.Deliver publishes it to the hub.
+package dispatch
+
+import (
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// Default event limits; see EventLimits.
+const (
+	// DefaultMaxBinaryEvent bounds a binary frame from an upstream.
+	// Previews are downscaled to --preview-size (512 px) and weigh tens of
+	// KiB, but SaveImageWebsocket sends whole images as preview frames: a
+	// 2048×2048 RGBA PNG is at most 16 MiB, so 32 MiB leaves room (it is
+	// also the pinned transport's frame limit, worker.MaxPayload).
+	DefaultMaxBinaryEvent = 32 << 20
+	// DefaultMaxTextEvent bounds a JSON event from an upstream. The largest
+	// ComfyUI sends are executed (UI outputs: refs, text of text nodes)
+	// and execution_error (traceback, current inputs), kilobytes in
+	// practice; 4 MiB is also aiohttp's default WebSocket message limit.
+	DefaultMaxTextEvent = 4 << 20
+	// DefaultMaxJobQueue bounds the bytes of events waiting for one job's
+	// goroutine (which may be busy capturing outputs).
+	DefaultMaxJobQueue = 16 << 20
+)
+
+// EventLimits bound what one upstream's events may cost the gateway.
+type EventLimits struct {
+	// MaxBinary is the largest binary frame (a preview, or a whole image
+	// from SaveImageWebsocket) accepted from an upstream, in bytes
+	// (default 32 MiB). Larger frames are logged and skipped; the job goes
+	// on.
+	MaxBinary int64
+	// MaxText is the largest JSON event accepted from an upstream (default
+	// 4 MiB, or MaxBinary if that is smaller). Larger ones are logged and
+	// skipped.
+	MaxText int64
+	// MaxJobQueue is how many bytes of events may wait for one job while
+	// it is busy (default 16 MiB). Past half of it, progress, previews and
+	// custom nodes' own events are coalesced to the latest per node; past
+	// it, they are dropped. Lifecycle events (execution_*, executing,
+	// executed) are always kept.
+	MaxJobQueue int64
+}
+
+// withDefaults fills unset limits.
+func (l EventLimits) withDefaults() EventLimits {
+	if l.MaxBinary <= 0 {
+		l.MaxBinary = DefaultMaxBinaryEvent
+	}
+	if l.MaxText <= 0 {
+		l.MaxText = min(DefaultMaxTextEvent, l.MaxBinary)
+	}
+	if l.MaxJobQueue <= 0 {
+		l.MaxJobQueue = DefaultMaxJobQueue
+	}
+	return l
+}
+
+// Recipient names who is shown a job's events.
+type Recipient struct {
+	// User owns the job; ClientID is the browser session that submitted
+	// it; JobID is the job's id (the prompt_id the browser knows).
+	User, ClientID, JobID string
+}
+
+// recipientOf returns who sees j's events.
+func recipientOf(j *Job) Recipient {
+	return Recipient{User: j.User, ClientID: j.ClientID, JobID: j.ID}
+}
+
+// Event is one thing that happened to a job, in the job's own terms: every
+// prompt_id in it is the job's ID. One of JSON, Preview and Text is set.
+type Event struct {
+	// Type is the JSON event's type (execution_start, executing, progress,
+	// ...); "" for binary frames.
+	Type string
+	// JSON is the JSON event frame as the browser gets it. It may be the
+	// upstream's own bytes: never modify it, replace it.
+	JSON []byte
+	// Preview is a live preview image; its Metadata names the job and node.
+	Preview *comfy.Preview
+	// Text is a progress-text frame of the job's running node.
+	Text *comfy.TextFrame
+}
+
+// jobMessage makes a job event of a message built by the gateway.
+func jobMessage(m comfy.Message) Event {
+	return Event{Type: m.Type, JSON: m.Encode()}
+}
+
+// event is one frame from an upstream, not yet tied to a job.
+type event struct {
+	json    []byte     // a JSON event frame
+	head    comfy.Head // what ScanEvent read of json
+	preview *comfy.Preview
+	text    *comfy.TextFrame
+}
+
+// messageEvent makes an upstream event of a message built by the gateway.
+func messageEvent(m comfy.Message) (event, bool) {
+	b := m.Encode()
+	h, ok := comfy.ScanEvent(b)
+	return event{json: b, head: h}, ok
+}
+
+// size is what an event weighs in a job's queue.
+func (ev *event) size() int64 {
+	const overhead = 64
+	switch {
+	case ev.json != nil:
+		return int64(len(ev.json)) + overhead
+	case ev.preview != nil:
+		return int64(len(ev.preview.Image)) + overhead
+	case ev.text != nil:
+		return int64(len(ev.text.Text)+len(ev.text.NodeID)) + overhead
+	}
+	return overhead
+}
+
+// coalesceKey says whether an event is transient — superseded by the next
+// of its kind for its node: progress, previews, progress text, and JSON
+// events of types that are not part of a job's lifecycle (custom nodes'
+// own) — and under which key.
+type coalesceKey struct {
+	kind string
+	node string
+}
+
+func (ev *event) transient() (coalesceKey, bool) {
+	switch {
+	case ev.json != nil:
+		switch ev.head.Type {
+		case comfy.MsgExecutionStart, comfy.MsgExecutionCached, comfy.MsgExecuting, comfy.MsgExecuted,
+			comfy.MsgExecutionSuccess, comfy.MsgExecutionError, comfy.MsgExecutionInterrupted, comfy.MsgStatus:
+			return coalesceKey{}, false
+		}
+		return coalesceKey{ev.head.Type, ev.head.Node}, true
+	case ev.preview != nil:
+		node := ""
+		if ev.preview.Metadata != nil {
+			node = ev.preview.Metadata.NodeID
+		}
+		return coalesceKey{"preview", node}, true
+	case ev.text != nil:
+		return coalesceKey{"text", ev.text.NodeID}, true
+	}
+	return coalesceKey{}, false
+}
+
+// SetEventLimits bounds the events of the manager's upstreams and jobs.
+// It applies to pools set afterwards (SetPool) and to every job's queue at
+// once.
+func (m *Manager) SetEventLimits(l EventLimits) {
+	l = l.withDefaults()
+	m.limits.Store(&l)
+}
+
+// eventLimits returns the limits in force.
+func (m *Manager) eventLimits() EventLimits {
+	if l := m.limits.Load(); l != nil {
+		return *l
+	}
+	return EventLimits{}.withDefaults()
+}

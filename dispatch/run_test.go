@@ -1,0 +1,180 @@
+package dispatch
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// browserFeed is an Events whose deliveries are what the job's browser
+// would get; Capture blocks on executed events until release is closed.
+type browserFeed struct {
+	release chan struct{}
+	mu      sync.Mutex
+	got     []Event
+	ended   chan struct{}
+}
+
+func (f *browserFeed) Capture(ctx context.Context, to Recipient, up *Upstream, ev *Event) error {
+	<-f.release
+	return nil
+}
+
+func (f *browserFeed) Deliver(to Recipient, ev Event) {
+	f.mu.Lock()
+	f.got = append(f.got, ev)
+	f.mu.Unlock()
+	if ev.Type == comfy.MsgExecuting && strings.Contains(string(ev.JSON), `"node":null`) {
+		close(f.ended)
+	}
+}
+
+func (f *browserFeed) QueueChanged(string) {}
+
+// upstreamEvent is a JSON frame as an upstream sends it, routed.
+func upstreamEvent(t testing.TB, frame string) event {
+	h, ok := comfy.ScanEvent([]byte(frame))
+	if !ok {
+		t.Fatalf("bad frame %s", frame)
+	}
+	return event{json: []byte(frame), head: h}
+}
+
+func previewEvent(t testing.TB, pid, node string, n int) event {
+	md := fmt.Sprintf(`{"node_id":%q,"prompt_id":%q,"display_node_id":%q,"real_node_id":%q,"image_type":"image/jpeg"}`, node, pid, node, node)
+	b := binary.BigEndian.AppendUint32(nil, comfy.BinaryPreviewImageWithMetadata)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(md)))
+	b = append(append(b, md...), make([]byte, n)...)
+	ev, _, ok := binaryEvent(b)
+	if !ok {
+		t.Fatal("bad preview")
+	}
+	return ev
+}
+
+// While a job's goroutine is stuck (capturing an output), an endless
+// stream of progress and previews does not grow its queue past the bound;
+// once it is free, the browser gets every lifecycle event in order and the
+// latest progress and preview.
+func TestJobQueueBoundedWhileBusy(t *testing.T) {
+	const bound = 256 << 10
+	feed := &browserFeed{release: make(chan struct{}), ended: make(chan struct{})}
+	m := NewManager(NewMemoryStore(), feed, nil)
+	m.SetEventLimits(EventLimits{MaxJobQueue: bound})
+	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusPending}
+	r := newRun(m, job)
+	m.runs[job.ID] = r
+	const pid = "gpu-own-id" // a server that made its own id
+
+	r.push(upstreamEvent(t, `{"type":"execution_start","data":{"prompt_id":"`+pid+`","timestamp":1}}`))
+	r.push(upstreamEvent(t, `{"type":"executing","data":{"node":"1","display_node":"1","prompt_id":"`+pid+`"}}`))
+	r.push(upstreamEvent(t, `{"type":"executed","data":{"node":"1","display_node":"1","output":{"images":[]},"prompt_id":"`+pid+`"}}`))
+	r.push(upstreamEvent(t, `{"type":"executing","data":{"node":"2","display_node":"2","prompt_id":"`+pid+`"}}`))
+	peak := int64(0)
+	const n = 100000
+	for i := 1; i <= n; i++ {
+		r.push(upstreamEvent(t, fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":%d,"prompt_id":%q,"node":"2"}}`, i, n, pid)))
+		if i%100 == 0 {
+			r.push(previewEvent(t, pid, "2", 4<<10+i/100))
+		}
+		r.mu.Lock()
+		peak = max(peak, r.qBytes)
+		r.mu.Unlock()
+	}
+	r.push(upstreamEvent(t, `{"type":"executed","data":{"node":"2","display_node":"2","output":{"text":["done"]},"prompt_id":"`+pid+`"}}`))
+	r.push(upstreamEvent(t, `{"type":"execution_success","data":{"prompt_id":"`+pid+`","timestamp":2}}`))
+	if peak > bound {
+		t.Fatalf("the job's queue grew to %d bytes (bound %d)", peak, bound)
+	}
+	close(feed.release)
+	select {
+	case <-feed.ended:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the job never ended")
+	}
+
+	feed.mu.Lock()
+	defer feed.mu.Unlock()
+	var lifecycle []string
+	progress, previews, lastValue, lastPreview := 0, 0, 0, 0
+	for _, ev := range feed.got {
+		if ev.Preview != nil {
+			previews++
+			lastPreview = len(ev.Preview.Image)
+			continue
+		}
+		var msg struct {
+			Type string `json:"type"`
+			Data struct {
+				PromptID string `json:"prompt_id"`
+				Node     any    `json:"node"`
+				Value    int    `json:"value"`
+			} `json:"data"`
+		}
+		if err := json.Unmarshal(ev.JSON, &msg); err != nil || msg.Type != ev.Type {
+			t.Fatalf("browser got %q (%v)", ev.JSON, err)
+		}
+		if msg.Data.PromptID != job.ID {
+			t.Fatalf("%s carries prompt_id %q, want the job's %q", msg.Type, msg.Data.PromptID, job.ID)
+		}
+		if msg.Type == comfy.MsgProgress {
+			if msg.Data.Value <= lastValue {
+				t.Fatalf("progress went back from %d to %d", lastValue, msg.Data.Value)
+			}
+			progress, lastValue = progress+1, msg.Data.Value
+			continue
+		}
+		lifecycle = append(lifecycle, fmt.Sprintf("%s:%v", msg.Type, msg.Data.Node))
+	}
+	want := []string{"execution_start:<nil>", "executing:1", "executed:1", "executing:2", "executed:2", "execution_success:<nil>", "executing:<nil>"}
+	if !slices.Equal(lifecycle, want) {
+		t.Fatalf("browser got lifecycle %v, want %v", lifecycle, want)
+	}
+	if lastValue != n {
+		t.Fatalf("the last progress the browser got is %d, want %d", lastValue, n)
+	}
+	if lastPreview != 4<<10+n/100 {
+		t.Fatalf("the last preview the browser got has %d bytes, want the latest (%d)", lastPreview, 4<<10+n/100)
+	}
+	if progress >= n {
+		t.Fatalf("all %d progress events were queued", progress)
+	}
+	t.Logf("queue peak %d bytes; browser got %d of %d progress events, %d of %d previews", peak, progress, n, previews, n/100)
+}
+
+type discardEvents struct{}
+
+func (discardEvents) Capture(context.Context, Recipient, *Upstream, *Event) error { return nil }
+func (discardEvents) Deliver(Recipient, Event)                                    {}
+func (discardEvents) QueueChanged(string)                                         {}
+
+// BenchmarkProgressEvent is one upstream progress frame handled for a job
+// with a large prompt record: scanned, routed and delivered, with no copy
+// of the job record (allocs/op stays small whatever the record's size).
+func BenchmarkProgressEvent(b *testing.B) {
+	m := NewManager(NewMemoryStore(), discardEvents{}, nil)
+	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusInProgress,
+		ExtraData: map[string]json.RawMessage{}, Outputs: map[string]json.RawMessage{}}
+	for i := 0; i < 100; i++ {
+		job.ExtraData[fmt.Sprint(i)] = json.RawMessage(`{}`)
+		job.Outputs[fmt.Sprint(i)] = json.RawMessage(`{}`)
+	}
+	r := newRun(m, job)
+	frame := []byte(`{"type": "progress", "data": {"value": 17, "max": 1000, "prompt_id": "job-1", "node": "3"}}`)
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		h, ok := comfy.ScanEvent(frame)
+		if !ok {
+			b.Fatal("scan")
+		}
+		r.handle(event{json: frame, head: h})
+	}
+}

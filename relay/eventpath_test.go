@@ -1,0 +1,287 @@
+package relay_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/gorilla/websocket"
+
+	"github.com/comfyume/comfyume/dispatch"
+	"github.com/comfyume/comfyume/relay"
+)
+
+// blastGPU is a GPU server that answers POST /prompt and then sends the
+// job's events as fast as its socket takes them: execution_start,
+// executing, Progress progress events with a Previews type-4 preview of
+// PreviewBytes spread among them, executed, execution_success and
+// executing{node:null}. It knows nothing else of ComfyUI.
+type blastGPU struct {
+	Progress, Previews, PreviewBytes int
+	// OwnIDs makes it ignore the gateway's prompt_id (servers before
+	// 2025-07).
+	OwnIDs bool
+
+	srv   *httptest.Server
+	mu    sync.Mutex
+	conns map[string]*gpuConn
+}
+
+type gpuConn struct {
+	mu sync.Mutex
+	c  *websocket.Conn
+}
+
+func startBlastGPU(t testing.TB, g *blastGPU) *blastGPU {
+	g.conns = map[string]*gpuConn{}
+	g.srv = httptest.NewServer(http.HandlerFunc(g.serve))
+	t.Cleanup(g.srv.Close)
+	return g
+}
+
+func (g *blastGPU) serve(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/ws":
+		c, err := (&websocket.Upgrader{}).Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		sid := r.URL.Query().Get("clientId")
+		gc := &gpuConn{c: c}
+		g.mu.Lock()
+		g.conns[sid] = gc
+		g.mu.Unlock()
+		gc.send(websocket.TextMessage, []byte(`{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "`+sid+`"}}`))
+		for {
+			if _, _, err := c.ReadMessage(); err != nil {
+				return
+			}
+		}
+	case "/prompt":
+		var body struct {
+			PromptID string `json:"prompt_id"`
+			ClientID string `json:"client_id"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
+			http.Error(w, err.Error(), 400)
+			return
+		}
+		id := body.PromptID
+		if id == "" || g.OwnIDs {
+			id = uuid.NewString()
+		}
+		g.mu.Lock()
+		gc := g.conns[body.ClientID]
+		g.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"prompt_id": %q, "number": 1, "node_errors": {}}`, id)
+		if gc != nil {
+			go g.run(gc, id)
+		}
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func (c *gpuConn) send(typ int, b []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_ = c.c.WriteMessage(typ, b)
+}
+
+func (g *blastGPU) run(c *gpuConn, id string) {
+	time.Sleep(5 * time.Millisecond) // the answer reaches the gateway first, as a queued job's would
+	text := func(s string) { c.send(websocket.TextMessage, []byte(s)) }
+	text(`{"type": "execution_start", "data": {"prompt_id": "` + id + `", "timestamp": 1}}`)
+	text(`{"type": "executing", "data": {"node": "1", "display_node": "1", "prompt_id": "` + id + `"}}`)
+	var preview []byte
+	if g.Previews > 0 {
+		md := `{"node_id": "1", "prompt_id": "` + id + `", "display_node_id": "1", "parent_node_id": null, "real_node_id": "1", "image_type": "image/jpeg"}`
+		preview = binary.BigEndian.AppendUint32(nil, 4)
+		preview = binary.BigEndian.AppendUint32(preview, uint32(len(md)))
+		preview = append(preview, md...)
+		preview = append(preview, bytes.Repeat([]byte{0xab}, g.PreviewBytes)...)
+	}
+	every := 0
+	if g.Previews > 0 {
+		every = g.Progress / g.Previews
+	}
+	for i := 1; i <= g.Progress; i++ {
+		text(fmt.Sprintf(`{"type": "progress", "data": {"value": %d, "max": %d, "prompt_id": "%s", "node": "1"}}`, i, g.Progress, id))
+		if every > 0 && i%every == 0 {
+			c.send(websocket.BinaryMessage, preview)
+		}
+	}
+	text(`{"type": "executed", "data": {"node": "1", "display_node": "1", "output": {"text": ["done"]}, "prompt_id": "` + id + `"}}`)
+	text(`{"type": "execution_success", "data": {"prompt_id": "` + id + `", "timestamp": 2}}`)
+	text(`{"type": "executing", "data": {"node": null, "prompt_id": "` + id + `"}}`)
+}
+
+// eventGateway is a relay.Gateway with one pool on gpu, served over HTTP
+// as user alice.
+func eventGateway(t testing.TB, gpu string, limits dispatch.EventLimits) string {
+	blobs, err := relay.NewDiskBlobs(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := relay.New(relay.Config{Blobs: blobs, Events: limits})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	up, err := dispatch.NewUpstream(gpu, dispatch.UpstreamOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.Manager().SetPool(&dispatch.Pool{Name: "gpu", Upstreams: []*dispatch.Upstream{up}})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !g.ServeHTTP(w, r, relay.Site{User: "alice", RunOn: "gpu"}) {
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// jobSeen is what a browser saw of one job.
+type jobSeen struct {
+	types    []string // JSON event types, in order
+	progress int
+	previews int
+	lastRaw  []byte // the last progress frame
+	ids      map[string]bool
+}
+
+// runBrowserJob opens a browser socket, queues a prompt and reads until
+// the job's executing{node:null}.
+func runBrowserJob(t testing.TB, base string, conn *websocket.Conn, sid string) jobSeen {
+	body := `{"client_id": "` + sid + `", "prompt": {"1": {"class_type": "Blast", "inputs": {}}}}`
+	resp, err := http.Post(base+"/prompt", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a struct {
+		PromptID string `json:"prompt_id"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&a)
+	resp.Body.Close()
+	if err != nil || a.PromptID == "" {
+		t.Fatalf("POST /prompt: %d %v", resp.StatusCode, err)
+	}
+	seen := jobSeen{ids: map[string]bool{}}
+	_ = conn.SetReadDeadline(time.Now().Add(60 * time.Second))
+	for {
+		typ, b, err := conn.ReadMessage()
+		if err != nil {
+			t.Fatalf("reading the browser socket: %v (saw %v)", err, seen.types)
+		}
+		if typ == websocket.BinaryMessage {
+			seen.previews++
+			continue
+		}
+		if bytes.Contains(b[:min(len(b), 24)], []byte(`"progress"`)) {
+			if !bytes.Contains(b, []byte(a.PromptID)) {
+				t.Fatalf("progress %s does not carry the job's prompt_id %s", b, a.PromptID)
+			}
+			seen.progress++
+			seen.lastRaw = b
+			continue
+		}
+		var m struct {
+			Type string         `json:"type"`
+			Data map[string]any `json:"data"`
+		}
+		if err := json.Unmarshal(b, &m); err != nil {
+			t.Fatalf("browser got %q: %v", b, err)
+		}
+		if m.Type == "status" || m.Type == "feature_flags" {
+			continue
+		}
+		if id, ok := m.Data["prompt_id"].(string); ok {
+			seen.ids[id] = true
+		}
+		seen.types = append(seen.types, m.Type)
+		if m.Type == "executing" && m.Data["node"] == nil && m.Data["prompt_id"] == a.PromptID {
+			return seen
+		}
+	}
+}
+
+func openBrowser(t testing.TB, base string) (*websocket.Conn, string) {
+	sid := "tab-" + uuid.NewString()[:8]
+	conn, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(base, "http")+"/ws?clientId="+sid, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	if err := conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true}}`)); err != nil {
+		t.Fatal(err)
+	}
+	return conn, sid
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkGatewayJobEvents runs jobs of 1000 progress events and 10
+// previews of 64 KiB from a GPU through the gateway to one browser; one op
+// is one job. cpu-µs/event is the whole process's CPU (fake GPU and
+// browser included) per event.
+func BenchmarkGatewayJobEvents(b *testing.B) {
+	for _, own := range []bool{false, true} {
+		b.Run(fmt.Sprintf("own-ids=%v", own), func(b *testing.B) {
+			gpu := startBlastGPU(b, &blastGPU{Progress: 1000, Previews: 10, PreviewBytes: 64 << 10, OwnIDs: own})
+			base := eventGateway(b, gpu.srv.URL, dispatch.EventLimits{})
+			conn, sid := openBrowser(b, base)
+			runBrowserJob(b, base, conn, sid) // warm up: the stream is dialed
+			b.ResetTimer()
+			cpu0 := cpuTime()
+			events := 0
+			for i := 0; i < b.N; i++ {
+				seen := runBrowserJob(b, base, conn, sid)
+				events += seen.progress + seen.previews + len(seen.types)
+			}
+			b.StopTimer()
+			b.ReportMetric(float64((cpuTime()-cpu0).Microseconds())/float64(events), "cpu-µs/event")
+			b.ReportMetric(float64(events)/float64(b.N), "events/job")
+		})
+	}
+}
+
+// A browser that keeps up gets every progress event and every preview of
+// a GPU job, in order, under the job's prompt_id — also from a server that
+// made its own ids.
+func TestFastBrowserGetsEveryEvent(t *testing.T) {
+	for _, own := range []bool{false, true} {
+		t.Run(fmt.Sprintf("own-ids=%v", own), func(t *testing.T) {
+			gpu := startBlastGPU(t, &blastGPU{Progress: 1000, Previews: 10, PreviewBytes: 64 << 10, OwnIDs: own})
+			base := eventGateway(t, gpu.srv.URL, dispatch.EventLimits{})
+			conn, sid := openBrowser(t, base)
+			for job := 0; job < 3; job++ {
+				seen := runBrowserJob(t, base, conn, sid)
+				if seen.progress != 1000 || seen.previews != 10 {
+					t.Fatalf("job %d: browser got %d of 1000 progress events and %d of 10 previews", job, seen.progress, seen.previews)
+				}
+				if want := []string{"execution_start", "executing", "executed", "execution_success", "executing"}; !slices.Equal(seen.types, want) {
+					t.Fatalf("job %d: browser got %v, want %v", job, seen.types, want)
+				}
+				if len(seen.ids) != 1 || !bytes.Contains(seen.lastRaw, []byte(`"value": 1000`)) {
+					t.Fatalf("job %d: prompt_ids %v, last progress %s", job, seen.ids, seen.lastRaw)
+				}
+			}
+		})
+	}
+}
