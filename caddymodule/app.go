@@ -54,6 +54,18 @@ type App struct {
 	// are not deleted (give the bucket a lifecycle rule for that).
 	HistoryLimit int `json:"history_limit,omitempty"`
 
+	// MaxSocketsPerUser is how many browser sockets (tabs) one user may
+	// have open on this Caddy at once (default 32); more are refused with
+	// close code 1008 "too many open sockets for this user".
+	MaxSocketsPerUser int `json:"max_sockets_per_user,omitempty"`
+
+	// MaxSocketQueue is how many bytes may wait for one browser socket that
+	// reads slower than its events arrive (default 4 MiB). Beyond it,
+	// progress and previews are coalesced to the latest per node while
+	// lifecycle events are all kept; a socket still over it after 10s, or
+	// over twice it, is closed (the browser reconnects and catches up).
+	MaxSocketQueue int `json:"max_socket_queue,omitempty"`
+
 	// Outputs says where outputs captured from GPU servers are stored.
 	// Default: a directory "comfyume/outputs" in Caddy's data directory.
 	Outputs *OutputsConfig `json:"outputs,omitempty"`
@@ -280,6 +292,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.gateway.Manager().SetPool(pool)
 	}
 	a.gateway.Manager().SetHistoryLimit(a.HistoryLimit)
+	a.gateway.Hub().SetLimits(a.MaxSocketsPerUser, a.MaxSocketQueue)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		if err := reg.Register(metrics{app: a}); err != nil {
 			var dup prometheus.AlreadyRegisteredError
@@ -295,6 +308,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 func (a *App) Validate() error {
 	if a.HistoryLimit < 0 {
 		return fmt.Errorf("history_limit %d: must not be negative", a.HistoryLimit)
+	}
+	if a.MaxSocketsPerUser < 0 || a.MaxSocketQueue < 0 {
+		return fmt.Errorf("max_sockets_per_user and max_socket_queue must not be negative")
 	}
 	seen := map[string]bool{}
 	for _, p := range a.Pools {

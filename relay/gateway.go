@@ -52,6 +52,16 @@ type Config struct {
 	// HealthInterval is how often endpoints that are down are probed
 	// (default 10s).
 	HealthInterval time.Duration
+	// MaxSocketsPerUser is how many browser sockets one user may have open
+	// on this gateway at once (default DefaultMaxSocketsPerUser); more are
+	// refused with close code 1008 and a reason the browser shows.
+	MaxSocketsPerUser int
+	// MaxSocketQueue is how many bytes may wait for one browser socket that
+	// reads slower than its events come (default DefaultMaxSocketQueue).
+	// Beyond it, progress and previews are coalesced to the latest per node
+	// (lifecycle events are all kept); a socket still over it after 10s, or
+	// over twice it, is closed, and the browser reconnects and replays.
+	MaxSocketQueue int
 }
 
 // Gateway is the per-Caddy core shared by every site: jobs, sessions,
@@ -89,6 +99,7 @@ func New(cfg Config) (*Gateway, error) {
 		homes:    map[string]*dispatch.Upstream{},
 		features: map[string]featureCache{},
 	}
+	g.hub.SetLimits(cfg.MaxSocketsPerUser, cfg.MaxSocketQueue)
 	g.manager = dispatch.NewManager(cfg.Store, g, cfg.Logger.Named("dispatch"))
 	g.manager.SetLeaseTTL(cfg.LeaseTTL)
 	ctx, cancel := context.WithCancel(context.Background())
