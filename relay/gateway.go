@@ -1,7 +1,3 @@
-// Package relay is what the browser sees: it owns each browser's WebSocket,
-// merges a user's home ComfyUI with the jobs the gateway ran elsewhere,
-// captures outputs into a blob store and serves them on /view, and answers
-// the queue, history and jobs APIs per user.
 package relay
 
 import (
