@@ -318,13 +318,13 @@ func (s *socket) deliver(f frame, pos string) {
 		s.mu.Unlock()
 		return
 	}
-	start := false
+	start, first, direct := false, queued{}, false
 	if pos == "" || s.mark(pos) { // else: had it already (a catch-up after a live delivery)
-		start = s.enqueueLocked(queued{f: f})
+		start, first, direct = s.enqueueLocked(queued{f: f})
 	}
 	s.mu.Unlock()
 	if start {
-		go s.writeLoop()
+		go s.writeLoop(first, direct)
 	}
 }
 
@@ -357,26 +357,31 @@ func (s *socket) mark(pos string) bool {
 // them (it runs on the socket's own goroutine).
 func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bool)) {
 	s.mu.Lock()
-	start := false
+	start, first, direct := false, queued{}, false
+	add := func(f frame) {
+		if st, fi, d := s.enqueueLocked(queued{f: f}); st {
+			start, first, direct = true, fi, d
+		}
+	}
 	for _, m := range missed {
 		if m.Pos != "" && !s.mark(m.Pos) {
 			continue
 		}
 		if f, ok := toFrame(m); ok {
-			start = s.enqueueLocked(queued{f: f}) || start
+			add(f)
 		}
 	}
 	for _, h := range s.held {
 		if h.pos != "" && !s.mark(h.pos) {
 			continue
 		}
-		start = s.enqueueLocked(queued{f: h.f}) || start
+		add(h.f)
 	}
 	s.held = nil
 	s.holding = false
 	s.mu.Unlock()
 	if start {
-		s.writeLoop()
+		s.writeLoop(first, direct)
 	}
 }
 

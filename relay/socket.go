@@ -103,10 +103,10 @@ func newSocket(limit int) *socket {
 // send queues a frame and returns at once; it never waits for the browser.
 func (s *socket) send(f frame) {
 	s.mu.Lock()
-	start := s.enqueueLocked(queued{f: f})
+	start, first, direct := s.enqueueLocked(queued{f: f})
 	s.mu.Unlock()
 	if start {
-		go s.writeLoop()
+		go s.writeLoop(first, direct)
 	}
 }
 
@@ -115,31 +115,37 @@ func (s *socket) send(f frame) {
 // goroutines call it: it may wait for this browser, never for another.
 func (s *socket) write(f frame) {
 	s.mu.Lock()
-	start := s.enqueueLocked(queued{f: f})
+	start, first, direct := s.enqueueLocked(queued{f: f})
 	s.mu.Unlock()
 	if start {
-		s.writeLoop()
+		s.writeLoop(first, direct)
 	}
 }
 
 // sendRaw queues a complete WebSocket frame (a control frame).
 func (s *socket) sendRaw(b []byte) {
 	s.mu.Lock()
-	start := s.enqueueLocked(queued{raw: b})
+	start, first, direct := s.enqueueLocked(queued{raw: b})
 	s.mu.Unlock()
 	if start {
-		go s.writeLoop()
+		go s.writeLoop(first, direct)
 	}
 }
 
 // enqueueLocked adds an entry to the queue, coalescing when the queue is
 // over its bound and closing the socket when that does not help. It
-// reports whether the caller must start a writer.
-func (s *socket) enqueueLocked(q queued) bool {
+// reports whether the caller must start a writer (writeLoop(first)): when
+// the socket was idle, the entry is not queued but handed to the writer as
+// first.
+func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool) {
 	if s.dead || s.closing {
-		return false
+		return false, q, false
 	}
 	q.size, q.kind = classify(q)
+	if !s.writing && len(s.queue) == 0 {
+		s.writing = true
+		return true, q, true
+	}
 	s.queue = append(s.queue, q)
 	s.bytes += q.size
 	if s.bytes > s.limit || s.latest != nil {
@@ -156,10 +162,10 @@ func (s *socket) enqueueLocked(q queued) bool {
 		}
 	}
 	if s.writing || len(s.queue) == 0 {
-		return false
+		return false, q, false
 	}
 	s.writing = true
-	return true
+	return true, q, false
 }
 
 // classify returns a queued entry's size and kind.
@@ -312,7 +318,7 @@ func (s *socket) closeLocked(code int, reason string) {
 	}
 	if !s.writing {
 		s.writing = true
-		go s.writeLoop()
+		go s.writeLoop(queued{}, false)
 	}
 }
 
@@ -346,34 +352,39 @@ func (s *socket) dieLocked() {
 	s.queue, s.bytes, s.dropped, s.latest = nil, 0, 0, nil
 }
 
-// writeLoop writes the queue until it is empty. The caller has set
-// s.writing.
-func (s *socket) writeLoop() {
-	var bufs net.Buffers
-	var batch []queued
+// writeLoop writes first (if direct), then the queue until it is empty.
+// The caller has set s.writing.
+func (s *socket) writeLoop(first queued, direct bool) {
+	sc := scratchPool.Get().(*writeScratch)
 	s.mu.Lock()
-	for !s.dead && len(s.queue) > 0 {
+	for !s.dead && (direct || len(s.queue) > 0) {
 		// Take a batch off the front of the queue.
-		n, size := 0, 0
-		batch = batch[:0]
-		for n < len(s.queue) && (size == 0 || size+s.queue[n].size <= maxBatch) {
-			if q := s.queue[n]; q.dropped {
-				s.dropped--
-			} else {
-				batch = append(batch, q)
-				size += q.size
+		batch := sc.batch[:0]
+		size := 0
+		if direct {
+			batch = append(batch, first)
+			size, direct, first = first.size, false, queued{}
+		} else {
+			n := 0
+			for n < len(s.queue) && (size == 0 || size+s.queue[n].size <= maxBatch) {
+				if q := s.queue[n]; q.dropped {
+					s.dropped--
+				} else {
+					batch = append(batch, q)
+					size += q.size
+				}
+				n++
 			}
-			n++
-		}
-		clear(s.queue[:n])
-		s.queue = s.queue[n:]
-		s.base += n
-		s.bytes -= size
-		if len(s.queue) == 0 {
-			s.queue, s.dropped, s.latest = nil, 0, nil
-		}
-		if s.bytes <= s.limit {
-			s.overSince = time.Time{}
+			clear(s.queue[:n])
+			s.queue = s.queue[n:]
+			s.base += n
+			s.bytes -= size
+			if len(s.queue) == 0 {
+				s.queue, s.dropped, s.latest = nil, 0, nil
+			}
+			if s.bytes <= s.limit {
+				s.overSince = time.Time{}
+			}
 		}
 		meta, wait := s.previewMeta, writeWait
 		if s.closing {
@@ -381,16 +392,16 @@ func (s *socket) writeLoop() {
 		}
 		s.mu.Unlock()
 
-		bufs = bufs[:0]
-		hdrs := make([]byte, 0, 10*len(batch))
+		bufs, hdrs := sc.bufs[:0], sc.hdrs[:0]
 		for _, q := range batch {
 			bufs, hdrs = appendFrame(bufs, hdrs, q, meta)
 		}
 		_ = s.out.SetWriteDeadline(time.Now().Add(wait))
-		w := bufs // WriteTo consumes its receiver
-		_, err := w.WriteTo(s.out)
-		clear(bufs[:cap(bufs)])
+		sc.w = bufs // WriteTo consumes its receiver
+		_, err := sc.w.WriteTo(s.out)
+		clear(bufs)
 		clear(batch)
+		sc.bufs, sc.hdrs, sc.batch = bufs[:0], hdrs[:0], batch[:0]
 
 		s.mu.Lock()
 		if err != nil {
@@ -402,7 +413,20 @@ func (s *socket) writeLoop() {
 		s.dieLocked()
 	}
 	s.mu.Unlock()
+	if cap(sc.batch) <= 64 && cap(sc.hdrs) <= 640 {
+		scratchPool.Put(sc)
+	}
 }
+
+// writeScratch is a writer's working memory, reused across writers.
+type writeScratch struct {
+	batch []queued
+	bufs  net.Buffers
+	w     net.Buffers
+	hdrs  []byte
+}
+
+var scratchPool = sync.Pool{New: func() any { return new(writeScratch) }}
 
 // appendFrame adds one queued frame, with its WebSocket header (built in
 // hdrs), to bufs.
