@@ -47,9 +47,10 @@ const maxBatch = 1 << 20
 // else writes to the connection: gorilla's own control frames (pongs, close
 // replies) are routed into the queue by browserConn.
 type socket struct {
-	conn  *websocket.Conn // reads the browser's frames; never writes
-	out   net.Conn        // the connection; written only by the writer
-	limit int             // bytes queued before progress and previews coalesce
+	conn     *websocket.Conn // reads the browser's frames; never writes
+	out      net.Conn        // the connection; written only by the writer
+	vectored bool            // out takes a batch in one writev (a plain TCP connection)
+	limit    int             // bytes queued before progress and previews coalesce
 
 	mu        sync.Mutex
 	queue     []queued
@@ -397,8 +398,22 @@ func (s *socket) writeLoop(first queued, direct bool) {
 			bufs, hdrs = appendFrame(bufs, hdrs, q, meta)
 		}
 		_ = s.out.SetWriteDeadline(time.Now().Add(wait))
-		sc.w = bufs // WriteTo consumes its receiver
-		_, err := sc.w.WriteTo(s.out)
+		var err error
+		if s.vectored {
+			sc.w = bufs // WriteTo consumes its receiver
+			_, err = sc.w.WriteTo(s.out)
+		} else {
+			// TLS and other wrapped connections would make a record and
+			// a write of every header and payload: join them.
+			flat := sc.flat[:0]
+			for _, b := range bufs {
+				flat = append(flat, b...)
+			}
+			_, err = s.out.Write(flat)
+			if cap(flat) <= 64<<10 {
+				sc.flat = flat[:0]
+			}
+		}
 		clear(bufs)
 		clear(batch)
 		sc.bufs, sc.hdrs, sc.batch = bufs[:0], hdrs[:0], batch[:0]
@@ -424,6 +439,7 @@ type writeScratch struct {
 	bufs  net.Buffers
 	w     net.Buffers
 	hdrs  []byte
+	flat  []byte
 }
 
 var scratchPool = sync.Pool{New: func() any { return new(writeScratch) }}
@@ -527,5 +543,6 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	h.conn = &browserConn{Conn: c, s: h.s}
 	h.s.out = c
+	_, h.s.vectored = c.(*net.TCPConn)
 	return h.conn, rw, nil
 }
