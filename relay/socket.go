@@ -152,7 +152,7 @@ func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool)
 	if s.bytes > s.limit || s.latest != nil {
 		s.squeezeLocked()
 		switch {
-		case s.bytes > 2*s.limit:
+		case s.bytes > 2*s.limit && len(s.queue)-s.dropped > 1: // (a lone big frame goes through)
 			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: too many events queued")
 		case s.bytes <= s.limit:
 			s.overSince = time.Time{}
