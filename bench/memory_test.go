@@ -75,6 +75,7 @@ func BenchmarkIdleSocketMemory(b *testing.B) {
 	dead := freePort(b)
 	ports := startCaddy(b, `{`+caddyGlobals+`
 	comfyume {
+		max_sockets_per_user 100000
 		outputs disk {DATA}
 	}
 }

@@ -66,6 +66,17 @@ type App struct {
 	// skipped, and the job goes on.
 	MaxEventSize     int64 `json:"max_event_size,omitempty"`
 	MaxTextEventSize int64 `json:"max_text_event_size,omitempty"`
+	// MaxSocketsPerUser is how many browser sockets (tabs) one user may
+	// have open on this Caddy at once (default 32); more are refused with
+	// close code 1008 "too many open sockets for this user".
+	MaxSocketsPerUser int `json:"max_sockets_per_user,omitempty"`
+
+	// MaxSocketQueue is how many bytes may wait for one browser socket that
+	// reads slower than its events arrive (default 4 MiB). Beyond it,
+	// progress and previews are coalesced to the latest per node while
+	// lifecycle events are all kept; a socket still over it after 10s, or
+	// over twice it, is closed (the browser reconnects and catches up).
+	MaxSocketQueue int `json:"max_socket_queue,omitempty"`
 
 	// Outputs says where outputs captured from GPU servers are stored.
 	// Default: a directory "comfyume/outputs" in Caddy's data directory.
@@ -295,6 +306,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.gateway.Manager().SetHistoryLimit(a.HistoryLimit)
 	a.gateway.Manager().SetHistorySize(a.HistorySize)
+	a.gateway.Hub().SetLimits(a.MaxSocketsPerUser, a.MaxSocketQueue)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		if err := reg.Register(metrics{app: a}); err != nil {
 			var dup prometheus.AlreadyRegisteredError
@@ -313,6 +325,9 @@ func (a *App) Validate() error {
 	}
 	if a.HistorySize < 0 {
 		return fmt.Errorf("history_size %d: must not be negative", a.HistorySize)
+	}
+	if a.MaxSocketsPerUser < 0 || a.MaxSocketQueue < 0 {
+		return fmt.Errorf("max_sockets_per_user and max_socket_queue must not be negative")
 	}
 	seen := map[string]bool{}
 	for _, p := range a.Pools {

@@ -40,6 +40,8 @@ func init() {
 //		history_limit <n>
 //		history_size <size>
 //		max_event_size <size> [<text size>]
+//		max_sockets_per_user <n>
+//		max_socket_queue <size>
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
 //			username <name>
@@ -203,6 +205,22 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if a.MaxEventSize == 0 || d.NextArg() {
 				return d.ArgErr()
 			}
+		case "max_sockets_per_user":
+			n, err := countArg(d, "max_sockets_per_user", 1)
+			if err != nil {
+				return err
+			}
+			a.MaxSocketsPerUser = n
+		case "max_socket_queue":
+			val, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			n, err := humanize.ParseBytes(val)
+			if err != nil || n == 0 || n > 1<<40 {
+				return d.Errf("max_socket_queue: %q is not a size", val)
+			}
+			a.MaxSocketQueue = int(n)
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()

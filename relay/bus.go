@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"github.com/valkey-io/valkey-go"
+
+	"github.com/comfyume/comfyume/comfy"
 )
 
 // Bus connects gateways (Caddy replicas) that share a store: a job's events
@@ -50,14 +53,62 @@ type BusMessage struct {
 	Pos string `json:"p,omitempty"`
 	// Keep asks for the frame to be kept for replay.
 	Keep bool `json:"-"`
-	// Text, Binary or Preview (a type-4 frame) carry the frame.
+	// Text, Binary or Preview (a type-4 frame) carry the frame. On the
+	// wire they follow the JSON header as raw bytes (see encodeBus); Body
+	// says which one it is.
 	Text    string `json:"t,omitempty"`
 	Binary  []byte `json:"b,omitempty"`
 	Preview []byte `json:"v,omitempty"`
+	Body    string `json:"y,omitempty"`
 	JobID   string `json:"j,omitempty"`
 	// Origin names the gateway that published the message; it has
 	// delivered it to its own sockets already.
 	Origin string `json:"o,omitempty"`
+}
+
+// encodeBus encodes a bus message: its JSON header, a NUL byte (which
+// never occurs in JSON), then the frame's bytes as they are — no base64 or
+// JSON escaping of previews and events on every hop.
+func encodeBus(m *BusMessage) []byte {
+	h := *m
+	var body string
+	switch {
+	case h.Text != "":
+		h.Body, body = "t", h.Text
+	case h.Binary != nil:
+		h.Body, body = "b", string(h.Binary)
+	case h.Preview != nil:
+		h.Body, body = "v", string(h.Preview)
+	}
+	h.Text, h.Binary, h.Preview = "", nil, nil
+	head, _ := json.Marshal(&h)
+	out := make([]byte, 0, len(head)+1+len(body))
+	out = append(out, head...)
+	out = append(out, 0)
+	return append(out, body...)
+}
+
+// decodeBus reads what encodeBus wrote (or a plain JSON message, as
+// gateways before it published).
+func decodeBus(b []byte, m *BusMessage) error {
+	i := bytes.IndexByte(b, 0)
+	if i < 0 {
+		return json.Unmarshal(b, m)
+	}
+	if err := json.Unmarshal(b[:i], m); err != nil {
+		return err
+	}
+	body := b[i+1:]
+	switch m.Body {
+	case "t":
+		m.Text = string(body)
+	case "b":
+		m.Binary = body
+	case "v":
+		m.Preview = body
+	}
+	m.Body = ""
+	return nil
 }
 
 func frameMessage(user, sid string, f frame) *BusMessage {
@@ -81,13 +132,17 @@ func frameMessage(user, sid string, f frame) *BusMessage {
 // replayWorthy says which frames a reconnecting browser needs: the job
 // lifecycle events. Progress is transient and its next frame supersedes it.
 func replayWorthy(text []byte) bool {
-	var head struct {
-		Type string `json:"type"`
+	t, ok := comfy.PeekType(text)
+	if !ok {
+		var head struct {
+			Type string `json:"type"`
+		}
+		if json.Unmarshal(text, &head) != nil {
+			return false
+		}
+		t = head.Type
 	}
-	if json.Unmarshal(text, &head) != nil {
-		return false
-	}
-	switch head.Type {
+	switch t {
 	case "progress", "progress_state", "status", "feature_flags":
 		return false
 	}
@@ -137,9 +192,9 @@ func userTag(user string) string {
 // Publish implements Bus.
 func (b *ValkeyBus) Publish(ctx context.Context, m *BusMessage) error {
 	if m.Keep {
-		entry, _ := json.Marshal(m)
+		entry := encodeBus(m)
 		key := b.sessionKey(m.User, m.SID)
-		cmd := b.client.B().Xadd().Key(key).Maxlen().Almost().Threshold(strconv.FormatInt(b.ReplayLen, 10)).Id("*").FieldValue().FieldValue("m", string(entry)).Build()
+		cmd := b.client.B().Xadd().Key(key).Maxlen().Almost().Threshold(strconv.FormatInt(b.ReplayLen, 10)).Id("*").FieldValue().FieldValue("m", valkey.BinaryString(entry)).Build()
 		id, err := b.client.Do(ctx, cmd).ToString()
 		if err != nil {
 			return err
@@ -149,8 +204,7 @@ func (b *ValkeyBus) Publish(ctx context.Context, m *BusMessage) error {
 		}
 		m.Pos = id
 	}
-	payload, _ := json.Marshal(m)
-	return b.client.Do(ctx, b.client.B().Publish().Channel(b.channel()).Message(string(payload)).Build()).Error()
+	return b.client.Do(ctx, b.client.B().Publish().Channel(b.channel()).Message(valkey.BinaryString(encodeBus(m))).Build()).Error()
 }
 
 // Run implements Bus.
@@ -163,7 +217,7 @@ func (b *ValkeyBus) Run(ctx context.Context, fn func(BusMessage), subscribed fun
 		})
 		err := b.client.Receive(sctx, b.client.B().Subscribe().Channel(b.channel()).Build(), func(msg valkey.PubSubMessage) {
 			var m BusMessage
-			if json.Unmarshal([]byte(msg.Message), &m) == nil {
+			if decodeBus([]byte(msg.Message), &m) == nil {
 				fn(m)
 			}
 		})
@@ -193,7 +247,7 @@ func (b *ValkeyBus) Missed(ctx context.Context, user, sid, since string) ([]BusM
 	out := make([]BusMessage, 0, len(entries))
 	for _, e := range entries {
 		var m BusMessage
-		if json.Unmarshal([]byte(e.FieldValues["m"]), &m) != nil {
+		if decodeBus([]byte(e.FieldValues["m"]), &m) != nil {
 			continue
 		}
 		m.Pos = e.ID

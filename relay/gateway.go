@@ -1,13 +1,3 @@
-// Package relay is what the browser sees: it owns each browser's WebSocket,
-// merges a user's home ComfyUI with the jobs the gateway ran elsewhere,
-// captures outputs into a blob store and serves them on /view, and answers
-// the queue, history and jobs APIs per user.
-//
-// A GPU job's events come from dispatch (its package comment follows one
-// from the GPU server's frame to here): Gateway.Capture stores an executed
-// event's outputs and rewrites their refs, and Gateway.Deliver publishes
-// each event — the upstream's own bytes, as a rule — to the hub, which
-// writes it to every socket of the job's browser session.
 package relay
 
 import (
@@ -62,6 +52,16 @@ type Config struct {
 	// Events bounds what GPU servers' events may cost: the largest frame
 	// accepted and the bytes queued per job (see dispatch.EventLimits).
 	Events dispatch.EventLimits
+	// MaxSocketsPerUser is how many browser sockets one user may have open
+	// on this gateway at once (default DefaultMaxSocketsPerUser); more are
+	// refused with close code 1008 and a reason the browser shows.
+	MaxSocketsPerUser int
+	// MaxSocketQueue is how many bytes may wait for one browser socket that
+	// reads slower than its events come (default DefaultMaxSocketQueue).
+	// Beyond it, progress and previews are coalesced to the latest per node
+	// (lifecycle events are all kept); a socket still over it after 10s, or
+	// over twice it, is closed, and the browser reconnects and replays.
+	MaxSocketQueue int
 }
 
 // Gateway is the per-Caddy core shared by every site: jobs, sessions,
@@ -99,6 +99,7 @@ func New(cfg Config) (*Gateway, error) {
 		homes:    map[string]*dispatch.Upstream{},
 		features: map[string]featureCache{},
 	}
+	g.hub.SetLimits(cfg.MaxSocketsPerUser, cfg.MaxSocketQueue)
 	g.manager = dispatch.NewManager(cfg.Store, g, cfg.Logger.Named("dispatch"))
 	g.manager.SetLeaseTTL(cfg.LeaseTTL)
 	g.manager.SetEventLimits(cfg.Events)

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	"github.com/gorilla/websocket"
 
 	"github.com/comfyume/comfyume/comfy"
 )
@@ -47,8 +46,13 @@ type Hub struct {
 	open     map[*socket]struct{}
 	bus      Bus
 	id       string // this gateway, as the Origin of its bus messages
-	stop     chan struct{}
-	once     sync.Once
+
+	perUser    map[string]int  // open sockets per user
+	refused    map[string]bool // users refused a socket since they were last under the limit (logged once)
+	maxPerUser int
+	maxQueue   int
+	stop       chan struct{}
+	once       sync.Once
 }
 
 // NewHub starts a hub; Close stops its housekeeping.
@@ -57,6 +61,8 @@ func NewHub() *Hub {
 		id:       uuid.NewString(),
 		sessions: map[sessionKey]*session{},
 		byUser:   map[string]map[*session]struct{}{},
+		perUser:  map[string]int{},
+		refused:  map[string]bool{},
 		stop:     make(chan struct{}),
 	}
 	go h.housekeeping()
@@ -296,48 +302,30 @@ func (h *Hub) housekeeping() {
 
 var pingEvery = 30 * time.Second
 
-// writeWait bounds one write to a browser; a browser that cannot take a
-// frame in that time is cut off (it reconnects and resynchronises).
-const writeWait = 10 * time.Second
-
-// socket is one browser WebSocket connection.
-type socket struct {
-	conn *websocket.Conn
-	mu   sync.Mutex // serialises writes
-	dead bool
-
-	// With a bus: the replay position of the last frame written, and while
-	// missed frames are being replayed, live frames held back until then.
-	lastPos     string
-	recent      map[string]struct{} // positions delivered lately (dedupe)
-	recentOrder []string
-	holding     bool
-	held        []heldFrame
-
-	previewMeta   bool // browser declared supports_preview_metadata
-	homeRemaining int  // queue_remaining of the home server
-}
-
 type heldFrame struct {
 	f   frame
 	pos string
 }
 
-// deliver writes a frame that has a replay position (or "" for none).
+// deliver queues a frame that has a replay position (or "" for none).
 // Frames of one session come from several gateways (each delivers its own
 // at once, the others' through the bus), so positions arrive out of order:
 // duplicates are recognised by position, not by order.
 func (s *socket) deliver(f frame, pos string) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.holding {
 		s.held = append(s.held, heldFrame{f, pos})
+		s.mu.Unlock()
 		return
 	}
-	if pos != "" && !s.mark(pos) {
-		return // had it already (a catch-up after a live delivery)
+	start, first, direct := false, queued{}, false
+	if pos == "" || s.mark(pos) { // else: had it already (a catch-up after a live delivery)
+		start, first, direct = s.enqueueLocked(queued{f: f})
 	}
-	s.writeLocked(f)
+	s.mu.Unlock()
+	if start {
+		go s.writeLoop(first, direct)
+	}
 }
 
 // recentPositions bounds the positions a socket remembers for dedupe.
@@ -364,75 +352,44 @@ func (s *socket) mark(pos string) bool {
 	return true
 }
 
-// replay writes the frames a reconnecting browser missed, then the live
-// frames that arrived meanwhile (skipping those it replayed).
+// replay queues the frames a reconnecting browser missed, then the live
+// frames that arrived meanwhile (skipping those it replayed), and writes
+// them (it runs on the socket's own goroutine).
 func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bool)) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	start, first, direct := false, queued{}, false
+	add := func(f frame) {
+		if st, fi, d := s.enqueueLocked(queued{f: f}); st {
+			start, first, direct = true, fi, d
+		}
+	}
 	for _, m := range missed {
 		if m.Pos != "" && !s.mark(m.Pos) {
 			continue
 		}
 		if f, ok := toFrame(m); ok {
-			s.writeLocked(f)
+			add(f)
 		}
 	}
 	for _, h := range s.held {
 		if h.pos != "" && !s.mark(h.pos) {
 			continue
 		}
-		s.writeLocked(h.f)
+		add(h.f)
 	}
 	s.held = nil
 	s.holding = false
-}
-
-func (s *socket) send(f frame) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.writeLocked(f)
-}
-
-func (s *socket) writeLocked(f frame) {
-	if s.dead {
-		return
-	}
-	var err error
-	_ = s.conn.SetWriteDeadline(time.Now().Add(writeWait))
-	switch {
-	case f.text != nil:
-		err = s.conn.WriteMessage(websocket.TextMessage, f.text)
-	case f.binary != nil:
-		err = s.conn.WriteMessage(websocket.BinaryMessage, f.binary)
-	case f.preview != nil:
-		var b []byte
-		if s.previewMeta && f.preview.Metadata != nil {
-			b = f.preview.EncodeType4(*f.preview.Metadata)
-		} else {
-			b = f.preview.EncodeType1()
-		}
-		err = s.conn.WriteMessage(websocket.BinaryMessage, b)
-	}
-	if err != nil {
-		s.dead = true
-		s.conn.Close()
+	s.mu.Unlock()
+	if start {
+		s.writeLoop(first, direct)
 	}
 }
 
-func (s *socket) ping() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.dead {
-		return
-	}
-	if err := s.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeWait)); err != nil {
-		s.dead = true
-		s.conn.Close()
-	}
-}
+// ping queues a ping (housekeeping keeps idle sockets alive).
+func (s *socket) ping() { s.sendRaw(pingFrame) }
 
-// setFlags records the browser's declared features and returns the queue
-// count to show, under the write lock so frames see a consistent view.
+// setPreviewMeta records whether the browser declared
+// supports_preview_metadata (previews are encoded for it when written).
 func (s *socket) setPreviewMeta(v bool) {
 	s.mu.Lock()
 	s.previewMeta = v
@@ -449,6 +406,49 @@ func (s *socket) getHomeRemaining() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.homeRemaining
+}
+
+// admit counts a new socket of user against the per-user limit; false
+// means the user has that many open already. Every admitted socket is
+// released with track(s, false) or release.
+func (h *Hub) admit(user string) (ok bool, limit int, first bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	limit = h.maxPerUser
+	if limit <= 0 {
+		limit = DefaultMaxSocketsPerUser
+	}
+	if h.perUser[user] >= limit {
+		first = !h.refused[user]
+		h.refused[user] = true
+		return false, limit, first
+	}
+	h.perUser[user]++
+	return true, limit, false
+}
+
+// release gives back a socket counted by admit.
+func (h *Hub) release(user string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.perUser[user]--; h.perUser[user] <= 0 {
+		delete(h.perUser, user)
+		delete(h.refused, user)
+	}
+}
+
+// SetLimits sets the per-user socket limit and the bytes queued per socket
+// (0: the defaults) for sockets opened from now on.
+func (h *Hub) SetLimits(socketsPerUser, queueBytes int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.maxPerUser, h.maxQueue = socketsPerUser, queueBytes
+}
+
+func (h *Hub) newSocket() *socket {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return newSocket(h.maxQueue)
 }
 
 // track remembers open sockets so Close can end them.
@@ -475,9 +475,6 @@ func (h *Hub) CloseSockets() {
 	}
 	h.mu.Unlock()
 	for _, s := range all {
-		s.mu.Lock()
-		s.dead = true
-		s.conn.Close()
-		s.mu.Unlock()
+		s.kill()
 	}
 }

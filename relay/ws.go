@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
@@ -60,30 +61,68 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request, site Site) {
 	if sid == "" {
 		sid = strings.ReplaceAll(uuid.NewString(), "-", "")
 	}
-	conn, err := upgrader.Upgrade(hijackable(w), r, nil)
+	user := site.User
+	admitted, limit, first := g.hub.admit(user)
+	s := g.hub.newSocket()
+	hj := &hijacker{ResponseWriter: hijackable(w), s: s}
+	conn, err := upgrader.Upgrade(hj, r, nil)
 	if err != nil {
+		if admitted {
+			g.hub.release(user)
+		}
 		g.logger.Debug("websocket upgrade failed", zap.Error(err))
 		return
 	}
+	hj.conn.upgraded = true
+	s.conn = conn
 	// The connection is ours now: no server read/write deadlines apply.
-	_ = conn.UnderlyingConn().SetDeadline(time.Time{})
+	_ = s.out.SetDeadline(time.Time{})
 	conn.SetReadLimit(browserReadLimit)
+	if !admitted {
+		if first {
+			g.logger.Warn("refusing browser sockets: too many open for this user", zap.String("user", user), zap.Int("limit", limit))
+		}
+		go refuse(s, websocket.ClosePolicyViolation, fmt.Sprintf("too many open sockets for this user (limit %d)", limit))
+		return
+	}
 	// The socket lives on in a goroutine of its own, so that Caddy's
 	// handler goroutine and its request state are freed now.
-	go g.runSocket(conn, site, sid)
+	go g.runSocket(s, site, sid)
+}
+
+// refuse closes a socket the gateway will not serve, with a reason the
+// browser sees, after giving it a moment to take the close frame.
+func refuse(s *socket, code int, reason string) {
+	s.mu.Lock()
+	s.closing = true
+	s.mu.Unlock()
+	_ = s.out.SetWriteDeadline(time.Now().Add(closeWait))
+	_, _ = s.out.Write(closeFrame(code, reason))
+	_ = s.conn.SetReadDeadline(time.Now().Add(closeWait))
+	for {
+		if _, _, err := s.conn.ReadMessage(); err != nil {
+			break
+		}
+	}
+	s.kill()
 }
 
 // runSocket serves one browser socket until it closes.
-func (g *Gateway) runSocket(conn *websocket.Conn, site Site, sid string) {
-	s := &socket{conn: conn}
+func (g *Gateway) runSocket(s *socket, site Site, sid string) {
+	conn := s.conn
 	user := site.User
 	bg := context.Background()
+	s.onClose = func(reason string) {
+		g.logger.Info("closing browser socket", zap.String("user", user), zap.String("sid", sid), zap.String("reason", reason))
+	}
 
-	s.send(frame{text: comfy.StatusMessage(g.remoteCount(bg, user), sid).Encode()})
+	s.write(frame{text: comfy.StatusMessage(g.remoteCount(bg, user), sid).Encode()})
 	if bus := g.hub.bus; bus != nil {
 		// Frames this tab missed, from whichever gateway had them; live
-		// frames wait until those are written.
+		// frames wait until those are queued.
+		s.mu.Lock()
 		s.holding = true
+		s.mu.Unlock()
 		g.hub.attach(user, sid, s)
 		ctx, cancel := context.WithTimeout(bg, busTimeout)
 		since, err := bus.LastSeen(ctx, user, sid)
@@ -98,7 +137,7 @@ func (g *Gateway) runSocket(conn *websocket.Conn, site Site, sid string) {
 		s.replay(missed, busFrame)
 	} else {
 		for _, f := range g.hub.attach(user, sid, s) {
-			s.send(f)
+			s.write(f)
 		}
 	}
 	g.hub.track(s, true)
@@ -113,11 +152,11 @@ func (g *Gateway) runSocket(conn *websocket.Conn, site Site, sid string) {
 		hl.close()
 		g.hub.detach(user, sid, s)
 		g.hub.track(s, false)
+		g.hub.release(user)
 		s.mu.Lock()
-		s.dead = true
 		pos := s.lastPos
 		s.mu.Unlock()
-		conn.Close()
+		s.finish()
 		if bus := g.hub.bus; bus != nil && pos != "" {
 			ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
 			if err := bus.Seen(ctx, user, sid, pos); err != nil {
@@ -133,28 +172,60 @@ func (g *Gateway) runSocket(conn *websocket.Conn, site Site, sid string) {
 		if err != nil {
 			return
 		}
-		if typ != websocket.TextMessage {
-			g.logger.Debug("closing browser socket: unexpected binary frame", zap.String("sid", sid))
-			return
-		}
-		m, err := comfy.ParseMessage(b)
-		if err != nil {
-			g.logger.Debug("closing browser socket: malformed frame", zap.String("sid", sid), zap.Error(err))
-			_ = conn.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseUnsupportedData, "malformed frame"), time.Now().Add(time.Second))
-			return
-		}
-		if first && m.Type == comfy.MsgFeatureFlags {
-			flags, _ := m.Fields()
-			s.setPreviewMeta(flags["supports_preview_metadata"] == true)
-			// We relay TEXT frames in the legacy layout only.
-			delete(flags, "supports_progress_text_metadata")
-			fwd := comfy.NewMessage(comfy.MsgFeatureFlags, flags).Encode()
-			hl.setFlags(fwd)
-			s.send(frame{text: comfy.NewMessage(comfy.MsgFeatureFlags, g.serverFeatures(site)).Encode()})
-		} else {
-			hl.write(b)
-		}
+		in := readBrowserFrame(typ, b, first)
 		first = false
+		switch {
+		case in.closeCode != 0:
+			g.logger.Debug("closing browser socket", zap.String("sid", sid), zap.String("reason", in.reason))
+			s.mu.Lock()
+			s.closeLocked(in.closeCode, in.reason)
+			s.mu.Unlock()
+			return
+		case in.flags:
+			s.setPreviewMeta(in.previewMeta)
+			hl.setFlags(in.forward)
+			s.write(frame{text: comfy.NewMessage(comfy.MsgFeatureFlags, g.serverFeatures(site)).Encode()})
+		default:
+			hl.write(in.forward)
+		}
+	}
+}
+
+// browserFrame is what the gateway makes of one frame from the browser.
+type browserFrame struct {
+	// forward goes to home (the frame as is, or rewritten flags).
+	forward []byte
+	// flags: the browser's first frame declared its features (answered by
+	// the gateway); previewMeta: it takes type-4 previews.
+	flags, previewMeta bool
+	// closeCode, when not 0, closes the socket with reason.
+	closeCode int
+	reason    string
+}
+
+// readBrowserFrame reads one frame from the browser. The ComfyUI frontend
+// sends feature_flags first; anything else is passed on to home.
+func readBrowserFrame(typ int, b []byte, first bool) browserFrame {
+	if typ != websocket.TextMessage {
+		return browserFrame{closeCode: websocket.CloseUnsupportedData, reason: "unexpected binary frame"}
+	}
+	m, err := comfy.ParseMessage(b)
+	if err != nil {
+		return browserFrame{closeCode: websocket.CloseUnsupportedData, reason: "malformed frame"}
+	}
+	if !first || m.Type != comfy.MsgFeatureFlags {
+		return browserFrame{forward: b}
+	}
+	flags, _ := m.Fields()
+	if flags == nil {
+		flags = map[string]any{}
+	}
+	// We relay TEXT frames in the legacy layout only.
+	delete(flags, "supports_progress_text_metadata")
+	return browserFrame{
+		forward:     comfy.NewMessage(comfy.MsgFeatureFlags, flags).Encode(),
+		flags:       true,
+		previewMeta: flags["supports_preview_metadata"] == true,
 	}
 }
 
@@ -214,24 +285,28 @@ func (h *homeLink) close() {
 // browser's is, and relays what home sends. Home's own status frames are
 // rewritten to count the user's remote jobs too.
 func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site Site, sid string) {
-	backoff := 500 * time.Millisecond
+	backoff := minRedial
+	wait := func() bool {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, maxRedial)
+		return true
+	}
 	for ctx.Err() == nil {
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		conn, err := site.Home.DialWebSocketWith(dctx, homeDialer, "/ws?clientId="+url.QueryEscape(sid))
 		cancel()
 		if err != nil {
 			g.logger.Debug("home websocket unavailable", zap.String("home", site.Home.String()), zap.Error(err))
-			select {
-			case <-ctx.Done():
+			if !wait() {
 				return
-			case <-time.After(backoff):
-			}
-			if backoff < 10*time.Second {
-				backoff *= 2
 			}
 			continue
 		}
-		backoff = 500 * time.Millisecond
+		linked := time.Now()
 		conn.SetReadLimit(streamLimit)
 		if !hl.setConn(conn) {
 			conn.Close()
@@ -243,12 +318,12 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 				break
 			}
 			if typ == websocket.BinaryMessage {
-				s.send(frame{binary: b})
+				s.write(frame{binary: b})
 				continue
 			}
 			// Most frames pass unchanged: decode only those we rewrite.
 			if t, ok := comfy.PeekType(b); ok && t != comfy.MsgStatus && t != comfy.MsgFeatureFlags {
-				s.send(frame{text: b})
+				s.write(frame{text: b})
 				continue
 			}
 			m, err := comfy.ParseMessage(b)
@@ -266,15 +341,33 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 				}
 				s.setHomeRemaining(st.Status.ExecInfo.QueueRemaining)
 				remote := g.remoteCount(ctx, site.User)
-				s.send(frame{text: comfy.StatusMessage(st.Status.ExecInfo.QueueRemaining+remote, "").Encode()})
+				s.write(frame{text: comfy.StatusMessage(st.Status.ExecInfo.QueueRemaining+remote, "").Encode()})
 			default:
-				s.send(frame{text: b})
+				s.write(frame{text: b})
 			}
 		}
 		hl.setConn(nil)
 		conn.Close()
+		// A link that died soon after it was made counts as a failed dial
+		// (a home that drops the socket, another tab on the same clientId):
+		// back off instead of re-dialing in a loop.
+		if time.Since(linked) < stableLink {
+			if !wait() {
+				return
+			}
+		} else {
+			backoff = minRedial
+		}
 	}
 }
+
+// Re-dialing home: the first retry after minRedial, doubling up to
+// maxRedial while dials fail or links die within stableLink.
+var (
+	minRedial  = 500 * time.Millisecond
+	maxRedial  = 10 * time.Second
+	stableLink = 5 * time.Second
+)
 
 // streamLimit bounds one frame from an upstream (previews can be large).
 const streamLimit = 64 << 20

@@ -1,0 +1,548 @@
+package relay
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// Defaults of the per-socket limits (see Config).
+const (
+	DefaultMaxSocketsPerUser = 32
+	DefaultMaxSocketQueue    = 4 << 20
+)
+
+// Timing of a socket that falls behind.
+var (
+	// writeWait bounds one write to a browser; a browser that cannot take
+	// a batch in that time is cut off (it reconnects and gets the replay).
+	writeWait = 10 * time.Second
+	// queueGrace is how long a socket's queue may stay over its bound
+	// (after coalescing) before the socket is closed.
+	queueGrace = 10 * time.Second
+	// closeWait bounds the last write of a closing socket (its close frame).
+	closeWait = time.Second
+)
+
+// maxBatch is about how many bytes one write carries (a single larger
+// frame goes alone).
+const maxBatch = 1 << 20
+
+// socket is one browser WebSocket connection and its outgoing queue.
+//
+// Frames for the browser are only ever queued (send, deliver, replay);
+// whoever finds the queue idle becomes its writer: the hub starts a short-
+// lived goroutine that writes everything queued in few writes and exits when
+// the queue is empty, so an idle socket costs no goroutine. The socket's own
+// goroutines (its home relay and its read loop) write inline instead (see
+// write), so a frame that finds the socket idle goes out at once. Nobody
+// else writes to the connection: gorilla's own control frames (pongs, close
+// replies) are routed into the queue by browserConn.
+type socket struct {
+	conn     *websocket.Conn // reads the browser's frames; never writes
+	out      net.Conn        // the connection; written only by the writer
+	vectored bool            // out takes a batch in one writev (a plain TCP connection)
+	limit    int             // bytes queued before progress and previews coalesce
+
+	mu        sync.Mutex
+	queue     []queued
+	base      int            // how many entries were taken off the queue so far
+	bytes     int            // bytes of the live entries in queue
+	dropped   int            // entries of queue superseded by newer ones
+	latest    map[string]int // while over the bound: coalescing key → position
+	overSince time.Time      // when the queue went over its bound (zero: it isn't)
+	writing   bool           // a writer is at work
+	closing   bool           // no more frames: the socket closes once its queue is written
+	dead      bool
+
+	// With a bus: the replay position of the last frame queued, and while
+	// missed frames are being replayed, live frames held back until then.
+	lastPos     string
+	recent      map[string]struct{} // positions delivered lately (dedupe)
+	recentOrder []string
+	holding     bool
+	held        []heldFrame
+
+	previewMeta   bool // browser declared supports_preview_metadata
+	homeRemaining int  // queue_remaining of the home server
+
+	onClose func(reason string) // logs why the gateway closed the socket
+}
+
+// Kinds of queued frames, for coalescing.
+const (
+	kindKept     = iota // lifecycle events and anything unknown: never dropped
+	kindProgress        // progress, progress_state, progress text: latest per node
+	kindPreview         // previews: latest per node
+)
+
+// queued is one frame waiting in a socket's queue.
+type queued struct {
+	f       frame
+	raw     []byte // a complete WebSocket frame (control frames), written as is
+	size    int
+	kind    uint8
+	dropped bool
+	key     string // coalescing key, once computed
+}
+
+func newSocket(limit int) *socket {
+	if limit <= 0 {
+		limit = DefaultMaxSocketQueue
+	}
+	return &socket{limit: limit}
+}
+
+// send queues a frame and returns at once; it never waits for the browser.
+func (s *socket) send(f frame) {
+	s.mu.Lock()
+	start, first, direct := s.enqueueLocked(queued{f: f})
+	s.mu.Unlock()
+	if start {
+		go s.writeLoop(first, direct)
+	}
+}
+
+// write queues a frame and, when the socket is idle, writes it (and
+// whatever else is queued) before returning. Only the socket's own
+// goroutines call it: it may wait for this browser, never for another.
+func (s *socket) write(f frame) {
+	s.mu.Lock()
+	start, first, direct := s.enqueueLocked(queued{f: f})
+	s.mu.Unlock()
+	if start {
+		s.writeLoop(first, direct)
+	}
+}
+
+// sendRaw queues a complete WebSocket frame (a control frame).
+func (s *socket) sendRaw(b []byte) {
+	s.mu.Lock()
+	start, first, direct := s.enqueueLocked(queued{raw: b})
+	s.mu.Unlock()
+	if start {
+		go s.writeLoop(first, direct)
+	}
+}
+
+// enqueueLocked adds an entry to the queue, coalescing when the queue is
+// over its bound and closing the socket when that does not help. It
+// reports whether the caller must start a writer (writeLoop(first)): when
+// the socket was idle, the entry is not queued but handed to the writer as
+// first.
+func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool) {
+	if s.dead || s.closing {
+		return false, q, false
+	}
+	q.size, q.kind = classify(q)
+	if !s.writing && len(s.queue) == 0 {
+		s.writing = true
+		return true, q, true
+	}
+	s.queue = append(s.queue, q)
+	s.bytes += q.size
+	if s.bytes > s.limit || s.latest != nil {
+		s.squeezeLocked()
+		switch {
+		case s.bytes > 2*s.limit && len(s.queue)-s.dropped > 1: // (a lone big frame goes through)
+			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: too many events queued")
+		case s.bytes <= s.limit:
+			s.overSince = time.Time{}
+		case s.overSince.IsZero():
+			s.overSince = time.Now()
+		case time.Since(s.overSince) > queueGrace:
+			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: events queued for over "+queueGrace.String())
+		}
+	}
+	if s.writing || len(s.queue) == 0 {
+		return false, q, false
+	}
+	s.writing = true
+	return true, q, false
+}
+
+// classify returns a queued entry's size and kind.
+func classify(q queued) (int, uint8) {
+	f := q.f
+	switch {
+	case q.raw != nil:
+		return len(q.raw), kindKept
+	case f.text != nil:
+		if t, ok := comfy.PeekType(f.text); ok && (t == comfy.MsgProgress || t == comfy.MsgProgressState) {
+			return len(f.text), kindProgress
+		}
+		return len(f.text), kindKept
+	case f.binary != nil:
+		t, _ := comfy.BinaryType(f.binary)
+		switch t {
+		case comfy.BinaryText:
+			return len(f.binary), kindProgress
+		case comfy.BinaryPreviewImage, comfy.BinaryPreviewImageWithMetadata:
+			return len(f.binary), kindPreview
+		}
+		return len(f.binary), kindKept
+	case f.preview != nil:
+		return len(f.preview.Image) + 256, kindPreview
+	}
+	return 0, kindKept
+}
+
+// coalesceKey names what a progress or preview frame is the latest state
+// of: a node of a prompt. ok is false for frames that are kept anyway.
+func coalesceKey(q *queued) (string, bool) {
+	f := q.f
+	switch {
+	case f.text != nil:
+		var m struct {
+			Type string `json:"type"`
+			Data struct {
+				Node     any    `json:"node"`
+				PromptID string `json:"prompt_id"`
+			} `json:"data"`
+		}
+		if json.Unmarshal(f.text, &m) != nil {
+			return "", false
+		}
+		if m.Type == comfy.MsgProgressState {
+			return "s\x00" + m.Data.PromptID, true
+		}
+		node, _ := json.Marshal(m.Data.Node)
+		return "p\x00" + m.Data.PromptID + "\x00" + string(node), true
+	case f.binary != nil:
+		if t, _ := comfy.BinaryType(f.binary); t == comfy.BinaryText {
+			tf, err := comfy.ParseText(f.binary, false)
+			if err != nil {
+				return "", false
+			}
+			return "t\x00" + tf.NodeID, true
+		}
+		p, err := comfy.ParsePreview(f.binary)
+		if err != nil {
+			return "", false
+		}
+		return previewKey(&p), true
+	case f.preview != nil:
+		return previewKey(f.preview), true
+	}
+	return "", false
+}
+
+func previewKey(p *comfy.Preview) string {
+	if p.Metadata == nil {
+		return "v\x00"
+	}
+	return "v\x00" + p.Metadata.PromptID + "\x00" + p.Metadata.NodeID
+}
+
+// squeezeLocked coalesces the queue: of the progress and preview frames
+// queued for one node, only the latest stays. The first call indexes the
+// whole queue; later ones only the newest entry, until the queue drains.
+func (s *socket) squeezeLocked() {
+	if s.latest == nil {
+		s.latest = map[string]int{}
+		for i := range s.queue {
+			s.coalesceLocked(i)
+		}
+	} else {
+		s.coalesceLocked(len(s.queue) - 1)
+	}
+	if s.dropped > 64 && s.dropped > len(s.queue)/2 {
+		s.compactLocked()
+	}
+}
+
+func (s *socket) coalesceLocked(i int) {
+	q := &s.queue[i]
+	if q.dropped || q.kind == kindKept {
+		return
+	}
+	if q.key == "" {
+		k, ok := coalesceKey(q)
+		if !ok {
+			q.kind = kindKept
+			return
+		}
+		q.key = k
+	}
+	if prev, ok := s.latest[q.key]; ok && prev >= s.base && prev-s.base < i {
+		old := &s.queue[prev-s.base]
+		s.bytes -= old.size
+		*old = queued{dropped: true}
+		s.dropped++
+	}
+	s.latest[q.key] = s.base + i
+}
+
+// compactLocked removes superseded entries from the queue.
+func (s *socket) compactLocked() {
+	live := make([]queued, 0, len(s.queue)-s.dropped)
+	for _, q := range s.queue {
+		if !q.dropped {
+			live = append(live, q)
+		}
+	}
+	s.base += len(s.queue) // positions of the old entries are all gone
+	s.queue, s.dropped = live, 0
+	clear(s.latest)
+	for i, q := range s.queue {
+		if q.key != "" {
+			s.latest[q.key] = s.base + i
+		}
+	}
+}
+
+// closeLocked drops what is queued and closes the socket with a reason,
+// once the write under way (if any) is done; the browser reconnects and
+// gets what it missed from the replay.
+func (s *socket) closeLocked(code int, reason string) {
+	if s.dead || s.closing {
+		return
+	}
+	s.base += len(s.queue)
+	cf := closeFrame(code, reason)
+	s.queue = []queued{{raw: cf, size: len(cf)}}
+	s.bytes, s.dropped, s.latest = len(cf), 0, nil
+	s.closing = true
+	if s.out != nil {
+		_ = s.out.SetWriteDeadline(time.Now().Add(closeWait))
+	}
+	if s.onClose != nil {
+		s.onClose(reason)
+	}
+	if !s.writing {
+		s.writing = true
+		go s.writeLoop(queued{}, false)
+	}
+}
+
+// finish ends the socket: frames already queued (a close reply) are
+// written within closeWait, then the connection is closed.
+func (s *socket) finish() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closing = true
+	if s.writing {
+		_ = s.out.SetWriteDeadline(time.Now().Add(closeWait))
+		return
+	}
+	s.dieLocked()
+}
+
+// kill closes the connection now (on shutdown).
+func (s *socket) kill() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.dieLocked()
+}
+
+func (s *socket) dieLocked() {
+	s.closing = true
+	if !s.dead {
+		s.dead = true
+		s.out.Close()
+	}
+	s.base += len(s.queue)
+	s.queue, s.bytes, s.dropped, s.latest = nil, 0, 0, nil
+}
+
+// writeLoop writes first (if direct), then the queue until it is empty.
+// The caller has set s.writing.
+func (s *socket) writeLoop(first queued, direct bool) {
+	sc := scratchPool.Get().(*writeScratch)
+	s.mu.Lock()
+	for !s.dead && (direct || len(s.queue) > 0) {
+		// Take a batch off the front of the queue.
+		batch := sc.batch[:0]
+		size := 0
+		if direct {
+			batch = append(batch, first)
+			size, direct, first = first.size, false, queued{}
+		} else {
+			n := 0
+			for n < len(s.queue) && (size == 0 || size+s.queue[n].size <= maxBatch) {
+				if q := s.queue[n]; q.dropped {
+					s.dropped--
+				} else {
+					batch = append(batch, q)
+					size += q.size
+				}
+				n++
+			}
+			clear(s.queue[:n])
+			s.queue = s.queue[n:]
+			s.base += n
+			s.bytes -= size
+			if len(s.queue) == 0 {
+				s.queue, s.dropped, s.latest = nil, 0, nil
+			}
+			if s.bytes <= s.limit {
+				s.overSince = time.Time{}
+			}
+		}
+		meta, wait := s.previewMeta, writeWait
+		if s.closing {
+			wait = closeWait
+		}
+		s.mu.Unlock()
+
+		bufs, hdrs := sc.bufs[:0], sc.hdrs[:0]
+		for _, q := range batch {
+			bufs, hdrs = appendFrame(bufs, hdrs, q, meta)
+		}
+		_ = s.out.SetWriteDeadline(time.Now().Add(wait))
+		var err error
+		if s.vectored {
+			sc.w = bufs // WriteTo consumes its receiver
+			_, err = sc.w.WriteTo(s.out)
+		} else {
+			// TLS and other wrapped connections would make a record and
+			// a write of every header and payload: join them.
+			flat := sc.flat[:0]
+			for _, b := range bufs {
+				flat = append(flat, b...)
+			}
+			_, err = s.out.Write(flat)
+			if cap(flat) <= 64<<10 {
+				sc.flat = flat[:0]
+			}
+		}
+		clear(bufs)
+		clear(batch)
+		sc.bufs, sc.hdrs, sc.batch = bufs[:0], hdrs[:0], batch[:0]
+
+		s.mu.Lock()
+		if err != nil {
+			s.dieLocked()
+		}
+	}
+	s.writing = false
+	if s.closing {
+		s.dieLocked()
+	}
+	s.mu.Unlock()
+	if cap(sc.batch) <= 64 && cap(sc.hdrs) <= 640 {
+		scratchPool.Put(sc)
+	}
+}
+
+// writeScratch is a writer's working memory, reused across writers.
+type writeScratch struct {
+	batch []queued
+	bufs  net.Buffers
+	w     net.Buffers
+	hdrs  []byte
+	flat  []byte
+}
+
+var scratchPool = sync.Pool{New: func() any { return new(writeScratch) }}
+
+// appendFrame adds one queued frame, with its WebSocket header (built in
+// hdrs), to bufs.
+func appendFrame(bufs net.Buffers, hdrs []byte, q queued, previewMeta bool) (net.Buffers, []byte) {
+	if q.raw != nil {
+		return append(bufs, q.raw), hdrs
+	}
+	op, payload := websocket.BinaryMessage, q.f.binary
+	switch {
+	case q.f.text != nil:
+		op, payload = websocket.TextMessage, q.f.text
+	case q.f.preview != nil:
+		if p := q.f.preview; previewMeta && p.Metadata != nil {
+			payload = p.EncodeType4(*p.Metadata)
+		} else {
+			payload = p.EncodeType1()
+		}
+	}
+	start := len(hdrs)
+	hdrs = appendHeader(hdrs, op, len(payload))
+	return append(bufs, hdrs[start:len(hdrs):len(hdrs)], payload), hdrs
+}
+
+// appendHeader appends the header of an unmasked, unfragmented server
+// frame of opcode op carrying n bytes.
+func appendHeader(h []byte, op, n int) []byte {
+	h = append(h, 0x80|byte(op))
+	switch {
+	case n < 126:
+		return append(h, byte(n))
+	case n <= 0xFFFF:
+		return binary.BigEndian.AppendUint16(append(h, 126), uint16(n))
+	default:
+		return binary.BigEndian.AppendUint64(append(h, 127), uint64(n))
+	}
+}
+
+// closeFrame is a close frame with a status code and a reason (cut to fit
+// a control frame).
+func closeFrame(code int, reason string) []byte {
+	if len(reason) > 123 {
+		reason = reason[:123]
+	}
+	p := websocket.FormatCloseMessage(code, reason)
+	return append(appendHeader(nil, websocket.CloseMessage, len(p)), p...)
+}
+
+// pingFrame is an empty ping.
+var pingFrame = []byte{0x80 | websocket.PingMessage, 0}
+
+// browserConn is the browser's connection as gorilla sees it after the
+// upgrade: what gorilla writes on its own (pongs, close replies, protocol
+// errors, each one whole frame in one Write) goes through the socket's
+// queue, so that only the socket's writer ever writes to the connection.
+type browserConn struct {
+	net.Conn
+	s        *socket
+	upgraded bool
+}
+
+func (c *browserConn) Write(p []byte) (int, error) {
+	if !c.upgraded {
+		return c.Conn.Write(p) // the handshake
+	}
+	c.s.sendRaw(append([]byte(nil), p...))
+	return len(p), nil
+}
+
+func (c *browserConn) SetWriteDeadline(t time.Time) error {
+	if !c.upgraded {
+		return c.Conn.SetWriteDeadline(t)
+	}
+	return nil // the writer sets its own
+}
+
+func (c *browserConn) SetDeadline(t time.Time) error {
+	if !c.upgraded {
+		return c.Conn.SetDeadline(t)
+	}
+	return c.Conn.SetReadDeadline(t)
+}
+
+// hijacker hands gorilla the connection wrapped in a browserConn.
+type hijacker struct {
+	http.ResponseWriter
+	s    *socket
+	conn *browserConn
+}
+
+func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	hj, ok := h.ResponseWriter.(http.Hijacker)
+	if !ok {
+		return nil, nil, http.ErrNotSupported
+	}
+	c, rw, err := hj.Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	h.conn = &browserConn{Conn: c, s: h.s}
+	h.s.out = c
+	_, h.s.vectored = c.(*net.TCPConn)
+	return h.conn, rw, nil
+}

@@ -1,0 +1,288 @@
+package relay
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// wireFrame is one frame as the browser reads it.
+type wireFrame struct {
+	op      int
+	payload []byte
+}
+
+// readWire reads unmasked server frames from r until it fails.
+func readWire(r io.Reader, out chan<- wireFrame) {
+	defer close(out)
+	for {
+		var h [2]byte
+		if _, err := io.ReadFull(r, h[:]); err != nil {
+			return
+		}
+		n := uint64(h[1] & 0x7f)
+		switch n {
+		case 126:
+			var b [2]byte
+			if _, err := io.ReadFull(r, b[:]); err != nil {
+				return
+			}
+			n = uint64(binary.BigEndian.Uint16(b[:]))
+		case 127:
+			var b [8]byte
+			if _, err := io.ReadFull(r, b[:]); err != nil {
+				return
+			}
+			n = binary.BigEndian.Uint64(b[:])
+		}
+		p := make([]byte, n)
+		if _, err := io.ReadFull(r, p); err != nil {
+			return
+		}
+		out <- wireFrame{op: int(h[0] & 0x0f), payload: p}
+	}
+}
+
+// pipeSocket is a socket whose browser reads only when the test says so
+// (net.Pipe: every write waits for the reader).
+func pipeSocket(t *testing.T, limit int) (*socket, net.Conn) {
+	t.Helper()
+	server, browser := net.Pipe()
+	t.Cleanup(func() { server.Close(); browser.Close() })
+	s := newSocket(limit)
+	s.out = server
+	s.previewMeta = true
+	return s, browser
+}
+
+func progressText(prompt, node string, v int) []byte {
+	return []byte(fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":100,"prompt_id":%q,"node":%q}}`, v, prompt, node))
+}
+
+func lifecycleText(typ, prompt, node string) []byte {
+	return []byte(fmt.Sprintf(`{"type":%q,"data":{"prompt_id":%q,"node":%q}}`, typ, prompt, node))
+}
+
+func previewOf(prompt, node string, n, fill int) *comfy.Preview {
+	return &comfy.Preview{
+		Metadata:  &comfy.PreviewMetadata{NodeID: node, PromptID: prompt, ImageType: "image/jpeg"},
+		ImageType: "image/jpeg",
+		Image:     bytes.Repeat([]byte{byte(fill)}, n),
+	}
+}
+
+// The job of a socket whose browser is stuck while 300 progress events and
+// 30 previews of two nodes arrive: once the browser reads again it gets
+// every lifecycle event in order, and of progress and previews the latest
+// per node, in their place after the lifecycle events before them.
+func TestQueueCoalescesProgressAndPreviewsUnderPressure(t *testing.T) {
+	s, browser := pipeSocket(t, 64<<10)
+	var want []string
+	s.send(frame{text: lifecycleText("execution_start", "p", "")})
+	want = append(want, "execution_start:")
+	for _, node := range []string{"3", "7"} {
+		s.send(frame{text: lifecycleText("executing", "p", node)})
+		want = append(want, "executing:"+node)
+		for i := 1; i <= 150; i++ {
+			s.send(frame{text: progressText("p", node, i)})
+			if i%10 == 0 {
+				s.send(frame{preview: previewOf("p", node, 16<<10, i)})
+			}
+		}
+		s.send(frame{text: lifecycleText("executed", "p", node)})
+		want = append(want, "executed:"+node)
+	}
+	s.send(frame{text: lifecycleText("execution_success", "p", "")})
+	want = append(want, "execution_success:")
+
+	frames := make(chan wireFrame, 1024)
+	go readWire(browser, frames)
+	var got []string
+	last := map[string]int{}
+	previews := map[string]int{}
+	for len(got) < len(want) {
+		var f wireFrame
+		select {
+		case f = <-frames:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("stuck after %v", got)
+		}
+		if f.op == websocket.BinaryMessage {
+			p, err := comfy.ParsePreview(f.payload)
+			if err != nil {
+				t.Fatal(err)
+			}
+			previews[p.Metadata.NodeID] = int(p.Image[0])
+			continue
+		}
+		var m struct {
+			Type string `json:"type"`
+			Data struct {
+				Node  string `json:"node"`
+				Value int    `json:"value"`
+			} `json:"data"`
+		}
+		if err := json.Unmarshal(f.payload, &m); err != nil {
+			t.Fatal(err)
+		}
+		if m.Type == "progress" {
+			if m.Data.Value <= last[m.Data.Node] {
+				t.Fatalf("progress of node %s went from %d to %d", m.Data.Node, last[m.Data.Node], m.Data.Value)
+			}
+			last[m.Data.Node] = m.Data.Value
+			continue
+		}
+		got = append(got, m.Type+":"+m.Data.Node)
+		if m.Type == "executed" && (last[m.Data.Node] != 150 || previews[m.Data.Node] != 150) {
+			t.Fatalf("before executed of node %s: last progress %d, last preview %d; want 150 and 150", m.Data.Node, last[m.Data.Node], previews[m.Data.Node])
+		}
+	}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("lifecycle events %v, want %v", got, want)
+	}
+}
+
+// A browser that keeps up (the queue never exceeds its bound) gets every
+// frame in order.
+func TestQueueKeepsEverythingForABrowserThatKeepsUp(t *testing.T) {
+	s, browser := pipeSocket(t, 4<<20)
+	frames := make(chan wireFrame, 4096)
+	go readWire(browser, frames)
+	const n = 500
+	for i := 1; i <= n; i++ {
+		s.send(frame{text: progressText("p", "3", i)})
+		if i%50 == 0 {
+			s.send(frame{preview: previewOf("p", "3", 8<<10, i/50)})
+		}
+	}
+	progress, previews := 0, 0
+	for progress < n || previews < n/50 {
+		select {
+		case f := <-frames:
+			if f.op == websocket.BinaryMessage {
+				previews++
+				continue
+			}
+			progress++
+			if want := progressText("p", "3", progress); !bytes.Equal(f.payload, want) {
+				t.Fatalf("frame %d is %s, want %s", progress, f.payload, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("got %d progress and %d previews of %d and %d", progress, previews, n, n/50)
+		}
+	}
+}
+
+// Lifecycle frames are never dropped: when they alone pass twice the
+// bound, the socket is closed with a reason (the browser reconnects and
+// replays) and its queue is freed.
+func TestQueueClosesWhenKeptFramesPassTheHardCap(t *testing.T) {
+	s, browser := pipeSocket(t, 16<<10)
+	big := lifecycleText("executed", "p", strings.Repeat("x", 4<<10))
+	for i := 0; i < 20; i++ {
+		s.send(frame{text: big})
+	}
+	s.mu.Lock()
+	closing, queued := s.closing, s.bytes
+	s.mu.Unlock()
+	if !closing || queued > 1<<10 {
+		t.Fatalf("closing %v with %d bytes queued", closing, queued)
+	}
+	frames := make(chan wireFrame, 64)
+	go readWire(browser, frames)
+	for f := range frames {
+		if f.op == websocket.CloseMessage {
+			code := binary.BigEndian.Uint16(f.payload)
+			if code != websocket.ClosePolicyViolation || !strings.Contains(string(f.payload[2:]), "too slow") {
+				t.Fatalf("close %d %q", code, f.payload[2:])
+			}
+			return
+		}
+	}
+	t.Fatal("no close frame")
+}
+
+func FuzzReadBrowserFrame(f *testing.F) {
+	f.Add(true, true, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true,"supports_progress_text_metadata":true,"supports_manager_v4_ui":true}}`))
+	f.Add(true, true, []byte(`{"type":"feature_flags","data":null}`))
+	f.Add(true, true, []byte(`{"type":"feature_flags"}`))
+	f.Add(false, true, []byte(`{"type":"feature_flags","data":{}}`))
+	f.Add(true, true, []byte(`{"type":"something","data":[1,2]}`))
+	f.Add(true, true, []byte(`{"type":1}`))
+	f.Add(true, true, []byte(`not json`))
+	f.Add(true, false, []byte{0, 0, 0, 1})
+	f.Fuzz(func(t *testing.T, first, text bool, b []byte) {
+		typ := websocket.BinaryMessage
+		if text {
+			typ = websocket.TextMessage
+		}
+		in := readBrowserFrame(typ, b, first)
+		switch {
+		case in.closeCode != 0:
+			if in.forward != nil || in.flags || in.reason == "" {
+				t.Fatalf("close with %+v", in)
+			}
+		case in.flags:
+			if !first {
+				t.Fatal("flags answered on a later frame")
+			}
+			var m struct {
+				Type string         `json:"type"`
+				Data map[string]any `json:"data"`
+			}
+			if err := json.Unmarshal(in.forward, &m); err != nil || m.Type != comfy.MsgFeatureFlags {
+				t.Fatalf("forwarded flags %s: %v", in.forward, err)
+			}
+			if _, ok := m.Data["supports_progress_text_metadata"]; ok {
+				t.Fatalf("forwarded flags keep supports_progress_text_metadata: %s", in.forward)
+			}
+			if in.previewMeta != (m.Data["supports_preview_metadata"] == true) {
+				t.Fatalf("previewMeta %v for %s", in.previewMeta, in.forward)
+			}
+		default:
+			if !bytes.Equal(in.forward, b) {
+				t.Fatalf("forwarded %q, got %q", in.forward, b)
+			}
+		}
+	})
+}
+
+func FuzzBusEncoding(f *testing.F) {
+	f.Add("frame", "alice", "tab", "1-0", "", []byte(`{"type":"executed","data":{}}`), uint8(0))
+	f.Add("frame", "bob", "s\x00id", "", "o", []byte{0, 0, 0, 4, 0, 0, 0, 2, '{', '}'}, uint8(1))
+	f.Add("queue", "u}:x", "", "", "", []byte{}, uint8(2))
+	f.Fuzz(func(t *testing.T, kind, user, sid, pos, origin string, body []byte, which uint8) {
+		m := BusMessage{Kind: kind, User: user, SID: sid, Pos: pos, Origin: origin}
+		switch which % 3 {
+		case 0:
+			m.Text = string(body)
+		case 1:
+			m.Binary = body
+		case 2:
+			m.Preview = body
+		}
+		var got BusMessage
+		if err := decodeBus(encodeBus(&m), &got); err != nil {
+			t.Fatalf("decoding what was encoded: %v", err)
+		}
+		// The frame's bytes travel as they are (an empty one as none).
+		norm := func(m BusMessage) string {
+			return fmt.Sprintf("%q|%x|%x", m.Text, m.Binary, m.Preview)
+		}
+		if len(body) > 0 && norm(got) != norm(m) {
+			t.Fatalf("round trip: %s, want %s", norm(got), norm(m))
+		}
+		// Anything from the bus decodes or fails, never panics.
+		_ = decodeBus(body, &got)
+	})
+}
