@@ -111,6 +111,10 @@ type StoreConfig struct {
 	LeaseTTL caddy.Duration `json:"lease_ttl,omitempty"`
 }
 
+// DefaultMaxQueued is how many jobs one user may have waiting in a pool
+// when its max_queued is not set.
+const DefaultMaxQueued = 100
+
 // PoolConfig is a named set of GPU ComfyUI servers.
 type PoolConfig struct {
 	// Name identifies the pool in a site's `run_on`.
@@ -120,8 +124,11 @@ type PoolConfig struct {
 	// fair queue: users of higher priority first, otherwise one job per
 	// user in turn, so one user's batch does not hold up the others.
 	Upstreams []UpstreamConfig `json:"upstreams"`
-	// MaxQueued is how many jobs one user may have waiting (0 = no limit);
-	// more are refused with 429 and a message the UI shows.
+	// MaxQueued is how many jobs one user may have waiting (default
+	// DefaultMaxQueued, 100; -1 = no limit); more are refused with 429 and
+	// a message the UI shows. Waiting jobs keep their prompts and
+	// workflows in the store, so this also bounds what one user's queue
+	// costs in memory.
 	MaxQueued int `json:"max_queued,omitempty"`
 	// MaxRunning is how many of one user's jobs may run at once on the
 	// pool (0 = no limit).
@@ -283,7 +290,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.gateway = val.(gatewayHolder).Gateway
 	a.gateway.Manager().SetEventLimits(dispatch.EventLimits{MaxBinary: a.MaxEventSize, MaxText: a.MaxTextEventSize})
 	for _, pc := range a.Pools {
-		pool := &dispatch.Pool{Name: pc.Name, MaxQueued: pc.MaxQueued, MaxRunning: pc.MaxRunning,
+		maxQueued := pc.MaxQueued
+		switch {
+		case maxQueued == 0:
+			maxQueued = DefaultMaxQueued
+		case maxQueued < 0:
+			maxQueued = 0 // no limit
+		}
+		pool := &dispatch.Pool{Name: pc.Name, MaxQueued: maxQueued, MaxRunning: pc.MaxRunning,
 			ColdStartTimeout: time.Duration(pc.ColdStartTimeout), Watchdog: time.Duration(pc.Watchdog),
 			FallbackHome: pc.Fallback == "home"}
 		for _, uc := range pc.Upstreams {

@@ -115,6 +115,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						return err
 					}
 					if key == "max_queued" {
+						if n == 0 {
+							n = -1 // "max_queued 0": no limit (unset is the default)
+						}
 						pool.MaxQueued = n
 					} else {
 						pool.MaxRunning = n

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/comfyume/comfyume/caddymodule"
 	"github.com/comfyume/comfyume/comfytest"
 )
 
@@ -71,5 +72,33 @@ func TestFairQueueAcrossUsers(t *testing.T) {
 	want := []string{ids[0], b1, ids[1], ids[2], ids[3], ids[4]}
 	if strings.Join(order, ",") != strings.Join(want, ",") {
 		t.Fatalf("GPU order %v, want %v (bob second)", order, want)
+	}
+}
+
+// A pool whose max_queued is not set still bounds one user's waiting jobs
+// (DefaultMaxQueued), so one script cannot fill the gateway's memory with
+// prompts; others still get their turn.
+func TestDefaultMaxQueued(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 200 * time.Millisecond})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	alice := g.openBrowser("alice", "", true)
+	bob := g.openBrowser("bob", "", true)
+	// One runs (max_jobs 1), DefaultMaxQueued wait.
+	for i := 0; i <= caddymodule.DefaultMaxQueued; i++ {
+		g.queue("alice", alice.SID, samplerWorkflow("a", 50))
+	}
+	st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("a", 1), "client_id": alice.SID})
+	var e struct {
+		Error struct{ Message, Details string } `json:"error"`
+	}
+	if st != 429 || json.Unmarshal(body, &e) != nil || !strings.Contains(e.Error.Details, "100 prompts waiting") {
+		t.Fatalf("alice over the default max_queued: %d %s", st, body)
+	}
+	b := g.queue("bob", bob.SID, samplerWorkflow("b", 1)).PromptID
+	var page jobsPage
+	g.getJSON("bob", "/api/jobs?status=pending", &page)
+	if j := findJob(page.Jobs, b); j == nil || j["queue_position"] != float64(1) {
+		t.Fatalf("bob's job is not next: %v", page.Jobs)
 	}
 }
