@@ -166,6 +166,9 @@ func (s *Server) runJob(j *job, fail string) bool {
 		outputs = append(outputs, kv{e.K, o})
 		meta = append(meta, kv{e.K, m})
 	}
+	if s.opts.BeforeHistory != nil {
+		s.opts.BeforeHistory(j.id)
+	}
 	statusStr := "success"
 	if !success {
 		statusStr = "error"

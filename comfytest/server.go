@@ -63,6 +63,12 @@ type Options struct {
 	// open and receives nothing more), and when either socket closes the
 	// sid is unregistered. By default the fake closes the older socket.
 	KeepReplacedSockets bool
+	// BeforeHistory, if set, is called with a job's prompt id after its
+	// last event (execution_success or its error) was sent and before its
+	// history entry is written and it leaves the queue, as ComfyUI's
+	// execute() returns before task_done. A test can block in it to hold a
+	// job in that window; the server runs nothing else meanwhile.
+	BeforeHistory func(promptID string)
 }
 
 // SentFrame describes one WebSocket frame for Options.OnSend.

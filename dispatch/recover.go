@@ -286,6 +286,9 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 			// The stream loop keeps trying and fails the job after its
 			// LostTimeout; the history check below may still finish it.
 		}
+		// Still queued or running there: its events end it; if its end
+		// event went by before it was routed here, the end-of-job marker
+		// the GPU sends after writing its history does (endFromHistory).
 		if r.resync() == stateGone {
 			// Neither ended nor queued there: no event will ever come.
 			r.fail("The job is no longer on its GPU server: it was lost while no gateway followed it. Please queue it again.")

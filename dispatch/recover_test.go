@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -78,12 +80,20 @@ func recoverFixture(t *testing.T, store Store) (*Manager, *endEvents, *observer.
 
 func recoverFixtureGPU(t *testing.T, store Store, step time.Duration) (*Manager, *endEvents, *observer.ObservedLogs, *comfytest.Server) {
 	t.Helper()
-	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: step, KeepReplacedSockets: true})
+	return recoverFixtureWith(t, store, comfytest.Options{StepDelay: step}, nil)
+}
+
+// recoverFixtureWith is recoverFixtureGPU with more of the fake's options,
+// and the HTTP transport the gateway reaches it through (nil: default).
+func recoverFixtureWith(t *testing.T, store Store, opts comfytest.Options, tr http.RoundTripper) (*Manager, *endEvents, *observer.ObservedLogs, *comfytest.Server) {
+	t.Helper()
+	opts.Version, opts.Name, opts.KeepReplacedSockets = "2026", "gpu", true
+	gpu := comfytest.Start(t, opts)
 	core, logs := observer.New(zap.InfoLevel)
 	events := &endEvents{}
 	m := NewManager(store, events, zap.New(core))
 	t.Cleanup(m.Close)
-	up, err := NewUpstream(gpu.URL(), UpstreamOptions{MaxJobs: 4})
+	up, err := NewUpstream(gpu.URL(), UpstreamOptions{MaxJobs: 4, Transport: tr})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,6 +199,78 @@ func TestOwnJobFollowedAgainOnItsOwnStream(t *testing.T) {
 	}
 	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
 		t.Fatalf("own job followed again ended with %q", typ)
+	}
+	waitDetached(t, m, id)
+	if j, err := store.Job(context.Background(), id); err != nil || j.Active() {
+		t.Fatalf("record after following again: %+v, %v", j, err)
+	}
+	next := submitOneStep(t, m, "next")
+	if typ := events.waitEnd(next, 5*time.Second); typ != comfy.MsgExecutionSuccess {
+		t.Fatalf("the next prompt got %q, want execution_success (the gateway is wedged)", typ)
+	}
+}
+
+// queueReads tells when the GPU's answer to a GET /queue has arrived.
+type queueReads struct {
+	base http.RoundTripper
+	done chan struct{}
+}
+
+func (q *queueReads) RoundTrip(req *http.Request) (*http.Response, error) {
+	res, err := q.base.RoundTrip(req)
+	if err == nil && req.Method == http.MethodGet && strings.HasSuffix(req.URL.Path, "/queue") {
+		select {
+		case q.done <- struct{}{}:
+		default:
+		}
+	}
+	return res, err
+}
+
+// A gateway follows one of its own jobs again in the moment after the GPU
+// sent the job's end and before it wrote the job's history entry (ComfyUI
+// does so in that order): the job is still listed as running there, and
+// its end event is gone. The end-of-job marker the GPU sends once the
+// entry is written ends the job from there, instead of leaving it running
+// forever in the user's queue.
+func TestOwnJobFollowedAgainBeforeItsHistoryIsWritten(t *testing.T) {
+	store := &lossyStore{Store: NewMemoryStore()}
+	var jobs atomic.Int32
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	free := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(free) // before the fake stops
+	hold := func(string) {
+		if jobs.Add(1) == 1 { // the first job only
+			<-release
+		}
+	}
+	reads := &queueReads{base: http.DefaultTransport, done: make(chan struct{}, 1)}
+	m, events, logs, _ := recoverFixtureWith(t, store, comfytest.Options{BeforeHistory: hold}, reads)
+	store.failEnds.Store(true)
+	id := submitOneStep(t, m, "first")
+	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
+		t.Fatalf("first job: %q", typ)
+	}
+	waitDetached(t, m, id)
+	store.failEnds.Store(false)
+	m.forgetEnded(time.Now().Add(time.Hour))
+	select {
+	case <-reads.done: // none is expected before the job is followed again
+	default:
+	}
+	m.Recover(context.Background())
+	if n := logs.FilterMessage("following again a job this gateway had lost track of").Len(); n != 1 {
+		t.Fatalf("own job followed again %d times, want 1", n)
+	}
+	select {
+	case <-reads.done: // it found the job still running there
+	case <-time.After(5 * time.Second):
+		t.Fatal("the job followed again was not looked up on its GPU")
+	}
+	free() // the GPU writes the history entry and sends its end marker
+	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
+		t.Fatalf("own job followed again ended with %q, want execution_success", typ)
 	}
 	waitDetached(t, m, id)
 	if j, err := store.Job(context.Background(), id); err != nil || j.Active() {

@@ -45,6 +45,7 @@ type run struct {
 	display  string
 	finished bool
 	detached bool // see Manager.detach
+	replayed bool // its end was replayed from the upstream's history
 	done     chan struct{}
 	started  bool // goroutine running
 	routeIDs []string
@@ -214,8 +215,14 @@ func (r *run) handle(raw event) {
 		case comfy.MsgExecuting:
 			if h.NodeKind == comfy.NodeNull {
 				// The upstream's end-of-job marker; the dispatcher sends
-				// its own after the terminal event.
+				// its own after the terminal event. Reaching it unfinished,
+				// the run missed that event: it ends from the history (a
+				// pinned job ends with its stream instead).
+				pinned := job.Transport == TransportWorker
 				r.mu.Unlock()
+				if !pinned {
+					go r.endFromHistory()
+				}
 				return
 			}
 			r.node = h.Node
@@ -384,10 +391,46 @@ func (r *run) resync() jobState {
 	return stateGone
 }
 
+// endFromHistory ends a run whose upstream said the job is over (its
+// executing{node:null}) without the run having seen how: it missed the
+// terminal event, e.g. because it followed the job again only after that
+// was sent. ComfyUI writes the job's history entry before it sends the
+// marker, so the end is read from there. A server that cannot be asked is
+// asked again a few times; a job whose end cannot be read fails rather
+// than waiting for events that will never come.
+func (r *run) endFromHistory() {
+	wait := time.Second
+	for try := 0; ; try++ {
+		switch r.resync() {
+		case stateEnded:
+			return
+		case stateGone:
+			r.fail("The job is no longer on its GPU server: its result was lost. Please queue it again.")
+			return
+		}
+		if try == 3 {
+			r.fail("The job ended on its GPU server, but its result could not be read. Please queue it again.")
+			return
+		}
+		select {
+		case <-r.done:
+			return
+		case <-time.After(wait):
+		}
+		wait *= 2
+	}
+}
+
 // replayHistory pushes executed events for outputs not yet seen and the
-// terminal event recorded in the history entry.
+// terminal event recorded in the history entry, once per run (the run's
+// history may be read by more than one resync at a time).
 func (r *run) replayHistory(pid string, h historyEntry) {
 	r.mu.Lock()
+	if r.replayed || r.finished {
+		r.mu.Unlock()
+		return
+	}
+	r.replayed = true
 	seen := map[string]bool{}
 	for k := range r.job.Outputs {
 		seen[k] = true
