@@ -12,7 +12,7 @@ import (
 func checkSplit(t *testing.T, in []byte) {
 	t.Helper()
 	v := skipSpace(in, 0)
-	end := validValue(in, v)
+	end := validValue(in, v, 0)
 	ours := end >= 0 && skipSpace(in, end) == len(in)
 	if want := json.Valid(in); ours != want {
 		t.Fatalf("%q: valid = %v, json.Valid = %v", in, ours, want)
@@ -60,6 +60,10 @@ var splitSeeds = []string{
 	`[1,]`, `[,1]`, `[1 2]`, `{"a":1}}`, `{"a":1} x`, `{"a":[1}`, `{"a":{1}}`, `"x"`, `1`, `null`, ``, ` `,
 	"{\"\xff\":\"\xfe\"}", `{"é":"ü"}`, "{\t\"a\"\n:\r[ 1 , 2 ]\n}",
 	strings.Repeat("[", 10001) + strings.Repeat("]", 10001), strings.Repeat("[", 10000) + strings.Repeat("]", 10000),
+	// The nesting limit counts the body's own object and extra_data.
+	`{"a":` + strings.Repeat("[", 9999) + strings.Repeat("]", 9999) + `}`, `{"a":` + strings.Repeat("[", 10000) + strings.Repeat("]", 10000) + `}`,
+	`{"extra_data":{"a":` + strings.Repeat("[", 9998) + strings.Repeat("]", 9998) + `}}`,
+	`{"extra_data":{"a":` + strings.Repeat("[", 9999) + strings.Repeat("]", 9999) + `}}`,
 }
 
 func TestSplitPromptBody(t *testing.T) {

@@ -3,12 +3,16 @@ package comfy
 import (
 	"encoding/json"
 	"sort"
+	"unicode/utf16"
+	"unicode/utf8"
 )
 
 // A prompt body carries the UI workflow in extra_data — often megabytes of
-// JSON the gateway never interprets. These helpers split and join JSON
-// objects without decoding (or re-validating) their values, so that such a
-// body is scanned once, and relayed byte for byte.
+// JSON the gateway never interprets — and a GPU server sends thousands of
+// JSON events per job. Both are read here, from their bytes, without
+// decoding the values into Go: one set of validating primitives checks
+// JSON as json.Valid would while finding where each value ends, so that a
+// body or a frame is scanned once and relayed byte for byte.
 
 // Member is one key of a JSON object with its value as sent.
 type Member struct {
@@ -17,14 +21,17 @@ type Member struct {
 }
 
 // ObjectMembers splits a JSON object into its members, in order, without
-// copying or decoding the values. b must be valid JSON (json.Valid); ok is
-// false when it is not an object.
+// copying or decoding the values. ok is false when b does not start with
+// a valid object.
 func ObjectMembers(b []byte) (members []Member, ok bool) {
-	ok = eachMember(b, func(k string, v json.RawMessage) bool {
-		members = append(members, Member{k, v})
-		return true
+	end := walkObject(b, skipSpace(b, 0), 0, func(key []byte, at int) int {
+		e := validValue(b, at, 1)
+		if e >= 0 {
+			members = append(members, Member{unquote(key), b[at:e:e]})
+		}
+		return e
 	})
-	return members, ok
+	return members, end >= 0
 }
 
 // ObjectMember returns the value of a key of a JSON object (its first
@@ -33,14 +40,35 @@ func ObjectMembers(b []byte) (members []Member, ok bool) {
 // must be valid JSON.
 func ObjectMember(b []byte, key string) (json.RawMessage, bool) {
 	var found json.RawMessage
-	eachMember(b, func(k string, v json.RawMessage) bool {
-		if k == key {
-			found = v
-			return false
+	walkObject(b, skipSpace(b, 0), 0, func(k []byte, at int) int {
+		e := validValue(b, at, 1)
+		if e >= 0 && keyIs(k, key) {
+			found = b[at:e:e]
+			return stop
 		}
-		return true
+		return e
 	})
 	return found, found != nil
+}
+
+// ValueFrom returns b from the start of the value of key (its first
+// occurrence in the object b) to the end of b, without finding where that
+// value ends: for the value's own first members (the frontend's workflow
+// "id") read a few bytes of a megabyte. Values before key are skipped. b
+// must be valid JSON.
+func ValueFrom(b []byte, key string) ([]byte, bool) {
+	from := -1
+	walkObject(b, skipSpace(b, 0), 0, func(k []byte, at int) int {
+		if keyIs(k, key) {
+			from = at
+			return stop
+		}
+		return validValue(b, at, 1)
+	})
+	if from < 0 {
+		return nil, false
+	}
+	return b[from:], true
 }
 
 // AppendObject appends a JSON object of the members of m, keys sorted, the
@@ -69,66 +97,249 @@ func appendKey(dst []byte, k string) []byte {
 	return append(dst, ':')
 }
 
-// eachMember calls f for each member of the object b until f returns
-// false. It reports false if b is not a well-formed object.
-func eachMember(b []byte, f func(key string, value json.RawMessage) bool) bool {
-	i := skipSpace(b, 0)
-	if i >= len(b) || b[i] != '{' {
-		return false
+// The validating primitives. Each takes the index of the first byte of
+// what it checks and returns the index just past it, or -1 if b does not
+// hold a valid one there.
+
+// maxDepth bounds the nesting of arrays and objects (as encoding/json's).
+const maxDepth = 10000
+
+// stop, returned by walkObject's member function, ends the walk early.
+const stop = -2
+
+// walkObject checks the object starting at b[i] ('{'), which depth
+// containers enclose. For each member it calls member with the key (quoted,
+// as sent) and the index where the value starts (< len(b)); member returns
+// the end of the value — validValue(b, at, depth+1), or a walk of its own
+// — or -1 to refuse it, or stop to end the walk (walkObject then returns
+// stop).
+func walkObject(b []byte, i, depth int, member func(key []byte, at int) int) int {
+	if i >= len(b) || b[i] != '{' || depth >= maxDepth {
+		return -1
 	}
 	i = skipSpace(b, i+1)
 	if i < len(b) && b[i] == '}' {
-		return true
+		return i + 1
 	}
 	for {
-		if i >= len(b) || b[i] != '"' {
-			return false
+		ke, at := objectKey(b, i)
+		if at < 0 {
+			return -1
 		}
-		e := endOfString(b, i)
+		e := member(b[i:ke], at)
 		if e < 0 {
-			return false
-		}
-		var key string
-		if plainASCII(b[i+1 : e-1]) {
-			key = string(b[i+1 : e-1])
-		} else if json.Unmarshal(b[i:e], &key) != nil { // escapes, UTF-8 checks
-			return false
-		}
-		i = skipSpace(b, e)
-		if i >= len(b) || b[i] != ':' {
-			return false
-		}
-		i = skipSpace(b, i+1)
-		e = endOfValue(b, i)
-		if e < 0 {
-			return false
-		}
-		if !f(key, b[i:e:e]) {
-			return true
+			return e
 		}
 		i = skipSpace(b, e)
 		if i >= len(b) {
-			return false
+			return -1
 		}
 		switch b[i] {
 		case ',':
 			i = skipSpace(b, i+1)
 		case '}':
-			return true
+			return i + 1
 		default:
-			return false
+			return -1
 		}
 	}
 }
 
-// plainASCII reports whether a string's content needs no decoding.
-func plainASCII(b []byte) bool {
-	for _, c := range b {
-		if c == '\\' || c >= 0x80 {
-			return false
+// objectKey checks `"key" :` at b[i] and returns the end of the key and
+// the start of its value (< len(b)), or at = -1.
+func objectKey(b []byte, i int) (ke, at int) {
+	if i >= len(b) || b[i] != '"' {
+		return 0, -1
+	}
+	if ke = validString(b, i); ke < 0 {
+		return 0, -1
+	}
+	at = skipSpace(b, ke)
+	if at >= len(b) || b[at] != ':' {
+		return 0, -1
+	}
+	if at = skipSpace(b, at+1); at >= len(b) {
+		return 0, -1
+	}
+	return ke, at
+}
+
+// validValue checks the JSON value starting at b[i] (no leading space),
+// which depth containers enclose.
+func validValue(b []byte, i, depth int) int {
+	if i >= len(b) {
+		return -1
+	}
+	switch c := b[i]; {
+	case c == '"':
+		return validString(b, i)
+	case c == '{' || c == '[':
+		return validNested(b, i, depth)
+	case c == '-' || '0' <= c && c <= '9':
+		return validNumber(b, i)
+	case c == 't':
+		return literal(b, i, "true")
+	case c == 'f':
+		return literal(b, i, "false")
+	case c == 'n':
+		return literal(b, i, "null")
+	}
+	return -1
+}
+
+// validNested checks the array or object starting at b[i] without
+// recursion: closers holds, per open level, the byte that closes it.
+func validNested(b []byte, i, depth int) int {
+	var stack [64]byte
+	closers := stack[:0]
+	for {
+		// At the start of a value (i < len(b)), inside len(closers) levels.
+		switch b[i] {
+		case '{', '[':
+			if depth+len(closers) >= maxDepth {
+				return -1
+			}
+			closer := b[i] + 2 // '}' or ']'
+			if i = skipSpace(b, i+1); i >= len(b) {
+				return -1
+			}
+			if b[i] == closer {
+				i++ // empty: a value at this level
+				break
+			}
+			closers = append(closers, closer)
+			if closer == '}' {
+				if _, i = objectKey(b, i); i < 0 {
+					return -1
+				}
+			}
+			continue
+		default:
+			if i = validValue(b, i, depth+len(closers)); i < 0 {
+				return -1
+			}
+		}
+		// After a value: a separator, or the end of one or more levels.
+		for {
+			if len(closers) == 0 {
+				return i
+			}
+			i = skipSpace(b, i)
+			if i >= len(b) {
+				return -1
+			}
+			top := closers[len(closers)-1]
+			if b[i] == top {
+				closers = closers[:len(closers)-1]
+				i++
+				continue
+			}
+			if b[i] != ',' {
+				return -1
+			}
+			i = skipSpace(b, i+1)
+			if top == '}' {
+				if _, i = objectKey(b, i); i < 0 {
+					return -1
+				}
+			}
+			if i >= len(b) {
+				return -1
+			}
+			break
 		}
 	}
-	return true
+}
+
+// strPlain marks the bytes a JSON string may hold as they are: anything
+// but control characters, '"' and '\\'.
+var strPlain = func() (t [256]bool) {
+	for c := 0x20; c < 256; c++ {
+		t[c] = c != '"' && c != '\\'
+	}
+	return t
+}()
+
+// validString checks the string starting at b[i] ('"').
+func validString(b []byte, i int) int {
+	j := i + 1
+	for {
+		for j < len(b) && strPlain[b[j]] {
+			j++
+		}
+		if j >= len(b) {
+			return -1
+		}
+		switch b[j] {
+		case '"':
+			return j + 1
+		case '\\':
+			if j+1 >= len(b) {
+				return -1
+			}
+			switch b[j+1] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+				j += 2
+			case 'u':
+				if j+6 > len(b) || hex4(b[j+2:]) < 0 {
+					return -1
+				}
+				j += 6
+			default:
+				return -1
+			}
+		default: // a control character
+			return -1
+		}
+	}
+}
+
+// validNumber checks -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?.
+func validNumber(b []byte, i int) int {
+	if b[i] == '-' {
+		i++
+	}
+	switch {
+	case i < len(b) && b[i] == '0':
+		i++
+	case i < len(b) && '1' <= b[i] && b[i] <= '9':
+		i = digits(b, i+1)
+	default:
+		return -1
+	}
+	if i < len(b) && b[i] == '.' {
+		j := digits(b, i+1)
+		if j == i+1 {
+			return -1
+		}
+		i = j
+	}
+	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
+		i++
+		if i < len(b) && (b[i] == '+' || b[i] == '-') {
+			i++
+		}
+		j := digits(b, i)
+		if j == i {
+			return -1
+		}
+		i = j
+	}
+	return i
+}
+
+func digits(b []byte, i int) int {
+	for i < len(b) && '0' <= b[i] && b[i] <= '9' {
+		i++
+	}
+	return i
+}
+
+func literal(b []byte, i int, lit string) int {
+	if len(b)-i >= len(lit) && string(b[i:i+len(lit)]) == lit {
+		return i + len(lit)
+	}
+	return -1
 }
 
 func skipSpace(b []byte, i int) int {
@@ -138,97 +349,103 @@ func skipSpace(b []byte, i int) int {
 	return i
 }
 
-// endOfString returns the index just past the string starting at b[i]
-// ('"'), or -1.
-func endOfString(b []byte, i int) int {
-	for j := i + 1; j < len(b); j++ {
-		switch b[j] {
-		case '\\':
-			j++
-		case '"':
-			return j + 1
+// hex4 decodes the 4 hex digits at the start of b, or returns -1.
+func hex4(b []byte) rune {
+	var r rune
+	for _, c := range b[:4] {
+		switch {
+		case c >= '0' && c <= '9':
+			c -= '0'
+		case c >= 'a' && c <= 'f':
+			c = c - 'a' + 10
+		case c >= 'A' && c <= 'F':
+			c = c - 'A' + 10
+		default:
+			return -1
 		}
+		r = r*16 + rune(c)
 	}
-	return -1
+	return r
 }
 
-// endOfValue returns the index just past the value starting at b[i], or -1.
-func endOfValue(b []byte, i int) int {
-	if i >= len(b) {
-		return -1
-	}
-	switch b[i] {
-	case '"':
-		return endOfString(b, i)
-	case '{', '[':
-		depth := 0
-		for j := i; j < len(b); j++ {
-			switch b[j] {
-			case '"':
-				e := endOfString(b, j)
-				if e < 0 {
-					return -1
-				}
-				j = e - 1
-			case '{', '[':
-				depth++
-			case '}', ']':
-				depth--
-				if depth == 0 {
-					return j + 1
-				}
-			}
+// plainASCII reports whether a string's content needs no decoding.
+func plainASCII(b []byte) bool {
+	for _, c := range b {
+		if c == '\\' || c >= utf8.RuneSelf {
+			return false
 		}
-		return -1
-	default:
-		j := i
-		for j < len(b) {
-			switch b[j] {
-			case ' ', '\t', '\r', '\n', ',', '}', ']':
-				return j
-			}
-			j++
-		}
-		return j
 	}
+	return true
 }
 
-// ValueFrom returns b from the start of the value of key (its first
-// occurrence in the object b) to the end of b, without finding where that
-// value ends: for the value's own first members (the frontend's workflow
-// "id") read a few bytes of a megabyte. Values before key are skipped. b
-// must be valid JSON.
-func ValueFrom(b []byte, key string) ([]byte, bool) {
-	i := skipSpace(b, 0)
-	if i >= len(b) || b[i] != '{' {
-		return nil, false
+// keyIs reports whether a valid quoted key, decoded, is want.
+func keyIs(q []byte, want string) bool {
+	raw := q[1 : len(q)-1]
+	if len(raw) > 0 && raw[0] != '\\' && raw[0] < utf8.RuneSelf && (want == "" || raw[0] != want[0]) {
+		return false // the decoded key starts with raw[0]
 	}
-	i = skipSpace(b, i+1)
-	for i < len(b) && b[i] == '"' {
-		e := endOfString(b, i)
-		if e < 0 {
-			return nil, false
-		}
-		k, ok := decodeKey(b[i:e])
-		if !ok {
-			return nil, false
-		}
-		i = skipSpace(b, e)
-		if i >= len(b) || b[i] != ':' {
-			return nil, false
-		}
-		i = skipSpace(b, i+1)
-		if k == key {
-			return b[i:], i < len(b)
-		}
-		if i = endOfValue(b, i); i < 0 {
-			return nil, false
-		}
-		i = skipSpace(b, i)
-		if i >= len(b) || b[i] != ',' {
-			return nil, false
-		}
-		i = skipSpace(b, i+1)
+	if plainASCII(raw) {
+		return string(raw) == want
 	}
-	return nil, false
+	return unquote(q) == want
+}
+
+// unquote decodes a valid JSON string (quotes included) the way
+// encoding/json does: invalid UTF-8 and unpaired surrogates become U+FFFD.
+func unquote(q []byte) string {
+	s := q[1 : len(q)-1]
+	if plainASCII(s) {
+		return string(s)
+	}
+	out := make([]byte, 0, len(s)+8)
+	for i := 0; i < len(s); {
+		c := s[i]
+		switch {
+		case c == '\\':
+			switch s[i+1] {
+			case 'b':
+				out = append(out, '\b')
+			case 'f':
+				out = append(out, '\f')
+			case 'n':
+				out = append(out, '\n')
+			case 'r':
+				out = append(out, '\r')
+			case 't':
+				out = append(out, '\t')
+			case 'u':
+				r := hex4(s[i+2:])
+				i += 6
+				if utf16.IsSurrogate(r) {
+					if len(s)-i >= 6 && s[i] == '\\' && s[i+1] == 'u' {
+						if r2 := hex4(s[i+2:]); r2 >= 0 {
+							if d := utf16.DecodeRune(r, r2); d != utf8.RuneError {
+								out = utf8.AppendRune(out, d)
+								i += 6
+								continue
+							}
+						}
+					}
+					r = utf8.RuneError
+				}
+				out = utf8.AppendRune(out, r)
+				continue
+			default: // '"', '\\', '/'
+				out = append(out, s[i+1])
+			}
+			i += 2
+		case c < utf8.RuneSelf:
+			out = append(out, c)
+			i++
+		default:
+			r, n := utf8.DecodeRune(s[i:])
+			if r == utf8.RuneError && n == 1 {
+				out = utf8.AppendRune(out, utf8.RuneError)
+			} else {
+				out = append(out, s[i:i+n]...)
+			}
+			i += n
+		}
+	}
+	return string(out)
 }

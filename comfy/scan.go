@@ -1,10 +1,5 @@
 package comfy
 
-import (
-	"unicode/utf16"
-	"unicode/utf8"
-)
-
 // A GPU server sends thousands of JSON events per job, and the gateway
 // needs only a handful of their fields to route them: the type, the
 // prompt_id and the node. ScanEvent reads those from the frame's bytes in
@@ -46,74 +41,41 @@ type Head struct {
 // match exactly (escapes decoded); of a repeated key the last counts.
 func ScanEvent(b []byte) (Head, bool) {
 	var h Head
-	i := skipSpace(b, 0)
-	if i >= len(b) || b[i] != '{' {
-		return h, false
-	}
 	// One pass: the members of data are picked while it is validated.
-	var typ, data, pid, node, disp [2]int // value bounds; [0] < 0: absent
-	typ[0], data[0] = -1, -1
-	inData := func(key []byte, vs, ve int) bool {
+	absent := [2]int{-1, -1}
+	typ, data, pid, node, disp := absent, absent, absent, absent, absent // value bounds
+	inData := func(key []byte, at int) int {
+		e := validValue(b, at, 2)
 		switch {
 		case keyIs(key, "prompt_id"):
-			pid = [2]int{vs, ve}
+			pid = [2]int{at, e}
 		case keyIs(key, "node"):
-			node = [2]int{vs, ve}
+			node = [2]int{at, e}
 		case keyIs(key, "display_node"):
-			disp = [2]int{vs, ve}
+			disp = [2]int{at, e}
 		}
-		return true
+		return e
 	}
-	i = skipSpace(b, i+1)
-	if i < len(b) && b[i] == '}' {
-		return h, false // no type
-	}
-	for {
-		if i >= len(b) || b[i] != '"' {
-			return h, false
-		}
-		ke, ok := scanString(b, i)
-		if !ok {
-			return h, false
-		}
-		key := b[i:ke]
-		i = skipSpace(b, ke)
-		if i >= len(b) || b[i] != ':' {
-			return h, false
-		}
-		i = skipSpace(b, i+1)
-		var ve int
-		if keyIs(key, "data") {
-			// The last "data" counts, as in encoding/json.
-			pid, node, disp = [2]int{-1, -1}, [2]int{-1, -1}, [2]int{-1, -1}
-			if i < len(b) && b[i] == '{' {
-				ve, ok = scanObject(b, i, 2, inData)
-			} else {
-				ve, ok = scanValue(b, i, 1)
-			}
-			data = [2]int{i, ve}
-		} else {
-			ve, ok = scanValue(b, i, 1)
+	end := walkObject(b, skipSpace(b, 0), 0, func(key []byte, at int) int {
+		if !keyIs(key, "data") {
+			e := validValue(b, at, 1)
 			if keyIs(key, "type") {
-				typ = [2]int{i, ve}
+				typ = [2]int{at, e}
 			}
+			return e
 		}
-		if !ok {
-			return h, false
+		// The last "data" counts, as in encoding/json.
+		pid, node, disp = absent, absent, absent
+		var e int
+		if b[at] == '{' {
+			e = walkObject(b, at, 1, inData)
+		} else {
+			e = validValue(b, at, 1)
 		}
-		i = skipSpace(b, ve)
-		if i >= len(b) {
-			return h, false
-		}
-		if b[i] == '}' {
-			break
-		}
-		if b[i] != ',' {
-			return h, false
-		}
-		i = skipSpace(b, i+1)
-	}
-	if skipSpace(b, i+1) != len(b) {
+		data = [2]int{at, e}
+		return e
+	})
+	if end < 0 || skipSpace(b, end) != len(b) {
 		return h, false
 	}
 	if typ[0] < 0 || b[typ[0]] != '"' || typ[1]-typ[0] < 3 {
@@ -215,279 +177,4 @@ func messageType(q []byte) string {
 		return MsgStatus
 	}
 	return unquote(q)
-}
-
-// keyIs reports whether a quoted key, decoded, is want.
-func keyIs(q []byte, want string) bool {
-	raw := q[1 : len(q)-1]
-	for _, c := range raw {
-		if c == '\\' {
-			return unquote(q) == want
-		}
-	}
-	return string(raw) == want
-}
-
-// scanObject validates the object starting at b[i] ('{'), calling f with
-// each member's quoted key and value bounds, and returns the index just
-// past it. depth counts the containers open, this one included.
-func scanObject(b []byte, i, depth int, f func(key []byte, vs, ve int) bool) (int, bool) {
-	if depth > maxDepth {
-		return 0, false
-	}
-	i = skipSpace(b, i+1)
-	if i < len(b) && b[i] == '}' {
-		return i + 1, true
-	}
-	for {
-		if i >= len(b) || b[i] != '"' {
-			return 0, false
-		}
-		ke, ok := scanString(b, i)
-		if !ok {
-			return 0, false
-		}
-		key := b[i:ke]
-		i = skipSpace(b, ke)
-		if i >= len(b) || b[i] != ':' {
-			return 0, false
-		}
-		i = skipSpace(b, i+1)
-		ve, ok := scanValue(b, i, depth)
-		if !ok {
-			return 0, false
-		}
-		if f != nil && !f(key, i, ve) {
-			return ve, true
-		}
-		i = skipSpace(b, ve)
-		if i >= len(b) {
-			return 0, false
-		}
-		switch b[i] {
-		case ',':
-			i = skipSpace(b, i+1)
-		case '}':
-			return i + 1, true
-		default:
-			return 0, false
-		}
-	}
-}
-
-// scanArray validates the array starting at b[i] ('[').
-func scanArray(b []byte, i, depth int) (int, bool) {
-	if depth > maxDepth {
-		return 0, false
-	}
-	i = skipSpace(b, i+1)
-	if i < len(b) && b[i] == ']' {
-		return i + 1, true
-	}
-	for {
-		e, ok := scanValue(b, i, depth)
-		if !ok {
-			return 0, false
-		}
-		i = skipSpace(b, e)
-		if i >= len(b) {
-			return 0, false
-		}
-		switch b[i] {
-		case ',':
-			i = skipSpace(b, i+1)
-		case ']':
-			return i + 1, true
-		default:
-			return 0, false
-		}
-	}
-}
-
-// scanValue validates the value starting at b[i] and returns the index
-// just past it. depth counts the containers around it.
-func scanValue(b []byte, i, depth int) (int, bool) {
-	if i >= len(b) {
-		return 0, false
-	}
-	switch c := b[i]; {
-	case c == '"':
-		return scanString(b, i)
-	case c == '{':
-		return scanObject(b, i, depth+1, nil)
-	case c == '[':
-		return scanArray(b, i, depth+1)
-	case c == 't':
-		return scanLiteral(b, i, "true")
-	case c == 'f':
-		return scanLiteral(b, i, "false")
-	case c == 'n':
-		return scanLiteral(b, i, "null")
-	case c == '-' || (c >= '0' && c <= '9'):
-		return scanNumber(b, i)
-	}
-	return 0, false
-}
-
-func scanLiteral(b []byte, i int, word string) (int, bool) {
-	if len(b)-i < len(word) || string(b[i:i+len(word)]) != word {
-		return 0, false
-	}
-	return i + len(word), true
-}
-
-// scanNumber validates -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?.
-func scanNumber(b []byte, i int) (int, bool) {
-	if b[i] == '-' {
-		i++
-	}
-	switch {
-	case i < len(b) && b[i] == '0':
-		i++
-	case i < len(b) && b[i] >= '1' && b[i] <= '9':
-		i = digits(b, i+1)
-	default:
-		return 0, false
-	}
-	if i < len(b) && b[i] == '.' {
-		j := digits(b, i+1)
-		if j == i+1 {
-			return 0, false
-		}
-		i = j
-	}
-	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
-		i++
-		if i < len(b) && (b[i] == '+' || b[i] == '-') {
-			i++
-		}
-		j := digits(b, i)
-		if j == i {
-			return 0, false
-		}
-		i = j
-	}
-	return i, true
-}
-
-func digits(b []byte, i int) int {
-	for i < len(b) && b[i] >= '0' && b[i] <= '9' {
-		i++
-	}
-	return i
-}
-
-// scanString validates the string starting at b[i] ('"') and returns the
-// index just past its closing quote.
-func scanString(b []byte, i int) (int, bool) {
-	for j := i + 1; j < len(b); j++ {
-		switch c := b[j]; {
-		case c == '"':
-			return j + 1, true
-		case c < 0x20:
-			return 0, false
-		case c == '\\':
-			j++
-			if j >= len(b) {
-				return 0, false
-			}
-			switch b[j] {
-			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
-			case 'u':
-				if len(b)-j < 5 || hex4(b[j+1:j+5]) < 0 {
-					return 0, false
-				}
-				j += 4
-			default:
-				return 0, false
-			}
-		}
-	}
-	return 0, false
-}
-
-// hex4 decodes 4 hex digits, or returns -1.
-func hex4(b []byte) rune {
-	var r rune
-	for _, c := range b[:4] {
-		switch {
-		case c >= '0' && c <= '9':
-			c -= '0'
-		case c >= 'a' && c <= 'f':
-			c = c - 'a' + 10
-		case c >= 'A' && c <= 'F':
-			c = c - 'A' + 10
-		default:
-			return -1
-		}
-		r = r*16 + rune(c)
-	}
-	return r
-}
-
-// unquote decodes a validated JSON string (quotes included) the way
-// encoding/json does: invalid UTF-8 and unpaired surrogates become U+FFFD.
-func unquote(q []byte) string {
-	s := q[1 : len(q)-1]
-	plain := true
-	for _, c := range s {
-		if c == '\\' || c >= utf8.RuneSelf {
-			plain = false
-			break
-		}
-	}
-	if plain {
-		return string(s)
-	}
-	out := make([]byte, 0, len(s)+8)
-	for i := 0; i < len(s); {
-		c := s[i]
-		switch {
-		case c == '\\':
-			switch s[i+1] {
-			case 'b':
-				out = append(out, '\b')
-			case 'f':
-				out = append(out, '\f')
-			case 'n':
-				out = append(out, '\n')
-			case 'r':
-				out = append(out, '\r')
-			case 't':
-				out = append(out, '\t')
-			case 'u':
-				r := hex4(s[i+2:])
-				i += 6
-				if utf16.IsSurrogate(r) {
-					if len(s)-i >= 6 && s[i] == '\\' && s[i+1] == 'u' {
-						if r2 := hex4(s[i+2:]); r2 >= 0 {
-							if d := utf16.DecodeRune(r, r2); d != utf8.RuneError {
-								out = utf8.AppendRune(out, d)
-								i += 6
-								continue
-							}
-						}
-					}
-					r = utf8.RuneError
-				}
-				out = utf8.AppendRune(out, r)
-				continue
-			default: // '"', '\\', '/'
-				out = append(out, s[i+1])
-			}
-			i += 2
-		case c < utf8.RuneSelf:
-			out = append(out, c)
-			i++
-		default:
-			r, n := utf8.DecodeRune(s[i:])
-			if r == utf8.RuneError && n == 1 {
-				out = utf8.AppendRune(out, utf8.RuneError)
-			} else {
-				out = append(out, s[i:i+n]...)
-			}
-			i += n
-		}
-	}
-	return string(out)
 }
