@@ -3,6 +3,7 @@ package comfy
 import (
 	"bytes"
 	"encoding/json"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -177,31 +178,68 @@ func (n Node) MarshalJSON() ([]byte, error) {
 // (possibly rewritten) prompt, and every other key as the client sent it.
 // Keys listed in drop are removed from extra_data.
 func (pr *PromptRequest) Body(promptID, clientID string, dropExtra ...string) ([]byte, error) {
+	parts, err := pr.BodyParts(promptID, clientID, dropExtra...)
+	if err != nil {
+		return nil, err
+	}
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	out := make([]byte, 0, n)
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out, nil
+}
+
+// sharedPart is the size from which BodyParts hands on a value of the
+// request as it is instead of copying it.
+const sharedPart = 1 << 10
+
+// BodyParts is Body as pieces to be sent one after the other. Values of
+// the request of a KiB or more (the UI workflow: often megabytes) are not
+// copied: their parts share the bytes the request was parsed from, which
+// must stay unchanged until the body is sent.
+func (pr *PromptRequest) BodyParts(promptID, clientID string, dropExtra ...string) ([][]byte, error) {
 	p, err := json.Marshal(pr.Prompt)
 	if err != nil {
 		return nil, err
 	}
-	size := len(p) + 128
-	for _, v := range pr.Raw {
-		size += len(v) + 32
-	}
-	out := make([]byte, 0, size)
-	out = append(out, '{')
-	out = appendKey(out, "prompt")
-	out = append(out, p...)
+	var b bodyParts
+	b.cur = make([]byte, 0, 256)
+	b.cur = append(b.cur, '{')
+	b.cur = appendKey(b.cur, "prompt")
+	b.add(p)
 	id, _ := json.Marshal(promptID)
-	out = append(out, ',')
-	out = appendKey(out, "prompt_id")
-	out = append(out, id...)
+	b.cur = append(b.cur, ',')
+	b.cur = appendKey(b.cur, "prompt_id")
+	b.cur = append(b.cur, id...)
 	cid, _ := json.Marshal(clientID)
-	out = append(out, ',')
-	out = appendKey(out, "client_id")
-	out = append(out, cid...)
+	b.cur = append(b.cur, ',')
+	b.cur = appendKey(b.cur, "client_id")
+	b.cur = append(b.cur, cid...)
 	// ComfyUI fails with a 500 on "extra_data": null: left out when nil.
-	if ed := pr.ExtraDataWithout(dropExtra...); ed != nil {
-		out = append(out, ',')
-		out = appendKey(out, "extra_data")
-		out = AppendObject(out, ed)
+	if pr.ExtraData != nil {
+		b.cur = append(b.cur, ',')
+		b.cur = appendKey(b.cur, "extra_data")
+		// As AppendObject writes it: keys sorted, values as sent.
+		keys := make([]string, 0, len(pr.ExtraData))
+		for k := range pr.ExtraData {
+			if !slices.Contains(dropExtra, k) {
+				keys = append(keys, k)
+			}
+		}
+		sort.Strings(keys)
+		b.cur = append(b.cur, '{')
+		for i, k := range keys {
+			if i > 0 {
+				b.cur = append(b.cur, ',')
+			}
+			b.cur = appendKey(b.cur, k)
+			b.add(pr.ExtraData[k])
+		}
+		b.cur = append(b.cur, '}')
 	}
 	keys := make([]string, 0, len(pr.Raw))
 	for k := range pr.Raw {
@@ -213,11 +251,31 @@ func (pr *PromptRequest) Body(promptID, clientID string, dropExtra ...string) ([
 	}
 	sort.Strings(keys)
 	for _, k := range keys {
-		out = append(out, ',')
-		out = appendKey(out, k)
-		out = append(out, pr.Raw[k]...)
+		b.cur = append(b.cur, ',')
+		b.cur = appendKey(b.cur, k)
+		b.add(pr.Raw[k])
 	}
-	return append(out, '}'), nil
+	b.cur = append(b.cur, '}')
+	return append(b.done, b.cur), nil
+}
+
+// bodyParts collects a body: small pieces are copied into cur, large
+// values become parts of their own.
+type bodyParts struct {
+	done [][]byte
+	cur  []byte
+}
+
+func (b *bodyParts) add(v []byte) {
+	if len(v) < sharedPart {
+		b.cur = append(b.cur, v...)
+		return
+	}
+	if len(b.cur) > 0 {
+		b.done = append(b.done, b.cur)
+		b.cur = make([]byte, 0, 256)
+	}
+	b.done = append(b.done, v)
 }
 
 // ExtraDataWithout returns a copy of extra_data without the given keys.

@@ -561,7 +561,9 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResul
 		}
 		pr.Prompt = rewritten
 	}
-	body, err := pr.Body(job.ID, up.clientID, comfy.SensitiveExtraData...)
+	// In parts that share the workflow's bytes with the request: a
+	// megabytes body is not copied once more to be sent.
+	body, err := pr.BodyParts(job.ID, up.clientID, comfy.SensitiveExtraData...)
 	if err != nil {
 		return SubmitResult{}, err
 	}

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -200,18 +201,25 @@ func (u *Upstream) GetJSON(ctx context.Context, pathAndQuery string, v any) erro
 }
 
 // PostJSON posts v as JSON and returns the status and body (up to 16 MiB).
+// v may be encoded JSON already: []byte, or [][]byte whose parts are sent
+// one after the other without being joined.
 func (u *Upstream) PostJSON(ctx context.Context, path string, v any) (int, []byte, error) {
-	var body []byte
+	var req *http.Request
+	var err error
 	switch b := v.(type) {
 	case []byte:
-		body = b
+		req, err = u.NewRequest(ctx, http.MethodPost, path, bytes.NewReader(b))
+	case [][]byte:
+		if req, err = u.NewRequest(ctx, http.MethodPost, path, nil); err == nil {
+			setParts(req, b)
+		}
 	default:
-		var err error
+		var body []byte
 		if body, err = json.Marshal(v); err != nil {
 			return 0, nil, err
 		}
+		req, err = u.NewRequest(ctx, http.MethodPost, path, bytes.NewReader(body))
 	}
-	req, err := u.NewRequest(ctx, http.MethodPost, path, bytes.NewReader(body))
 	if err != nil {
 		return 0, nil, err
 	}
@@ -223,6 +231,24 @@ func (u *Upstream) PostJSON(ctx context.Context, path string, v any) (int, []byt
 	defer resp.Body.Close()
 	rb, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	return resp.StatusCode, rb, err
+}
+
+// setParts makes parts, written one after the other, the body of req (a
+// request without one), rewindable as bytes.NewReader's is.
+func setParts(req *http.Request, parts [][]byte) {
+	var n int64
+	for _, p := range parts {
+		n += int64(len(p))
+	}
+	if n == 0 {
+		return
+	}
+	req.ContentLength = n
+	req.GetBody = func() (io.ReadCloser, error) {
+		b := net.Buffers(slices.Clone(parts))
+		return io.NopCloser(&b), nil
+	}
+	req.Body, _ = req.GetBody()
 }
 
 // Open fetches a file through the server's /view.
