@@ -282,6 +282,77 @@ func TestOwnJobFollowedAgainBeforeItsHistoryIsWritten(t *testing.T) {
 	}
 }
 
+// The GPU's end-of-job marker for alice's job reaches the gateway after
+// it let the job go. Once the job is forgotten, bob queues a prompt under
+// the same prompt_id: his job must run and show his own output, not end
+// at once with alice's (read from the GPU's history of the old job).
+func TestReusedIDDoesNotEndWithTheOldJob(t *testing.T) {
+	store := NewMemoryStore()
+	id := "00000000-0000-4000-8000-0000000000a1"
+	gate := make(chan struct{})
+	var gateOnce sync.Once
+	open := func() { gateOnce.Do(func() { close(gate) }) }
+	t.Cleanup(open) // before the fake stops
+	ended := false  // the fake's writer calls OnSend in frame order
+	onSend := func(f comfytest.SentFrame) {
+		switch {
+		case f.PromptID != id:
+		case f.Type == comfy.MsgExecutionSuccess:
+			ended = true
+		case ended && f.Type == comfy.MsgExecuting:
+			// The marker after alice's end: held until she is let go.
+			ended = false
+			<-gate
+		}
+	}
+	m, events, _, _ := recoverFixtureWith(t, store, comfytest.Options{OnSend: onSend}, nil)
+	submit := func(user, prefix, pid string) string {
+		t.Helper()
+		body, _ := json.Marshal(map[string]any{"prompt_id": pid, "prompt": map[string]any{
+			"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+			"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": prefix}},
+		}})
+		pr, perr := comfy.ParsePromptRequest(body)
+		if perr != nil {
+			t.Fatal(perr)
+		}
+		res, err := m.Submit(context.Background(), SubmitRequest{User: user, ClientID: "tab-" + user, Pool: "gpu", Request: pr})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.PromptID
+	}
+	if got := submit("alice", "alice", id); got != id {
+		t.Fatalf("alice's prompt_id: %s", got)
+	}
+	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
+		t.Fatalf("alice's job: %q", typ)
+	}
+	waitDetached(t, m, id)
+	open()
+	// A job queued after hers: once it ended, the marker was read.
+	if next := submit("alice", "alice-next", ""); events.waitEnd(next, 5*time.Second) != comfy.MsgExecutionSuccess {
+		t.Fatal("alice's next job did not succeed")
+	}
+	if err := store.Delete(context.Background(), id); err != nil { // forgotten
+		t.Fatal(err)
+	}
+	if got := submit("bob", "bob", id); got != id {
+		t.Fatalf("bob's prompt_id: %s", got)
+	}
+	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
+		t.Fatalf("bob's job: %q", typ)
+	}
+	waitDetached(t, m, id)
+	j, err := store.Job(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := string(j.Outputs["2"]); !strings.Contains(out, `"bob_`) || strings.Contains(out, "alice") {
+		t.Fatalf("bob's job shows the output %s, want his own", out)
+	}
+}
+
 // Two jobs of a dead gateway run on one endpoint under its sid: the
 // gateway taking them over follows both on one stream (a stream per job
 // would leave all but the newest socket deaf), and closes it after them.

@@ -385,6 +385,13 @@ func (u *Upstream) routeLocked(pid string, ev event) {
 		r.push(ev)
 		return
 	}
+	if ev.json != nil && ev.head.Type == comfy.MsgExecuting && ev.head.NodeKind == comfy.NodeNull {
+		// The end marker of a job nobody follows here is not kept: a job
+		// routed later under its prompt_id would take it for its own end
+		// and read another job's history. (A job followed again after its
+		// end reads its history once routed; the marker is not needed.)
+		return
+	}
 	if len(u.orphans) >= maxOrphans {
 		for k := range u.orphans {
 			delete(u.orphans, k)
