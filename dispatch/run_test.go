@@ -178,3 +178,52 @@ func BenchmarkProgressEvent(b *testing.B) {
 		r.handle(event{json: frame, head: h})
 	}
 }
+
+// A server that makes its own prompt ids can send a job's first events —
+// a thousand progress steps and a preview, on a fast GPU — before the
+// gateway has its answer to POST /prompt and knows that id. They are kept
+// and reach the job's browser once the id is known, previews included.
+func TestEventsBeforeTheIDIsKnownReachTheBrowser(t *testing.T) {
+	feed := &browserFeed{release: make(chan struct{}), ended: make(chan struct{})}
+	close(feed.release)
+	m := NewManager(NewMemoryStore(), feed, nil)
+	up, err := NewUpstream("http://127.0.0.1:1", UpstreamOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusPending}
+	r := newRun(m, job)
+	m.runs[job.ID] = r
+	const pid = "gpu-own-id"
+	up.mu.Lock()
+	up.routeLocked(pid, upstreamEvent(t, `{"type":"execution_start","data":{"prompt_id":"`+pid+`","timestamp":1}}`))
+	up.routeLocked(pid, upstreamEvent(t, `{"type":"executing","data":{"node":"3","display_node":"3","prompt_id":"`+pid+`"}}`))
+	for i := 1; i <= 1000; i++ {
+		up.routeLocked(pid, upstreamEvent(t, fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":1000,"prompt_id":%q,"node":"3"}}`, i, pid)))
+		if i%100 == 0 {
+			up.routeLocked(pid, previewEvent(t, pid, "3", 64<<10))
+		}
+	}
+	up.mu.Unlock()
+	up.register(pid, r)
+	r.push(upstreamEvent(t, `{"type":"execution_success","data":{"prompt_id":"`+pid+`","timestamp":2}}`))
+	select {
+	case <-feed.ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the job did not end")
+	}
+	feed.mu.Lock()
+	defer feed.mu.Unlock()
+	progress, previews := 0, 0
+	for _, ev := range feed.got {
+		switch {
+		case ev.Type == comfy.MsgProgress:
+			progress++
+		case ev.Preview != nil:
+			previews++
+		}
+	}
+	if progress != 1000 || previews != 10 {
+		t.Fatalf("the browser got %d of 1000 progress events and %d of 10 previews", progress, previews)
+	}
+}

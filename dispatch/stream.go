@@ -15,9 +15,15 @@ import (
 	"github.com/comfyume/comfyume/comfy"
 )
 
-// maxOrphans bounds events kept for prompt_ids not (yet) known: events can
-// arrive before the POST /prompt answer that tells us an old server's id.
-const maxOrphans = 512
+// Events can arrive before the POST /prompt answer that tells the gateway
+// an older server's own id for the job (a server that ignores the
+// gateway's prompt_id): they are kept as orphans until the id is known.
+// maxOrphans bounds the ids kept and maxOrphanBytes what they weigh in all
+// (previews included: a fast GPU sends its first ones before the answer).
+const (
+	maxOrphans     = 512
+	maxOrphanBytes = 16 << 20
+)
 
 // ensureStream makes sure the upstream's event WebSocket is open, dialing it
 // if needed, and waits until it is.
@@ -392,15 +398,25 @@ func (u *Upstream) routeLocked(pid string, ev event) {
 		// end reads its history once routed; the marker is not needed.)
 		return
 	}
-	if len(u.orphans) >= maxOrphans {
+	q, known := u.orphans[pid]
+	if !known && len(u.orphans) >= maxOrphans {
 		for k := range u.orphans {
-			delete(u.orphans, k)
+			u.dropOrphansLocked(k)
 			break
 		}
 	}
-	if q := u.orphans[pid]; len(q) < 256 && ev.preview == nil {
+	if size := ev.size(); u.orphanBytes+size <= maxOrphanBytes {
 		u.orphans[pid] = append(q, ev)
+		u.orphanBytes += size
 	}
+}
+
+// dropOrphansLocked forgets the events kept for pid.
+func (u *Upstream) dropOrphansLocked(pid string) {
+	for i := range u.orphans[pid] {
+		u.orphanBytes -= u.orphans[pid][i].size()
+	}
+	delete(u.orphans, pid)
 }
 
 // register routes the upstream's events for pid to r, delivering any that
@@ -413,7 +429,7 @@ func (u *Upstream) register(pid string, r *run) {
 	for _, ev := range u.orphans[pid] {
 		r.push(ev)
 	}
-	delete(u.orphans, pid)
+	u.dropOrphansLocked(pid)
 }
 
 func (u *Upstream) unregister(pid string, r *run) {
@@ -421,7 +437,7 @@ func (u *Upstream) unregister(pid string, r *run) {
 	if u.routes[pid] == r {
 		delete(u.routes, pid)
 	}
-	delete(u.orphans, pid)
+	u.dropOrphansLocked(pid)
 	idle := u.retired && len(u.routes) == 0
 	u.mu.Unlock()
 	if idle {

@@ -56,10 +56,12 @@ type Upstream struct {
 	dialErr  error
 	routes   map[string]*run // upstream prompt_id → run
 	orphans  map[string][]event
-	running  string // upstream prompt_id that last started executing
-	inflight int    // jobs placed here and not finished
-	closed   bool
-	retired  bool
+	// orphanBytes is what the orphans weigh (see maxOrphanBytes).
+	orphanBytes int64
+	running     string // upstream prompt_id that last started executing
+	inflight    int    // jobs placed here and not finished
+	closed      bool
+	retired     bool
 	// maxText and maxBinary bound one frame of the event stream (see
 	// EventLimits); oversizeJob is the job whose oversized frame was
 	// logged last.
