@@ -264,3 +264,34 @@ func TestPeekType(t *testing.T) {
 		}
 	}
 }
+
+// PeekType reads exactly the type a frame starts with, whether it is one
+// of the frequent types it returns without a copy or any other.
+func FuzzPeekType(f *testing.F) {
+	for _, s := range []string{
+		`{"type": "progress", "data": {"value": 1, "max": 20}}`,
+		`{"type":"progress_state","data":{}}`,
+		`{"type": "executing", "data": {"node": null}}`,
+		`{"type": "status", "data": {}}`,
+		`{"type": "progress_x", "data": {}}`,
+		`{"type": "progres", "data": {}}`,
+		`{"type":"a\"b"}`,
+		`{"type":5}`,
+		`{"type": ""}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		typ, ok := PeekType(b)
+		if !ok {
+			if typ != "" {
+				t.Fatalf("%q: not ok but type %q", b, typ)
+			}
+			return
+		}
+		rest := bytes.TrimLeft(bytes.TrimPrefix(b, []byte(`{"type":`)), " ")
+		if want := `"` + typ + `"`; !bytes.HasPrefix(rest, []byte(want)) || strings.ContainsAny(typ, `"\`) {
+			t.Fatalf("%q: type %q", b, typ)
+		}
+	})
+}

@@ -177,5 +177,17 @@ func PeekType(b []byte) (typ string, ok bool) {
 	if end < 0 || bytes.IndexByte(rest[1:1+end], '\\') >= 0 {
 		return "", false
 	}
-	return string(rest[1 : 1+end]), true
+	t := rest[1 : 1+end]
+	// The frequent types without a copy (a string per frame adds up).
+	switch string(t) {
+	case MsgProgress:
+		return MsgProgress, true
+	case MsgProgressState:
+		return MsgProgressState, true
+	case MsgExecuting:
+		return MsgExecuting, true
+	case MsgStatus:
+		return MsgStatus, true
+	}
+	return string(t), true
 }

@@ -259,9 +259,12 @@ func (r *run) handle(raw event) {
 	r.mu.Unlock()
 
 	if ev.Type == comfy.MsgExecuted {
-		if err := r.m.events.Capture(context.Background(), to, r.up, &ev); err != nil {
+		// Capture gets a copy: &ev itself would put every event on the heap.
+		captured := ev
+		if err := r.m.events.Capture(context.Background(), to, r.up, &captured); err != nil {
 			r.m.logger.Warn("capture failed", zap.String("job", to.JobID), zap.Error(err))
 		}
+		ev = captured
 	}
 	var snap *Job // the record as saved, at lifecycle points
 	terminal := false
