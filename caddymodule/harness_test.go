@@ -233,18 +233,7 @@ func (g *gateway) openBrowser(user, clientID string, previewMeta bool) *browser 
 			if err != nil {
 				return
 			}
-			f := wsFrame{text: typ == websocket.TextMessage, data: data}
-			if f.text {
-				var m struct {
-					Type string         `json:"type"`
-					Data map[string]any `json:"data"`
-				}
-				_ = json.Unmarshal(data, &m)
-				f.Type, f.Data = m.Type, m.Data
-			} else if len(data) >= 4 {
-				f.binary = uint32(data[0])<<24 | uint32(data[1])<<16 | uint32(data[2])<<8 | uint32(data[3])
-			}
-			b.frames <- f
+			b.frames <- parseFrame(typ, data)
 		}
 	}()
 	first := b.next(5 * time.Second)

@@ -58,35 +58,31 @@ func (m *Manager) Start(ctx context.Context) {
 	if m.shared != nil {
 		go m.followAssignments(ctx)
 	}
-	go func() {
-		t := time.NewTicker(m.leaseTTL / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				m.renew(ctx)
-			}
-		}
-	}()
+	go every(ctx, m.leaseTTL/3, func() { m.renew(ctx) })
 	go func() {
 		m.Recover(ctx)
-		t := time.NewTicker(m.leaseTTL / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				m.Recover(ctx)
-				// Slots freed by other gateways wake nobody here: look.
-				for _, p := range m.poolsSnapshot() {
-					m.dispatchWaiting(p)
-				}
+		every(ctx, m.leaseTTL/3, func() {
+			m.Recover(ctx)
+			// Slots freed by other gateways wake nobody here: look.
+			for _, p := range m.poolsSnapshot() {
+				m.dispatchWaiting(p)
 			}
-		}
+		})
 	}()
+}
+
+// every calls fn every d until ctx ends.
+func every(ctx context.Context, d time.Duration, fn func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			fn()
+		}
+	}
 }
 
 func (m *Manager) renew(ctx context.Context) {
