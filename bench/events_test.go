@@ -210,10 +210,13 @@ type eventsResult struct {
 	HelperCPU time.Duration
 }
 
-func (r *eventsRig) runEvents(b *testing.B, base string, sockets int) {
+// measure has the helper open the browsers of spec, times its command cmd
+// (with the proxy's CPU), decodes the helper's result into res and closes
+// the browsers again.
+func (r *eventsRig) measure(b *testing.B, cmd string, spec eventsSpec, res any) (cpu time.Duration) {
 	b.StopTimer()
-	spec, _ := json.Marshal(eventsSpec{Base: base, Sockets: sockets, Jobs: b.N})
-	if _, err := r.helper.call("open " + string(spec)); err != nil {
+	js, _ := json.Marshal(spec)
+	if _, err := r.helper.call("open " + string(js)); err != nil {
 		b.Fatal(err)
 	}
 	defer func() {
@@ -223,16 +226,21 @@ func (r *eventsRig) runEvents(b *testing.B, base string, sockets int) {
 	}()
 	cpu0 := cpuTime()
 	b.StartTimer()
-	v, err := r.helper.call("run " + string(spec))
+	v, err := r.helper.call(cmd + " " + string(js))
 	b.StopTimer()
-	cpu := cpuTime() - cpu0
+	cpu = cpuTime() - cpu0
 	if err != nil {
 		b.Fatal(err)
 	}
-	var res eventsResult
-	if err := json.Unmarshal([]byte(v), &res); err != nil {
+	if err := json.Unmarshal([]byte(v), res); err != nil {
 		b.Fatal(err)
 	}
+	return cpu
+}
+
+func (r *eventsRig) runEvents(b *testing.B, base string, sockets int) {
+	var res eventsResult
+	cpu := r.measure(b, "run", eventsSpec{Base: base, Sockets: sockets, Jobs: b.N}, &res)
 	sec := res.Elapsed.Seconds()
 	b.ReportMetric(float64(res.Frames)/sec, "events/s")
 	b.ReportMetric(float64(res.PreviewBytes)/sec/1e6, "preview-MB/s")
@@ -256,28 +264,8 @@ type promptResult struct {
 }
 
 func (r *eventsRig) runPrompts(b *testing.B, base string) {
-	b.StopTimer()
-	spec, _ := json.Marshal(eventsSpec{Base: base, Sockets: 1, Jobs: b.N})
-	if _, err := r.helper.call("open " + string(spec)); err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		if _, err := r.helper.call("close"); err != nil {
-			b.Fatal(err)
-		}
-	}()
-	cpu0 := cpuTime()
-	b.StartTimer()
-	v, err := r.helper.call("prompt " + string(spec))
-	b.StopTimer()
-	cpu := cpuTime() - cpu0
-	if err != nil {
-		b.Fatal(err)
-	}
 	var res promptResult
-	if err := json.Unmarshal([]byte(v), &res); err != nil {
-		b.Fatal(err)
-	}
+	cpu := r.measure(b, "prompt", eventsSpec{Base: base, Sockets: 1, Jobs: b.N}, &res)
 	slices.Sort(res.Lat)
 	b.ReportMetric(quantileMs(res.Lat, 0.50), "p50-ms")
 	b.ReportMetric(quantileMs(res.Lat, 0.99), "p99-ms")
