@@ -101,6 +101,18 @@ func recoverFixtureWith(t *testing.T, store Store, opts comfytest.Options, tr ht
 	return m, events, logs, gpu
 }
 
+// runFirstJob runs a one-step job to its end and waits until this gateway
+// has let it go.
+func runFirstJob(t *testing.T, m *Manager, events *endEvents) string {
+	t.Helper()
+	id := submitOneStep(t, m, "first")
+	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
+		t.Fatalf("first job: %q", typ)
+	}
+	waitDetached(t, m, id)
+	return id
+}
+
 func submitOneStep(t *testing.T, m *Manager, prefix string) string {
 	t.Helper()
 	body, _ := json.Marshal(map[string]any{"prompt": map[string]any{
@@ -146,11 +158,7 @@ func afterRecover(t *testing.T, m *Manager, events *endEvents, logs *observer.Ob
 // sid's events to neither, and nothing ran any more.
 func TestLateSaveOfOwnJobIsNotTakenOver(t *testing.T) {
 	m, events, logs := recoverFixture(t, NewMemoryStore())
-	id := submitOneStep(t, m, "first")
-	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
-		t.Fatalf("first job: %q", typ)
-	}
-	waitDetached(t, m, id)
+	id := runFirstJob(t, m, events)
 	late, err := m.Store().Job(context.Background(), id)
 	if err != nil {
 		t.Fatal(err)
@@ -166,11 +174,7 @@ func TestLostEndSaveOfOwnJobIsRepaired(t *testing.T) {
 	store := &lossyStore{Store: NewMemoryStore()}
 	m, events, logs := recoverFixture(t, store)
 	store.failEnds.Store(true)
-	id := submitOneStep(t, m, "first")
-	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
-		t.Fatalf("first job: %q", typ)
-	}
-	waitDetached(t, m, id)
+	id := runFirstJob(t, m, events)
 	store.failEnds.Store(false)
 	if j, _ := store.Job(context.Background(), id); j == nil || !j.Active() {
 		t.Fatalf("setup: the end was saved: %+v", j)
@@ -186,11 +190,7 @@ func TestOwnJobFollowedAgainOnItsOwnStream(t *testing.T) {
 	store := &lossyStore{Store: NewMemoryStore()}
 	m, events, logs := recoverFixture(t, store)
 	store.failEnds.Store(true)
-	id := submitOneStep(t, m, "first")
-	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
-		t.Fatalf("first job: %q", typ)
-	}
-	waitDetached(t, m, id)
+	id := runFirstJob(t, m, events)
 	store.failEnds.Store(false)
 	m.forgetEnded(time.Now().Add(time.Hour))
 	m.Recover(context.Background())
@@ -248,11 +248,7 @@ func TestOwnJobFollowedAgainBeforeItsHistoryIsWritten(t *testing.T) {
 	reads := &queueReads{base: http.DefaultTransport, done: make(chan struct{}, 1)}
 	m, events, logs, _ := recoverFixtureWith(t, store, comfytest.Options{BeforeHistory: hold}, reads)
 	store.failEnds.Store(true)
-	id := submitOneStep(t, m, "first")
-	if typ := events.waitEnd(id, 5*time.Second); typ != comfy.MsgExecutionSuccess {
-		t.Fatalf("first job: %q", typ)
-	}
-	waitDetached(t, m, id)
+	id := runFirstJob(t, m, events)
 	store.failEnds.Store(false)
 	m.forgetEnded(time.Now().Add(time.Hour))
 	select {
