@@ -327,14 +327,14 @@ func (m *Manager) streamWithSid(upstream, sid string) (_ *Upstream, own bool) {
 	m.mu.Lock()
 	for _, p := range m.pools {
 		for _, u := range p.Upstreams {
-			if u.String() == upstream && u.clientID == sid {
+			if u.listensAs(upstream, sid) {
 				m.mu.Unlock()
 				return u, true
 			}
 		}
 	}
 	for _, u := range m.homes {
-		if u.String() == upstream && u.clientID == sid {
+		if u.listensAs(upstream, sid) {
 			m.mu.Unlock()
 			return u, true
 		}
@@ -345,26 +345,29 @@ func (m *Manager) streamWithSid(upstream, sid string) (_ *Upstream, own bool) {
 		r.mu.Lock()
 		u, adopted := r.up, r.adopted
 		r.mu.Unlock()
-		if u != nil && !adopted && u.String() == upstream && u.clientID == sid {
-			u.mu.Lock()
-			closed := u.closed
-			u.mu.Unlock()
-			if !closed {
-				m.mu.Unlock()
-				return u, true
-			}
+		if u != nil && !adopted && u.listensAs(upstream, sid) && !u.isClosed() {
+			m.mu.Unlock()
+			return u, true
 		}
 	}
 	m.mu.Unlock()
-	if u := m.adopted[streamKey{upstream, sid}]; u != nil {
-		u.mu.Lock()
-		closed := u.closed
-		u.mu.Unlock()
-		if !closed {
-			return u, false
-		}
+	if u := m.adopted[streamKey{upstream, sid}]; u != nil && !u.isClosed() {
+		return u, false
 	}
 	return nil, false
+}
+
+// listensAs reports whether u is the stream toward upstream (as String
+// names it) listening as sid.
+func (u *Upstream) listensAs(upstream, sid string) bool {
+	return u.clientID == sid && u.String() == upstream
+}
+
+// isClosed reports whether u was closed.
+func (u *Upstream) isClosed() bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.closed
 }
 
 // releaseStream closes a stream opened for jobs taken over once no job

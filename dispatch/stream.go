@@ -225,16 +225,13 @@ func (u *Upstream) readStream(conn *websocket.Conn) error {
 	}
 }
 
-// frameLimit is the largest frame of a type the stream accepts.
+// frameLimit is the largest frame of a type the stream accepts (set with
+// its defaults by NewUpstream, so never 0).
 func (u *Upstream) frameLimit(typ int) int64 {
-	l, def := u.maxText.Load(), int64(DefaultMaxTextEvent)
 	if typ == websocket.BinaryMessage {
-		l, def = u.maxBinary.Load(), DefaultMaxBinaryEvent
+		return u.maxBinary.Load()
 	}
-	if l <= 0 {
-		return def
-	}
-	return l
+	return u.maxText.Load()
 }
 
 // readGreeting reads the server's first frame (within the JSON event
