@@ -183,27 +183,21 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.HistoryLimit = n
 		case "history_size":
-			if !d.NextArg() {
-				return d.ArgErr()
+			n, err := sizeArg(d, "history_size", 1<<62)
+			if err != nil {
+				return err
 			}
-			n, err := humanize.ParseBytes(d.Val())
-			if err != nil || n == 0 || n > 1<<62 {
-				return d.Errf("history_size: %q is not a size", d.Val())
-			}
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-			a.HistorySize = int64(n)
+			a.HistorySize = n
 		case "max_event_size":
 			for _, dst := range []*int64{&a.MaxEventSize, &a.MaxTextEventSize} {
 				if !d.NextArg() {
 					break
 				}
-				n, err := humanize.ParseBytes(d.Val())
-				if err != nil || n == 0 || n > 1<<40 {
-					return d.Errf("max_event_size: %q is not a size", d.Val())
+				n, err := parseSize(d, "max_event_size", d.Val(), 1<<40)
+				if err != nil {
+					return err
 				}
-				*dst = int64(n)
+				*dst = n
 			}
 			if a.MaxEventSize == 0 || d.NextArg() {
 				return d.ArgErr()
@@ -215,13 +209,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.MaxSocketsPerUser = n
 		case "max_socket_queue":
-			val, err := oneArg(d)
+			n, err := sizeArg(d, "max_socket_queue", 1<<40)
 			if err != nil {
 				return err
-			}
-			n, err := humanize.ParseBytes(val)
-			if err != nil || n == 0 || n > 1<<40 {
-				return d.Errf("max_socket_queue: %q is not a size", val)
 			}
 			a.MaxSocketQueue = int(n)
 		case "store":
@@ -345,6 +335,23 @@ func parseDuration(d *caddyfile.Dispenser, key, val string) (caddy.Duration, err
 		return 0, d.Errf("%s: %q is not a duration", key, val)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// sizeArg reads exactly one size argument ("4MiB") of 1 to max bytes.
+func sizeArg(d *caddyfile.Dispenser, key string, max uint64) (int64, error) {
+	val, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	return parseSize(d, key, val, max)
+}
+
+func parseSize(d *caddyfile.Dispenser, key, val string, max uint64) (int64, error) {
+	n, err := humanize.ParseBytes(val)
+	if err != nil || n == 0 || n > max {
+		return 0, d.Errf("%s: %q is not a size", key, val)
+	}
+	return int64(n), nil
 }
 
 // countArg reads exactly one whole-number argument of at least min (0 or 1).

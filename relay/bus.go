@@ -71,20 +71,23 @@ type BusMessage struct {
 // JSON escaping of previews and events on every hop.
 func encodeBus(m *BusMessage) []byte {
 	h := *m
-	var body string
+	var text string
+	var body []byte
 	switch {
 	case h.Text != "":
-		h.Body, body = "t", h.Text
+		h.Body, text = "t", h.Text
 	case h.Binary != nil:
-		h.Body, body = "b", string(h.Binary)
+		h.Body, body = "b", h.Binary
 	case h.Preview != nil:
-		h.Body, body = "v", string(h.Preview)
+		h.Body, body = "v", h.Preview
 	}
 	h.Text, h.Binary, h.Preview = "", nil, nil
 	head, _ := json.Marshal(&h)
-	out := make([]byte, 0, len(head)+1+len(body))
+	// The body is copied once, into out (no string conversion of a preview).
+	out := make([]byte, 0, len(head)+1+len(text)+len(body))
 	out = append(out, head...)
 	out = append(out, 0)
+	out = append(out, text...)
 	return append(out, body...)
 }
 

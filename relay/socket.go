@@ -102,33 +102,27 @@ func newSocket(limit int) *socket {
 }
 
 // send queues a frame and returns at once; it never waits for the browser.
-func (s *socket) send(f frame) {
-	s.mu.Lock()
-	start, first, direct := s.enqueueLocked(queued{f: f})
-	s.mu.Unlock()
-	if start {
-		go s.writeLoop(first, direct)
-	}
-}
+func (s *socket) send(f frame) { s.push(queued{f: f}, false) }
 
 // write queues a frame and, when the socket is idle, writes it (and
 // whatever else is queued) before returning. Only the socket's own
 // goroutines call it: it may wait for this browser, never for another.
-func (s *socket) write(f frame) {
-	s.mu.Lock()
-	start, first, direct := s.enqueueLocked(queued{f: f})
-	s.mu.Unlock()
-	if start {
-		s.writeLoop(first, direct)
-	}
-}
+func (s *socket) write(f frame) { s.push(queued{f: f}, true) }
 
 // sendRaw queues a complete WebSocket frame (a control frame).
-func (s *socket) sendRaw(b []byte) {
+func (s *socket) sendRaw(b []byte) { s.push(queued{raw: b}, false) }
+
+// push queues an entry and, when the socket was idle, starts its writer:
+// inline on the caller's goroutine, or in a goroutine of its own.
+func (s *socket) push(q queued, inline bool) {
 	s.mu.Lock()
-	start, first, direct := s.enqueueLocked(queued{raw: b})
+	start, first, direct := s.enqueueLocked(q)
 	s.mu.Unlock()
-	if start {
+	switch {
+	case !start:
+	case inline:
+		s.writeLoop(first, direct)
+	default:
 		go s.writeLoop(first, direct)
 	}
 }
