@@ -1,7 +1,7 @@
 // Package comfyume puts many people's unchanged ComfyUI web UI in front of
-// remote GPUs, as Caddy modules. Import
-// github.com/comfyume/comfyume/caddymodule in a Caddy build (xcaddy) to get
-// the `comfyume` global option and HTTP directive.
+// remote GPUs, as Caddy modules. Build Caddy with it the usual way
+// (`xcaddy build --with github.com/comfyume/comfyume`) to get the `comfyume`
+// global option and HTTP directive and the `comfyume_worker` directive.
 package comfyume
 
 import _ "embed"
