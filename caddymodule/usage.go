@@ -59,7 +59,7 @@ func handleUsage(w http.ResponseWriter, r *http.Request) error {
 		}
 	case "csv", "json":
 	default:
-		return badRequest(fmt.Errorf("format %.32q: use json or csv", format))
+		return badRequest(fmt.Errorf("format %q: use json or csv", usage.Clip(format)))
 	}
 	l := m.Usage()
 	if l == nil {
@@ -119,7 +119,7 @@ func handleUsageUser(w http.ResponseWriter, r *http.Request) error {
 		return badRequest(fmt.Errorf("user: %v", err))
 	}
 	if action != "reset" && action != "raise" {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("%.32q: use reset or raise", action)}
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("%q: use reset or raise", usage.Clip(action))}
 	}
 	if r.Method != http.MethodPost {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: POST")}
@@ -142,16 +142,16 @@ func handleUsageUser(w http.ResponseWriter, r *http.Request) error {
 	}
 	for k, vs := range qv {
 		if !slices.Contains(allowed, k) {
-			return badRequest(fmt.Errorf("unknown parameter %.64q for %s: use %s", k, action, strings.Join(allowed, ", ")))
+			return badRequest(fmt.Errorf("unknown parameter %q for %s: use %s", usage.Clip(k), action, strings.Join(allowed, ", ")))
 		}
 		if len(vs) > 1 {
-			return badRequest(fmt.Errorf("parameter %q given %d times", k, len(vs)))
+			return badRequest(fmt.Errorf("parameter %q given %d times", usage.Clip(k), len(vs)))
 		}
 	}
 	pools := m.PoolNames()
 	if p := qv.Get("pool"); p != "" {
 		if !slices.Contains(pools, p) {
-			return badRequest(fmt.Errorf("pool %.64q is not configured", p))
+			return badRequest(fmt.Errorf("pool %q is not configured", usage.Clip(p)))
 		}
 		pools = []string{p}
 	}
@@ -161,14 +161,14 @@ func handleUsageUser(w http.ResponseWriter, r *http.Request) error {
 		if v := qv.Get("gpu"); v != "" {
 			d, err := caddy.ParseDuration(v)
 			if err != nil || d <= 0 || d > maxRaise {
-				return badRequest(fmt.Errorf("gpu %.32q: want a duration from 1s to %s, e.g. 10m", v, maxRaise))
+				return badRequest(fmt.Errorf("gpu %q: want a duration from 1s to %s, e.g. 10m", usage.Clip(v), maxRaise))
 			}
 			gpu = d
 		}
 		if v := qv.Get("jobs"); v != "" {
 			n, err := strconv.ParseInt(v, 10, 64)
 			if err != nil || n <= 0 || n > maxRaiseJobs {
-				return badRequest(fmt.Errorf("jobs %.32q: want a number from 1 to %d", v, maxRaiseJobs))
+				return badRequest(fmt.Errorf("jobs %q: want a number from 1 to %d", usage.Clip(v), maxRaiseJobs))
 			}
 			jobs = n
 		}

@@ -23,10 +23,10 @@ func ParseQuery(v url.Values, now time.Time) (Query, error) {
 		switch k {
 		case "since", "until", "user", "pool", "format":
 		default:
-			return Query{}, &QueryError{fmt.Sprintf("unknown parameter %.64q: use since, until, user, pool or format", k)}
+			return Query{}, &QueryError{fmt.Sprintf("unknown parameter %q: use since, until, user, pool or format", Clip(k))}
 		}
 		if len(vs) > 1 {
-			return Query{}, &QueryError{fmt.Sprintf("parameter %q given %d times", k, len(vs))}
+			return Query{}, &QueryError{fmt.Sprintf("parameter %q given %d times", Clip(k), len(vs))}
 		}
 	}
 	today := DayOf(now)
@@ -42,11 +42,11 @@ func ParseQuery(v url.Values, now time.Time) (Query, error) {
 	}
 	since, err := time.Parse(DayLayout, q.Since)
 	if err != nil {
-		return Query{}, &QueryError{fmt.Sprintf("since %.32q: want a UTC day as YYYY-MM-DD", q.Since)}
+		return Query{}, &QueryError{fmt.Sprintf("since %q: want a UTC day as YYYY-MM-DD", Clip(q.Since))}
 	}
 	until, err := time.Parse(DayLayout, q.Until)
 	if err != nil {
-		return Query{}, &QueryError{fmt.Sprintf("until %.32q: want a UTC day as YYYY-MM-DD", q.Until)}
+		return Query{}, &QueryError{fmt.Sprintf("until %q: want a UTC day as YYYY-MM-DD", Clip(q.Until))}
 	}
 	if until.Before(since) {
 		return Query{}, &QueryError{fmt.Sprintf("until %s is before since %s", q.Until, q.Since)}
@@ -84,4 +84,13 @@ func CheckUser(s string) error {
 		return &QueryError{"user is empty"}
 	}
 	return checkName("user", s)
+}
+
+// Clip shortens a value from outside to quote it in an error message.
+func Clip(s string) string {
+	const n = 32
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
 }
