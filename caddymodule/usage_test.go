@@ -422,3 +422,32 @@ func TestQuotaAcrossReplicas(t *testing.T) {
 		t.Fatalf("after a reset on the other replica: %d %s", st, body)
 	}
 }
+
+// With metrics_per_user, user ids that are not UTF-8 (a header can carry
+// any byte) — two of them that look alike once made valid — neither break
+// the scrape nor the gateway.
+func TestPerUserMetricsSurviveOddUserNames(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: time.Millisecond})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}", "outputs disk {DATA}\n\t\tmetrics_per_user", 1)
+	cf, admin := withAdmin(t, cf)
+	g := startCaddy(t, cf)
+	for _, user := range []string{"x\xff", "x\xfe"} {
+		a := g.queue(user, "", samplerWorkflow("o", 1))
+		g.waitStatus(user, a.PromptID, "completed", 20*time.Second)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, m, _ := admin.do("GET", "/metrics")
+		if st != 200 {
+			t.Fatalf("/metrics: %d %s", st, m)
+		}
+		if strings.Contains(m, `comfyume_user_jobs_total{outcome="success",pool="gpu",user="x`+"\uFFFD"+`"} 2`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the two users' series:\n%s", grepLines(m, "comfyume_user_jobs"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
