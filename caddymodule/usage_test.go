@@ -246,12 +246,26 @@ func TestQuotaPromptsPerDay(t *testing.T) {
 		}
 		return st, b
 	}
-	for i := 0; i < 2; i++ {
-		if st, b := run("alice"); st != 200 {
-			t.Fatalf("alice's prompt %d of 2: %d %s", i+1, st, b)
-		}
+	// Prompts count when admitted: one running and one waiting use up
+	// the day's two. The waiting one, cancelled, is given back.
+	gpu.FailNext("hang")
+	br := g.openBrowser("alice", "", true)
+	hung := g.queue("alice", br.SID, samplerWorkflow("h", 1))
+	br.waitType("execution_start", 10*time.Second)
+	waiting := g.queue("alice", br.SID, samplerWorkflow("w", 1))
+	st, b, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("x", 1)})
+	checkQuota403(t, st, b, "2 prompts")
+	if st, _, _ := g.do("alice", "POST", "/api/jobs/"+waiting.PromptID+"/cancel", nil); st != 200 {
+		t.Fatalf("cancel: %d", st)
 	}
-	st, b := run("alice")
+	g.waitStatus("alice", waiting.PromptID, "cancelled", 10*time.Second)
+	g.do("alice", "POST", "/api/interrupt", map[string]any{"prompt_id": hung.PromptID})
+	g.waitStatus("alice", hung.PromptID, "cancelled", 10*time.Second)
+	admin.waitRow("alice", func(r usage.Row) bool { return r.Admitted == 1 && r.Interrupted == 1 })
+	if st, b := run("alice"); st != 200 {
+		t.Fatalf("alice's second prompt after the cancelled one was given back: %d %s", st, b)
+	}
+	st, b = run("alice")
 	checkQuota403(t, st, b, "2 prompts")
 	for i := 0; i < 4; i++ {
 		if st, b := run("bob"); st != 200 {
@@ -311,7 +325,7 @@ func TestQuotaPromptsPerDay(t *testing.T) {
 		t.Fatalf("GET reset: %d", st)
 	}
 	_, m, _ := admin.do("GET", "/metrics")
-	if !strings.Contains(m, `comfyume_quota_refused_total{pool="gpu",quota="jobs"} 4`) {
+	if !strings.Contains(m, `comfyume_quota_refused_total{pool="gpu",quota="jobs"} 5`) {
 		t.Fatalf("refusals:\n%s", grepLines(m, "refused"))
 	}
 }
@@ -449,5 +463,46 @@ func TestPerUserMetricsSurviveOddUserNames(t *testing.T) {
 			t.Fatalf("the two users' series:\n%s", grepLines(m, "comfyume_user_jobs"))
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Jobs on pinned endpoints (transport worker) are accounted the same way:
+// GPU time from the worker's stream, the bytes of the outputs that came
+// with it, and a job whose GPU container died mid-job as lost.
+func TestUsageOfPinnedJobs(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	d := workerDeployment(t, 2, "")
+	cf, admin := withAdmin(t, strings.Replace(poolCaddyfile(home.URL(), d.URL(), ""), "max_jobs 1", "max_jobs 1\n\t\t\t\ttransport worker", 1))
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	ok := g.queue("alice", b.SID, samplerWorkflow("pin", 2))
+	frames := b.untilJobEnd(ok.PromptID, 30*time.Second)
+	st, png, _ := g.do("alice", "GET", "/api/view?"+viewQuery(outputRef(t, frames, "3")), nil)
+	if st != 200 || len(png) == 0 {
+		t.Fatalf("output: %d", st)
+	}
+	r := admin.waitRow("alice", func(r usage.Row) bool { return r.Jobs == 1 })
+	if r.Success != 1 || r.OutputBytes != int64(len(png)) || r.GPUSeconds <= 0 {
+		t.Fatalf("pinned job's row: %+v (output %d bytes)", r, len(png))
+	}
+
+	dies := g.queue("alice", b.SID, samplerWorkflow("dies", 200))
+	b.waitType("progress", 10*time.Second)
+	killed := false
+	for i := 0; i < 2; i++ {
+		for _, p := range d.Replica(i).Prompts() {
+			if p.PromptID == dies.PromptID && !killed {
+				d.Kill(i)
+				killed = true
+			}
+		}
+	}
+	if !killed {
+		t.Fatal("no replica runs the job")
+	}
+	b.untilJobEnd(dies.PromptID, 30*time.Second)
+	r = admin.waitRow("alice", func(r usage.Row) bool { return r.Jobs == 2 })
+	if r.Lost != 1 || r.Success != 1 || r.Admitted != 2 {
+		t.Fatalf("after the GPU container died mid-job: %+v", r)
 	}
 }
