@@ -187,7 +187,10 @@ type ExceededError struct {
 func (e *ExceededError) Error() string {
 	var used string
 	if e.Kind == KindJobs {
-		used = fmt.Sprintf("You have used your %d prompts for today on the GPU pool %q (%d admitted).", e.Limit, e.Pool, e.Used)
+		used = fmt.Sprintf("You have used your %d prompts for today on the GPU pool %q.", e.Limit, e.Pool)
+		if e.Used > e.Limit {
+			used = fmt.Sprintf("You have used %d prompts today on the GPU pool %q, over your %d.", e.Used, e.Pool, e.Limit)
+		}
 	} else {
 		used = fmt.Sprintf("You have used your GPU time for today on the GPU pool %q: %s of %s.", e.Pool,
 			FormatDuration(time.Duration(e.Used)*time.Millisecond), FormatDuration(time.Duration(e.Limit)*time.Millisecond))
