@@ -163,3 +163,101 @@ func TestEveryWaitingJobIsToldWhy(t *testing.T) {
 		t.Fatalf("alice's notifications: %v", sa.notes)
 	}
 }
+
+// A hundred jobs wait behind a busy GPU, queued user after user, so that
+// each arrival pushes earlier users' later jobs further back. Each job ends
+// up told its current place, and the notices are coalesced: a job is told
+// a few times at most, not once per arrival that moved it.
+func TestHundredWaitingJobsToldWithoutStorm(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 20 * time.Millisecond})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	carol := g.openBrowser("carol", "", true)
+	busy := g.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID
+	g.waitStatus("carol", busy, "in_progress", 10*time.Second)
+
+	users := []string{"u0", "u1", "u2", "u3"}
+	tabs := map[string]*browser{}
+	ids := map[string][]string{}
+	for _, u := range users {
+		tabs[u] = g.openBrowser(u, "", true)
+	}
+	for _, u := range users {
+		for i := 0; i < 25; i++ {
+			ids[u] = append(ids[u], g.queue(u, tabs[u].SID, samplerWorkflow(u, 1)).PromptID)
+		}
+	}
+	most := 0
+	for _, u := range users {
+		var page jobsPage
+		g.getJSON(u, "/api/jobs?status=pending&limit=200", &page)
+		want := map[string]string{}
+		for _, id := range ids[u] {
+			j := findJob(page.Jobs, id)
+			if j == nil {
+				t.Fatalf("%s's job %s is not pending", u, id)
+			}
+			p, _ := j["queue_position"].(float64)
+			want[id] = "— " + ordinal(int(p)) + ")"
+		}
+		var s seen
+		tabs[u].readUntil(&s, 30*time.Second, u+"'s jobs told their places", func() bool {
+			for id, w := range want {
+				if !strings.Contains(s.lastNote(id), w) {
+					return false
+				}
+			}
+			return true
+		})
+		for _, id := range ids[u] {
+			most = max(most, len(s.notes[id]))
+		}
+	}
+	t.Logf("most notices of one job: %d", most)
+	// Without coalescing, u0's last job alone moves back 75 times.
+	if most > 10 {
+		t.Fatalf("a waiting job was told %d times while 100 jobs were queued", most)
+	}
+}
+
+// With the queue in Valkey: alice's browser is on replica A, her job was
+// queued through replica B (B holds it and tells it why it waits). She sees
+// its reason and place, and the new place when a job started by replica A
+// moves it up.
+func TestWaitingNoticesAcrossReplicas(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 20 * time.Millisecond})
+	cf := sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	a := startCaddy(t, cf)
+	b := startReplica(t, cf)
+	carol := a.openBrowserFlags("carol", "", `{"supports_preview_metadata":true}`)
+	busy := a.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID
+	a.waitStatus("carol", busy, "in_progress", 10*time.Second)
+	bob := a.openBrowserFlags("bob", "", `{"supports_preview_metadata":true}`)
+	b1 := a.queue("bob", bob.SID, samplerWorkflow("b", 10_000)).PromptID
+
+	alice := a.openBrowser("alice", "", true)
+	a1 := b.queue("alice", alice.SID, samplerWorkflow("a", 1)).PromptID
+	if p := b.positionOf("alice", a1); p != 2 {
+		t.Fatalf("alice's job is %d in line, want 2 (after bob's)", p)
+	}
+	var s seen
+	alice.readUntil(&s, 20*time.Second, "her job's reason and place, from the other replica", func() bool {
+		return strings.Contains(s.lastNote(a1), "a free GPU server — 2nd in line") && s.hasText("Waiting for a free GPU server — 2nd in line")
+	})
+	if st, _, _ := a.do("carol", "POST", "/api/jobs/"+busy+"/cancel", nil); st != 200 {
+		t.Fatalf("cancel: %d", st)
+	}
+	a.waitStatus("bob", b1, "in_progress", 20*time.Second)
+	alice.readUntil(&s, 20*time.Second, "her job moved up", func() bool {
+		return strings.Contains(s.lastNote(a1), "next in line") && s.hasText("Waiting for a free GPU server — next in line")
+	})
+	if st, _, _ := a.do("bob", "POST", "/api/jobs/"+b1+"/cancel", nil); st != 200 {
+		t.Fatalf("cancel: %d", st)
+	}
+	frames := alice.untilJobEnd(a1, 30*time.Second)
+	if indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("alice's job: %v", types(frames))
+	}
+}
