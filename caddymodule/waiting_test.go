@@ -123,10 +123,10 @@ func TestEveryWaitingJobIsToldWhy(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
 	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 20 * time.Millisecond})
 	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
-	alice := g.openBrowser("alice", "", true)                                        // the current frontend
-	bob := g.openBrowserFlags("bob", "", `{"supports_preview_metadata":true}`)       // an older one
-	carol := g.openBrowserFlags("carol", "", `{"supports_preview_metadata":true}`)   // (runs first)
-	busy := g.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID // holds the GPU until cancelled
+	alice := g.openBrowser("alice", "", true)                                      // the current frontend
+	bob := g.openBrowserFlags("bob", "", `{"supports_preview_metadata":true}`)     // an older one
+	carol := g.openBrowserFlags("carol", "", `{"supports_preview_metadata":true}`) // (runs first)
+	busy := g.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID  // holds the GPU until cancelled
 	g.waitStatus("carol", busy, "in_progress", 10*time.Second)
 
 	b1 := g.queue("bob", bob.SID, samplerWorkflow("b", 10_000)).PromptID
