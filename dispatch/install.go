@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -59,7 +60,13 @@ func fetchObjectInfo(ctx context.Context, u *Upstream) (map[string]classInfo, er
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		return nil, &HTTPError{Status: resp.StatusCode, Body: b}
 	}
-	lr := &io.LimitedReader{R: resp.Body, N: MaxObjectInfo + 1}
+	return parseObjectInfo(resp.Body)
+}
+
+// parseObjectInfo reads an /object_info answer (at most MaxObjectInfo
+// bytes of it): the node classes and their COMBO inputs.
+func parseObjectInfo(r io.Reader) (map[string]classInfo, error) {
+	lr := &io.LimitedReader{R: r, N: MaxObjectInfo + 1}
 	var raw map[string]struct {
 		Input map[string]map[string]json.RawMessage `json:"input"`
 	}
@@ -103,7 +110,7 @@ func encodeInstall(classes map[string]classInfo) ([]byte, error) {
 	for name, ci := range classes {
 		inputs := make(map[string]int, len(ci.combos))
 		for in, c := range ci.combos {
-			key := strings.Join(c.list, "\x00")
+			key := listKey(c.list)
 			i, ok := index[key]
 			if !ok {
 				i = len(si.Lists)
@@ -128,6 +135,18 @@ func encodeInstall(classes map[string]classInfo) ([]byte, error) {
 		return nil, errInstallTooBig
 	}
 	return b, nil
+}
+
+// listKey names a list of values unambiguously (each value with its
+// length).
+func listKey(list []string) string {
+	var b strings.Builder
+	for _, v := range list {
+		b.WriteString(strconv.Itoa(len(v)))
+		b.WriteByte(':')
+		b.WriteString(v)
+	}
+	return b.String()
 }
 
 // decodeInstall reads what encodeInstall wrote.
