@@ -97,6 +97,8 @@ type Manager struct {
 	// counters are this gateway's totals for metrics.
 	ledger   usage.Ledger
 	counters usage.Counters
+	// waits tells waiting jobs why they wait (waiting.go).
+	waits waitNotices
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -106,7 +108,7 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 		logger = zap.NewNop()
 	}
 	m := &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{},
-		owner: newOwner(), leaseTTL: DefaultLeaseTTL}
+		owner: newOwner(), leaseTTL: DefaultLeaseTTL, waits: newWaitNotices()}
 	if sq, ok := store.(SharedQueue); ok {
 		m.shared = sq
 	}
@@ -417,6 +419,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	if up == nil {
 		accepted = true
 		m.events.QueueChanged(req.User)
+		m.pokeWaiting()
 		return SubmitResult{PromptID: id, Number: number, NodeErrors: json.RawMessage("{}")}, nil
 	}
 	res, err := m.send(ctx, r, up)
@@ -763,6 +766,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	m.mu.Unlock()
 	m.unclaim(snap.ID)
 	m.events.QueueChanged(snap.User)
+	m.pokeWaiting() // the others move up
 	if sendEnd {
 		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
 		m.events.Deliver(recipientOf(snap), jobMessage(end))

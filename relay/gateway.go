@@ -620,6 +620,7 @@ func (g *Gateway) Deliver(to dispatch.Recipient, ev dispatch.Event) {
 	switch {
 	case ev.JSON != nil:
 		f.text = ev.JSON
+		f.notice = ev.Type == comfy.MsgNotification
 	case ev.Preview != nil:
 		f.preview = ev.Preview
 	case ev.Text != nil:
