@@ -506,3 +506,24 @@ func TestUsageOfPinnedJobs(t *testing.T) {
 		t.Fatalf("after the GPU container died mid-job: %+v", r)
 	}
 }
+
+// A job that a pool's `fallback home` ran on the user's own ComfyUI did
+// not use the pool: it is neither accounted nor counted against the quota.
+func TestFallbackHomeJobsAreNotAccounted(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	dead := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cf := strings.Replace(poolCaddyfile(home.URL(), dead, ""), "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 300ms\n\t\t\tfallback home\n\t\t\tmax_jobs_per_day 1", 1)
+	cf, admin := withAdmin(t, cf)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	for i := 0; i < 2; i++ {
+		a := g.queue("alice", b.SID, samplerWorkflow("fb", 1))
+		if frames := b.untilJobEnd(a.PromptID, 30*time.Second); indexOf(frames, "execution_success") < 0 {
+			t.Fatalf("fallback job %d: %v", i, types(frames))
+		}
+		admin.waitRow("alice", func(r usage.Row) bool { return r.Admitted == 0 })
+	}
+	if r := findRow(admin.rows("?user=alice"), "alice"); r == nil || r.Jobs != 0 || r.GPUSeconds != 0 {
+		t.Fatalf("home jobs accounted on the pool: %+v", r)
+	}
+}
