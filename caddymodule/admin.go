@@ -23,6 +23,12 @@ func init() {
 // lists each pool as this gateway sees it: jobs waiting (of every replica
 // when the queue is shared in Valkey), jobs held for a cold start, jobs
 // running, and each endpoint's health, jobs and transport.
+//
+//	GET /comfyume/ops
+//	GET /comfyume/ui, /comfyume/ui/events
+//
+// are the operator's page's state (JSON), the page and its stream (see
+// OpsHandler).
 type AdminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -32,7 +38,12 @@ func (AdminAPI) CaddyModule() caddy.ModuleInfo {
 
 // Routes implements caddy.AdminRouter.
 func (AdminAPI) Routes() []caddy.AdminRoute {
-	return []caddy.AdminRoute{{Pattern: "/comfyume/pools", Handler: caddy.AdminHandlerFunc(handlePools)}}
+	return []caddy.AdminRoute{
+		{Pattern: "/comfyume/pools", Handler: caddy.AdminHandlerFunc(handlePools)},
+		{Pattern: "/comfyume/ops", Handler: caddy.AdminHandlerFunc(handleOpsState)},
+		{Pattern: "/comfyume/ui", Handler: caddy.AdminHandlerFunc(handleOpsPage)},
+		{Pattern: "/comfyume/ui/events", Handler: caddy.AdminHandlerFunc(handleOpsPage)},
+	}
 }
 
 func handlePools(w http.ResponseWriter, r *http.Request) error {

@@ -1,0 +1,236 @@
+package caddymodule_test
+
+import (
+	"bufio"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/comfyume/comfyume/comfytest"
+)
+
+// opsPassword is the operator's basic_auth password in the tests below;
+// opsHash its bcrypt hash (caddy hash-password).
+const (
+	opsPassword = "workshop-ops"
+	opsHash     = "$2a$04$dCI4LsI1HKdoWNnjG3l0Hubj/b.nyzOmGMi1crh/ElBnQvmiHx19G"
+)
+
+// opsCaddyfile is a small workshop: one pool of one GPU that runs a job
+// at a time, users named by X-User, and the operator's page at /ops behind
+// basic_auth; the admin API at admin.
+func opsCaddyfile(admin, home, gpu string) string {
+	return `{
+	admin ` + admin + `
+	comfyume {
+		pool gpu {
+			upstream ` + gpu + ` {
+				max_jobs 1
+			}
+		}
+		outputs disk {DATA}
+	}
+}
+
+:{PORT} {
+	bind 127.0.0.1
+	basic_auth /ops* {
+		ops ` + opsHash + `
+	}
+	comfyume_ops /ops*
+	comfyume {
+		home ` + home + `
+		run_on gpu
+		user {http.request.header.X-User}
+	}
+	reverse_proxy ` + strings.TrimPrefix(home, "http://") + `
+}
+`
+}
+
+func opsAuth() string {
+	return "Basic " + base64.StdEncoding.EncodeToString([]byte("ops:"+opsPassword))
+}
+
+// rowsJS lists a table's rows as arrays of cell texts.
+func rowsJS(table string) string {
+	return `[...document.querySelectorAll("#` + table + ` tbody tr")].map(tr => [...tr.cells].map(td => td.textContent))`
+}
+
+// A workshop of two people and one GPU, watched by its operator in a real
+// browser (headless Chromium) on the page behind basic_auth: the page
+// shows alice's job running (user, pool, endpoint) and bob's waiting with
+// why; when alice cancels hers, the page — not reloaded — shows bob's
+// running, then failing, with the GPU's message. On a phone's screen it
+// fits the width. Screenshots are kept (COMFYUME_TEST_ARTIFACTS).
+func TestOpsPageInChromium(t *testing.T) {
+	chromium := chromiumPath(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	g := startCaddy(t, opsCaddyfile(admin, home.URL(), gpu.URL()))
+	artifacts := artifactDir(t)
+
+	// Without the operator's password: nothing.
+	if st, _, _ := g.do("", "GET", "/ops/", nil); st != http.StatusUnauthorized {
+		t.Fatalf("GET /ops/ without credentials: %d, want 401", st)
+	}
+
+	gpu.FailNext("hang")  // alice's job runs until she cancels it
+	gpu.FailNext("error") // bob's fails on the GPU
+	alice := g.openBrowser("alice", "", true)
+	a := g.queue("alice", alice.SID, samplerWorkflow("a", 1))
+	alice.waitType("execution_start", 10*time.Second)
+	b := g.queue("bob", "", samplerWorkflow("b", 1))
+
+	c := startChrome(t, chromium)
+	c.call("Network.enable", nil, 10*time.Second)
+	c.call("Network.setExtraHTTPHeaders", map[string]any{"headers": map[string]string{"Authorization": opsAuth()}}, 10*time.Second)
+	c.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}, 10*time.Second)
+	c.navigate(g.Base + "/ops/")
+
+	c.until("alice's job running on the GPU", `[...document.querySelectorAll("#running tbody tr")].some(tr =>
+		tr.dataset.job === `+jsString(a.PromptID)+` && tr.cells[0].textContent === "alice" && tr.cells[1].textContent === "gpu" && tr.cells[2].textContent === `+jsString(gpu.URL())+`)`, 20*time.Second)
+	c.until("bob's job waiting, and why", `[...document.querySelectorAll("#queue tbody tr")].some(tr =>
+		tr.dataset.job === `+jsString(b.PromptID)+` && tr.cells[0].textContent === "1" && tr.cells[1].textContent === "bob" && /busy/.test(tr.cells[4].textContent))`, 20*time.Second)
+	c.until("the endpoint up with its one job", `[...document.querySelectorAll("#pools .ep")].some(ep =>
+		ep.dataset.endpoint === `+jsString(gpu.URL())+` && ep.querySelector(".pill").textContent === "up" && /jobs 1\/1/.test(ep.textContent) && /circuit closed/.test(ep.textContent))`, 20*time.Second)
+	c.screenshot(filepath.Join(artifacts, "ops-page.png"))
+
+	// On a phone: no sideways scrolling.
+	c.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}, 10*time.Second)
+	c.until("the page fitting a phone's width", `document.documentElement.scrollWidth <= window.innerWidth && document.querySelector("#running tbody tr") !== null`, 10*time.Second)
+	c.screenshot(filepath.Join(artifacts, "ops-page-phone.png"))
+	c.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}, 10*time.Second)
+
+	// The page is not reloaded from here on: a reload would drop this.
+	c.eval(`window.stillTheSamePage = true`, nil, 10*time.Second)
+	if st, _, _ := g.do("alice", "POST", "/api/interrupt", map[string]any{"prompt_id": a.PromptID}); st != 200 {
+		t.Fatalf("interrupt: %d", st)
+	}
+	c.until("alice's job gone and bob's failure with the GPU's message", `window.stillTheSamePage === true &&
+		![...document.querySelectorAll("#running tbody tr")].some(tr => tr.dataset.job === `+jsString(a.PromptID)+`) &&
+		document.querySelectorAll("#queue tbody tr").length === 0 &&
+		[...document.querySelectorAll("#failures tbody tr")].some(tr =>
+			tr.dataset.job === `+jsString(b.PromptID)+` && tr.cells[1].textContent === "bob" && tr.cells[3].textContent === `+jsString(gpu.URL())+` &&
+			tr.cells[4].textContent.includes("injected failure"))`, 30*time.Second)
+	c.screenshot(filepath.Join(artifacts, "ops-page-after.png"))
+	var running [][]string
+	c.eval(rowsJS("running"), &running, 10*time.Second)
+	if len(running) != 0 {
+		t.Fatalf("jobs still shown running after both ended: %v", running)
+	}
+}
+
+func jsString(s string) string {
+	b, _ := json.Marshal(s)
+	return string(b)
+}
+
+// Names and messages are shown as text: a user named like an HTML image
+// with an onerror script appears as those characters, and no element is
+// made of them, in a real browser.
+func TestOpsPageShowsNamesAsText(t *testing.T) {
+	chromium := chromiumPath(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	g := startCaddy(t, opsCaddyfile(admin, home.URL(), gpu.URL()))
+	evil := `<img src=x onerror="document.title='pwned'"><b>mallory</b>`
+	gpu.FailNext("hang")
+	b := g.openBrowser(evil, "", true)
+	j := g.queue(evil, b.SID, samplerWorkflow("x", 1))
+	b.waitType("execution_start", 10*time.Second)
+	t.Cleanup(func() { g.do(evil, "POST", "/api/interrupt", map[string]any{"prompt_id": j.PromptID}) })
+
+	c := startChrome(t, chromium)
+	c.call("Network.enable", nil, 10*time.Second)
+	c.call("Network.setExtraHTTPHeaders", map[string]any{"headers": map[string]string{"Authorization": opsAuth()}}, 10*time.Second)
+	c.navigate(g.Base + "/ops")
+	c.until("the job of the user with the odd name", `document.querySelector("#running tbody tr") !== null`, 20*time.Second)
+	var got struct {
+		User   string `json:"user"`
+		Images int    `json:"images"`
+		Bold   int    `json:"bold"`
+		Title  string `json:"title"`
+	}
+	c.eval(`({user: document.querySelector("#running tbody tr").cells[0].textContent,
+		images: document.querySelectorAll("img").length, bold: document.querySelectorAll("b").length, title: document.title})`, &got, 10*time.Second)
+	if got.User != evil || got.Images != 0 || got.Bold != 0 || got.Title == "pwned" {
+		t.Fatalf("the name was not shown as text: %+v", got)
+	}
+}
+
+// The admin API serves the same page, its stream and its state as JSON:
+// GET /comfyume/ui has a strict Content-Security-Policy and loads nothing
+// from elsewhere, /comfyume/ui/events streams the state (a running job
+// with its user, pool and endpoint), /comfyume/ops answers it once.
+func TestOpsPageOnAdminAPI(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	g := startCaddy(t, opsCaddyfile(admin, home.URL(), gpu.URL()))
+	gpu.FailNext("hang")
+	br := g.openBrowser("alice", "", true)
+	a := g.queue("alice", br.SID, samplerWorkflow("a", 1))
+	br.waitType("execution_start", 10*time.Second)
+	t.Cleanup(func() { g.do("alice", "POST", "/api/interrupt", map[string]any{"prompt_id": a.PromptID}) })
+
+	resp, err := http.Get("http://" + admin + "/comfyume/ui")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	csp := resp.Header.Get("Content-Security-Policy")
+	if resp.StatusCode != 200 || !strings.Contains(csp, "default-src 'none'") || !strings.Contains(csp, "script-src 'sha256-") ||
+		strings.Contains(csp, "unsafe") || !strings.Contains(string(page), `name="viewport"`) {
+		t.Fatalf("GET /comfyume/ui: %d, CSP %q", resp.StatusCode, csp)
+	}
+	for _, ref := range []string{"src=", "href=\"http", "@import", "url("} {
+		if strings.Contains(strings.ReplaceAll(string(page), `href="data:,"`, ""), ref) {
+			t.Fatalf("the page loads something (%s)", ref)
+		}
+	}
+
+	resp, err = http.Get("http://" + admin + "/comfyume/ui/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("events: %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
+	var state struct {
+		Running []struct{ User, Pool, Endpoint, ID string } `json:"running"`
+	}
+	for sc.Scan() {
+		if data, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+			if err := json.Unmarshal([]byte(data), &state); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	if len(state.Running) != 1 || state.Running[0].User != "alice" || state.Running[0].Pool != "gpu" || state.Running[0].Endpoint != gpu.URL() || state.Running[0].ID != a.PromptID {
+		t.Fatalf("first state on the stream: %+v", state)
+	}
+
+	resp2, err := http.Get("http://" + admin + "/comfyume/ops")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp2.Body)
+	resp2.Body.Close()
+	if resp2.StatusCode != 200 || !strings.Contains(string(body), `"user":"alice"`) || strings.Contains(string(body), "FakeSampler") {
+		t.Fatalf("GET /comfyume/ops: %d %s", resp2.StatusCode, body)
+	}
+}
