@@ -65,10 +65,10 @@ func rowsJS(table string) string {
 
 // A workshop of two people and one GPU, watched by its operator in a real
 // browser (headless Chromium) on the page behind basic_auth: the page
-// shows alice's job running (user, pool, endpoint) and bob's waiting with
-// why; when alice cancels hers, the page — not reloaded — shows bob's
-// running, then failing, with the GPU's message. On a phone's screen it
-// fits the width. Screenshots are kept (COMFYUME_TEST_ARTIFACTS).
+// shows alice's job running (user, pool, endpoint), bob's waiting with
+// why, and bob's earlier job that failed with the GPU's message; when
+// alice cancels hers and bob's runs to its end, the page — not reloaded —
+// shows nothing running or waiting. On a phone's screen it fits the width. Screenshots are kept (COMFYUME_TEST_ARTIFACTS).
 func TestOpsPageInChromium(t *testing.T) {
 	chromium := chromiumPath(t)
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
@@ -82,17 +82,20 @@ func TestOpsPageInChromium(t *testing.T) {
 		t.Fatalf("GET /ops/ without credentials: %d, want 401", st)
 	}
 
+	gpu.FailNext("error") // bob's first job fails on the GPU
 	gpu.FailNext("hang")  // alice's job runs until she cancels it
-	gpu.FailNext("error") // bob's fails on the GPU
+	bob := g.openBrowser("bob", "", true)
+	x := g.queue("bob", bob.SID, samplerWorkflow("x", 1))
+	bob.untilJobEnd(x.PromptID, 20*time.Second)
 	alice := g.openBrowser("alice", "", true)
 	a := g.queue("alice", alice.SID, samplerWorkflow("a", 1))
 	alice.waitType("execution_start", 10*time.Second)
-	b := g.queue("bob", "", samplerWorkflow("b", 1))
+	b := g.queue("bob", bob.SID, samplerWorkflow("b", 1))
 
 	c := startChrome(t, chromium)
 	c.call("Network.enable", nil, 10*time.Second)
 	c.call("Network.setExtraHTTPHeaders", map[string]any{"headers": map[string]string{"Authorization": opsAuth()}}, 10*time.Second)
-	c.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}, 10*time.Second)
+	c.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 1280, "height": 560, "deviceScaleFactor": 1, "mobile": false}, 10*time.Second)
 	c.navigate(g.Base + "/ops/")
 
 	c.until("alice's job running on the GPU", `[...document.querySelectorAll("#running tbody tr")].some(tr =>
@@ -101,6 +104,9 @@ func TestOpsPageInChromium(t *testing.T) {
 		tr.dataset.job === `+jsString(b.PromptID)+` && tr.cells[0].textContent === "1" && tr.cells[1].textContent === "bob" && /busy/.test(tr.cells[4].textContent))`, 20*time.Second)
 	c.until("the endpoint up with its one job", `[...document.querySelectorAll("#pools .ep")].some(ep =>
 		ep.dataset.endpoint === `+jsString(gpu.URL())+` && ep.querySelector(".pill").textContent === "up" && /jobs 1\/1/.test(ep.textContent) && /circuit closed/.test(ep.textContent))`, 20*time.Second)
+	c.until("bob's failure with the GPU's message", `[...document.querySelectorAll("#failures tbody tr")].some(tr =>
+		tr.dataset.job === `+jsString(x.PromptID)+` && tr.cells[1].textContent === "bob" && tr.cells[3].textContent === `+jsString(gpu.URL())+` &&
+		tr.cells[4].textContent.includes("injected failure"))`, 20*time.Second)
 	c.screenshot(filepath.Join(artifacts, "ops-page.png"))
 
 	// On a phone: no sideways scrolling.
@@ -114,12 +120,10 @@ func TestOpsPageInChromium(t *testing.T) {
 	if st, _, _ := g.do("alice", "POST", "/api/interrupt", map[string]any{"prompt_id": a.PromptID}); st != 200 {
 		t.Fatalf("interrupt: %d", st)
 	}
-	c.until("alice's job gone and bob's failure with the GPU's message", `window.stillTheSamePage === true &&
-		![...document.querySelectorAll("#running tbody tr")].some(tr => tr.dataset.job === `+jsString(a.PromptID)+`) &&
-		document.querySelectorAll("#queue tbody tr").length === 0 &&
-		[...document.querySelectorAll("#failures tbody tr")].some(tr =>
-			tr.dataset.job === `+jsString(b.PromptID)+` && tr.cells[1].textContent === "bob" && tr.cells[3].textContent === `+jsString(gpu.URL())+` &&
-			tr.cells[4].textContent.includes("injected failure"))`, 30*time.Second)
+	bob.untilJobEnd(b.PromptID, 20*time.Second)
+	c.until("both jobs gone from running and waiting, on the same page", `window.stillTheSamePage === true &&
+		document.querySelectorAll("#running tbody tr").length === 0 && document.querySelectorAll("#queue tbody tr").length === 0 &&
+		/0 running · 0 waiting/.test(document.querySelector("#pools .pool").textContent)`, 30*time.Second)
 	c.screenshot(filepath.Join(artifacts, "ops-page-after.png"))
 	var running [][]string
 	c.eval(rowsJS("running"), &running, 10*time.Second)

@@ -134,7 +134,7 @@
     table("failures", failures, (f) => {
       const tr = el("tr");
       tr.dataset.job = f.job_id;
-      tr.appendChild(cell("When", clock(f.time)));
+      tr.appendChild(cell("When", clock(f.time), "time"));
       tr.appendChild(cell("User", f.user));
       tr.appendChild(cell("Pool", f.pool));
       tr.appendChild(cell("Endpoint", f.endpoint || "", "mono"));
