@@ -25,10 +25,11 @@ func init() {
 // running, and each endpoint's health, jobs and transport.
 //
 //	GET /comfyume/ops
-//	GET /comfyume/ui, /comfyume/ui/events
+//	GET /comfyume/ops/events
 //
-// are the operator's page's state (JSON), the page and its stream (see
-// OpsHandler).
+// are the operator's page's state (JSON) and its stream of states
+// (server-sent events), for scripts. The page itself is served on a site
+// (OpsHandler): Caddy's admin API refuses browsers' navigations.
 type AdminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -41,8 +42,7 @@ func (AdminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: "/comfyume/pools", Handler: caddy.AdminHandlerFunc(handlePools)},
 		{Pattern: "/comfyume/ops", Handler: caddy.AdminHandlerFunc(handleOpsState)},
-		{Pattern: "/comfyume/ui", Handler: caddy.AdminHandlerFunc(handleOpsPage)},
-		{Pattern: "/comfyume/ui/events", Handler: caddy.AdminHandlerFunc(handleOpsPage)},
+		{Pattern: "/comfyume/ops/events", Handler: caddy.AdminHandlerFunc(handleOpsEvents)},
 	}
 }
 

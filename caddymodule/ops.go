@@ -88,17 +88,19 @@ func activeGateway() (*relay.Gateway, error) {
 	return a.gateway, nil
 }
 
-// handleOpsPage serves GET /comfyume/ui (the page) and /comfyume/ui/events
-// (its stream) on the admin API.
-func handleOpsPage(w http.ResponseWriter, r *http.Request) error {
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+// handleOpsEvents serves GET /comfyume/ops/events on the admin API: the
+// page's stream of states, for scripts (curl -N). The page itself is not
+// served there: the admin API refuses a browser's navigation (it has
+// neither an Origin nor a Referer), so a browser could never open it.
+func handleOpsEvents(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed")}
 	}
 	g, err := activeGateway()
 	if err != nil {
 		return err
 	}
-	g.Ops().ServeHTTP(w, r)
+	g.Ops().ServeEvents(w, r)
 	return nil
 }
 

@@ -171,11 +171,12 @@ func TestOpsPageShowsNamesAsText(t *testing.T) {
 	}
 }
 
-// The admin API serves the same page, its stream and its state as JSON:
-// GET /comfyume/ui has a strict Content-Security-Policy and loads nothing
-// from elsewhere, /comfyume/ui/events streams the state (a running job
-// with its user, pool and endpoint), /comfyume/ops answers it once.
-func TestOpsPageOnAdminAPI(t *testing.T) {
+// The page is one response that loads nothing from elsewhere, under a
+// strict Content-Security-Policy that allows only its own inline style
+// and script. The admin API gives its state as JSON (GET /comfyume/ops)
+// and as the page's stream (GET /comfyume/ops/events): a running job with
+// its user, pool and endpoint, never its prompt.
+func TestOpsPageAndAdminAPI(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
 	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
 	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -186,16 +187,11 @@ func TestOpsPageOnAdminAPI(t *testing.T) {
 	br.waitType("execution_start", 10*time.Second)
 	t.Cleanup(func() { g.do("alice", "POST", "/api/interrupt", map[string]any{"prompt_id": a.PromptID}) })
 
-	resp, err := http.Get("http://" + admin + "/comfyume/ui")
-	if err != nil {
-		t.Fatal(err)
-	}
-	page, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	csp := resp.Header.Get("Content-Security-Policy")
-	if resp.StatusCode != 200 || !strings.Contains(csp, "default-src 'none'") || !strings.Contains(csp, "script-src 'sha256-") ||
-		strings.Contains(csp, "unsafe") || !strings.Contains(string(page), `name="viewport"`) {
-		t.Fatalf("GET /comfyume/ui: %d, CSP %q", resp.StatusCode, csp)
+	st, page, h := g.do("", "GET", "/ops", nil, "Authorization", opsAuth())
+	csp := h.Get("Content-Security-Policy")
+	if st != 200 || !strings.Contains(csp, "default-src 'none'") || !strings.Contains(csp, "script-src 'sha256-") ||
+		strings.Contains(csp, "unsafe") || !strings.Contains(string(page), `name="viewport"`) || h.Get("X-Content-Type-Options") != "nosniff" {
+		t.Fatalf("GET /ops: %d, CSP %q", st, csp)
 	}
 	for _, ref := range []string{"src=", "href=\"http", "@import", "url("} {
 		if strings.Contains(strings.ReplaceAll(string(page), `href="data:,"`, ""), ref) {
@@ -203,7 +199,7 @@ func TestOpsPageOnAdminAPI(t *testing.T) {
 		}
 	}
 
-	resp, err = http.Get("http://" + admin + "/comfyume/ui/events")
+	resp, err := http.Get("http://" + admin + "/comfyume/ops/events")
 	if err != nil {
 		t.Fatal(err)
 	}
