@@ -234,3 +234,58 @@ func TestOpsPageAndAdminAPI(t *testing.T) {
 		t.Fatalf("GET /comfyume/ops: %d %s", resp2.StatusCode, body)
 	}
 }
+
+// With the store in Valkey the operator sees the whole workshop from any
+// replica: jobs sent, waiting and failed through replica B are on replica
+// A's /comfyume/ops — running with their endpoint, waiting in order,
+// failed with the GPU's message (from the shared list of failures).
+func TestOpsStateAcrossReplicas(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	cf := sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), "")
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	startCaddy(t, strings.Replace(cf, "admin off", "admin "+admin, 1))
+	b := startReplica(t, cf)
+
+	gpu.FailNext("error")
+	gpu.FailNext("hang")
+	bob := b.openBrowser("bob", "", true)
+	x := b.queue("bob", bob.SID, samplerWorkflow("x", 1))
+	bob.untilJobEnd(x.PromptID, 20*time.Second)
+	alice := b.openBrowser("alice", "", true)
+	a := b.queue("alice", alice.SID, samplerWorkflow("a", 1))
+	alice.waitType("execution_start", 10*time.Second)
+	t.Cleanup(func() { b.do("alice", "POST", "/api/interrupt", map[string]any{"prompt_id": a.PromptID}) })
+	c := b.queue("carol", "", samplerWorkflow("c", 1))
+
+	resp, err := http.Get("http://" + admin + "/comfyume/ops")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st struct {
+		Running []struct{ ID, User, Endpoint string }
+		Waiting []struct {
+			ID, User, Why string
+			Position      int
+		}
+		Failures []struct {
+			JobID   string `json:"job_id"`
+			User    string
+			Message string
+		}
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Running) != 1 || st.Running[0].ID != a.PromptID || st.Running[0].User != "alice" || st.Running[0].Endpoint != gpu.URL() {
+		t.Errorf("running, seen from the other replica: %+v", st.Running)
+	}
+	if len(st.Waiting) != 1 || st.Waiting[0].ID != c.PromptID || st.Waiting[0].Position != 1 || st.Waiting[0].Why == "" {
+		t.Errorf("waiting, seen from the other replica: %+v", st.Waiting)
+	}
+	if len(st.Failures) == 0 || st.Failures[0].JobID != x.PromptID || st.Failures[0].User != "bob" || !strings.Contains(st.Failures[0].Message, "injected failure") {
+		t.Errorf("failures, seen from the other replica: %+v", st.Failures)
+	}
+}
