@@ -45,7 +45,11 @@
     $(id + "-empty").hidden = rows.length !== 0;
   }
   function count(id, n, more) {
-    $(id).textContent = n + (more ? more : 0) > 0 ? String(n + (more || 0)) : "";
+    $(id).textContent = n + (more || 0) > 0 ? String(n + (more || 0)) : "";
+  }
+  function more(id, n) {
+    $(id).textContent = n > 0 ? "and " + n + " more" : "";
+    $(id).hidden = !(n > 0);
   }
 
   function renderPools(pools) {
@@ -114,6 +118,7 @@
       return tr;
     });
     count("running-count", running.length, st.more_running);
+    more("running-more", st.more_running);
 
     const waiting = st.waiting || [];
     table("queue", waiting, (j) => {
@@ -127,6 +132,7 @@
       return tr;
     });
     count("queue-count", waiting.length, st.more_waiting);
+    more("queue-more", st.more_waiting);
 
     renderUsage(st.usage);
 
