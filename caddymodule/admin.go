@@ -30,6 +30,13 @@ func init() {
 // are the operator's page's state (JSON) and its stream of states
 // (server-sent events), for scripts. The page itself is served on a site
 // (OpsHandler): Caddy's admin API refuses browsers' navigations.
+//
+//	GET  /comfyume/usage?since=YYYY-MM-DD&until=YYYY-MM-DD&user=&pool=&format=json|csv
+//	POST /comfyume/usage/<user>/reset[?pool=<pool>]
+//	POST /comfyume/usage/<user>/raise?gpu=<duration>&jobs=<n>[&pool=<pool>]
+//
+// list each user's use of the pools per UTC day, and give a user their
+// whole quota for today again, or more of it.
 type AdminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -43,6 +50,8 @@ func (AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: "/comfyume/pools", Handler: caddy.AdminHandlerFunc(handlePools)},
 		{Pattern: "/comfyume/ops", Handler: caddy.AdminHandlerFunc(handleOpsState)},
 		{Pattern: "/comfyume/ops/events", Handler: caddy.AdminHandlerFunc(handleOpsEvents)},
+		{Pattern: "/comfyume/usage", Handler: caddy.AdminHandlerFunc(handleUsage)},
+		{Pattern: "/comfyume/usage/", Handler: caddy.AdminHandlerFunc(handleUsageUser)},
 	}
 }
 

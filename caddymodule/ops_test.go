@@ -30,6 +30,8 @@ func opsCaddyfile(admin, home, gpu string) string {
 	admin ` + admin + `
 	comfyume {
 		pool gpu {
+			quota 30m per day
+			max_jobs_per_day 20
 			upstream ` + gpu + ` {
 				max_jobs 1
 			}
@@ -66,7 +68,8 @@ func rowsJS(table string) string {
 // A workshop of two people and one GPU, watched by its operator in a real
 // browser (headless Chromium) on the page behind basic_auth: the page
 // shows alice's job running (user, pool, endpoint), bob's waiting with
-// why, and bob's earlier job that failed with the GPU's message; when
+// why, bob's earlier job that failed with the GPU's message, and each
+// person's prompts and GPU time today against the pool's quota; when
 // alice cancels hers and bob's runs to its end, the page — not reloaded —
 // shows nothing running or waiting. On a phone's screen it fits the width. Screenshots are kept (COMFYUME_TEST_ARTIFACTS).
 func TestOpsPageInChromium(t *testing.T) {
@@ -101,12 +104,16 @@ func TestOpsPageInChromium(t *testing.T) {
 	c.until("alice's job running on the GPU", `[...document.querySelectorAll("#running tbody tr")].some(tr =>
 		tr.dataset.job === `+jsString(a.PromptID)+` && tr.cells[0].textContent === "alice" && tr.cells[1].textContent === "gpu" && tr.cells[2].textContent === `+jsString(gpu.URL())+`)`, 20*time.Second)
 	c.until("bob's job waiting, and why", `[...document.querySelectorAll("#queue tbody tr")].some(tr =>
-		tr.dataset.job === `+jsString(b.PromptID)+` && tr.cells[0].textContent === "1" && tr.cells[1].textContent === "bob" && /busy/.test(tr.cells[4].textContent))`, 20*time.Second)
+		tr.dataset.job === `+jsString(b.PromptID)+` && tr.cells[0].textContent === "1" && tr.cells[1].textContent === "bob" && /a free GPU server/.test(tr.cells[4].textContent))`, 20*time.Second)
 	c.until("the endpoint up with its one job", `[...document.querySelectorAll("#pools .ep")].some(ep =>
 		ep.dataset.endpoint === `+jsString(gpu.URL())+` && ep.querySelector(".pill").textContent === "up" && /jobs 1\/1/.test(ep.textContent) && /circuit closed/.test(ep.textContent))`, 20*time.Second)
 	c.until("bob's failure with the GPU's message", `[...document.querySelectorAll("#failures tbody tr")].some(tr =>
 		tr.dataset.job === `+jsString(x.PromptID)+` && tr.cells[1].textContent === "bob" && tr.cells[3].textContent === `+jsString(gpu.URL())+` &&
 		tr.cells[4].textContent.includes("injected failure"))`, 20*time.Second)
+	c.until("each person's prompts today against the quota", `[...document.querySelectorAll("#usage tbody tr")].some(tr =>
+		tr.dataset.user === "bob" && tr.cells[1].textContent === "gpu" && tr.cells[2].textContent.endsWith(" / 30m") &&
+		tr.cells[3].textContent === "2 / 20" && tr.cells[4].textContent === "1 (1 failed)") &&
+		[...document.querySelectorAll("#usage tbody tr")].some(tr => tr.dataset.user === "alice" && tr.cells[3].textContent === "1 / 20")`, 20*time.Second)
 	c.screenshot(filepath.Join(artifacts, "ops-page.png"))
 
 	// On a phone: no sideways scrolling.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"sort"
-	"strconv"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -33,7 +32,8 @@ type JobBrief struct {
 	// Position is the job's place in its pool's queue (1 = next; 0: not
 	// in the queue, e.g. held for a cold-start retry).
 	Position int `json:"position,omitempty"`
-	// Why the job waits, in the operator's words.
+	// Why the job waits, as its user is told ("Waiting for a free GPU
+	// server — next in line").
 	Why string `json:"why,omitempty"`
 }
 
@@ -109,7 +109,7 @@ func (m *Manager) Board(ctx context.Context, limit int) (Board, error) {
 }
 
 // waitingBriefs orders a pool's waiting jobs as its queue will run them and
-// says why each waits.
+// says why each waits (see waitWhy).
 func (m *Manager) waitingBriefs(ctx context.Context, pool string, jobs []*Job) []JobBrief {
 	out := make([]JobBrief, 0, len(jobs))
 	p, ok := m.Pool(pool)
@@ -121,28 +121,40 @@ func (m *Manager) waitingBriefs(ctx context.Context, pool string, jobs []*Job) [
 		return out
 	}
 	pos, running := m.queueView(ctx, p)
-	held := map[string]int{} // job id → attempts, of jobs waiting out a retry here
+	type heldRun struct {
+		attempts int
+		firstTry time.Time
+	}
 	p.mu.Lock()
+	heldRuns := make([]*run, 0, len(p.held))
 	for r := range p.held {
-		r.mu.Lock()
-		held[r.job.ID] = r.attempts
-		r.mu.Unlock()
+		heldRuns = append(heldRuns, r)
 	}
 	p.mu.Unlock()
-	up, free := 0, 0
-	for _, u := range p.Upstreams {
-		u.mu.Lock()
-		if u.failures < FailuresToOpen {
-			up++
-			if u.MaxJobs <= 0 || u.inflight < u.MaxJobs {
-				free++
-			}
-		}
-		u.mu.Unlock()
+	held := map[string]heldRun{} // jobs of this gateway waiting out a retry
+	for _, r := range heldRuns {
+		r.mu.Lock()
+		held[r.job.ID] = heldRun{r.attempts, r.firstTry}
+		r.mu.Unlock()
 	}
+	up := false
+	for _, u := range p.Upstreams {
+		if u.Healthy() {
+			up = true
+			break
+		}
+	}
+	now := time.Now()
 	for _, j := range jobs {
-		jb := JobBrief{ID: j.ID, User: j.User, Pool: j.Pool, Status: j.Status, Created: j.CreateTime, Position: pos[j.ID]}
-		jb.Why = waitReason(p, jb, held, running, up, free)
+		jb := JobBrief{ID: j.ID, User: j.User, Pool: j.Pool, Status: j.Status, Created: j.CreateTime}
+		h, isHeld := held[j.ID]
+		n, queued := pos[j.ID]
+		jb.Position = n
+		if why, ok := waitWhy(p, j.User, isHeld, h.attempts, h.firstTry, n, queued, up, running, now); ok {
+			jb.Why = "Waiting for " + why
+		} else {
+			jb.Why = "Being sent, or between two tries of a cold start on another gateway"
+		}
 		out = append(out, jb)
 	}
 	sort.SliceStable(out, func(x, y int) bool {
@@ -156,68 +168,6 @@ func (m *Manager) waitingBriefs(ctx context.Context, pool string, jobs []*Job) [
 		return a.Created < c.Created
 	})
 	return out
-}
-
-// waitReason says why a job waits, from what this gateway knows of its
-// pool: held for a cold-start retry, no endpoint up, its user at the
-// pool's max_running, or every endpoint at its max_jobs.
-func waitReason(p *Pool, j JobBrief, held map[string]int, running map[string]int, up, free int) string {
-	if n, ok := held[j.ID]; ok {
-		return "no GPU server accepted it yet (cold start?): retrying, attempt " + itoa(n)
-	}
-	if up == 0 {
-		return "no GPU server of the pool is up"
-	}
-	if p.MaxRunning > 0 && running[j.User] >= p.MaxRunning {
-		return "its user already runs " + itoa(running[j.User]) + " job(s) (max_running " + itoa(p.MaxRunning) + ")"
-	}
-	if j.Position == 0 {
-		return "between tries (held by another gateway)"
-	}
-	if free == 0 {
-		return "every GPU server is busy (max_jobs)"
-	}
-	return "next in line: being sent"
-}
-
-func itoa(n int) string { return strconv.Itoa(n) }
-
-// queueView returns the positions of the pool's waiting jobs and each
-// user's running jobs on the pool (of every gateway when the queue is
-// shared).
-func (m *Manager) queueView(ctx context.Context, p *Pool) (map[string]int, map[string]int) {
-	if m.shared == nil {
-		running := m.runningByUser(p)
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		out := map[string]int{}
-		for r, pos := range p.queue().positions(running) {
-			out[r.job.ID] = pos
-		}
-		return out, running
-	}
-	names := make([]string, 0, len(p.Upstreams))
-	for _, u := range p.Upstreams {
-		names = append(names, u.String())
-	}
-	st, err := m.shared.QueueState(ctx, p.Name, names)
-	if err != nil {
-		return nil, nil
-	}
-	q := newFairQueue()
-	q.served = map[string]uint64{}
-	for _, u := range st.Users {
-		for _, id := range u.Jobs {
-			q.push(&run{job: &Job{ID: id, User: u.User, Priority: u.Priority}})
-		}
-		q.served[u.User] = u.Served
-		q.seq = max(q.seq, u.Served)
-	}
-	out := map[string]int{}
-	for r, pos := range q.positions(st.Running) {
-		out[r.job.ID] = pos
-	}
-	return out, st.Running
 }
 
 // Failure is a job that ended with an error, as the operator's page lists

@@ -9,12 +9,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/comfyume/comfyume/dispatch"
+	"github.com/comfyume/comfyume/usage"
 )
 
 // The operator's page: a live view of the pools, their endpoints, the
@@ -61,8 +63,8 @@ const (
 	opsPoll = 2 * time.Second
 	// opsHeartbeat keeps idle proxies from cutting a quiet stream.
 	opsHeartbeat = 15 * time.Second
-	// opsRows bounds the running and waiting jobs listed, opsFailures the
-	// failures.
+	// opsRows bounds the running and waiting jobs and the usage rows
+	// listed, opsFailures the failures.
 	opsRows     = 200
 	opsFailures = 50
 )
@@ -134,11 +136,36 @@ type opsState struct {
 	MoreWaiting int                 `json:"more_waiting"`
 	Failures    []dispatch.Failure  `json:"failures"`
 	// Usage is each person's use of the pools today against their quota
-	// (null: not tracked by this build).
-	Usage json.RawMessage `json:"usage"`
+	// (null: not kept).
+	Usage *opsUsage `json:"usage"`
 	// Problems are reasons the state may be incomplete (the store did
 	// not answer).
 	Problems []string `json:"problems,omitempty"`
+}
+
+// opsUsage is today's use of the pools (UTC day), per user and pool.
+type opsUsage struct {
+	Day string `json:"day"`
+	// Resets is when the day's quotas start again (Unix ms).
+	Resets int64         `json:"resets"`
+	Rows   []opsUsageRow `json:"rows"`
+	More   int           `json:"more"`
+}
+
+type opsUsageRow struct {
+	User string `json:"user"`
+	Pool string `json:"pool"`
+	// GPUSeconds of the jobs that ended today; QuotaGPUSeconds the day's
+	// GPU-time quota with what an operator added (0: none).
+	GPUSeconds      float64 `json:"gpu_seconds"`
+	QuotaGPUSeconds float64 `json:"quota_gpu_seconds"`
+	// Prompts admitted today; QuotaPrompts their quota with what an
+	// operator added (0: none).
+	Prompts      int64 `json:"prompts"`
+	QuotaPrompts int64 `json:"quota_prompts"`
+	// Jobs that ran and ended today, Errors those that failed.
+	Jobs   int64 `json:"jobs"`
+	Errors int64 `json:"errors"`
 }
 
 type opsPool struct {
@@ -165,7 +192,7 @@ type opsEndpoint struct {
 // content builds the state's JSON (without its time stamp).
 func (o *Ops) content(ctx context.Context) []byte {
 	m := o.g.manager
-	st := opsState{Pools: []opsPool{}, Usage: json.RawMessage("null")}
+	st := opsState{Pools: []opsPool{}}
 	for _, p := range m.Status(ctx) {
 		op := opsPool{Name: p.Name, Waiting: p.Waiting, Held: p.Held, Running: p.Running, Endpoints: []opsEndpoint{}}
 		for _, e := range p.Endpoints {
@@ -197,6 +224,39 @@ func (o *Ops) content(ctx context.Context) []byte {
 		st.Problems = append(st.Problems, "the shared failure list did not answer; showing this gateway's: "+err.Error())
 	}
 	st.Failures = f
+	if l := m.Usage(); l != nil {
+		now := time.Now()
+		u := &opsUsage{Day: usage.DayOf(now), Resets: usage.ResetTime(now).UnixMilli(), Rows: []opsUsageRow{}}
+		rows, err := l.Usage(ctx, usage.Query{Since: u.Day, Until: u.Day})
+		if err != nil {
+			st.Problems = append(st.Problems, "usage could not be read: "+err.Error())
+		}
+		for _, r := range rows {
+			ur := opsUsageRow{User: r.User, Pool: r.Pool, GPUSeconds: r.GPUSeconds, Prompts: r.Admitted, Jobs: r.Jobs, Errors: r.Error + r.Lost}
+			if r.QuotaGPUSeconds > 0 {
+				ur.QuotaGPUSeconds = r.QuotaGPUSeconds + r.ExtraGPUSeconds
+			}
+			if r.QuotaJobs > 0 {
+				ur.QuotaPrompts = r.QuotaJobs + r.ExtraJobs
+			}
+			u.Rows = append(u.Rows, ur)
+		}
+		// The heaviest users first.
+		sort.SliceStable(u.Rows, func(a, b int) bool {
+			x, y := u.Rows[a], u.Rows[b]
+			if x.GPUSeconds != y.GPUSeconds {
+				return x.GPUSeconds > y.GPUSeconds
+			}
+			if x.Prompts != y.Prompts {
+				return x.Prompts > y.Prompts
+			}
+			return x.User < y.User
+		})
+		if n := len(u.Rows) - opsRows; n > 0 {
+			u.Rows, u.More = u.Rows[:opsRows], n
+		}
+		st.Usage = u
+	}
 	out, _ := json.Marshal(st)
 	return out
 }

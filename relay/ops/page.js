@@ -23,8 +23,8 @@
   function duration(sec) {
     sec = Math.round(sec || 0);
     if (sec < 60) return sec + "s";
-    if (sec < 3600) return Math.floor(sec / 60) + "m " + (sec % 60) + "s";
-    return Math.floor(sec / 3600) + "h " + Math.floor((sec % 3600) / 60) + "m";
+    if (sec < 3600) return Math.floor(sec / 60) + "m" + (sec % 60 ? " " + (sec % 60) + "s" : "");
+    return Math.floor(sec / 3600) + "h" + (sec % 3600 >= 60 ? " " + Math.floor((sec % 3600) / 60) + "m" : "");
   }
   function clock(ms) {
     return ms ? new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) : "";
@@ -75,31 +75,41 @@
     $("pools-empty").hidden = cards.length !== 0;
   }
 
-  function renderUsage(usage) {
-    if (!Array.isArray(usage)) {
+  // A used amount against its quota: "12m 5s / 30m" with a bar.
+  function quotaCell(label, used, quota, text) {
+    const td = cell(label, text(used) + (quota ? " / " + text(quota) : ""));
+    if (quota) {
+      const bar = el("div", "bar" + (used >= quota ? " over" : ""));
+      const fill = el("span");
+      fill.style.width = Math.min(100, (100 * used) / quota) + "%";
+      bar.appendChild(fill);
+      td.appendChild(bar);
+    }
+    return td;
+  }
+
+  function renderUsage(u) {
+    if (!u || !Array.isArray(u.rows)) {
       $("usage").hidden = true;
       $("usage-empty").hidden = false;
+      $("usage-day").textContent = "";
+      more("usage-more", 0);
       return;
     }
+    const left = u.resets ? (u.resets - (Date.now() + skew)) / 1000 : 0;
+    $("usage-day").textContent = u.day + " (UTC)" + (left > 0 ? " · quotas start again in " + duration(left) : "");
     $("usage-empty").textContent = "Nobody used a pool today.";
-    table("usage", usage, (u) => {
+    table("usage", u.rows, (r) => {
       const tr = el("tr");
-      tr.dataset.user = u.user || "";
-      tr.appendChild(cell("User", u.user));
-      tr.appendChild(cell("Pool", u.pool || ""));
-      tr.appendChild(cell("GPU time", duration(u.gpu_seconds)));
-      tr.appendChild(cell("Jobs", u.jobs != null ? u.jobs : ""));
-      const q = cell("Quota", u.quota_seconds ? duration(u.quota_seconds) : "none");
-      if (u.quota_seconds) {
-        const bar = el("div", "bar" + (u.gpu_seconds >= u.quota_seconds ? " over" : ""));
-        const fill = el("span");
-        fill.style.width = Math.min(100, (100 * u.gpu_seconds) / u.quota_seconds) + "%";
-        bar.appendChild(fill);
-        q.appendChild(bar);
-      }
-      tr.appendChild(q);
+      tr.dataset.user = r.user;
+      tr.appendChild(cell("User", r.user));
+      tr.appendChild(cell("Pool", r.pool));
+      tr.appendChild(quotaCell("GPU time", r.gpu_seconds, r.quota_gpu_seconds, duration));
+      tr.appendChild(quotaCell("Prompts", r.prompts, r.quota_prompts, String));
+      tr.appendChild(cell("Jobs ended", r.jobs + (r.errors ? " (" + r.errors + " failed)" : "")));
       return tr;
     });
+    more("usage-more", u.more);
   }
 
   function render(st) {
