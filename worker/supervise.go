@@ -247,14 +247,19 @@ type Exit struct {
 	// of OOM kills in the worker's memory cgroup rose meanwhile).
 	OOM bool
 	// Why is set when comfyume ended it (stopping, restarting, not ready
-	// in time), or could not start it.
+	// in time).
 	Why string
+	// StartError is set when the command could not be started.
+	StartError string
 	// Tail is the last lines it printed (at most TailLines, TailBytes).
 	Tail []string
 }
 
 // Reason is one line: how ComfyUI ended.
 func (e *Exit) Reason() string {
+	if e.StartError != "" {
+		return "ComfyUI could not be started: " + e.StartError
+	}
 	var b strings.Builder
 	switch {
 	case e.Signal != "":
@@ -367,8 +372,11 @@ func (s *Supervisor) runOnce(spec SupervisorSpec) *life {
 	l := &life{done: make(chan struct{})}
 	fail := func(err error) *life {
 		s.log.Error("cannot start ComfyUI", zap.Strings("command", spec.Command), zap.Error(err))
-		l.exit = &Exit{Code: -1, Why: "could not start: " + err.Error()}
+		l.exit = &Exit{Code: -1, StartError: err.Error()}
 		close(l.done)
+		s.mu.Lock()
+		s.cur = l
+		s.mu.Unlock()
 		return l
 	}
 	cmd := exec.Command(spec.Command[0], spec.Command[1:]...)
