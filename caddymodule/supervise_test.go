@@ -1,3 +1,5 @@
+//go:build unix
+
 package caddymodule_test
 
 import (
@@ -32,6 +34,15 @@ var (
 	fakeBin  string
 	fakeErr  error
 )
+
+// TestMain removes the fake ComfyUI binary the tests built.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if fakeBin != "" {
+		_ = os.RemoveAll(filepath.Dir(fakeBin))
+	}
+	os.Exit(code)
+}
 
 // fakeComfyBinary builds comfytest/cmd/fakecomfy once per test binary.
 func fakeComfyBinary(t *testing.T) string {
