@@ -422,3 +422,40 @@ func TestSupervisedComfyUISurvivesReload(t *testing.T) {
 		t.Fatalf("job after the new command: %v %q", types(frames), exceptionMessage(frames))
 	}
 }
+
+// The README's GPU-side snippet adapts as written; wrong uses of the
+// command options are refused with the reason.
+func TestWorkerCommandOptionsAdapt(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const start = "```caddyfile\n:8080 {\n\tcomfyume_worker {\n\t\tcommand "
+	i := strings.Index(string(readme), start)
+	if i < 0 {
+		t.Fatal("the README's comfyume_worker command example is gone")
+	}
+	snippet := string(readme[i+len("```caddyfile\n"):])
+	snippet = snippet[:strings.Index(snippet, "```")]
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(snippet), nil)
+	if err != nil {
+		t.Fatalf("README snippet: %v\n%s", err, snippet)
+	}
+	for _, want := range []string{`"command":["python","main.py","--listen","127.0.0.1","--port","8188"]`, `"dir":"/opt/ComfyUI"`, `"env":{"PYTORCH_CUDA_ALLOC_CONF":"expandable_segments:True"}`} {
+		if !strings.Contains(string(cfg), want) {
+			t.Fatalf("adapted config lacks %s: %s", want, cfg)
+		}
+	}
+	for _, bad := range []struct{ block, want string }{
+		{"command", "wrong argument count"},
+		{"command x\n\t\tenv ONLY", "env takes a variable name and its value"},
+		{"command x\n\t\trestart_backoff 5s 1s", "shorter than the shortest"},
+		{"command x\n\t\tstop_timeout soon", "is not a duration"},
+		{"dir /opt/ComfyUI", "need a command"},
+	} {
+		_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(":8080 {\n\tcomfyume_worker {\n\t\t"+bad.block+"\n\t}\n}\n"), nil)
+		if err == nil || !strings.Contains(err.Error(), bad.want) {
+			t.Fatalf("%q: %v, want %q", bad.block, err, bad.want)
+		}
+	}
+}
