@@ -259,12 +259,23 @@ func TestSupervisedComfyUICrashMidJob(t *testing.T) {
 			s := startSupervised(t, supervisedCaddyfile(home.URL(), cmd, ""))
 			first := s.waitStatus(t, "ready", ready)
 
+			// Bob's job runs first (one step of the three before the crash).
+			bob := s.openBrowser("bob", "", true)
+			bj := s.queue("bob", bob.SID, samplerWorkflow("bob", 1))
+			if frames := bob.untilJobEnd(bj.PromptID, 60*time.Second); indexOf(frames, "execution_success") < 0 {
+				t.Fatalf("bob's job: %v", types(frames))
+			}
 			b := s.openBrowser("alice", "", true)
 			a := s.queue("alice", b.SID, samplerWorkflow("crash", 8))
 			frames := b.untilJobEnd(a.PromptID, 60*time.Second)
 			msg := exceptionMessage(frames)
-			if !strings.Contains(msg, tc.want) || !strings.Contains(msg, "fakecomfy: crashing after 3 sampler steps") {
+			if !strings.Contains(msg, tc.want) || !strings.Contains(msg, "fakecomfy: crashing after 3 sampler steps") ||
+				!strings.Contains(msg, "executing prompt "+a.PromptID) {
 				t.Fatalf("the browser was told %q (frames %v)", msg, types(frames))
+			}
+			// Only what ComfyUI printed during alice's job: not bob's lines.
+			if strings.Contains(msg, bj.PromptID) {
+				t.Fatalf("alice was shown lines of bob's job: %q", msg)
 			}
 			// Started again; the next job runs.
 			again := s.waitStatus(t, "restarted", func(st workerStatus) bool { return ready(st) && st.ComfyUI.Restarts == 1 })

@@ -261,8 +261,10 @@ type job struct {
 	flagsSeen chan struct{}
 
 	out *frameOut
-	// life is the supervised ComfyUI the job runs on (nil without one).
-	life *life
+	// life is the supervised ComfyUI the job runs on (nil without one);
+	// lines is how many lines it had printed when the job came.
+	life  *life
+	lines int64
 
 	// job loop state
 	started  bool // saw execution_start of our prompt
@@ -311,7 +313,9 @@ func (s *Server) serveJob(w http.ResponseWriter, r *http.Request) {
 	}
 	j.log = s.log.With(zap.String("prompt_id", j.spec.PromptID), zap.String("client_id", j.clientID))
 	if s.opts.Supervisor != nil {
-		j.life = s.opts.Supervisor.current()
+		if j.life = s.opts.Supervisor.current(); j.life != nil {
+			j.lines = j.life.tail.count()
+		}
 	}
 
 	fail := func(err error) {
@@ -895,7 +899,7 @@ func (j *job) comfyEnded() bool {
 	case <-t.C:
 		return false
 	}
-	msg := j.life.exit.Message()
+	msg := j.life.exit.MessageSince(j.lines)
 	j.log.Warn("ComfyUI ended during the job", zap.String("reason", j.life.exit.Reason()))
 	j.fail(msg)
 	return true

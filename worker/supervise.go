@@ -253,6 +253,8 @@ type Exit struct {
 	StartError string
 	// Tail is the last lines it printed (at most TailLines, TailBytes).
 	Tail []string
+	// TailFrom is the number of lines it printed before Tail[0].
+	TailFrom int64
 }
 
 // Reason is one line: how ComfyUI ended.
@@ -279,11 +281,20 @@ func (e *Exit) Reason() string {
 }
 
 // Message is Reason followed by the last lines ComfyUI printed.
-func (e *Exit) Message() string {
-	if len(e.Tail) == 0 {
+func (e *Exit) Message() string { return e.MessageSince(0) }
+
+// MessageSince is Reason followed by the last lines ComfyUI printed after
+// its first n lines: a job is told only what was printed while it ran,
+// not the lines of an earlier job (another user's).
+func (e *Exit) MessageSince(n int64) string {
+	lines := e.Tail
+	if skip := n - e.TailFrom; skip > 0 {
+		lines = lines[min(int(skip), len(lines)):]
+	}
+	if len(lines) == 0 {
 		return e.Reason()
 	}
-	return e.Reason() + "; its last lines:\n" + strings.Join(e.Tail, "\n")
+	return e.Reason() + "; its last lines:\n" + strings.Join(lines, "\n")
 }
 
 // life is one run of the command.
@@ -467,7 +478,8 @@ wait:
 	errR.Close()
 	<-drained
 
-	ex := &Exit{Code: cmd.ProcessState.ExitCode(), Tail: l.tail.lines()}
+	ex := &Exit{Code: cmd.ProcessState.ExitCode()}
+	ex.Tail, ex.TailFrom = l.tail.lines()
 	if why, ok := l.killed.Load().(string); ok {
 		ex.Why = why
 	}
@@ -522,9 +534,10 @@ func (s *Supervisor) probe(base string) bool {
 
 // tail keeps the last lines of a process's output, bounded.
 type tail struct {
-	mu    sync.Mutex
-	buf   []string
-	bytes int
+	mu      sync.Mutex
+	buf     []string
+	bytes   int
+	dropped int64 // lines that left buf
 }
 
 func (t *tail) add(line string) {
@@ -538,13 +551,22 @@ func (t *tail) add(line string) {
 	for len(t.buf) > TailLines || (t.bytes > TailBytes && len(t.buf) > 1) {
 		t.bytes -= len(t.buf[0])
 		t.buf = t.buf[1:]
+		t.dropped++
 	}
 }
 
-func (t *tail) lines() []string {
+// lines returns the lines kept and the number of lines before them.
+func (t *tail) lines() ([]string, int64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return slices.Clone(t.buf)
+	return slices.Clone(t.buf), t.dropped
+}
+
+// count is the number of lines read so far.
+func (t *tail) count() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.dropped + int64(len(t.buf))
 }
 
 // lineSplitter cuts a byte stream into lines: "\n" ends a line (a "\r"

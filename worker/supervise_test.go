@@ -207,3 +207,15 @@ func FuzzParseOOMKill(f *testing.F) {
 		}
 	})
 }
+
+// A job is told only the lines printed since it came, even once the tail
+// dropped older lines.
+func TestExitMessageSince(t *testing.T) {
+	e := &Exit{Code: 1, Tail: []string{"c", "d"}, TailFrom: 2}
+	for since, want := range map[int64]string{0: "c\nd", 2: "c\nd", 3: "d", 4: "", 10: ""} {
+		got := e.MessageSince(since)
+		if tail, _ := strings.CutPrefix(got, e.Reason()+"; its last lines:\n"); tail != want && !(want == "" && got == e.Reason()) {
+			t.Fatalf("since %d: %q", since, got)
+		}
+	}
+}
