@@ -219,3 +219,29 @@ func TestExitMessageSince(t *testing.T) {
 		}
 	}
 }
+
+// A ComfyUI that never answers is stopped after ready_timeout and
+// started again; one that ignores SIGTERM is killed after stop_timeout.
+func TestSupervisorTimeouts(t *testing.T) {
+	flag := filepath.Join(t.TempDir(), "up")
+	s := NewSupervisor(nil)
+	script := "trap '' TERM; touch " + flag + "; while :; do sleep 0.05; done"
+	if err := s.Start(SupervisorSpec{Command: []string{"sh", "-c", script}, URL: "http://127.0.0.1:1",
+		ReadyTimeout: 300 * time.Millisecond, StopTimeout: 300 * time.Millisecond, RestartMin: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	waitFile(t, flag)
+	l := s.current()
+	select {
+	case <-l.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("a ComfyUI that never answers was not stopped")
+	}
+	if l.exit.Signal != "SIGKILL" || !strings.Contains(l.exit.Reason(), "not ready after 300ms") {
+		t.Fatalf("exit %+v: %s", l.exit, l.exit.Reason())
+	}
+	if st := s.Status(); st.State != StateRestarting || st.LastExit != l.exit.Reason() {
+		t.Fatalf("status %+v", st)
+	}
+}
