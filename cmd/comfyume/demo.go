@@ -81,10 +81,11 @@ func (d *demo) Stop() {
 
 // startDemo starts the simulated servers and the gateway, saying what it
 // does on out, and returns once the gateway serves.
-func startDemo(c demoConfig, out io.Writer) (d *demo, err error) {
-	d = &demo{}
+func startDemo(c demoConfig, out io.Writer) (*demo, error) {
+	d := &demo{}
+	started := false
 	defer func() {
-		if err != nil {
+		if !started {
 			d.Stop()
 		}
 	}()
@@ -136,6 +137,7 @@ func startDemo(c demoConfig, out io.Writer) (d *demo, err error) {
 		return nil, err
 	}
 	d.stops = append(d.stops, func() { _ = caddy.Stop() })
+	started = true
 	return d, nil
 }
 
