@@ -2,14 +2,19 @@ package comfyume_test
 
 import (
 	"encoding/json"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+
+	"github.com/comfyume/comfyume/comfytest"
 )
 
 // unitFile reads a systemd unit: section → key → values (a key may repeat).
@@ -138,5 +143,68 @@ func TestTwoReplicasAdminOnLoopback(t *testing.T) {
 	readme, _ := os.ReadFile("examples/two-replicas/README.md")
 	if !strings.Contains(string(readme), "ADMIN_PORT=2021") || !strings.Contains(string(readme), "localhost:2021/comfyume/pools") {
 		t.Error("examples/two-replicas/README.md does not say how to reach a replica's /comfyume/pools")
+	}
+}
+
+// The README's Caddy in front of a GPU ComfyUI (transport comfyui) lets
+// through only requests with the gateway's token, and nobody when the
+// token is unset.
+func TestReadmeGPUGuardChecksTheToken(t *testing.T) {
+	b, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	all, err := markdownSnippets("README.md", b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var guard string
+	for _, s := range all {
+		if strings.Contains(s.text, "@gateway") {
+			guard = s.text
+		}
+	}
+	if guard == "" {
+		t.Fatal("README.md has no Caddyfile guarding a GPU ComfyUI (@gateway)")
+	}
+	comfy := comfytest.Start(t, comfytest.Options{Version: "2026"})
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	site := l.Addr().String()
+	l.Close()
+	cf := strings.NewReplacer(":8189 {", "{\n\tadmin off\n}\n\nhttp://"+site+" {", "127.0.0.1:8188", strings.TrimPrefix(comfy.URL(), "http://")).Replace(guard)
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, cf)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	status := func(auth string) int {
+		req, _ := http.NewRequest("GET", "http://"+site+"/system_stats", nil)
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	t.Setenv("GPU_TOKEN", "s3cret-token")
+	for auth, want := range map[string]int{"Bearer s3cret-token": 200, "Bearer wrong": 401, "": 401, "Bearer ": 401, "s3cret-token": 401} {
+		if got := status(auth); got != want {
+			t.Errorf("GPU_TOKEN set, Authorization %q: %d, want %d", auth, got, want)
+		}
+	}
+	t.Setenv("GPU_TOKEN", "")
+	for _, auth := range []string{"Bearer ", "Bearer", ""} {
+		if got := status(auth); got != 401 {
+			t.Errorf("GPU_TOKEN unset, Authorization %q: %d, want 401", auth, got)
+		}
 	}
 }
