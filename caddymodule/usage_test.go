@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/comfyume/comfyume/comfytest"
 	"github.com/comfyume/comfyume/usage"
 )
@@ -528,5 +530,58 @@ func TestFallbackHomeJobsAreNotAccounted(t *testing.T) {
 	}
 	if r := findRow(admin.rows("?user=alice"), "alice"); r == nil || r.Jobs != 0 || r.GPUSeconds != 0 {
 		t.Fatalf("home jobs accounted on the pool: %+v", r)
+	}
+}
+
+// A prompt_id the user reuses once history_limit has forgotten its job is
+// a new job that ran on the GPU again: it is charged again. (Recording was
+// made idempotent per prompt id, so the rerun was free: a user could run
+// long jobs past their GPU quota by pushing one id out of their history
+// with small jobs and reusing it.)
+func TestReusedPromptIDIsChargedAgain(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 100 * time.Millisecond})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}", "outputs disk {DATA}\n\t\thistory_limit 1", 1)
+	cf = strings.Replace(cf, "max_jobs 1\n\t\t\t}", "max_jobs 1\n\t\t\t}\n\t\t\tquota 1h per day", 1)
+	cf, admin := withAdmin(t, cf)
+	g := startCaddy(t, cf)
+	br := g.openBrowser("mallory", "", true)
+	long := uuid.NewString()
+	run := func(id string, steps int) {
+		t.Helper()
+		body := map[string]any{"prompt": samplerWorkflow("r", steps), "client_id": br.SID}
+		if id != "" {
+			body["prompt_id"] = id
+		}
+		st, b, _ := g.do("mallory", "POST", "/api/prompt", body)
+		var a promptAnswer
+		if st != 200 || json.Unmarshal(b, &a) != nil || (id != "" && a.PromptID != id) {
+			t.Fatalf("prompt: %d %s", st, b)
+		}
+		br.untilJobEnd(a.PromptID, 30*time.Second)
+	}
+	run(long, 5)
+	first := admin.waitRow("mallory", func(r usage.Row) bool { return r.Jobs == 1 })
+	run("", 1) // pushes the long job out of the history (history_limit 1)
+	admin.waitRow("mallory", func(r usage.Row) bool { return r.Jobs == 2 })
+	deadline := time.Now().Add(10 * time.Second)
+	for st, _, _ := g.do("mallory", "GET", "/api/jobs/"+long, nil); st != 404; st, _, _ = g.do("mallory", "GET", "/api/jobs/"+long, nil) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the first job was never forgotten: %d", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	second := admin.waitRow("mallory", func(r usage.Row) bool { return r.Jobs == 2 })
+	run(long, 5) // the same id again: the GPU works as long again
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		r := findRow(admin.rows("?user=mallory"), "mallory")
+		if r.Jobs == 3 && r.GPUSeconds > second.GPUSeconds+first.GPUSeconds/2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the rerun of a reused prompt_id was not charged: %+v (after the first two: %+v)", *r, second)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/url"
+	"strconv"
 	"time"
 
 	"go.uber.org/zap"
@@ -114,7 +115,10 @@ func (m *Manager) account(snap *Job) {
 		return
 	}
 	now := time.Now()
-	e := usage.JobEnd{JobID: snap.ID, Day: usage.DayOf(now), Pool: snap.Pool, User: snap.User,
+	// Keyed by the id and when the job was made: a client-supplied
+	// prompt_id reused once history_limit forgot its job is a new job
+	// that ran again, and is counted again.
+	e := usage.JobEnd{JobID: snap.ID + "@" + strconv.FormatInt(snap.CreateTime, 10), Day: usage.DayOf(now), Pool: snap.Pool, User: snap.User,
 		Outcome: outcomeOf(snap), OutputBytes: bytes}
 	e.GPU, e.Wait = jobTimes(snap, now)
 	m.counters.Add(e)
