@@ -585,3 +585,50 @@ func TestReusedPromptIDIsChargedAgain(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// Prompts admitted while the user was under their GPU time quota, but
+// still waiting when their jobs that ended used it up, are not sent: each
+// is told why (the quota message, as an execution_error) and given back.
+// Before, every admitted prompt ran — up to max_queued of them past the
+// quota.
+func TestWaitingJobsStopAtGPUQuota(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 200 * time.Millisecond})
+	cf := poolCaddyfile(home.URL(), gpu.URL(), "")
+	cf = strings.Replace(cf, "max_jobs 1\n\t\t\t}", "max_jobs 1\n\t\t\t}\n\t\t\tquota 1s per day", 1)
+	cf, admin := withAdmin(t, cf)
+	g := startCaddy(t, cf)
+	br := g.openBrowser("alice", "", true)
+	first := g.queue("alice", br.SID, samplerWorkflow("q1", 5)) // 8 steps: 1.6s, past the quota
+	var waiting []promptAnswer
+	for i := 0; i < 3; i++ { // admitted: nothing has ended yet
+		waiting = append(waiting, g.queue("alice", br.SID, samplerWorkflow(fmt.Sprint("w", i), 5)))
+	}
+	if f := br.untilJobEnd(first.PromptID, 20*time.Second); indexOf(f, "execution_success") < 0 {
+		t.Fatalf("the job that crossed the quota was cut: %v", types(f))
+	}
+	// They end in any order: read until all three did.
+	ended, errs, started := map[string]bool{}, map[string]string{}, map[string]bool{}
+	deadline := time.Now().Add(20 * time.Second)
+	for len(ended) < len(waiting) {
+		f := br.next(time.Until(deadline))
+		id := f.str("prompt_id")
+		switch {
+		case f.Type == "executing" && f.Data["node"] == nil && id != "":
+			ended[id] = true
+		case f.Type == "execution_error":
+			errs[id] = f.str("exception_message")
+		case f.Type == "execution_start":
+			started[id] = true
+		}
+	}
+	for _, w := range waiting {
+		if started[w.PromptID] || !strings.Contains(errs[w.PromptID], "GPU time") {
+			t.Fatalf("a job waiting past the quota: started %v, error %q", started[w.PromptID], errs[w.PromptID])
+		}
+	}
+	r := admin.waitRow("alice", func(r usage.Row) bool { return r.Jobs == 1 && r.Admitted == 1 })
+	if r.Success != 1 {
+		t.Fatalf("alice's row: %+v", r)
+	}
+}
