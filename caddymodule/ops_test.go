@@ -296,3 +296,80 @@ func TestOpsStateAcrossReplicas(t *testing.T) {
 		t.Errorf("failures, seen from the other replica: %+v", st.Failures)
 	}
 }
+
+// A GPU server that does not answer shows as "starting" while a job waits
+// for it (its circuit open, the job waiting for it to start, as its user
+// is told), and as "down" once nothing waits: the states an operator
+// reads off the page, here from its stream on the admin API.
+func TestOpsShowsColdEndpoint(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	cold := fmt.Sprintf("http://127.0.0.1:%d", freePort(t)) // nothing listens
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	g := startCaddy(t, opsCaddyfile(admin, home.URL(), cold))
+	resp, err := http.Get("http://" + admin + "/comfyume/ops/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	type state struct {
+		Pools []struct {
+			Endpoints []struct{ State, Circuit string }
+		}
+		Waiting []struct{ ID, Why string }
+	}
+	states := make(chan state, 64)
+	go func() {
+		defer close(states)
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(nil, 1<<20)
+		for sc.Scan() {
+			if data, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+				var st state
+				if json.Unmarshal([]byte(data), &st) == nil {
+					states <- st
+				}
+			}
+		}
+	}()
+	until := func(what string, ok func(state) bool) {
+		t.Helper()
+		deadline := time.After(30 * time.Second)
+		var last state
+		for {
+			select {
+			case st, open := <-states:
+				if !open {
+					t.Fatalf("stream ended before %s", what)
+				}
+				if ok(st) {
+					return
+				}
+				last = st
+			case <-deadline:
+				t.Fatalf("not seen within 30s: %s; last state %+v", what, last)
+			}
+		}
+	}
+	endpoint := func(st state) (string, string) {
+		if len(st.Pools) != 1 || len(st.Pools[0].Endpoints) != 1 {
+			return "", ""
+		}
+		e := st.Pools[0].Endpoints[0]
+		return e.State, e.Circuit
+	}
+	until("the idle endpoint up", func(st state) bool { s, c := endpoint(st); return s == "up" && c == "closed" })
+
+	j := g.queue("alice", "", samplerWorkflow("a", 1))
+	until("the endpoint starting, its circuit open, the job waiting for it", func(st state) bool {
+		s, c := endpoint(st)
+		return s == "starting" && c == "open" && len(st.Waiting) == 1 && st.Waiting[0].ID == j.PromptID &&
+			strings.Contains(st.Waiting[0].Why, "a GPU server to start")
+	})
+	if st, b, _ := g.do("alice", "POST", "/api/jobs/"+j.PromptID+"/cancel", nil); st != 200 {
+		t.Fatalf("cancel: %d %s", st, b)
+	}
+	until("the endpoint down, nothing waiting", func(st state) bool {
+		s, c := endpoint(st)
+		return s == "down" && c == "open" && len(st.Waiting) == 0
+	})
+}
