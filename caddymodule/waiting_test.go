@@ -261,3 +261,38 @@ func TestWaitingNoticesAcrossReplicas(t *testing.T) {
 		t.Fatalf("alice's job: %v", types(frames))
 	}
 }
+
+// A pool with no endpoint up: not only the jobs being tried (held for a
+// cold start) are told why — those queued behind them are told too, with
+// their places.
+func TestJobsQueuedBehindColdPoolAreTold(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	dead := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cf := strings.Replace(poolCaddyfile(home.URL(), dead, ""), "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 2m", 1)
+	g := startCaddy(t, cf)
+	alice := g.openBrowser("alice", "", true)
+	carol := g.openBrowser("carol", "", true)
+	var held []string
+	for i := 0; i < 3; i++ { // three failed sends open the endpoint's circuit
+		held = append(held, g.queue("alice", alice.SID, samplerWorkflow(fmt.Sprint("a", i), 1)).PromptID)
+	}
+	c1 := g.queue("carol", carol.SID, samplerWorkflow("c1", 1)).PromptID
+	c2 := g.queue("carol", carol.SID, samplerWorkflow("c2", 1)).PromptID
+	var sa, sc seen
+	alice.readUntil(&sa, 20*time.Second, "alice's jobs, held for the cold start", func() bool {
+		for _, id := range held {
+			if !strings.Contains(sa.lastNote(id), "a GPU server to start") {
+				return false
+			}
+		}
+		return sa.hasText("Waiting for a GPU server to start")
+	})
+	carol.readUntil(&sc, 20*time.Second, "carol's jobs, queued behind the cold pool", func() bool {
+		for _, id := range []string{c1, c2} {
+			if !strings.Contains(strings.Join(sc.notes[id], "\n"), "a GPU server to start") {
+				return false
+			}
+		}
+		return strings.Contains(strings.Join(sc.notes[c2], "\n"), "a GPU server to start — ") && sc.hasText(" in line")
+	})
+}

@@ -82,8 +82,10 @@ step "toolchain"
 go version
 # -race needs cgo, so a C compiler.
 command -v gcc >/dev/null || apt_install gcc libc6-dev
-# caddymodule's TestCrossSiteAttackInChromium drives Debian's Chromium.
+# caddymodule's TestCrossSiteAttackInChromium and TestOpsPageInChromium drive
+# Debian's Chromium; the operator page's screenshots land in test-artifacts/.
 command -v chromium >/dev/null || apt_install chromium
+export COMFYUME_TEST_ARTIFACTS="${COMFYUME_TEST_ARTIFACTS:-$root/test-artifacts}"
 command -v node >/dev/null && echo "node $(node --version), npm $(npm --version)" || echo "node: not installed yet"
 
 step "npm ci --prefix e2e/sdk"
