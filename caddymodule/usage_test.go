@@ -321,6 +321,9 @@ func TestQuotaPromptsPerDay(t *testing.T) {
 			t.Fatalf("POST %s: %d %s, want %d", path, st, body, want)
 		}
 	}
+	if st, body, _ := admin.do("POST", "/comfyume/usage/team%2Fa%7C1/raise?jobs=2"); st != 200 || !strings.Contains(body, `"user":"team/a|1"`) {
+		t.Fatalf("raise for a user with / and | in the name: %d %s", st, body)
+	}
 	if st, _, _ := admin.do("GET", "/comfyume/usage/alice/reset"); st != 405 {
 		t.Fatalf("GET reset: %d", st)
 	}

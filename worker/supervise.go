@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -390,7 +391,7 @@ func (s *Supervisor) runOnce(spec SupervisorSpec) *life {
 		s.mu.Unlock()
 		return l
 	}
-	cmd := exec.Command(spec.Command[0], spec.Command[1:]...)
+	cmd := exec.Command(program(spec), spec.Command[1:]...)
 	cmd.Dir = spec.Dir
 	cmd.Env = append(os.Environ(), spec.Env...)
 	ownGroup(cmd)
@@ -498,6 +499,36 @@ wait:
 	close(l.done)
 	log.Warn("ComfyUI ended", zap.String("reason", ex.Reason()), zap.Duration("ran", time.Since(l.start).Round(time.Millisecond)))
 	return l
+}
+
+// program is the command's program, looked up in the PATH of the
+// command's environment when Env sets one (exec.Command looks in the
+// worker's).
+func program(spec SupervisorSpec) string {
+	name := spec.Command[0]
+	if strings.ContainsRune(name, '/') || strings.ContainsRune(name, os.PathSeparator) {
+		return name
+	}
+	var path string
+	found := false
+	for _, kv := range spec.Env {
+		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+			path, found = v, true
+		}
+	}
+	if !found {
+		return name
+	}
+	for _, dir := range filepath.SplitList(path) {
+		if !filepath.IsAbs(dir) {
+			continue
+		}
+		p := filepath.Join(dir, name)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+			return p
+		}
+	}
+	return name
 }
 
 // terminate ends l: SIGTERM to its group, SIGKILL after timeout.

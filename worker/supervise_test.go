@@ -241,7 +241,41 @@ func TestSupervisorTimeouts(t *testing.T) {
 	if l.exit.Signal != "SIGKILL" || !strings.Contains(l.exit.Reason(), "not ready after 300ms") {
 		t.Fatalf("exit %+v: %s", l.exit, l.exit.Reason())
 	}
-	if st := s.Status(); st.State != StateRestarting || st.LastExit != l.exit.Reason() {
-		t.Fatalf("status %+v", st)
+	// The supervisor then waits to start it again, and says why.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		st := s.Status()
+		if st.State == StateRestarting && st.LastExit == l.exit.Reason() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status %+v", st)
+		}
+	}
+}
+
+// `env PATH …` is where the command's program is looked up (a venv's
+// python), not only in the worker's own PATH.
+func TestSupervisorProgramFromEnvPath(t *testing.T) {
+	bin := t.TempDir()
+	if err := os.WriteFile(filepath.Join(bin, "venv-comfyui"), []byte("#!/bin/sh\necho from the venv\nexit 4\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := NewSupervisor(nil)
+	if err := s.Start(SupervisorSpec{Command: []string{"venv-comfyui"}, Env: []string{"PATH=" + bin + ":/usr/bin:/bin"},
+		URL: "http://127.0.0.1:1", RestartMin: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	var l *life
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if l = s.current(); l != nil && l.ended() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the command did not end")
+		}
+	}
+	if l.exit.Code != 4 || strings.Join(l.exit.Tail, "|") != "from the venv" {
+		t.Fatalf("exit %+v", l.exit)
 	}
 }
