@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+
 	"github.com/comfyume/comfyume/comfytest"
 )
 
@@ -372,4 +375,67 @@ func TestOpsShowsColdEndpoint(t *testing.T) {
 		s, c := endpoint(st)
 		return s == "down" && c == "open" && len(st.Waiting) == 0
 	})
+}
+
+// An open operator page does not hold up a config reload: its stream ends
+// when the config it came through is replaced (the page reconnects to
+// the new one), and the new config serves it.
+func TestOpsStreamEndsOnReload(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cf := strings.ReplaceAll(opsCaddyfile(admin, home.URL(), gpu.URL()), "{DATA}", t.TempDir())
+	g := startCaddy(t, cf)
+	open := func() (*http.Response, *bufio.Reader) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", g.Base+"/ops/events", nil)
+		req.Header.Set("Authorization", opsAuth())
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("GET /ops/events: %v %v", err, resp)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		r := bufio.NewReader(resp.Body)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.HasPrefix(line, "data: ") {
+				return resp, r
+			}
+		}
+	}
+	_, r := open()
+
+	port := strings.TrimPrefix(g.Base, "http://127.0.0.1:")
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(strings.ReplaceAll(cf, "{PORT}", port)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	loaded := make(chan error, 1)
+	go func() { loaded <- caddy.Load(cfg, true) }()
+	select {
+	case err := <-loaded:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the reload waited 30s for the open operator page")
+	}
+	ended := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := r.ReadString('\n'); err != nil {
+				ended <- err
+				return
+			}
+		}
+	}()
+	select {
+	case <-ended:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the stream through the old config is still open 30s after the reload")
+	}
+	open() // through the new config
 }
