@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -29,6 +30,10 @@ func init() {
 // (e.g. basic_auth), or on a site only the operator reaches.
 type OpsHandler struct {
 	app *App
+	// ctx ends when this config is replaced: the page's stream ends with
+	// it (the page reconnects to the new config) rather than holding the
+	// old server up.
+	ctx caddy.Context
 }
 
 // CaddyModule returns the Caddy module information.
@@ -43,6 +48,7 @@ func (h *OpsHandler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("loading comfyume app: %w", err)
 	}
 	h.app = app.(*App)
+	h.ctx = ctx
 	return nil
 }
 
@@ -52,8 +58,21 @@ func (h *OpsHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 	if h.app == nil || h.app.gateway == nil {
 		return caddyhttp.Error(http.StatusServiceUnavailable, errors.New("comfyume is not running"))
 	}
-	h.app.gateway.Ops().ServeHTTP(w, r)
+	ctx := r.Context()
+	if h.ctx.Context != nil {
+		ctx = untilUnloaded(ctx, h.ctx)
+	}
+	h.app.gateway.Ops().ServeHTTP(w, r.WithContext(ctx))
 	return nil
+}
+
+// untilUnloaded is ctx, also ended when config (a Caddy config's context)
+// is unloaded. The context.AfterFunc registration goes when ctx ends.
+func untilUnloaded(ctx context.Context, config context.Context) context.Context {
+	out, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(config, cancel)
+	context.AfterFunc(out, func() { stop() })
+	return out
 }
 
 // UnmarshalCaddyfile reads the comfyume_ops directive, which has no
@@ -100,7 +119,11 @@ func handleOpsEvents(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	g.Ops().ServeEvents(w, r)
+	ctx := r.Context()
+	if cfg := caddy.ActiveContext(); cfg.Context != nil {
+		ctx = untilUnloaded(ctx, cfg)
+	}
+	g.Ops().ServeEvents(w, r.WithContext(ctx))
 	return nil
 }
 

@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+
 	"github.com/comfyume/comfyume/comfytest"
 )
 
@@ -295,4 +298,144 @@ func TestOpsStateAcrossReplicas(t *testing.T) {
 	if len(st.Failures) == 0 || st.Failures[0].JobID != x.PromptID || st.Failures[0].User != "bob" || !strings.Contains(st.Failures[0].Message, "injected failure") {
 		t.Errorf("failures, seen from the other replica: %+v", st.Failures)
 	}
+}
+
+// A GPU server that does not answer shows as "starting" while a job waits
+// for it (its circuit open, the job waiting for it to start, as its user
+// is told), and as "down" once nothing waits: the states an operator
+// reads off the page, here from its stream on the admin API.
+func TestOpsShowsColdEndpoint(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	cold := fmt.Sprintf("http://127.0.0.1:%d", freePort(t)) // nothing listens
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	g := startCaddy(t, opsCaddyfile(admin, home.URL(), cold))
+	resp, err := http.Get("http://" + admin + "/comfyume/ops/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	type state struct {
+		Pools []struct {
+			Endpoints []struct{ State, Circuit string }
+		}
+		Waiting []struct{ ID, Why string }
+	}
+	states := make(chan state, 64)
+	go func() {
+		defer close(states)
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(nil, 1<<20)
+		for sc.Scan() {
+			if data, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+				var st state
+				if json.Unmarshal([]byte(data), &st) == nil {
+					states <- st
+				}
+			}
+		}
+	}()
+	until := func(what string, ok func(state) bool) {
+		t.Helper()
+		deadline := time.After(30 * time.Second)
+		var last state
+		for {
+			select {
+			case st, open := <-states:
+				if !open {
+					t.Fatalf("stream ended before %s", what)
+				}
+				if ok(st) {
+					return
+				}
+				last = st
+			case <-deadline:
+				t.Fatalf("not seen within 30s: %s; last state %+v", what, last)
+			}
+		}
+	}
+	endpoint := func(st state) (string, string) {
+		if len(st.Pools) != 1 || len(st.Pools[0].Endpoints) != 1 {
+			return "", ""
+		}
+		e := st.Pools[0].Endpoints[0]
+		return e.State, e.Circuit
+	}
+	until("the idle endpoint up", func(st state) bool { s, c := endpoint(st); return s == "up" && c == "closed" })
+
+	j := g.queue("alice", "", samplerWorkflow("a", 1))
+	until("the endpoint starting, its circuit open, the job waiting for it", func(st state) bool {
+		s, c := endpoint(st)
+		return s == "starting" && c == "open" && len(st.Waiting) == 1 && st.Waiting[0].ID == j.PromptID &&
+			strings.Contains(st.Waiting[0].Why, "a GPU server to start")
+	})
+	if st, b, _ := g.do("alice", "POST", "/api/jobs/"+j.PromptID+"/cancel", nil); st != 200 {
+		t.Fatalf("cancel: %d %s", st, b)
+	}
+	until("the endpoint down, nothing waiting", func(st state) bool {
+		s, c := endpoint(st)
+		return s == "down" && c == "open" && len(st.Waiting) == 0
+	})
+}
+
+// An open operator page does not hold up a config reload: its stream ends
+// when the config it came through is replaced (the page reconnects to
+// the new one), and the new config serves it.
+func TestOpsStreamEndsOnReload(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cf := strings.ReplaceAll(opsCaddyfile(admin, home.URL(), gpu.URL()), "{DATA}", t.TempDir())
+	g := startCaddy(t, cf)
+	open := func() (*http.Response, *bufio.Reader) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", g.Base+"/ops/events", nil)
+		req.Header.Set("Authorization", opsAuth())
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("GET /ops/events: %v %v", err, resp)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		r := bufio.NewReader(resp.Body)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.HasPrefix(line, "data: ") {
+				return resp, r
+			}
+		}
+	}
+	_, r := open()
+
+	port := strings.TrimPrefix(g.Base, "http://127.0.0.1:")
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(strings.ReplaceAll(cf, "{PORT}", port)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	loaded := make(chan error, 1)
+	go func() { loaded <- caddy.Load(cfg, true) }()
+	select {
+	case err := <-loaded:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the reload waited 30s for the open operator page")
+	}
+	ended := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := r.ReadString('\n'); err != nil {
+				ended <- err
+				return
+			}
+		}
+	}()
+	select {
+	case <-ended:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the stream through the old config is still open 30s after the reload")
+	}
+	open() // through the new config
 }

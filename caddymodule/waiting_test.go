@@ -127,7 +127,7 @@ func TestEveryWaitingJobIsToldWhy(t *testing.T) {
 	bob := g.openBrowserFlags("bob", "", `{"supports_preview_metadata":true}`)     // an older one
 	carol := g.openBrowserFlags("carol", "", `{"supports_preview_metadata":true}`) // (runs first)
 	busy := g.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID  // holds the GPU until cancelled
-	g.waitStatus("carol", busy, "in_progress", 10*time.Second)
+	g.waitStatus("carol", busy, "in_progress", 30*time.Second)
 
 	b1 := g.queue("bob", bob.SID, samplerWorkflow("b", 10_000)).PromptID
 	a1 := g.queue("alice", alice.SID, samplerWorkflow("a1", 1)).PromptID
@@ -174,7 +174,7 @@ func TestHundredWaitingJobsToldWithoutStorm(t *testing.T) {
 	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
 	carol := g.openBrowser("carol", "", true)
 	busy := g.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID
-	g.waitStatus("carol", busy, "in_progress", 10*time.Second)
+	g.waitStatus("carol", busy, "in_progress", 30*time.Second)
 
 	users := []string{"u0", "u1", "u2", "u3"}
 	tabs := map[string]*browser{}
@@ -233,7 +233,7 @@ func TestWaitingNoticesAcrossReplicas(t *testing.T) {
 	b := startReplica(t, cf)
 	carol := a.openBrowserFlags("carol", "", `{"supports_preview_metadata":true}`)
 	busy := a.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID
-	a.waitStatus("carol", busy, "in_progress", 10*time.Second)
+	a.waitStatus("carol", busy, "in_progress", 30*time.Second)
 	bob := a.openBrowserFlags("bob", "", `{"supports_preview_metadata":true}`)
 	b1 := a.queue("bob", bob.SID, samplerWorkflow("b", 10_000)).PromptID
 

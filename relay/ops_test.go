@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/comfyume/comfyume/dispatch"
 )
 
 // sseReader reads one operator stream's events.
@@ -260,4 +262,46 @@ func TestOpsFeedDropsPageThatStoppedReading(t *testing.T) {
 		t.Fatalf("the operator's page after the stale one was dropped: %d", again.resp.StatusCode)
 	}
 	again.next()
+}
+
+// BenchmarkOpsState builds the operator page's state of a busy workshop
+// (memory store): 50 jobs running on 50 endpoints, 500 waiting from 100
+// users, 100 failures kept. Reports the state's size.
+func BenchmarkOpsState(b *testing.B) {
+	blobs, err := NewDiskBlobs(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	store := dispatch.NewMemoryStore()
+	g, err := New(Config{Blobs: blobs, Store: store})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(g.Close)
+	p := &dispatch.Pool{Name: "gpu"}
+	for i := 0; i < 50; i++ {
+		u, err := dispatch.NewUpstream(fmt.Sprintf("http://10.0.0.%d:8188", i), dispatch.UpstreamOptions{MaxJobs: 1})
+		if err != nil {
+			b.Fatal(err)
+		}
+		p.Upstreams = append(p.Upstreams, u)
+	}
+	g.Manager().SetPool(p)
+	ctx := context.Background()
+	for i := 0; i < 550; i++ {
+		j := &dispatch.Job{ID: fmt.Sprintf("job-%d", i), User: fmt.Sprintf("user-%d", i%100), Pool: "gpu",
+			Status: dispatch.StatusPending, CreateTime: int64(i), Prompt: []byte(`{}`)}
+		if i < 50 {
+			j.Upstream, j.Status, j.StartTime = p.Upstreams[i].String(), dispatch.StatusInProgress, int64(i)
+		}
+		if err := store.Create(ctx, j); err != nil {
+			b.Fatal(err)
+		}
+	}
+	var size int
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		size = len(g.Ops().State(ctx))
+	}
+	b.ReportMetric(float64(size), "bytes/state")
 }

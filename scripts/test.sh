@@ -110,7 +110,7 @@ if [[ -n "$unformatted" ]]; then
 fi
 echo "all Go files are formatted"
 
-step "go test -race -count=1 -timeout 20m ./..."
+step "go test -race -count=1 -timeout 30m ./..."
 t=$(date +%s)
 echo "(setup took $((t - start))s)"
 # go test -json, read by scripts/testsummary: package results as they come,
@@ -125,5 +125,5 @@ summary_args=()
 for a in "$@"; do
 	[[ "$a" == "-v" || "$a" == "-test.v" || "$a" == "-v=true" ]] && summary_args=(-v)
 done
-go test -json -race -count=1 -timeout 20m "$@" ./... | "$summary_bin/testsummary" "${summary_args[@]}"
+go test -json -race -count=1 -timeout 30m "$@" ./... | "$summary_bin/testsummary" "${summary_args[@]}"
 elapsed "go test" "$t"
