@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"net/http"
 	"time"
 
@@ -59,16 +58,12 @@ func handlePools(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed")}
 	}
-	app, err := caddy.ActiveContext().AppIfConfigured("comfyume")
-	if err != nil || app == nil {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("comfyume is not configured")}
-	}
-	a, ok := app.(*App)
-	if !ok || a.gateway == nil {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("comfyume is not running")}
+	m, err := runningManager()
+	if err != nil {
+		return err
 	}
 	w.Header().Set("Content-Type", "application/json")
-	return json.NewEncoder(w).Encode(a.gateway.Manager().Status(r.Context()))
+	return json.NewEncoder(w).Encode(m.Status(r.Context()))
 }
 
 // metrics exposes the pools' state to Prometheus, through Caddy's metrics

@@ -22,15 +22,11 @@ import (
 // runningManager returns the dispatcher of the running comfyume app, or
 // the admin API error to answer.
 func runningManager() (*dispatch.Manager, error) {
-	app, err := caddy.ActiveContext().AppIfConfigured("comfyume")
-	if err != nil || app == nil {
-		return nil, caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("comfyume is not configured")}
+	g, err := activeGateway()
+	if err != nil {
+		return nil, err
 	}
-	a, ok := app.(*App)
-	if !ok || a.gateway == nil {
-		return nil, caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("comfyume is not running")}
-	}
-	return a.gateway.Manager(), nil
+	return g.Manager(), nil
 }
 
 func badRequest(err error) error {
