@@ -1050,3 +1050,15 @@ func workflowID(extra map[string]json.RawMessage) string {
 	_ = json.Unmarshal(raw, &id)
 	return id
 }
+
+// runList is a copy of the jobs this gateway follows, to walk without
+// holding the manager's lock.
+func (m *Manager) runList() []*run {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	runs := make([]*run, 0, len(m.runs))
+	for _, r := range m.runs {
+		runs = append(runs, r)
+	}
+	return runs
+}

@@ -56,12 +56,7 @@ func (m *Manager) Board(ctx context.Context, limit int) (Board, error) {
 	jobs, err := m.store.ActiveJobs(ctx)
 	if err != nil {
 		jobs = nil
-		m.mu.Lock()
-		runs := make([]*run, 0, len(m.runs))
-		for _, r := range m.runs {
-			runs = append(runs, r)
-		}
-		m.mu.Unlock()
+		runs := m.runList()
 		for _, r := range runs {
 			jobs = append(jobs, r.snapshot().Summary())
 		}

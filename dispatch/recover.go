@@ -87,12 +87,7 @@ func every(ctx context.Context, d time.Duration, fn func()) {
 }
 
 func (m *Manager) renew(ctx context.Context) {
-	m.mu.Lock()
-	runs := make([]*run, 0, len(m.runs))
-	for _, r := range m.runs {
-		runs = append(runs, r)
-	}
-	m.mu.Unlock()
+	runs := m.runList()
 	for _, r := range runs {
 		r.mu.Lock()
 		slot, token := r.slot, r.slotToken

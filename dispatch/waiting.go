@@ -97,12 +97,7 @@ type waiter struct {
 // noticeWaiting tells each waiting job of this gateway why it waits, if
 // that changed since it was last told.
 func (m *Manager) noticeWaiting(ctx context.Context, now time.Time) {
-	m.mu.Lock()
-	runs := make([]*run, 0, len(m.runs))
-	for _, r := range m.runs {
-		runs = append(runs, r)
-	}
-	m.mu.Unlock()
+	runs := m.runList()
 	byPool := map[string][]waiter{}
 	for _, r := range runs {
 		r.mu.Lock()
