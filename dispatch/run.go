@@ -32,12 +32,14 @@ type run struct {
 
 	mu  sync.Mutex
 	job *Job
-	// queue holds the upstream's events waiting for the job's goroutine;
-	// see enqueueLocked for its bound.
+	// queue[head:] holds the upstream's events waiting for the job's
+	// goroutine; see enqueueLocked for its bound. Its array comes from
+	// eventQueues and goes back when the queue drains.
 	queue    []event
+	head     int
 	queueSeq int64                 // sequence number of queue[0]
 	qBytes   int64                 // what the queued events weigh
-	latest   map[coalesceKey]int64 // sequence number of the last transient event per key
+	latest   map[coalesceKey]int64 // while over half the bound: sequence number of the last transient event per key
 	lastKept int64                 // sequence number of the last lifecycle event queued
 	dropped  int                   // transient events dropped over the bound
 	wake     chan struct{}
@@ -109,22 +111,36 @@ func (r *run) enqueueLocked(ev event) {
 	next := r.queueSeq + int64(len(r.queue))
 	key, transient := ev.transient()
 	if !transient {
-		r.queue = append(r.queue, ev)
-		r.qBytes += size
+		r.appendLocked(ev, size)
 		r.lastKept = next
+		return
+	}
+	if len(r.queue) == r.head {
+		r.appendLocked(ev, size)
 		return
 	}
 	bound := r.m.eventLimits().MaxJobQueue
 	if r.latest == nil {
+		if r.qBytes+size <= bound/2 {
+			r.appendLocked(ev, size)
+			return
+		}
+		// Over half the bound: index the transient events queued since
+		// the last lifecycle event, then keep the index until the queue
+		// drains.
 		r.latest = map[coalesceKey]int64{}
+		for i := max(r.head, int(r.lastKept-r.queueSeq)+1); i < len(r.queue); i++ {
+			if k, ok := r.queue[i].transient(); ok {
+				r.latest[k] = r.queueSeq + int64(i)
+			}
+		}
 	}
-	if len(r.queue) == 0 || r.qBytes+size <= bound/2 {
-		r.queue = append(r.queue, ev)
-		r.qBytes += size
+	if r.qBytes+size <= bound/2 {
+		r.appendLocked(ev, size)
 		r.latest[key] = next
 		return
 	}
-	if seq, ok := r.latest[key]; ok && seq > r.lastKept && seq >= r.queueSeq {
+	if seq, ok := r.latest[key]; ok && seq > r.lastKept && seq >= r.queueSeq+int64(r.head) {
 		i := seq - r.queueSeq
 		if grown := r.qBytes + size - r.queue[i].size(); grown <= bound {
 			r.qBytes = grown
@@ -132,8 +148,7 @@ func (r *run) enqueueLocked(ev event) {
 			return
 		}
 	} else if r.qBytes+size <= bound {
-		r.queue = append(r.queue, ev)
-		r.qBytes += size
+		r.appendLocked(ev, size)
 		r.latest[key] = next
 		return
 	}
@@ -144,21 +159,52 @@ func (r *run) enqueueLocked(ev event) {
 	r.dropped++
 }
 
+// eventQueueCap is the size of the queue arrays kept in eventQueues.
+const eventQueueCap = 256
+
+// eventQueues holds the queue arrays of drained runs, so that a busy job
+// does not grow a new queue for every burst of events.
+var eventQueues = sync.Pool{New: func() any { return new([eventQueueCap]event) }}
+
+// appendLocked adds an event at the end of the queue, taking an array from
+// eventQueues for an empty queue, or moving the waiting events to the
+// front of a full one whose front has been handled.
+func (r *run) appendLocked(ev event, size int64) {
+	switch {
+	case r.queue == nil:
+		r.queue = eventQueues.Get().(*[eventQueueCap]event)[:0]
+	case len(r.queue) == cap(r.queue) && r.head >= len(r.queue)/2:
+		n := copy(r.queue, r.queue[r.head:])
+		clear(r.queue[n:])
+		r.queueSeq += int64(r.head)
+		r.queue, r.head = r.queue[:n], 0
+	}
+	r.queue = append(r.queue, ev)
+	r.qBytes += size
+}
+
 // dequeueLocked takes the next queued event, if any.
 func (r *run) dequeueLocked() (event, bool) {
-	if len(r.queue) == 0 {
+	if len(r.queue) == r.head {
 		return event{}, false
 	}
-	ev := r.queue[0]
-	r.queue[0] = event{}
-	r.queue = r.queue[1:]
+	seq := r.queueSeq + int64(r.head)
+	ev := r.queue[r.head]
+	r.queue[r.head] = event{}
+	r.head++
 	r.qBytes -= ev.size()
-	if key, ok := ev.transient(); ok && r.latest[key] == r.queueSeq {
-		delete(r.latest, key)
+	if r.latest != nil {
+		if key, ok := ev.transient(); ok && r.latest[key] == seq {
+			delete(r.latest, key)
+		}
 	}
-	r.queueSeq++
-	if len(r.queue) == 0 {
-		r.queue = nil // let the backing array go
+	if r.head == len(r.queue) {
+		// Drained: the array goes back to the pool.
+		if cap(r.queue) == eventQueueCap {
+			eventQueues.Put((*[eventQueueCap]event)(r.queue[:eventQueueCap]))
+		}
+		r.queueSeq += int64(len(r.queue))
+		r.queue, r.head, r.latest = nil, 0, nil
 	}
 	return ev, true
 }
@@ -178,7 +224,7 @@ func (r *run) loop() {
 				continue
 			case <-r.done:
 				r.mu.Lock()
-				empty := len(r.queue) == 0
+				empty := len(r.queue) == r.head
 				r.mu.Unlock()
 				if empty {
 					return

@@ -33,8 +33,12 @@ var (
 )
 
 // maxBatch is about how many bytes one write carries (a single larger
-// frame goes alone).
-const maxBatch = 1 << 20
+// frame goes alone), and maxBatchFrames how many frames: each is two
+// buffers of a vectored write, and Linux takes 1024 at most per writev.
+const (
+	maxBatch       = 1 << 20
+	maxBatchFrames = 500
+)
 
 // socket is one browser WebSocket connection and its outgoing queue.
 //
@@ -52,9 +56,14 @@ type socket struct {
 	vectored bool            // out takes a batch in one writev (a plain TCP connection)
 	limit    int             // bytes queued before progress and previews coalesce
 
-	mu        sync.Mutex
+	mu sync.Mutex
+	// queue[head:] is what waits; queue[i] is the frame at position
+	// base+i (positions count every frame ever queued, so coalescing can
+	// name one). Its array comes from queuePool and goes back there when
+	// the queue drains: an idle socket holds none.
 	queue     []queued
-	base      int            // how many entries were taken off the queue so far
+	head      int
+	base      int
 	bytes     int            // bytes of the live entries in queue
 	dropped   int            // entries of queue superseded by newer ones
 	latest    map[string]int // while over the bound: coalescing key → position
@@ -137,16 +146,16 @@ func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool)
 		return false, q, false
 	}
 	q.size, q.kind = classify(q)
-	if !s.writing && len(s.queue) == 0 {
+	if !s.writing && s.waiting() == 0 {
 		s.writing = true
 		return true, q, true
 	}
-	s.queue = append(s.queue, q)
+	s.appendLocked(q)
 	s.bytes += q.size
 	if s.bytes > s.limit || s.latest != nil {
 		s.squeezeLocked()
 		switch {
-		case s.bytes > 2*s.limit && len(s.queue)-s.dropped > 1: // (a lone big frame goes through)
+		case s.bytes > 2*s.limit && s.waiting()-s.dropped > 1: // (a lone big frame goes through)
 			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: too many events queued")
 		case s.bytes <= s.limit:
 			s.overSince = time.Time{}
@@ -156,11 +165,48 @@ func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool)
 			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: events queued for over "+queueGrace.String())
 		}
 	}
-	if s.writing || len(s.queue) == 0 {
+	if s.writing || s.waiting() == 0 {
 		return false, q, false
 	}
 	s.writing = true
 	return true, q, false
+}
+
+// waiting is how many entries wait in the queue (superseded ones included).
+func (s *socket) waiting() int { return len(s.queue) - s.head }
+
+// queueCap is the size of the queue arrays kept in queuePool.
+const queueCap = 256
+
+// queuePool holds queue arrays of drained sockets, so that a busy socket
+// does not grow a new queue for every burst and an idle one keeps none.
+var queuePool = sync.Pool{New: func() any { return new([queueCap]queued) }}
+
+// appendLocked adds an entry at the end of the queue, taking an array from
+// queuePool for an empty queue, or moving the waiting entries to the front
+// of a full one whose front has been written.
+func (s *socket) appendLocked(q queued) {
+	switch {
+	case s.queue == nil:
+		s.queue = queuePool.Get().(*[queueCap]queued)[:0]
+	case len(s.queue) == cap(s.queue) && s.head >= len(s.queue)/2:
+		n := copy(s.queue, s.queue[s.head:])
+		clear(s.queue[n:])
+		s.base += s.head
+		s.queue, s.head = s.queue[:n], 0
+	}
+	s.queue = append(s.queue, q)
+}
+
+// releaseLocked empties the queue: its array goes back to queuePool, and
+// the positions of its entries are gone.
+func (s *socket) releaseLocked() {
+	s.base += len(s.queue)
+	if cap(s.queue) == queueCap {
+		clear(s.queue)
+		queuePool.Put((*[queueCap]queued)(s.queue[:queueCap]))
+	}
+	s.queue, s.head, s.dropped, s.latest = nil, 0, 0, nil
 }
 
 // classify returns a queued entry's size and kind.
@@ -242,13 +288,13 @@ func previewKey(p *comfy.Preview) string {
 func (s *socket) squeezeLocked() {
 	if s.latest == nil {
 		s.latest = map[string]int{}
-		for i := range s.queue {
+		for i := s.head; i < len(s.queue); i++ {
 			s.coalesceLocked(i)
 		}
 	} else {
 		s.coalesceLocked(len(s.queue) - 1)
 	}
-	if s.dropped > 64 && s.dropped > len(s.queue)/2 {
+	if s.dropped > 64 && s.dropped > s.waiting()/2 {
 		s.compactLocked()
 	}
 }
@@ -266,7 +312,7 @@ func (s *socket) coalesceLocked(i int) {
 		}
 		q.key = k
 	}
-	if prev, ok := s.latest[q.key]; ok && prev >= s.base && prev-s.base < i {
+	if prev, ok := s.latest[q.key]; ok && prev >= s.base+s.head && prev-s.base < i {
 		old := &s.queue[prev-s.base]
 		s.bytes -= old.size
 		*old = queued{dropped: true}
@@ -275,16 +321,18 @@ func (s *socket) coalesceLocked(i int) {
 	s.latest[q.key] = s.base + i
 }
 
-// compactLocked removes superseded entries from the queue.
+// compactLocked removes superseded entries from the queue (in place).
 func (s *socket) compactLocked() {
-	live := make([]queued, 0, len(s.queue)-s.dropped)
-	for _, q := range s.queue {
+	n := 0
+	for _, q := range s.queue[s.head:] {
 		if !q.dropped {
-			live = append(live, q)
+			s.queue[n] = q
+			n++
 		}
 	}
+	clear(s.queue[n:])
 	s.base += len(s.queue) // positions of the old entries are all gone
-	s.queue, s.dropped = live, 0
+	s.queue, s.head, s.dropped = s.queue[:n], 0, 0
 	clear(s.latest)
 	for i, q := range s.queue {
 		if q.key != "" {
@@ -300,10 +348,10 @@ func (s *socket) closeLocked(code int, reason string) {
 	if s.dead || s.closing {
 		return
 	}
-	s.base += len(s.queue)
+	s.releaseLocked()
 	cf := closeFrame(code, reason)
-	s.queue = []queued{{raw: cf, size: len(cf)}}
-	s.bytes, s.dropped, s.latest = len(cf), 0, nil
+	s.appendLocked(queued{raw: cf, size: len(cf)})
+	s.bytes = len(cf)
 	s.closing = true
 	if s.out != nil {
 		_ = s.out.SetWriteDeadline(time.Now().Add(closeWait))
@@ -343,8 +391,8 @@ func (s *socket) dieLocked() {
 		s.dead = true
 		s.out.Close()
 	}
-	s.base += len(s.queue)
-	s.queue, s.bytes, s.dropped, s.latest = nil, 0, 0, nil
+	s.releaseLocked()
+	s.bytes = 0
 }
 
 // writeLoop writes first (if direct), then the queue until it is empty.
@@ -352,7 +400,7 @@ func (s *socket) dieLocked() {
 func (s *socket) writeLoop(first queued, direct bool) {
 	sc := scratchPool.Get().(*writeScratch)
 	s.mu.Lock()
-	for !s.dead && (direct || len(s.queue) > 0) {
+	for !s.dead && (direct || s.waiting() > 0) {
 		// Take a batch off the front of the queue.
 		batch := sc.batch[:0]
 		size := 0
@@ -360,22 +408,21 @@ func (s *socket) writeLoop(first queued, direct bool) {
 			batch = append(batch, first)
 			size, direct, first = first.size, false, queued{}
 		} else {
-			n := 0
-			for n < len(s.queue) && (size == 0 || size+s.queue[n].size <= maxBatch) {
-				if q := s.queue[n]; q.dropped {
+			i := s.head
+			for i < len(s.queue) && len(batch) < maxBatchFrames && (size == 0 || size+s.queue[i].size <= maxBatch) {
+				if q := s.queue[i]; q.dropped {
 					s.dropped--
 				} else {
 					batch = append(batch, q)
 					size += q.size
 				}
-				n++
+				i++
 			}
-			clear(s.queue[:n])
-			s.queue = s.queue[n:]
-			s.base += n
+			clear(s.queue[s.head:i])
+			s.head = i
 			s.bytes -= size
-			if len(s.queue) == 0 {
-				s.queue, s.dropped, s.latest = nil, 0, nil
+			if s.waiting() == 0 {
+				s.releaseLocked()
 			}
 			if s.bytes <= s.limit {
 				s.overSince = time.Time{}
@@ -422,9 +469,10 @@ func (s *socket) writeLoop(first queued, direct bool) {
 		s.dieLocked()
 	}
 	s.mu.Unlock()
-	if cap(sc.batch) <= 64 && cap(sc.hdrs) <= 640 {
-		scratchPool.Put(sc)
+	if cap(sc.hdrs) > 64<<10 {
+		sc.hdrs = nil // (preview heads of a batch of previews)
 	}
+	scratchPool.Put(sc) // (its batch and bufs are bounded by maxBatchFrames)
 }
 
 // writeScratch is a writer's working memory, reused across writers.
@@ -449,11 +497,20 @@ func appendFrame(bufs net.Buffers, hdrs []byte, q queued, previewMeta bool) (net
 	case q.f.text != nil:
 		op, payload = websocket.TextMessage, q.f.text
 	case q.f.preview != nil:
-		if p := q.f.preview; previewMeta && p.Metadata != nil {
-			payload = p.EncodeType4(*p.Metadata)
+		// The preview's own head (type, metadata) is made here, in
+		// hdrs; its image goes out from where it is.
+		p := q.f.preview
+		var head [512]byte
+		var ph []byte
+		if previewMeta && p.Metadata != nil {
+			ph = p.AppendType4Head(head[:0], *p.Metadata)
 		} else {
-			payload = p.EncodeType1()
+			ph = p.AppendType1Head(head[:0])
 		}
+		start := len(hdrs)
+		hdrs = appendHeader(hdrs, op, len(ph)+len(p.Image))
+		hdrs = append(hdrs, ph...)
+		return append(bufs, hdrs[start:len(hdrs):len(hdrs)], p.Image), hdrs
 	}
 	start := len(hdrs)
 	hdrs = appendHeader(hdrs, op, len(payload))
