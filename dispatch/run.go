@@ -9,6 +9,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/internal/fifo"
 )
 
 // Events receives what happens to jobs. The dispatcher calls it from one
@@ -32,12 +33,10 @@ type run struct {
 
 	mu  sync.Mutex
 	job *Job
-	// queue[head:] holds the upstream's events waiting for the job's
-	// goroutine; see enqueueLocked for its bound. Its array comes from
-	// eventQueues and goes back when the queue drains.
-	queue    []event
-	head     int
-	queueSeq int64                 // sequence number of queue[0]
+	// queue holds the upstream's events waiting for the job's goroutine;
+	// see enqueueLocked for its bound.
+	queue    fifo.Queue[event]
+	queueSeq int64                 // sequence number of the front of queue
 	qBytes   int64                 // what the queued events weigh
 	latest   map[coalesceKey]int64 // while over half the bound: sequence number of the last transient event per key
 	lastKept int64                 // sequence number of the last lifecycle event queued
@@ -71,7 +70,7 @@ type run struct {
 }
 
 func newRun(m *Manager, j *Job) *run {
-	return &run{m: m, job: j, wake: make(chan struct{}, 1), done: make(chan struct{}), lastKept: -1}
+	return &run{m: m, job: j, queue: fifo.Queue[event]{Pool: &eventChunks}, wake: make(chan struct{}, 1), done: make(chan struct{}), lastKept: -1}
 }
 
 // snapshot returns a copy of the job record.
@@ -108,14 +107,14 @@ func (r *run) push(ev event) {
 // dropped. An event never waits: the upstream's reader goes on at once.
 func (r *run) enqueueLocked(ev event) {
 	size := ev.size()
-	next := r.queueSeq + int64(len(r.queue))
+	next := r.queueSeq + int64(r.queue.Len())
 	key, transient := ev.transient()
 	if !transient {
 		r.appendLocked(ev, size)
 		r.lastKept = next
 		return
 	}
-	if len(r.queue) == r.head {
+	if r.queue.Len() == 0 {
 		r.appendLocked(ev, size)
 		return
 	}
@@ -129,8 +128,8 @@ func (r *run) enqueueLocked(ev event) {
 		// the last lifecycle event, then keep the index until the queue
 		// drains.
 		r.latest = map[coalesceKey]int64{}
-		for i := max(r.head, int(r.lastKept-r.queueSeq)+1); i < len(r.queue); i++ {
-			if k, ok := r.queue[i].transient(); ok {
+		for i := max(0, int(r.lastKept-r.queueSeq)+1); i < r.queue.Len(); i++ {
+			if k, ok := r.queue.At(i).transient(); ok {
 				r.latest[k] = r.queueSeq + int64(i)
 			}
 		}
@@ -140,11 +139,11 @@ func (r *run) enqueueLocked(ev event) {
 		r.latest[key] = next
 		return
 	}
-	if seq, ok := r.latest[key]; ok && seq > r.lastKept && seq >= r.queueSeq+int64(r.head) {
-		i := seq - r.queueSeq
-		if grown := r.qBytes + size - r.queue[i].size(); grown <= bound {
+	if seq, ok := r.latest[key]; ok && seq > r.lastKept && seq >= r.queueSeq {
+		old := r.queue.At(int(seq - r.queueSeq))
+		if grown := r.qBytes + size - old.size(); grown <= bound {
 			r.qBytes = grown
-			r.queue[i] = ev
+			*old = ev
 			return
 		}
 	} else if r.qBytes+size <= bound {
@@ -159,52 +158,29 @@ func (r *run) enqueueLocked(ev event) {
 	r.dropped++
 }
 
-// eventQueueCap is the size of the queue arrays kept in eventQueues.
-const eventQueueCap = 256
+// eventChunks holds the queue chunks of every job's queue.
+var eventChunks fifo.Pool[event]
 
-// eventQueues holds the queue arrays of drained runs, so that a busy job
-// does not grow a new queue for every burst of events.
-var eventQueues = sync.Pool{New: func() any { return new([eventQueueCap]event) }}
-
-// appendLocked adds an event at the end of the queue, taking an array from
-// eventQueues for an empty queue, or moving the waiting events to the
-// front of a full one whose front has been handled.
 func (r *run) appendLocked(ev event, size int64) {
-	switch {
-	case r.queue == nil:
-		r.queue = eventQueues.Get().(*[eventQueueCap]event)[:0]
-	case len(r.queue) == cap(r.queue) && r.head >= len(r.queue)/2:
-		n := copy(r.queue, r.queue[r.head:])
-		clear(r.queue[n:])
-		r.queueSeq += int64(r.head)
-		r.queue, r.head = r.queue[:n], 0
-	}
-	r.queue = append(r.queue, ev)
+	r.queue.Push(ev)
 	r.qBytes += size
 }
 
 // dequeueLocked takes the next queued event, if any.
 func (r *run) dequeueLocked() (event, bool) {
-	if len(r.queue) == r.head {
-		return event{}, false
+	ev, ok := r.queue.Pop()
+	if !ok {
+		return ev, false
 	}
-	seq := r.queueSeq + int64(r.head)
-	ev := r.queue[r.head]
-	r.queue[r.head] = event{}
-	r.head++
 	r.qBytes -= ev.size()
 	if r.latest != nil {
-		if key, ok := ev.transient(); ok && r.latest[key] == seq {
+		if key, ok := ev.transient(); ok && r.latest[key] == r.queueSeq {
 			delete(r.latest, key)
 		}
 	}
-	if r.head == len(r.queue) {
-		// Drained: the array goes back to the pool.
-		if cap(r.queue) == eventQueueCap {
-			eventQueues.Put((*[eventQueueCap]event)(r.queue[:eventQueueCap]))
-		}
-		r.queueSeq += int64(len(r.queue))
-		r.queue, r.head, r.latest = nil, 0, nil
+	r.queueSeq++
+	if r.queue.Len() == 0 {
+		r.latest = nil
 	}
 	return ev, true
 }
@@ -224,7 +200,7 @@ func (r *run) loop() {
 				continue
 			case <-r.done:
 				r.mu.Lock()
-				empty := len(r.queue) == r.head
+				empty := r.queue.Len() == 0
 				r.mu.Unlock()
 				if empty {
 					return

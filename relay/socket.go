@@ -12,6 +12,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/internal/fifo"
 )
 
 // Defaults of the per-socket limits (see Config).
@@ -57,12 +58,11 @@ type socket struct {
 	limit    int             // bytes queued before progress and previews coalesce
 
 	mu sync.Mutex
-	// queue[head:] is what waits; queue[i] is the frame at position
-	// base+i (positions count every frame ever queued, so coalescing can
-	// name one). Its array comes from queuePool and goes back there when
-	// the queue drains: an idle socket holds none.
-	queue     []queued
-	head      int
+	// queue is what waits; queue.At(i) is the frame at position base+i
+	// (positions count every frame ever queued, so coalescing can name
+	// one). Its chunks come from queueChunks and go back there as they
+	// are written: an idle socket holds none.
+	queue     fifo.Queue[queued]
 	base      int
 	bytes     int            // bytes of the live entries in queue
 	dropped   int            // entries of queue superseded by newer ones
@@ -107,7 +107,7 @@ func newSocket(limit int) *socket {
 	if limit <= 0 {
 		limit = DefaultMaxSocketQueue
 	}
-	return &socket{limit: limit}
+	return &socket{limit: limit, queue: fifo.Queue[queued]{Pool: &queueChunks}}
 }
 
 // send queues a frame and returns at once; it never waits for the browser.
@@ -146,16 +146,16 @@ func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool)
 		return false, q, false
 	}
 	q.size, q.kind = classify(q)
-	if !s.writing && s.waiting() == 0 {
+	if !s.writing && s.queue.Len() == 0 {
 		s.writing = true
 		return true, q, true
 	}
-	s.appendLocked(q)
+	s.queue.Push(q)
 	s.bytes += q.size
 	if s.bytes > s.limit || s.latest != nil {
 		s.squeezeLocked()
 		switch {
-		case s.bytes > 2*s.limit && s.waiting()-s.dropped > 1: // (a lone big frame goes through)
+		case s.bytes > 2*s.limit && s.queue.Len()-s.dropped > 1: // (a lone big frame goes through)
 			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: too many events queued")
 		case s.bytes <= s.limit:
 			s.overSince = time.Time{}
@@ -165,48 +165,22 @@ func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool)
 			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: events queued for over "+queueGrace.String())
 		}
 	}
-	if s.writing || s.waiting() == 0 {
+	if s.writing || s.queue.Len() == 0 {
 		return false, q, false
 	}
 	s.writing = true
 	return true, q, false
 }
 
-// waiting is how many entries wait in the queue (superseded ones included).
-func (s *socket) waiting() int { return len(s.queue) - s.head }
+// queueChunks holds the queue chunks of every socket.
+var queueChunks fifo.Pool[queued]
 
-// queueCap is the size of the queue arrays kept in queuePool.
-const queueCap = 256
-
-// queuePool holds queue arrays of drained sockets, so that a busy socket
-// does not grow a new queue for every burst and an idle one keeps none.
-var queuePool = sync.Pool{New: func() any { return new([queueCap]queued) }}
-
-// appendLocked adds an entry at the end of the queue, taking an array from
-// queuePool for an empty queue, or moving the waiting entries to the front
-// of a full one whose front has been written.
-func (s *socket) appendLocked(q queued) {
-	switch {
-	case s.queue == nil:
-		s.queue = queuePool.Get().(*[queueCap]queued)[:0]
-	case len(s.queue) == cap(s.queue) && s.head >= len(s.queue)/2:
-		n := copy(s.queue, s.queue[s.head:])
-		clear(s.queue[n:])
-		s.base += s.head
-		s.queue, s.head = s.queue[:n], 0
-	}
-	s.queue = append(s.queue, q)
-}
-
-// releaseLocked empties the queue: its array goes back to queuePool, and
+// releaseLocked empties the queue: its chunks go back to queueChunks, and
 // the positions of its entries are gone.
 func (s *socket) releaseLocked() {
-	s.base += len(s.queue)
-	if cap(s.queue) == queueCap {
-		clear(s.queue)
-		queuePool.Put((*[queueCap]queued)(s.queue[:queueCap]))
-	}
-	s.queue, s.head, s.dropped, s.latest = nil, 0, 0, nil
+	s.base += s.queue.Len()
+	s.queue.Reset()
+	s.dropped, s.latest = 0, nil
 }
 
 // classify returns a queued entry's size and kind.
@@ -288,19 +262,19 @@ func previewKey(p *comfy.Preview) string {
 func (s *socket) squeezeLocked() {
 	if s.latest == nil {
 		s.latest = map[string]int{}
-		for i := s.head; i < len(s.queue); i++ {
+		for i := range s.queue.Len() {
 			s.coalesceLocked(i)
 		}
 	} else {
-		s.coalesceLocked(len(s.queue) - 1)
+		s.coalesceLocked(s.queue.Len() - 1)
 	}
-	if s.dropped > 64 && s.dropped > s.waiting()/2 {
+	if s.dropped > 64 && s.dropped > s.queue.Len()/2 {
 		s.compactLocked()
 	}
 }
 
 func (s *socket) coalesceLocked(i int) {
-	q := &s.queue[i]
+	q := s.queue.At(i)
 	if q.dropped || q.kind == kindKept {
 		return
 	}
@@ -312,8 +286,8 @@ func (s *socket) coalesceLocked(i int) {
 		}
 		q.key = k
 	}
-	if prev, ok := s.latest[q.key]; ok && prev >= s.base+s.head && prev-s.base < i {
-		old := &s.queue[prev-s.base]
+	if prev, ok := s.latest[q.key]; ok && prev >= s.base && prev-s.base < i {
+		old := s.queue.At(prev - s.base)
 		s.bytes -= old.size
 		*old = queued{dropped: true}
 		s.dropped++
@@ -321,21 +295,23 @@ func (s *socket) coalesceLocked(i int) {
 	s.latest[q.key] = s.base + i
 }
 
-// compactLocked removes superseded entries from the queue (in place).
+// compactLocked removes superseded entries from the queue.
 func (s *socket) compactLocked() {
-	n := 0
-	for _, q := range s.queue[s.head:] {
+	live := fifo.Queue[queued]{Pool: &queueChunks}
+	for {
+		q, ok := s.queue.Pop()
+		if !ok {
+			break
+		}
+		s.base++ // positions of the old entries are all gone
 		if !q.dropped {
-			s.queue[n] = q
-			n++
+			live.Push(q)
 		}
 	}
-	clear(s.queue[n:])
-	s.base += len(s.queue) // positions of the old entries are all gone
-	s.queue, s.head, s.dropped = s.queue[:n], 0, 0
+	s.queue, s.dropped = live, 0
 	clear(s.latest)
-	for i, q := range s.queue {
-		if q.key != "" {
+	for i := range s.queue.Len() {
+		if q := s.queue.At(i); q.key != "" {
 			s.latest[q.key] = s.base + i
 		}
 	}
@@ -350,7 +326,7 @@ func (s *socket) closeLocked(code int, reason string) {
 	}
 	s.releaseLocked()
 	cf := closeFrame(code, reason)
-	s.appendLocked(queued{raw: cf, size: len(cf)})
+	s.queue.Push(queued{raw: cf, size: len(cf)})
 	s.bytes = len(cf)
 	s.closing = true
 	if s.out != nil {
@@ -400,7 +376,7 @@ func (s *socket) dieLocked() {
 func (s *socket) writeLoop(first queued, direct bool) {
 	sc := scratchPool.Get().(*writeScratch)
 	s.mu.Lock()
-	for !s.dead && (direct || s.waiting() > 0) {
+	for !s.dead && (direct || s.queue.Len() > 0) {
 		// Take a batch off the front of the queue.
 		batch := sc.batch[:0]
 		size := 0
@@ -408,21 +384,19 @@ func (s *socket) writeLoop(first queued, direct bool) {
 			batch = append(batch, first)
 			size, direct, first = first.size, false, queued{}
 		} else {
-			i := s.head
-			for i < len(s.queue) && len(batch) < maxBatchFrames && (size == 0 || size+s.queue[i].size <= maxBatch) {
-				if q := s.queue[i]; q.dropped {
+			for s.queue.Len() > 0 && len(batch) < maxBatchFrames && (size == 0 || size+s.queue.At(0).size <= maxBatch) {
+				q, _ := s.queue.Pop()
+				s.base++
+				if q.dropped {
 					s.dropped--
 				} else {
 					batch = append(batch, q)
 					size += q.size
 				}
-				i++
 			}
-			clear(s.queue[s.head:i])
-			s.head = i
 			s.bytes -= size
-			if s.waiting() == 0 {
-				s.releaseLocked()
+			if s.queue.Len() == 0 {
+				s.dropped, s.latest = 0, nil
 			}
 			if s.bytes <= s.limit {
 				s.overSince = time.Time{}
