@@ -189,3 +189,16 @@ func BenchmarkDecodeEvent(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkScanProgressState scans the progress_state frame a 2026 server
+// sends with every step (two nodes started).
+func BenchmarkScanProgressState(b *testing.B) {
+	frame := []byte(`{"type": "progress_state", "data": {"prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "nodes": {"1": {"value": 1, "max": 1, "state": "finished", "node_id": "1", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "1", "parent_node_id": null, "real_node_id": "1"}, "2": {"value": 17, "max": 1000, "state": "running", "node_id": "2", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "2", "parent_node_id": null, "real_node_id": "2"}}}}`)
+	b.SetBytes(int64(len(frame)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, ok := ScanEvent(frame); !ok {
+			b.Fatal("not ok")
+		}
+	}
+}

@@ -42,6 +42,11 @@ type run struct {
 	lastKept int64                 // sequence number of the last lifecycle event queued
 	dropped  int                   // transient events dropped over the bound
 	wake     chan struct{}
+	// The job's goroutine hands events it has more of at hand to a
+	// BatchEvents with DeliverLater; batched counts them since the last
+	// Deliver or Flush.
+	batched int
+	batchTo Recipient
 	node     string // node the upstream is executing
 	display  string
 	finished bool
@@ -186,6 +191,7 @@ func (r *run) dequeueLocked() (event, bool) {
 }
 
 func (r *run) loop() {
+	defer r.flush()
 	for {
 		r.mu.Lock()
 		ev, ok := r.dequeueLocked()
@@ -195,6 +201,7 @@ func (r *run) loop() {
 				return
 			}
 			r.mu.Unlock()
+			r.flush()
 			select {
 			case <-r.wake:
 				continue
@@ -225,6 +232,7 @@ func (r *run) handle(raw event) {
 	}
 	job := r.job
 	to := recipientOf(job)
+	more := r.queue.Len() > 0
 	var ev Event
 	switch {
 	case raw.json != nil:
@@ -314,9 +322,38 @@ func (r *run) handle(raw event) {
 			r.m.events.QueueChanged(to.User)
 		}
 	}
-	r.m.events.Deliver(to, ev)
+	r.deliver(to, ev, more && !terminal)
 	if terminal {
 		r.m.finish(r, snap, true)
+	}
+}
+
+// maxBatched bounds the events a job's goroutine hands over with
+// DeliverLater before one goes out with Deliver.
+const maxBatched = 64
+
+// deliver hands an event over: while the job's goroutine has more at hand
+// (more), to a BatchEvents with DeliverLater, so that they reach the
+// browser in one write.
+func (r *run) deliver(to Recipient, ev Event, more bool) {
+	if b, ok := r.m.events.(BatchEvents); ok && more && r.batched < maxBatched {
+		b.DeliverLater(to, ev)
+		r.batched++
+		r.batchTo = to
+		return
+	}
+	r.m.events.Deliver(to, ev) // (also writes what was delivered later before)
+	r.batched = 0
+}
+
+// flush writes what the job's goroutine delivered later, if anything.
+func (r *run) flush() {
+	if r.batched == 0 {
+		return
+	}
+	r.batched = 0
+	if b, ok := r.m.events.(BatchEvents); ok {
+		b.Flush(r.batchTo)
 	}
 }
 

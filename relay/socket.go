@@ -110,29 +110,53 @@ func newSocket(limit int) *socket {
 	return &socket{limit: limit, queue: fifo.Queue[queued]{Pool: &queueChunks}}
 }
 
+// How a frame queued on an idle socket gets its writer.
+type writerStart uint8
+
+const (
+	startGoroutine writerStart = iota // a goroutine of its own, now
+	startInline                       // the caller writes before it returns
+	startNow                          // the caller writes what the connection takes at once, a goroutine the rest
+	startLater                        // none yet: the caller kicks the socket when done queuing
+)
+
 // send queues a frame and returns at once; it never waits for the browser.
-func (s *socket) send(f frame) { s.push(queued{f: f}, false) }
+func (s *socket) send(f frame) { s.push(queued{f: f}, startGoroutine) }
 
 // write queues a frame and, when the socket is idle, writes it (and
 // whatever else is queued) before returning. Only the socket's own
 // goroutines call it: it may wait for this browser, never for another.
-func (s *socket) write(f frame) { s.push(queued{f: f}, true) }
+func (s *socket) write(f frame) { s.push(queued{f: f}, startInline) }
 
 // sendRaw queues a complete WebSocket frame (a control frame).
-func (s *socket) sendRaw(b []byte) { s.push(queued{raw: b}, false) }
+func (s *socket) sendRaw(b []byte) { s.push(queued{raw: b}, startGoroutine) }
 
-// push queues an entry and, when the socket was idle, starts its writer:
-// inline on the caller's goroutine, or in a goroutine of its own.
-func (s *socket) push(q queued, inline bool) {
+// push queues an entry and, when the socket was idle, starts its writer
+// as start says.
+func (s *socket) push(q queued, start writerStart) {
 	s.mu.Lock()
-	start, first, direct := s.enqueueLocked(q)
+	ok, first, direct := s.enqueueLocked(q, start != startLater)
 	s.mu.Unlock()
 	switch {
-	case !start:
-	case inline:
-		s.writeLoop(first, direct)
+	case !ok:
+	case start == startInline || start == startNow:
+		s.writeLoop(first, direct, start == startNow)
 	default:
-		go s.writeLoop(first, direct)
+		go s.writeLoop(first, direct, false)
+	}
+}
+
+// kick writes, as startNow, the frames queued with startLater on a socket
+// without a writer at work.
+func (s *socket) kick() {
+	s.mu.Lock()
+	start := !s.writing && !s.dead && s.queue.Len() > 0
+	if start {
+		s.writing = true
+	}
+	s.mu.Unlock()
+	if start {
+		s.writeLoop(queued{}, false, true)
 	}
 }
 
@@ -140,13 +164,13 @@ func (s *socket) push(q queued, inline bool) {
 // over its bound and closing the socket when that does not help. It
 // reports whether the caller must start a writer (writeLoop(first)): when
 // the socket was idle, the entry is not queued but handed to the writer as
-// first.
-func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool) {
+// first. Unless mayStart, it only queues (the caller kicks the socket).
+func (s *socket) enqueueLocked(q queued, mayStart bool) (start bool, first queued, direct bool) {
 	if s.dead || s.closing {
 		return false, q, false
 	}
 	q.size, q.kind = classify(q)
-	if !s.writing && s.queue.Len() == 0 {
+	if mayStart && !s.writing && s.queue.Len() == 0 {
 		s.writing = true
 		return true, q, true
 	}
@@ -165,7 +189,7 @@ func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool)
 			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: events queued for over "+queueGrace.String())
 		}
 	}
-	if s.writing || s.queue.Len() == 0 {
+	if !mayStart || s.writing || s.queue.Len() == 0 {
 		return false, q, false
 	}
 	s.writing = true
@@ -337,7 +361,7 @@ func (s *socket) closeLocked(code int, reason string) {
 	}
 	if !s.writing {
 		s.writing = true
-		go s.writeLoop(queued{}, false)
+		go s.writeLoop(queued{}, false, false)
 	}
 }
 
@@ -372,10 +396,18 @@ func (s *socket) dieLocked() {
 }
 
 // writeLoop writes first (if direct), then the queue until it is empty.
-// The caller has set s.writing.
-func (s *socket) writeLoop(first queued, direct bool) {
+// The caller has set s.writing. With nonblock, the caller writes only what
+// the connection takes at once: when the browser's socket buffer is full,
+// a goroutine writes the rest and goes on, so the caller never waits.
+func (s *socket) writeLoop(first queued, direct, nonblock bool) {
 	sc := scratchPool.Get().(*writeScratch)
 	s.mu.Lock()
+	s.writeBatches(sc, first, direct, nonblock && s.vectored)
+}
+
+// writeBatches is writeLoop's loop; it runs with s.mu held and returns
+// with it released.
+func (s *socket) writeBatches(sc *writeScratch, first queued, direct, nonblock bool) {
 	for !s.dead && (direct || s.queue.Len() > 0) {
 		// Take a batch off the front of the queue.
 		batch := sc.batch[:0]
@@ -412,14 +444,24 @@ func (s *socket) writeLoop(first queued, direct bool) {
 		for _, q := range batch {
 			bufs, hdrs = appendFrame(bufs, hdrs, q, meta)
 		}
-		_ = s.out.SetWriteDeadline(time.Now().Add(wait))
+		sc.bufs, sc.hdrs, sc.batch = bufs, hdrs, batch
 		var err error
-		if s.vectored {
+		switch {
+		case nonblock:
+			var rest net.Buffers
+			if rest, err = tryWritev(s.out, bufs); err == nil && len(rest) > 0 {
+				sc.w = rest
+				go s.resume(sc, wait)
+				return
+			}
+		case s.vectored:
+			_ = s.out.SetWriteDeadline(time.Now().Add(wait))
 			sc.w = bufs // WriteTo consumes its receiver
 			_, err = sc.w.WriteTo(s.out)
-		} else {
+		default:
 			// TLS and other wrapped connections would make a record and
 			// a write of every header and payload: join them.
+			_ = s.out.SetWriteDeadline(time.Now().Add(wait))
 			flat := sc.flat[:0]
 			for _, b := range bufs {
 				flat = append(flat, b...)
@@ -429,10 +471,7 @@ func (s *socket) writeLoop(first queued, direct bool) {
 				sc.flat = flat[:0]
 			}
 		}
-		clear(bufs)
-		clear(batch)
-		sc.bufs, sc.hdrs, sc.batch = bufs[:0], hdrs[:0], batch[:0]
-
+		sc.reset()
 		s.mu.Lock()
 		if err != nil {
 			s.dieLocked()
@@ -449,6 +488,31 @@ func (s *socket) writeLoop(first queued, direct bool) {
 	scratchPool.Put(sc) // (its batch and bufs are bounded by maxBatchFrames)
 }
 
+// resume writes the rest of a batch that did not fit the browser's socket
+// buffer (sc.w), then goes on writing the queue.
+func (s *socket) resume(sc *writeScratch, wait time.Duration) {
+	_ = s.out.SetWriteDeadline(time.Now().Add(wait))
+	_, err := sc.w.WriteTo(s.out)
+	sc.reset()
+	s.mu.Lock()
+	if err != nil {
+		s.dieLocked()
+	}
+	s.writeBatches(sc, queued{}, false, false)
+}
+
+// advance drops the first n bytes of b.
+func advance(b net.Buffers, n int) net.Buffers {
+	for len(b) > 0 && n >= len(b[0]) {
+		n -= len(b[0])
+		b = b[1:]
+	}
+	if len(b) > 0 {
+		b[0] = b[0][n:]
+	}
+	return b
+}
+
 // writeScratch is a writer's working memory, reused across writers.
 type writeScratch struct {
 	batch []queued
@@ -456,6 +520,13 @@ type writeScratch struct {
 	w     net.Buffers
 	hdrs  []byte
 	flat  []byte
+}
+
+// reset lets go of a written batch.
+func (sc *writeScratch) reset() {
+	clear(sc.bufs)
+	clear(sc.batch)
+	sc.bufs, sc.hdrs, sc.batch, sc.w = sc.bufs[:0], sc.hdrs[:0], sc.batch[:0], nil
 }
 
 var scratchPool = sync.Pool{New: func() any { return new(writeScratch) }}
