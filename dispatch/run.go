@@ -45,8 +45,8 @@ type run struct {
 	// The job's goroutine hands events it has more of at hand to a
 	// BatchEvents with DeliverLater; batched counts them since the last
 	// Deliver or Flush.
-	batched int
-	batchTo Recipient
+	batched  int
+	batchTo  Recipient
 	node     string // node the upstream is executing
 	display  string
 	finished bool
