@@ -72,6 +72,15 @@ func checkScan(t *testing.T, b []byte) {
 	if got != want {
 		t.Fatalf("%q:\nScanEvent  %+v\nencoding/json %+v", b, got, want)
 	}
+	// A known prompt_id changes nothing but where the string comes from
+	// (also one whose raw bytes look like an escaped form of another).
+	for _, known := range []string{want.PromptID, `\u0041`, "A", `a\nb`} {
+		k, _ := ScanEventKnown(b, known)
+		k.PromptIDStart, k.PromptIDEnd = 0, 0
+		if k != want {
+			t.Fatalf("%q known %q:\nScanEventKnown %+v\nencoding/json  %+v", b, known, k, want)
+		}
+	}
 	if !span {
 		return
 	}
@@ -160,6 +169,8 @@ func FuzzScanEvent(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte(`{"type":"executing","data":{"node":null,"display_node":"\u0031","prompt_id":"\ud83d"}}`))
+	f.Add([]byte(`{"type":"progress","data":{"prompt_id":"\u0041","node":"3"}}`))
+	f.Add([]byte(`{"type":"progress","data":{"prompt_id":"a\nb","node":"3"}}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkScan(t, b)
 	})
