@@ -341,9 +341,9 @@ func (s *socket) deliver(f frame, pos string, start writerStart) {
 	switch {
 	case !ok:
 	case start == startNow:
-		s.writeLoop(first, direct, true)
+		s.writeLoop(nil, first, direct, true)
 	default:
-		go s.writeLoop(first, direct, false)
+		go s.writeLoop(nil, first, direct, false)
 	}
 }
 
@@ -400,7 +400,7 @@ func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bo
 	s.holding = false
 	s.mu.Unlock()
 	if start {
-		s.writeLoop(first, direct, false)
+		s.writeLoop(nil, first, direct, false)
 	}
 }
 

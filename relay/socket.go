@@ -140,9 +140,9 @@ func (s *socket) push(q queued, start writerStart) {
 	switch {
 	case !ok:
 	case start == startInline || start == startNow:
-		s.writeLoop(first, direct, start == startNow)
+		s.writeLoop(nil, first, direct, start == startNow)
 	default:
-		go s.writeLoop(first, direct, false)
+		go s.writeLoop(nil, first, direct, false)
 	}
 }
 
@@ -156,7 +156,7 @@ func (s *socket) kick() {
 	}
 	s.mu.Unlock()
 	if start {
-		s.writeLoop(queued{}, false, true)
+		s.writeLoop(nil, queued{}, false, true)
 	}
 }
 
@@ -361,7 +361,7 @@ func (s *socket) closeLocked(code int, reason string) {
 	}
 	if !s.writing {
 		s.writing = true
-		go s.writeLoop(queued{}, false, false)
+		go s.writeLoop(nil, queued{}, false, false)
 	}
 }
 
@@ -399,15 +399,15 @@ func (s *socket) dieLocked() {
 // The caller has set s.writing. With nonblock, the caller writes only what
 // the connection takes at once: when the browser's socket buffer is full,
 // a goroutine writes the rest and goes on, so the caller never waits.
-func (s *socket) writeLoop(first queued, direct, nonblock bool) {
-	sc := scratchPool.Get().(*writeScratch)
+// sc is the scratch of a batch begun (its rest written already by resume),
+// or nil. (One function for both: a socket's own goroutines write inline,
+// and their stacks are most of an idle socket's memory.)
+func (s *socket) writeLoop(sc *writeScratch, first queued, direct, nonblock bool) {
+	if sc == nil {
+		sc = scratchPool.Get().(*writeScratch)
+	}
 	s.mu.Lock()
-	s.writeBatches(sc, first, direct, nonblock && s.vectored)
-}
-
-// writeBatches is writeLoop's loop; it runs with s.mu held and returns
-// with it released.
-func (s *socket) writeBatches(sc *writeScratch, first queued, direct, nonblock bool) {
+	nonblock = nonblock && s.vectored
 	for !s.dead && (direct || s.queue.Len() > 0) {
 		// Take a batch off the front of the queue.
 		batch := sc.batch[:0]
@@ -448,10 +448,8 @@ func (s *socket) writeBatches(sc *writeScratch, first queued, direct, nonblock b
 		var err error
 		switch {
 		case nonblock:
-			var rest net.Buffers
-			if rest, err = tryWritev(s.out, bufs); err == nil && len(rest) > 0 {
-				sc.w = rest
-				go s.resume(sc, wait)
+			var handed bool
+			if handed, err = s.tryWrite(sc, wait); handed {
 				return
 			}
 		case s.vectored:
@@ -488,17 +486,33 @@ func (s *socket) writeBatches(sc *writeScratch, first queued, direct, nonblock b
 	scratchPool.Put(sc) // (its batch and bufs are bounded by maxBatchFrames)
 }
 
+// tryWrite writes sc.bufs as far as the connection takes them at once;
+// when it does not take them all, a goroutine writes the rest and goes on
+// with the queue (handed).
+//
+//go:noinline
+func (s *socket) tryWrite(sc *writeScratch, wait time.Duration) (handed bool, err error) {
+	rest, err := tryWritev(s.out, sc.bufs)
+	if err == nil && len(rest) > 0 {
+		sc.w = rest
+		go s.resume(sc, wait)
+		return true, nil
+	}
+	return false, err
+}
+
 // resume writes the rest of a batch that did not fit the browser's socket
 // buffer (sc.w), then goes on writing the queue.
 func (s *socket) resume(sc *writeScratch, wait time.Duration) {
 	_ = s.out.SetWriteDeadline(time.Now().Add(wait))
 	_, err := sc.w.WriteTo(s.out)
 	sc.reset()
-	s.mu.Lock()
 	if err != nil {
+		s.mu.Lock()
 		s.dieLocked()
+		s.mu.Unlock()
 	}
-	s.writeBatches(sc, queued{}, false, false)
+	s.writeLoop(sc, queued{}, false, false)
 }
 
 // advance drops the first n bytes of b.
@@ -542,24 +556,29 @@ func appendFrame(bufs net.Buffers, hdrs []byte, q queued, previewMeta bool) (net
 	case q.f.text != nil:
 		op, payload = websocket.TextMessage, q.f.text
 	case q.f.preview != nil:
-		// The preview's own head (type, metadata) is made here, in
-		// hdrs; its image goes out from where it is.
-		p := q.f.preview
-		var head [512]byte
-		var ph []byte
-		if previewMeta && p.Metadata != nil {
-			ph = p.AppendType4Head(head[:0], *p.Metadata)
-		} else {
-			ph = p.AppendType1Head(head[:0])
-		}
-		start := len(hdrs)
-		hdrs = appendHeader(hdrs, op, len(ph)+len(p.Image))
-		hdrs = append(hdrs, ph...)
-		return append(bufs, hdrs[start:len(hdrs):len(hdrs)], p.Image), hdrs
+		return appendPreview(bufs, hdrs, q.f.preview, previewMeta)
 	}
 	start := len(hdrs)
 	hdrs = appendHeader(hdrs, op, len(payload))
 	return append(bufs, hdrs[start:len(hdrs):len(hdrs)], payload), hdrs
+}
+
+// appendPreview adds a preview frame: its head (type, metadata) is made in
+// hdrs, and its image goes out from where it is. (A function of its own,
+// so that appendFrame's stack frame stays small: a socket's own goroutines
+// write inline, and an idle socket's stacks are most of its memory.)
+//
+//go:noinline
+func appendPreview(bufs net.Buffers, hdrs []byte, p *comfy.Preview, previewMeta bool) (net.Buffers, []byte) {
+	start := len(hdrs)
+	if previewMeta && p.Metadata != nil {
+		hdrs = p.AppendType4Head(hdrs, *p.Metadata)
+	} else {
+		hdrs = p.AppendType1Head(hdrs)
+	}
+	mid := len(hdrs)
+	hdrs = appendHeader(hdrs, websocket.BinaryMessage, mid-start+len(p.Image))
+	return append(bufs, hdrs[mid:len(hdrs):len(hdrs)], hdrs[start:mid:mid], p.Image), hdrs
 }
 
 // appendHeader appends the header of an unmasked, unfragmented server
