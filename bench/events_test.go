@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"runtime"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -64,6 +65,7 @@ import (
 // browsers got), preview-MB/s, progress latency p50/p99 (and from the
 // GPU's write, write-p50/p99), preview p50,
 // cpu-ns/event (CPU time of this process, i.e. the proxy, per event),
+// allocs/event and B/event (the proxy's heap allocations per event),
 // helper-cpu-ns/event (the fake GPUs and browsers, for reference),
 // lost-progress/job and lost-previews/job (sent by the GPU minus received
 // by the browser).
@@ -210,10 +212,17 @@ type eventsResult struct {
 	HelperCPU time.Duration
 }
 
+// proxyCost is what the proxy (this process) spent on a timed command:
+// CPU time, and heap allocations (count and bytes).
+type proxyCost struct {
+	cpu           time.Duration
+	allocs, bytes uint64
+}
+
 // measure has the helper open the browsers of spec, times its command cmd
-// (with the proxy's CPU), decodes the helper's result into res and closes
-// the browsers again.
-func (r *eventsRig) measure(b *testing.B, cmd string, spec eventsSpec, res any) (cpu time.Duration) {
+// (with the proxy's CPU and allocations), decodes the helper's result into
+// res and closes the browsers again.
+func (r *eventsRig) measure(b *testing.B, cmd string, spec eventsSpec, res any) (cost proxyCost) {
 	b.StopTimer()
 	js, _ := json.Marshal(spec)
 	if _, err := r.helper.call("open " + string(js)); err != nil {
@@ -224,23 +233,27 @@ func (r *eventsRig) measure(b *testing.B, cmd string, spec eventsSpec, res any) 
 			b.Fatal(err)
 		}
 	}()
+	var ms0, ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
 	cpu0 := cpuTime()
 	b.StartTimer()
 	v, err := r.helper.call(cmd + " " + string(js))
 	b.StopTimer()
-	cpu = cpuTime() - cpu0
+	cost.cpu = cpuTime() - cpu0
+	runtime.ReadMemStats(&ms1)
+	cost.allocs, cost.bytes = ms1.Mallocs-ms0.Mallocs, ms1.TotalAlloc-ms0.TotalAlloc
 	if err != nil {
 		b.Fatal(err)
 	}
 	if err := json.Unmarshal([]byte(v), res); err != nil {
 		b.Fatal(err)
 	}
-	return cpu
+	return cost
 }
 
 func (r *eventsRig) runEvents(b *testing.B, base string, sockets int) {
 	var res eventsResult
-	cpu := r.measure(b, "run", eventsSpec{Base: base, Sockets: sockets, Jobs: b.N}, &res)
+	cost := r.measure(b, "run", eventsSpec{Base: base, Sockets: sockets, Jobs: b.N}, &res)
 	sec := res.Elapsed.Seconds()
 	b.ReportMetric(float64(res.Frames)/sec, "events/s")
 	b.ReportMetric(float64(res.PreviewBytes)/sec/1e6, "preview-MB/s")
@@ -249,7 +262,9 @@ func (r *eventsRig) runEvents(b *testing.B, base string, sockets int) {
 	b.ReportMetric(float64(res.PreviewP50)/1e3, "preview-p50-µs")
 	b.ReportMetric(float64(res.WriteP50)/1e3, "write-p50-µs")
 	b.ReportMetric(float64(res.WriteP99)/1e3, "write-p99-µs")
-	b.ReportMetric(float64(cpu.Nanoseconds())/float64(res.Frames), "cpu-ns/event")
+	b.ReportMetric(float64(cost.cpu.Nanoseconds())/float64(res.Frames), "cpu-ns/event")
+	b.ReportMetric(float64(cost.allocs)/float64(res.Frames), "allocs/event")
+	b.ReportMetric(float64(cost.bytes)/float64(res.Frames), "B/event")
 	b.ReportMetric(float64(res.HelperCPU.Nanoseconds())/float64(res.Frames), "helper-cpu-ns/event")
 	b.ReportMetric(float64(res.ProgressSent-res.Progress)/float64(res.Jobs), "lost-progress/job")
 	b.ReportMetric(float64(res.PreviewsSent-res.Previews)/float64(res.Jobs), "lost-previews/job")
@@ -265,11 +280,11 @@ type promptResult struct {
 
 func (r *eventsRig) runPrompts(b *testing.B, base string) {
 	var res promptResult
-	cpu := r.measure(b, "prompt", eventsSpec{Base: base, Sockets: 1, Jobs: b.N}, &res)
+	cost := r.measure(b, "prompt", eventsSpec{Base: base, Sockets: 1, Jobs: b.N}, &res)
 	slices.Sort(res.Lat)
 	b.ReportMetric(quantileMs(res.Lat, 0.50), "p50-ms")
 	b.ReportMetric(quantileMs(res.Lat, 0.99), "p99-ms")
-	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N)/1e6, "cpu-ms/op")
+	b.ReportMetric(float64(cost.cpu.Nanoseconds())/float64(b.N)/1e6, "cpu-ms/op")
 }
 
 // ---- the helper process: fake GPUs, a home, browsers ----

@@ -80,29 +80,35 @@ func ParsePreview(frame []byte) (Preview, error) {
 
 // EncodeType1 builds a type-1 preview frame (no metadata).
 func (p Preview) EncodeType1() []byte {
-	out := make([]byte, 8+len(p.Image))
-	binary.BigEndian.PutUint32(out, BinaryPreviewImage)
+	return append(p.AppendType1Head(make([]byte, 0, 8+len(p.Image))), p.Image...)
+}
+
+// AppendType1Head appends what comes before the image in a type-1 frame.
+func (p Preview) AppendType1Head(dst []byte) []byte {
 	format := ImageJPEG
 	if p.ImageType == "image/png" {
 		format = ImagePNG
 	}
-	binary.BigEndian.PutUint32(out[4:], format)
-	copy(out[8:], p.Image)
-	return out
+	dst = binary.BigEndian.AppendUint32(dst, BinaryPreviewImage)
+	return binary.BigEndian.AppendUint32(dst, format)
 }
 
 // EncodeType4 builds a type-4 preview frame carrying md.
 func (p Preview) EncodeType4(md PreviewMetadata) []byte {
+	head := p.AppendType4Head(nil, md)
+	return append(append(make([]byte, 0, len(head)+len(p.Image)), head...), p.Image...)
+}
+
+// AppendType4Head appends what comes before the image in a type-4 frame
+// carrying md: a writer can send it and the image without joining them.
+func (p Preview) AppendType4Head(dst []byte, md PreviewMetadata) []byte {
 	if md.ImageType == "" {
 		md.ImageType = p.ImageType
 	}
 	mb, _ := json.Marshal(md)
-	out := make([]byte, 8+len(mb)+len(p.Image))
-	binary.BigEndian.PutUint32(out, BinaryPreviewImageWithMetadata)
-	binary.BigEndian.PutUint32(out[4:], uint32(len(mb)))
-	copy(out[8:], mb)
-	copy(out[8+len(mb):], p.Image)
-	return out
+	dst = binary.BigEndian.AppendUint32(dst, BinaryPreviewImageWithMetadata)
+	dst = binary.BigEndian.AppendUint32(dst, uint32(len(mb)))
+	return append(dst, mb...)
 }
 
 // TextFrame is a decoded type-3 progress-text frame in the legacy layout

@@ -39,7 +39,12 @@ type Head struct {
 // "type" is a non-empty string and whose "data" is absent, null or an
 // object in which prompt_id and display_node are strings or null. Keys
 // match exactly (escapes decoded); of a repeated key the last counts.
-func ScanEvent(b []byte) (Head, bool) {
+func ScanEvent(b []byte) (Head, bool) { return ScanEventKnown(b, "") }
+
+// ScanEventKnown is ScanEvent for a reader that expects a prompt_id:
+// a prompt_id equal to known is returned as known itself, not a copy (a
+// GPU server's stream names the same job thousands of times).
+func ScanEventKnown(b []byte, known string) (Head, bool) {
 	var h Head
 	// One pass: the members of data are picked while it is validated.
 	absent := [2]int{-1, -1}
@@ -91,7 +96,11 @@ func ScanEvent(b []byte) (Head, bool) {
 	if pid[0] >= 0 {
 		switch b[pid[0]] {
 		case '"':
-			h.PromptID = unquote(b[pid[0]:pid[1]])
+			if raw := b[pid[0]+1 : pid[1]-1]; known != "" && string(raw) == known && plainASCII(raw) {
+				h.PromptID = known
+			} else {
+				h.PromptID = unquote(b[pid[0]:pid[1]])
+			}
 			h.PromptIDStart, h.PromptIDEnd = pid[0], pid[1]
 		case 'n':
 		default:

@@ -72,6 +72,15 @@ func checkScan(t *testing.T, b []byte) {
 	if got != want {
 		t.Fatalf("%q:\nScanEvent  %+v\nencoding/json %+v", b, got, want)
 	}
+	// A known prompt_id changes nothing but where the string comes from
+	// (also one whose raw bytes look like an escaped form of another).
+	for _, known := range []string{want.PromptID, `\u0041`, "A", `a\nb`} {
+		k, _ := ScanEventKnown(b, known)
+		k.PromptIDStart, k.PromptIDEnd = 0, 0
+		if k != want {
+			t.Fatalf("%q known %q:\nScanEventKnown %+v\nencoding/json  %+v", b, known, k, want)
+		}
+	}
 	if !span {
 		return
 	}
@@ -160,6 +169,8 @@ func FuzzScanEvent(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte(`{"type":"executing","data":{"node":null,"display_node":"\u0031","prompt_id":"\ud83d"}}`))
+	f.Add([]byte(`{"type":"progress","data":{"prompt_id":"\u0041","node":"3"}}`))
+	f.Add([]byte(`{"type":"progress","data":{"prompt_id":"a\nb","node":"3"}}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkScan(t, b)
 	})
@@ -186,6 +197,19 @@ func BenchmarkDecodeEvent(b *testing.B) {
 		}
 		if _, err := m.Common(); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkScanProgressState scans the progress_state frame a 2026 server
+// sends with every step (two nodes started).
+func BenchmarkScanProgressState(b *testing.B) {
+	frame := []byte(`{"type": "progress_state", "data": {"prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "nodes": {"1": {"value": 1, "max": 1, "state": "finished", "node_id": "1", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "1", "parent_node_id": null, "real_node_id": "1"}, "2": {"value": 17, "max": 1000, "state": "running", "node_id": "2", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "2", "parent_node_id": null, "real_node_id": "2"}}}}`)
+	b.SetBytes(int64(len(frame)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, ok := ScanEvent(frame); !ok {
+			b.Fatal("not ok")
 		}
 	}
 }

@@ -28,7 +28,10 @@
 //     goes through Events.Capture, which stores its outputs and rewrites
 //     their refs.
 //  5. Events.Deliver hands the Event to its Recipient (user, browser
-//     session, job); relay's Gateway.Deliver publishes it to the hub.
+//     session, job); relay's Gateway.Deliver publishes it to the hub. With
+//     more events at hand, the job's goroutine hands them with
+//     BatchEvents.DeliverLater and the last with Deliver (or Flush), so
+//     that they reach the browser in one write.
 package dispatch
 
 import (
@@ -91,6 +94,17 @@ type Recipient struct {
 	// User owns the job; ClientID is the browser session that submitted
 	// it; JobID is the job's id (the prompt_id the browser knows).
 	User, ClientID, JobID string
+}
+
+// BatchEvents is implemented by an Events that takes a job's events in
+// batches: the job's goroutine hands the events it has at hand with
+// DeliverLater and the last with Deliver (or, when none follows, calls
+// Flush), so that they reach the browser together, in one write. Events
+// handed with DeliverLater are shown no later than the next Deliver or
+// Flush for the same recipient.
+type BatchEvents interface {
+	DeliverLater(to Recipient, ev Event)
+	Flush(to Recipient)
 }
 
 // recipientOf returns who sees j's events.

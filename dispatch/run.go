@@ -9,6 +9,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/internal/fifo"
 )
 
 // Events receives what happens to jobs. The dispatcher calls it from one
@@ -34,13 +35,18 @@ type run struct {
 	job *Job
 	// queue holds the upstream's events waiting for the job's goroutine;
 	// see enqueueLocked for its bound.
-	queue    []event
-	queueSeq int64                 // sequence number of queue[0]
+	queue    fifo.Queue[event]
+	queueSeq int64                 // sequence number of the front of queue
 	qBytes   int64                 // what the queued events weigh
-	latest   map[coalesceKey]int64 // sequence number of the last transient event per key
+	latest   map[coalesceKey]int64 // while over half the bound: sequence number of the last transient event per key
 	lastKept int64                 // sequence number of the last lifecycle event queued
 	dropped  int                   // transient events dropped over the bound
 	wake     chan struct{}
+	// The job's goroutine hands events it has more of at hand to a
+	// BatchEvents with DeliverLater; batched counts them since the last
+	// Deliver or Flush.
+	batched  int
+	batchTo  Recipient
 	node     string // node the upstream is executing
 	display  string
 	finished bool
@@ -69,7 +75,7 @@ type run struct {
 }
 
 func newRun(m *Manager, j *Job) *run {
-	return &run{m: m, job: j, wake: make(chan struct{}, 1), done: make(chan struct{}), lastKept: -1}
+	return &run{m: m, job: j, queue: fifo.Queue[event]{Pool: &eventChunks}, wake: make(chan struct{}, 1), done: make(chan struct{}), lastKept: -1}
 }
 
 // snapshot returns a copy of the job record.
@@ -106,34 +112,47 @@ func (r *run) push(ev event) {
 // dropped. An event never waits: the upstream's reader goes on at once.
 func (r *run) enqueueLocked(ev event) {
 	size := ev.size()
-	next := r.queueSeq + int64(len(r.queue))
+	next := r.queueSeq + int64(r.queue.Len())
 	key, transient := ev.transient()
 	if !transient {
-		r.queue = append(r.queue, ev)
-		r.qBytes += size
+		r.appendLocked(ev, size)
 		r.lastKept = next
+		return
+	}
+	if r.queue.Len() == 0 {
+		r.appendLocked(ev, size)
 		return
 	}
 	bound := r.m.eventLimits().MaxJobQueue
 	if r.latest == nil {
+		if r.qBytes+size <= bound/2 {
+			r.appendLocked(ev, size)
+			return
+		}
+		// Over half the bound: index the transient events queued since
+		// the last lifecycle event, then keep the index until the queue
+		// drains.
 		r.latest = map[coalesceKey]int64{}
+		for i := max(0, int(r.lastKept-r.queueSeq)+1); i < r.queue.Len(); i++ {
+			if k, ok := r.queue.At(i).transient(); ok {
+				r.latest[k] = r.queueSeq + int64(i)
+			}
+		}
 	}
-	if len(r.queue) == 0 || r.qBytes+size <= bound/2 {
-		r.queue = append(r.queue, ev)
-		r.qBytes += size
+	if r.qBytes+size <= bound/2 {
+		r.appendLocked(ev, size)
 		r.latest[key] = next
 		return
 	}
 	if seq, ok := r.latest[key]; ok && seq > r.lastKept && seq >= r.queueSeq {
-		i := seq - r.queueSeq
-		if grown := r.qBytes + size - r.queue[i].size(); grown <= bound {
+		old := r.queue.At(int(seq - r.queueSeq))
+		if grown := r.qBytes + size - old.size(); grown <= bound {
 			r.qBytes = grown
-			r.queue[i] = ev
+			*old = ev
 			return
 		}
 	} else if r.qBytes+size <= bound {
-		r.queue = append(r.queue, ev)
-		r.qBytes += size
+		r.appendLocked(ev, size)
 		r.latest[key] = next
 		return
 	}
@@ -144,26 +163,35 @@ func (r *run) enqueueLocked(ev event) {
 	r.dropped++
 }
 
+// eventChunks holds the queue chunks of every job's queue.
+var eventChunks fifo.Pool[event]
+
+func (r *run) appendLocked(ev event, size int64) {
+	r.queue.Push(ev)
+	r.qBytes += size
+}
+
 // dequeueLocked takes the next queued event, if any.
 func (r *run) dequeueLocked() (event, bool) {
-	if len(r.queue) == 0 {
-		return event{}, false
+	ev, ok := r.queue.Pop()
+	if !ok {
+		return ev, false
 	}
-	ev := r.queue[0]
-	r.queue[0] = event{}
-	r.queue = r.queue[1:]
 	r.qBytes -= ev.size()
-	if key, ok := ev.transient(); ok && r.latest[key] == r.queueSeq {
-		delete(r.latest, key)
+	if r.latest != nil {
+		if key, ok := ev.transient(); ok && r.latest[key] == r.queueSeq {
+			delete(r.latest, key)
+		}
 	}
 	r.queueSeq++
-	if len(r.queue) == 0 {
-		r.queue = nil // let the backing array go
+	if r.queue.Len() == 0 {
+		r.latest = nil
 	}
 	return ev, true
 }
 
 func (r *run) loop() {
+	defer r.flush()
 	for {
 		r.mu.Lock()
 		ev, ok := r.dequeueLocked()
@@ -173,12 +201,13 @@ func (r *run) loop() {
 				return
 			}
 			r.mu.Unlock()
+			r.flush()
 			select {
 			case <-r.wake:
 				continue
 			case <-r.done:
 				r.mu.Lock()
-				empty := len(r.queue) == 0
+				empty := r.queue.Len() == 0
 				r.mu.Unlock()
 				if empty {
 					return
@@ -203,6 +232,7 @@ func (r *run) handle(raw event) {
 	}
 	job := r.job
 	to := recipientOf(job)
+	more := r.queue.Len() > 0
 	var ev Event
 	switch {
 	case raw.json != nil:
@@ -292,9 +322,38 @@ func (r *run) handle(raw event) {
 			r.m.events.QueueChanged(to.User)
 		}
 	}
-	r.m.events.Deliver(to, ev)
+	r.deliver(to, ev, more && !terminal)
 	if terminal {
 		r.m.finish(r, snap, true)
+	}
+}
+
+// maxBatched bounds the events a job's goroutine hands over with
+// DeliverLater before one goes out with Deliver.
+const maxBatched = 64
+
+// deliver hands an event over: while the job's goroutine has more at hand
+// (more), to a BatchEvents with DeliverLater, so that they reach the
+// browser in one write.
+func (r *run) deliver(to Recipient, ev Event, more bool) {
+	if b, ok := r.m.events.(BatchEvents); ok && more && r.batched < maxBatched {
+		b.DeliverLater(to, ev)
+		r.batched++
+		r.batchTo = to
+		return
+	}
+	r.m.events.Deliver(to, ev) // (also writes what was delivered later before)
+	r.batched = 0
+}
+
+// flush writes what the job's goroutine delivered later, if anything.
+func (r *run) flush() {
+	if r.batched == 0 {
+		return
+	}
+	r.batched = 0
+	if b, ok := r.m.events.(BatchEvents); ok {
+		b.Flush(r.batchTo)
 	}
 }
 

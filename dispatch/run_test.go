@@ -227,3 +227,51 @@ func TestEventsBeforeTheIDIsKnownReachTheBrowser(t *testing.T) {
 		t.Fatalf("the browser got %d of 1000 progress events and %d of 10 previews", progress, previews)
 	}
 }
+
+// The job's queue reuses its array across bursts and moves waiting events
+// to its front when full: events still come out once each, in order, over
+// bursts of every size, with the goroutine taking them at any pace.
+func TestJobQueueKeepsOrderAcrossBursts(t *testing.T) {
+	m := NewManager(NewMemoryStore(), &browserFeed{}, nil)
+	r := newRun(m, &Job{ID: "job-1"})
+	sent, got := 0, 0
+	take := func(n int) {
+		for ; n > 0; n-- {
+			r.mu.Lock()
+			ev, ok := r.dequeueLocked()
+			r.mu.Unlock()
+			if !ok {
+				return
+			}
+			var msg struct {
+				Data struct{ Value int } `json:"data"`
+			}
+			if err := json.Unmarshal(ev.json, &msg); err != nil || msg.Data.Value != got {
+				t.Fatalf("event %d came out as %s", got, ev.json)
+			}
+			got++
+		}
+	}
+	for burst := 0; burst < 400; burst++ {
+		for i := 0; i < burst*7%613; i++ {
+			typ := "progress"
+			if sent%50 == 0 {
+				typ = "executing" // a lifecycle event now and then
+			}
+			r.mu.Lock()
+			r.enqueueLocked(upstreamEvent(t, fmt.Sprintf(`{"type":%q,"data":{"value":%d,"node":"3","prompt_id":"p"}}`, typ, sent)))
+			r.mu.Unlock()
+			sent++
+			if i%3 == burst%3 {
+				take(burst % 5)
+			}
+		}
+		if burst%4 == 0 {
+			take(sent) // drained: the array goes back to the pool
+		}
+	}
+	take(sent)
+	if got != sent {
+		t.Fatalf("got %d of %d events", got, sent)
+	}
+}

@@ -309,7 +309,7 @@ func (u *Upstream) oversized(typ int, head []byte, limit int64) {
 
 // onText routes a JSON event by what comfy.ScanEvent reads of it.
 func (u *Upstream) onText(b []byte) {
-	h, ok := comfy.ScanEvent(b)
+	h, ok := comfy.ScanEventKnown(b, u.lastPromptID)
 	if !ok {
 		u.logger.Warn("skipping malformed event", zap.ByteString("frame", truncate(b, 200)))
 		return
@@ -317,6 +317,9 @@ func (u *Upstream) onText(b []byte) {
 	switch h.Type {
 	case comfy.MsgStatus, comfy.MsgFeatureFlags, "crystools.monitor", "logs":
 		return
+	}
+	if h.PromptID != "" {
+		u.lastPromptID = h.PromptID
 	}
 	u.mu.Lock()
 	pid := h.PromptID

@@ -68,6 +68,9 @@ type Upstream struct {
 	maxText, maxBinary atomic.Int64
 	oversizeJob        string
 	oversizeLogged     bool
+	// lastPromptID is the prompt_id of the stream's last event (used and
+	// set only by the stream's reader: comfy.ScanEventKnown).
+	lastPromptID string
 	// health (see health.go)
 	failures  int
 	openUntil time.Time

@@ -31,12 +31,17 @@
 //     unknown) are all kept in order. A queue still over its bound after
 //     a grace period, or over twice it, closes the socket with a reason:
 //     the browser reconnects and gets what it missed from the replay.
-//  4. Writer. Whoever finds the socket idle writes: the hub starts a
-//     goroutine that writes everything queued as one vectored write per
-//     batch and exits when the queue is empty (an idle socket has none),
-//     and the socket's own goroutines (its home relay, its read loop)
-//     write inline, so a frame that finds the socket idle goes out at
-//     once. Frames are framed by the gateway itself on the hijacked
+//  4. Writer. Whoever finds the socket idle writes, everything queued,
+//     as one vectored write per batch. A job's goroutine hands the events
+//     it has at hand with DeliverLater (they are only queued) and the last
+//     with Deliver, and then writes the batch itself, but only what the
+//     connection takes at once: if the browser's socket buffer fills, a
+//     goroutine writes the rest and goes on with the queue until it is
+//     empty (an idle socket has none). Other publishers (the bus
+//     subscription, queue counts) start such a goroutine at once; the
+//     socket's own goroutines (its home relay, its read loop) write inline.
+//     So a frame that finds the socket idle goes out at once, with no
+//     hand-off. Frames are framed by the gateway itself on the hijacked
 //     connection; gorilla's own control frames (pongs, close replies) are
 //     routed into the same queue, so exactly one writer ever writes.
 //

@@ -618,6 +618,19 @@ func contentTypeOf(name string) string {
 // session that submitted it. A JSON event goes out as the bytes it came
 // with (see dispatch's package comment for the path before).
 func (g *Gateway) Deliver(to dispatch.Recipient, ev dispatch.Event) {
+	g.deliver(to, ev, startNow)
+}
+
+// DeliverLater implements dispatch.BatchEvents: the event is queued on the
+// session's sockets here, and written with the next Deliver or Flush.
+func (g *Gateway) DeliverLater(to dispatch.Recipient, ev dispatch.Event) {
+	g.deliver(to, ev, startLater)
+}
+
+// Flush implements dispatch.BatchEvents.
+func (g *Gateway) Flush(to dispatch.Recipient) { g.hub.flush(to.User, to.ClientID) }
+
+func (g *Gateway) deliver(to dispatch.Recipient, ev dispatch.Event, start writerStart) {
 	var f frame
 	switch {
 	case ev.JSON != nil:
@@ -630,7 +643,7 @@ func (g *Gateway) Deliver(to dispatch.Recipient, ev dispatch.Event) {
 	default:
 		return
 	}
-	g.hub.publish(to.User, to.ClientID, f)
+	g.hub.publish(to.User, to.ClientID, f, start)
 }
 
 // QueueChanged implements dispatch.Events: every socket of the user gets a

@@ -110,8 +110,9 @@ func (h *Hub) detach(user, sid string, s *socket) {
 
 // publish sends a frame to every socket of one session, on whichever
 // gateway they are: through the bus when there is one (which also keeps
-// lifecycle frames for replay), else locally.
-func (h *Hub) publish(user, sid string, f frame) {
+// lifecycle frames for replay), else locally. With startLater, this
+// gateway's sockets only queue it until flush.
+func (h *Hub) publish(user, sid string, f frame, start writerStart) {
 	if h.bus != nil {
 		m := frameMessage(user, sid, f)
 		m.Origin = h.id
@@ -121,12 +122,35 @@ func (h *Hub) publish(user, sid string, f frame) {
 		if err == nil {
 			// Other gateways get it from the bus; this one's sockets now,
 			// without a round trip through the subscription.
-			h.deliverFrame(user, sid, f, m.Pos)
+			h.deliverFrame(user, sid, f, m.Pos, start)
 			return
 		}
 		// The bus is down: sockets on this gateway still get the frame.
 	}
-	h.publishLocal(user, sid, f)
+	h.publishLocal(user, sid, f, start)
+}
+
+// flush starts the writers of this gateway's sockets of a session that
+// hold frames published with startLater.
+func (h *Hub) flush(user, sid string) {
+	for _, s := range h.sessionSockets(user, sid) {
+		s.kick()
+	}
+}
+
+// sessionSockets returns this gateway's sockets of a session.
+func (h *Hub) sessionSockets(user, sid string) []*socket {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	se := h.sessions[sessionKey{user, sid}]
+	if se == nil || len(se.sockets) == 0 {
+		return nil
+	}
+	targets := make([]*socket, 0, len(se.sockets))
+	for s := range se.sockets {
+		targets = append(targets, s)
+	}
+	return targets
 }
 
 // catchUp writes to every socket of this gateway the kept frames it has not
@@ -160,7 +184,7 @@ func (h *Hub) catchUp() {
 		}
 		for _, m := range missed {
 			if f, ok := busFrame(m); ok {
-				t.s.deliver(f, m.Pos)
+				t.s.deliver(f, m.Pos, startGoroutine)
 			}
 		}
 	}
@@ -173,24 +197,15 @@ const busTimeout = 5 * time.Second
 // of the session.
 func (h *Hub) deliverBus(m BusMessage) {
 	if f, ok := busFrame(m); ok {
-		h.deliverFrame(m.User, m.SID, f, m.Pos)
+		h.deliverFrame(m.User, m.SID, f, m.Pos, startGoroutine)
 	}
 }
 
 // deliverFrame writes a frame with its replay position to this gateway's
 // sockets of a session.
-func (h *Hub) deliverFrame(user, sid string, f frame, pos string) {
-	h.mu.Lock()
-	se := h.sessions[sessionKey{user, sid}]
-	var targets []*socket
-	if se != nil {
-		for s := range se.sockets {
-			targets = append(targets, s)
-		}
-	}
-	h.mu.Unlock()
-	for _, s := range targets {
-		s.deliver(f, pos)
+func (h *Hub) deliverFrame(user, sid string, f frame, pos string, start writerStart) {
+	for _, s := range h.sessionSockets(user, sid) {
+		s.deliver(f, pos, start)
 	}
 }
 
@@ -217,7 +232,7 @@ func busFrame(m BusMessage) (frame, bool) {
 
 // publishLocal sends a frame to this gateway's sockets of the session; while
 // the session has none, text frames are kept (bounded) for its reconnect.
-func (h *Hub) publishLocal(user, sid string, f frame) {
+func (h *Hub) publishLocal(user, sid string, f frame, start writerStart) {
 	h.mu.Lock()
 	se := h.sessions[sessionKey{user, sid}]
 	if se == nil {
@@ -242,7 +257,7 @@ func (h *Hub) publishLocal(user, sid string, f frame) {
 	}
 	h.mu.Unlock()
 	for _, s := range targets {
-		s.send(f)
+		s.push(queued{f: f}, start)
 	}
 }
 
@@ -317,20 +332,24 @@ type heldFrame struct {
 // Frames of one session come from several gateways (each delivers its own
 // at once, the others' through the bus), so positions arrive out of order:
 // duplicates are recognised by position, not by order.
-func (s *socket) deliver(f frame, pos string) {
+func (s *socket) deliver(f frame, pos string, start writerStart) {
 	s.mu.Lock()
 	if s.holding {
 		s.held = append(s.held, heldFrame{f, pos})
 		s.mu.Unlock()
 		return
 	}
-	start, first, direct := false, queued{}, false
+	ok, first, direct := false, queued{}, false
 	if pos == "" || s.mark(pos) { // else: had it already (a catch-up after a live delivery)
-		start, first, direct = s.enqueueLocked(queued{f: f})
+		ok, first, direct = s.enqueueLocked(queued{f: f}, start != startLater)
 	}
 	s.mu.Unlock()
-	if start {
-		go s.writeLoop(first, direct)
+	switch {
+	case !ok:
+	case start == startNow:
+		s.writeLoop(nil, first, direct, true)
+	default:
+		go s.writeLoop(nil, first, direct, false)
 	}
 }
 
@@ -365,7 +384,7 @@ func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bo
 	s.mu.Lock()
 	start, first, direct := false, queued{}, false
 	add := func(f frame) {
-		if st, fi, d := s.enqueueLocked(queued{f: f}); st {
+		if st, fi, d := s.enqueueLocked(queued{f: f}, true); st {
 			start, first, direct = true, fi, d
 		}
 	}
@@ -387,7 +406,7 @@ func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bo
 	s.holding = false
 	s.mu.Unlock()
 	if start {
-		s.writeLoop(first, direct)
+		s.writeLoop(nil, first, direct, false)
 	}
 }
 

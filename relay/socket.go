@@ -12,6 +12,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/internal/fifo"
 )
 
 // Defaults of the per-socket limits (see Config).
@@ -33,8 +34,12 @@ var (
 )
 
 // maxBatch is about how many bytes one write carries (a single larger
-// frame goes alone).
-const maxBatch = 1 << 20
+// frame goes alone), and maxBatchFrames how many frames: each is two
+// buffers of a vectored write, and Linux takes 1024 at most per writev.
+const (
+	maxBatch       = 1 << 20
+	maxBatchFrames = 500
+)
 
 // socket is one browser WebSocket connection and its outgoing queue.
 //
@@ -52,9 +57,13 @@ type socket struct {
 	vectored bool            // out takes a batch in one writev (a plain TCP connection)
 	limit    int             // bytes queued before progress and previews coalesce
 
-	mu        sync.Mutex
-	queue     []queued
-	base      int            // how many entries were taken off the queue so far
+	mu sync.Mutex
+	// queue is what waits; queue.At(i) is the frame at position base+i
+	// (positions count every frame ever queued, so coalescing can name
+	// one). Its chunks come from queueChunks and go back there as they
+	// are written: an idle socket holds none.
+	queue     fifo.Queue[queued]
+	base      int
 	bytes     int            // bytes of the live entries in queue
 	dropped   int            // entries of queue superseded by newer ones
 	latest    map[string]int // while over the bound: coalescing key → position
@@ -99,32 +108,56 @@ func newSocket(limit int) *socket {
 	if limit <= 0 {
 		limit = DefaultMaxSocketQueue
 	}
-	return &socket{limit: limit}
+	return &socket{limit: limit, queue: fifo.Queue[queued]{Pool: &queueChunks}}
 }
 
+// How a frame queued on an idle socket gets its writer.
+type writerStart uint8
+
+const (
+	startGoroutine writerStart = iota // a goroutine of its own, now
+	startInline                       // the caller writes before it returns
+	startNow                          // the caller writes what the connection takes at once, a goroutine the rest
+	startLater                        // none yet: the caller kicks the socket when done queuing
+)
+
 // send queues a frame and returns at once; it never waits for the browser.
-func (s *socket) send(f frame) { s.push(queued{f: f}, false) }
+func (s *socket) send(f frame) { s.push(queued{f: f}, startGoroutine) }
 
 // write queues a frame and, when the socket is idle, writes it (and
 // whatever else is queued) before returning. Only the socket's own
 // goroutines call it: it may wait for this browser, never for another.
-func (s *socket) write(f frame) { s.push(queued{f: f}, true) }
+func (s *socket) write(f frame) { s.push(queued{f: f}, startInline) }
 
 // sendRaw queues a complete WebSocket frame (a control frame).
-func (s *socket) sendRaw(b []byte) { s.push(queued{raw: b}, false) }
+func (s *socket) sendRaw(b []byte) { s.push(queued{raw: b}, startGoroutine) }
 
-// push queues an entry and, when the socket was idle, starts its writer:
-// inline on the caller's goroutine, or in a goroutine of its own.
-func (s *socket) push(q queued, inline bool) {
+// push queues an entry and, when the socket was idle, starts its writer
+// as start says.
+func (s *socket) push(q queued, start writerStart) {
 	s.mu.Lock()
-	start, first, direct := s.enqueueLocked(q)
+	ok, first, direct := s.enqueueLocked(q, start != startLater)
 	s.mu.Unlock()
 	switch {
-	case !start:
-	case inline:
-		s.writeLoop(first, direct)
+	case !ok:
+	case start == startInline || start == startNow:
+		s.writeLoop(nil, first, direct, start == startNow)
 	default:
-		go s.writeLoop(first, direct)
+		go s.writeLoop(nil, first, direct, false)
+	}
+}
+
+// kick writes, as startNow, the frames queued with startLater on a socket
+// without a writer at work.
+func (s *socket) kick() {
+	s.mu.Lock()
+	start := !s.writing && !s.dead && s.queue.Len() > 0
+	if start {
+		s.writing = true
+	}
+	s.mu.Unlock()
+	if start {
+		s.writeLoop(nil, queued{}, false, true)
 	}
 }
 
@@ -132,22 +165,22 @@ func (s *socket) push(q queued, inline bool) {
 // over its bound and closing the socket when that does not help. It
 // reports whether the caller must start a writer (writeLoop(first)): when
 // the socket was idle, the entry is not queued but handed to the writer as
-// first.
-func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool) {
+// first. Unless mayStart, it only queues (the caller kicks the socket).
+func (s *socket) enqueueLocked(q queued, mayStart bool) (start bool, first queued, direct bool) {
 	if s.dead || s.closing || q.f.notice && !s.currentUI {
 		return false, q, false
 	}
 	q.size, q.kind = classify(q)
-	if !s.writing && len(s.queue) == 0 {
+	if mayStart && !s.writing && s.queue.Len() == 0 {
 		s.writing = true
 		return true, q, true
 	}
-	s.queue = append(s.queue, q)
+	s.queue.Push(q)
 	s.bytes += q.size
 	if s.bytes > s.limit || s.latest != nil {
 		s.squeezeLocked()
 		switch {
-		case s.bytes > 2*s.limit && len(s.queue)-s.dropped > 1: // (a lone big frame goes through)
+		case s.bytes > 2*s.limit && s.queue.Len()-s.dropped > 1: // (a lone big frame goes through)
 			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: too many events queued")
 		case s.bytes <= s.limit:
 			s.overSince = time.Time{}
@@ -157,11 +190,22 @@ func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool)
 			s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: events queued for over "+queueGrace.String())
 		}
 	}
-	if s.writing || len(s.queue) == 0 {
+	if !mayStart || s.writing || s.queue.Len() == 0 {
 		return false, q, false
 	}
 	s.writing = true
 	return true, q, false
+}
+
+// queueChunks holds the queue chunks of every socket.
+var queueChunks fifo.Pool[queued]
+
+// releaseLocked empties the queue: its chunks go back to queueChunks, and
+// the positions of its entries are gone.
+func (s *socket) releaseLocked() {
+	s.base += s.queue.Len()
+	s.queue.Reset()
+	s.dropped, s.latest = 0, nil
 }
 
 // classify returns a queued entry's size and kind.
@@ -243,19 +287,19 @@ func previewKey(p *comfy.Preview) string {
 func (s *socket) squeezeLocked() {
 	if s.latest == nil {
 		s.latest = map[string]int{}
-		for i := range s.queue {
+		for i := range s.queue.Len() {
 			s.coalesceLocked(i)
 		}
 	} else {
-		s.coalesceLocked(len(s.queue) - 1)
+		s.coalesceLocked(s.queue.Len() - 1)
 	}
-	if s.dropped > 64 && s.dropped > len(s.queue)/2 {
+	if s.dropped > 64 && s.dropped > s.queue.Len()/2 {
 		s.compactLocked()
 	}
 }
 
 func (s *socket) coalesceLocked(i int) {
-	q := &s.queue[i]
+	q := s.queue.At(i)
 	if q.dropped || q.kind == kindKept {
 		return
 	}
@@ -268,7 +312,7 @@ func (s *socket) coalesceLocked(i int) {
 		q.key = k
 	}
 	if prev, ok := s.latest[q.key]; ok && prev >= s.base && prev-s.base < i {
-		old := &s.queue[prev-s.base]
+		old := s.queue.At(prev - s.base)
 		s.bytes -= old.size
 		*old = queued{dropped: true}
 		s.dropped++
@@ -278,17 +322,21 @@ func (s *socket) coalesceLocked(i int) {
 
 // compactLocked removes superseded entries from the queue.
 func (s *socket) compactLocked() {
-	live := make([]queued, 0, len(s.queue)-s.dropped)
-	for _, q := range s.queue {
+	live := fifo.Queue[queued]{Pool: &queueChunks}
+	for {
+		q, ok := s.queue.Pop()
+		if !ok {
+			break
+		}
+		s.base++ // positions of the old entries are all gone
 		if !q.dropped {
-			live = append(live, q)
+			live.Push(q)
 		}
 	}
-	s.base += len(s.queue) // positions of the old entries are all gone
 	s.queue, s.dropped = live, 0
 	clear(s.latest)
-	for i, q := range s.queue {
-		if q.key != "" {
+	for i := range s.queue.Len() {
+		if q := s.queue.At(i); q.key != "" {
 			s.latest[q.key] = s.base + i
 		}
 	}
@@ -301,10 +349,10 @@ func (s *socket) closeLocked(code int, reason string) {
 	if s.dead || s.closing {
 		return
 	}
-	s.base += len(s.queue)
+	s.releaseLocked()
 	cf := closeFrame(code, reason)
-	s.queue = []queued{{raw: cf, size: len(cf)}}
-	s.bytes, s.dropped, s.latest = len(cf), 0, nil
+	s.queue.Push(queued{raw: cf, size: len(cf)})
+	s.bytes = len(cf)
 	s.closing = true
 	if s.out != nil {
 		_ = s.out.SetWriteDeadline(time.Now().Add(closeWait))
@@ -314,7 +362,7 @@ func (s *socket) closeLocked(code int, reason string) {
 	}
 	if !s.writing {
 		s.writing = true
-		go s.writeLoop(queued{}, false)
+		go s.writeLoop(nil, queued{}, false, false)
 	}
 }
 
@@ -344,16 +392,24 @@ func (s *socket) dieLocked() {
 		s.dead = true
 		s.out.Close()
 	}
-	s.base += len(s.queue)
-	s.queue, s.bytes, s.dropped, s.latest = nil, 0, 0, nil
+	s.releaseLocked()
+	s.bytes = 0
 }
 
 // writeLoop writes first (if direct), then the queue until it is empty.
-// The caller has set s.writing.
-func (s *socket) writeLoop(first queued, direct bool) {
-	sc := scratchPool.Get().(*writeScratch)
+// The caller has set s.writing. With nonblock, the caller writes only what
+// the connection takes at once: when the browser's socket buffer is full,
+// a goroutine writes the rest and goes on, so the caller never waits.
+// sc is the scratch of a batch begun (its rest written already by resume),
+// or nil. (One function for both: a socket's own goroutines write inline,
+// and their stacks are most of an idle socket's memory.)
+func (s *socket) writeLoop(sc *writeScratch, first queued, direct, nonblock bool) {
+	if sc == nil {
+		sc = scratchPool.Get().(*writeScratch)
+	}
 	s.mu.Lock()
-	for !s.dead && (direct || len(s.queue) > 0) {
+	nonblock = nonblock && s.vectored
+	for !s.dead && (direct || s.queue.Len() > 0) {
 		// Take a batch off the front of the queue.
 		batch := sc.batch[:0]
 		size := 0
@@ -361,22 +417,19 @@ func (s *socket) writeLoop(first queued, direct bool) {
 			batch = append(batch, first)
 			size, direct, first = first.size, false, queued{}
 		} else {
-			n := 0
-			for n < len(s.queue) && (size == 0 || size+s.queue[n].size <= maxBatch) {
-				if q := s.queue[n]; q.dropped {
+			for s.queue.Len() > 0 && len(batch) < maxBatchFrames && (size == 0 || size+s.queue.At(0).size <= maxBatch) {
+				q, _ := s.queue.Pop()
+				s.base++
+				if q.dropped {
 					s.dropped--
 				} else {
 					batch = append(batch, q)
 					size += q.size
 				}
-				n++
 			}
-			clear(s.queue[:n])
-			s.queue = s.queue[n:]
-			s.base += n
 			s.bytes -= size
-			if len(s.queue) == 0 {
-				s.queue, s.dropped, s.latest = nil, 0, nil
+			if s.queue.Len() == 0 {
+				s.dropped, s.latest = 0, nil
 			}
 			if s.bytes <= s.limit {
 				s.overSince = time.Time{}
@@ -392,14 +445,22 @@ func (s *socket) writeLoop(first queued, direct bool) {
 		for _, q := range batch {
 			bufs, hdrs = appendFrame(bufs, hdrs, q, meta)
 		}
-		_ = s.out.SetWriteDeadline(time.Now().Add(wait))
+		sc.bufs, sc.hdrs, sc.batch = bufs, hdrs, batch
 		var err error
-		if s.vectored {
+		switch {
+		case nonblock:
+			var handed bool
+			if handed, err = s.tryWrite(sc, wait); handed {
+				return
+			}
+		case s.vectored:
+			_ = s.out.SetWriteDeadline(time.Now().Add(wait))
 			sc.w = bufs // WriteTo consumes its receiver
 			_, err = sc.w.WriteTo(s.out)
-		} else {
+		default:
 			// TLS and other wrapped connections would make a record and
 			// a write of every header and payload: join them.
+			_ = s.out.SetWriteDeadline(time.Now().Add(wait))
 			flat := sc.flat[:0]
 			for _, b := range bufs {
 				flat = append(flat, b...)
@@ -409,10 +470,7 @@ func (s *socket) writeLoop(first queued, direct bool) {
 				sc.flat = flat[:0]
 			}
 		}
-		clear(bufs)
-		clear(batch)
-		sc.bufs, sc.hdrs, sc.batch = bufs[:0], hdrs[:0], batch[:0]
-
+		sc.reset()
 		s.mu.Lock()
 		if err != nil {
 			s.dieLocked()
@@ -423,9 +481,51 @@ func (s *socket) writeLoop(first queued, direct bool) {
 		s.dieLocked()
 	}
 	s.mu.Unlock()
-	if cap(sc.batch) <= 64 && cap(sc.hdrs) <= 640 {
-		scratchPool.Put(sc)
+	if cap(sc.hdrs) > 64<<10 {
+		sc.hdrs = nil // (preview heads of a batch of previews)
 	}
+	scratchPool.Put(sc) // (its batch and bufs are bounded by maxBatchFrames)
+}
+
+// tryWrite writes sc.bufs as far as the connection takes them at once;
+// when it does not take them all, a goroutine writes the rest and goes on
+// with the queue (handed).
+//
+//go:noinline
+func (s *socket) tryWrite(sc *writeScratch, wait time.Duration) (handed bool, err error) {
+	rest, err := tryWritev(s.out, sc.bufs)
+	if err == nil && len(rest) > 0 {
+		sc.w = rest
+		go s.resume(sc, wait)
+		return true, nil
+	}
+	return false, err
+}
+
+// resume writes the rest of a batch that did not fit the browser's socket
+// buffer (sc.w), then goes on writing the queue.
+func (s *socket) resume(sc *writeScratch, wait time.Duration) {
+	_ = s.out.SetWriteDeadline(time.Now().Add(wait))
+	_, err := sc.w.WriteTo(s.out)
+	sc.reset()
+	if err != nil {
+		s.mu.Lock()
+		s.dieLocked()
+		s.mu.Unlock()
+	}
+	s.writeLoop(sc, queued{}, false, false)
+}
+
+// advance drops the first n bytes of b.
+func advance(b net.Buffers, n int) net.Buffers {
+	for len(b) > 0 && n >= len(b[0]) {
+		n -= len(b[0])
+		b = b[1:]
+	}
+	if len(b) > 0 {
+		b[0] = b[0][n:]
+	}
+	return b
 }
 
 // writeScratch is a writer's working memory, reused across writers.
@@ -435,6 +535,13 @@ type writeScratch struct {
 	w     net.Buffers
 	hdrs  []byte
 	flat  []byte
+}
+
+// reset lets go of a written batch.
+func (sc *writeScratch) reset() {
+	clear(sc.bufs)
+	clear(sc.batch)
+	sc.bufs, sc.hdrs, sc.batch, sc.w = sc.bufs[:0], sc.hdrs[:0], sc.batch[:0], nil
 }
 
 var scratchPool = sync.Pool{New: func() any { return new(writeScratch) }}
@@ -450,15 +557,29 @@ func appendFrame(bufs net.Buffers, hdrs []byte, q queued, previewMeta bool) (net
 	case q.f.text != nil:
 		op, payload = websocket.TextMessage, q.f.text
 	case q.f.preview != nil:
-		if p := q.f.preview; previewMeta && p.Metadata != nil {
-			payload = p.EncodeType4(*p.Metadata)
-		} else {
-			payload = p.EncodeType1()
-		}
+		return appendPreview(bufs, hdrs, q.f.preview, previewMeta)
 	}
 	start := len(hdrs)
 	hdrs = appendHeader(hdrs, op, len(payload))
 	return append(bufs, hdrs[start:len(hdrs):len(hdrs)], payload), hdrs
+}
+
+// appendPreview adds a preview frame: its head (type, metadata) is made in
+// hdrs, and its image goes out from where it is. (A function of its own,
+// so that appendFrame's stack frame stays small: a socket's own goroutines
+// write inline, and an idle socket's stacks are most of its memory.)
+//
+//go:noinline
+func appendPreview(bufs net.Buffers, hdrs []byte, p *comfy.Preview, previewMeta bool) (net.Buffers, []byte) {
+	start := len(hdrs)
+	if previewMeta && p.Metadata != nil {
+		hdrs = p.AppendType4Head(hdrs, *p.Metadata)
+	} else {
+		hdrs = p.AppendType1Head(hdrs)
+	}
+	mid := len(hdrs)
+	hdrs = appendHeader(hdrs, websocket.BinaryMessage, mid-start+len(p.Image))
+	return append(bufs, hdrs[mid:len(hdrs):len(hdrs)], hdrs[start:mid:mid], p.Image), hdrs
 }
 
 // appendHeader appends the header of an unmasked, unfragmented server

@@ -286,3 +286,66 @@ func FuzzBusEncoding(f *testing.F) {
 		_ = decodeBus(body, &got)
 	})
 }
+
+// A job's goroutine writes to an idle socket itself, but only what the
+// connection takes at once: to a browser that has stopped reading, 32 MiB
+// of frames (far more than the kernel buffers) are handed over without the
+// job's goroutine ever waiting, and once the browser reads it gets every
+// frame, whole and in order.
+func TestJobGoroutineNeverWaitsForTheBrowser(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	browser, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer browser.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newSocket(1 << 30) // nothing coalesces
+	s.out, s.vectored = server, true
+	t.Cleanup(s.kill)
+
+	const n = 2048
+	pad := strings.Repeat("x", 16<<10)
+	handed := make(chan struct{})
+	go func() {
+		defer close(handed)
+		for i := 0; i < n; i++ {
+			f := frame{text: []byte(fmt.Sprintf(`{"type":"executed","data":{"i":%d,"pad":%q}}`, i, pad))}
+			if i%3 == 0 {
+				s.push(queued{f: f}, startLater) // a batch, written by the next startNow or kick
+			} else {
+				s.push(queued{f: f}, startNow)
+			}
+		}
+		s.kick()
+	}()
+	select {
+	case <-handed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the job's goroutine waited for a browser that does not read")
+	}
+	frames := make(chan wireFrame, 64)
+	go readWire(browser, frames)
+	for i := 0; i < n; i++ {
+		f, ok := <-frames
+		if !ok {
+			t.Fatalf("the connection ended after %d frames", i)
+		}
+		var m struct {
+			Data struct {
+				I   int    `json:"i"`
+				Pad string `json:"pad"`
+			} `json:"data"`
+		}
+		if err := json.Unmarshal(f.payload, &m); err != nil || m.Data.I != i || m.Data.Pad != pad {
+			t.Fatalf("frame %d: got %.80s (%v)", i, f.payload, err)
+		}
+	}
+}

@@ -1,0 +1,74 @@
+package fifo
+
+import "testing"
+
+// Entries come out once each, in order, whatever the mix of pushes and
+// pops, and At sees them where Pop will take them.
+func TestQueueOrder(t *testing.T) {
+	var pool Pool[int]
+	q := Queue[int]{Pool: &pool}
+	next, want := 0, 0
+	for round := 0; round < 300; round++ {
+		for i := 0; i < round*37%(3*chunkLen+5); i++ {
+			q.Push(next)
+			next++
+		}
+		if q.Len() != next-want {
+			t.Fatalf("Len %d, want %d", q.Len(), next-want)
+		}
+		for i := 0; i < q.Len(); i += 17 {
+			if v := *q.At(i); v != want+i {
+				t.Fatalf("At(%d) = %d, want %d", i, v, want+i)
+			}
+		}
+		for i := 0; i < round*29%(2*chunkLen+3) || round%5 == 0; i++ {
+			v, ok := q.Pop()
+			if !ok {
+				break
+			}
+			if v != want {
+				t.Fatalf("Pop = %d, want %d", v, want)
+			}
+			want++
+		}
+	}
+	for {
+		v, ok := q.Pop()
+		if !ok {
+			break
+		}
+		if v != want {
+			t.Fatalf("Pop = %d, want %d", v, want)
+		}
+		want++
+	}
+	if want != next || q.Len() != 0 || q.chunks != nil {
+		t.Fatalf("popped %d of %d; Len %d, %d chunks held", want, next, q.Len(), len(q.chunks))
+	}
+}
+
+// Popped and reset entries are zeroed, so a pooled chunk keeps nothing
+// alive.
+func TestQueueLetsGo(t *testing.T) {
+	var pool Pool[*int]
+	q := Queue[*int]{Pool: &pool}
+	for i := 0; i < 3*chunkLen; i++ {
+		q.Push(new(int))
+	}
+	held := q.chunks[0]
+	for i := 0; i < chunkLen+1; i++ {
+		q.Pop()
+	}
+	for i, p := range held {
+		if p != nil {
+			t.Fatalf("entry %d of a released chunk still set", i)
+		}
+	}
+	held = q.chunks[len(q.chunks)-1]
+	q.Reset()
+	for i, p := range held {
+		if p != nil {
+			t.Fatalf("entry %d of a reset chunk still set", i)
+		}
+	}
+}
