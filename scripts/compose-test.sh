@@ -73,6 +73,12 @@ echo "$("$DOCKER" version --format 'Docker {{.Server.Version}} (API {{.Server.AP
 took "Docker" "$t"
 
 # --- Images --------------------------------------------------------------
+# The gateway image builds the Caddy release xcaddy.json pins.
+want="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["caddy"])' xcaddy.json)"
+if ! grep -qx "ARG COMFYUME_CADDY_VERSION=$want" examples/workshop/Dockerfile.gateway; then
+	echo "compose-test.sh: examples/workshop/Dockerfile.gateway does not build Caddy $want (xcaddy.json)" >&2
+	exit 1
+fi
 step "base images made on this machine"
 t=$SECONDS
 # shellcheck source=compose/images.sh

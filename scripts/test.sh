@@ -99,3 +99,13 @@ step "go test -race -count=1 -timeout 20m ./..."
 t=$(date +%s)
 echo "(setup took $((t - start))s; go test's own lines close this output)"
 go test -race -count=1 -timeout 20m "$@" ./...
+
+# The workshop in Docker (examples/workshop): CI always, developers with
+# COMFYUME_COMPOSE=1. Installs Docker if missing; takes minutes (it builds
+# Caddy inside Docker).
+if [[ "${CI:-}" == true || "${COMFYUME_COMPOSE:-}" == 1 ]]; then
+	step "scripts/compose-test.sh"
+	t=$(date +%s)
+	bash scripts/compose-test.sh
+	elapsed "compose test" "$t"
+fi
