@@ -98,7 +98,7 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do
 done
 export COMPOSE_DOCKER_CLI_BUILD=0 # docker-compose's own builder: no buildx needed
 project="comfyume-ci-$$"
-compose=(docker-compose --no-ansi -p "$project" -f examples/workshop/docker-compose.yml)
+compose=(docker-compose --ansi never -p "$project" -f "$root/examples/workshop/docker-compose.yml")
 
 step "docker-compose build"
 t=$SECONDS

@@ -90,28 +90,26 @@ _img_goproxy() {
 	chmod -R u+w "$work" && rm -rf "$work"
 }
 
-# make_base_images ROOT: makes every image listed at the top of this file.
-make_base_images() {
-	local root="$1" stage caddy_version xcaddy_version t=$SECONDS
-	caddy_version="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["caddy"])' "$root/xcaddy.json")" || return 1
-	xcaddy_version="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["xcaddy"])' "$root/xcaddy.json")" || return 1
-	stage="$(mktemp -d)"
+# _img_current TAG KEY: whether the image TAG exists and was made from
+# inputs whose digest is KEY (its label comfyume.inputs).
+_img_current() {
+	[[ "$("$DOCKER" image inspect -f '{{index .Config.Labels "comfyume.inputs"}}' "$1" 2>/dev/null)" == "$2" ]]
+}
 
-	# Static Go binaries: xcaddy and the fake ComfyUI.
-	mkdir -p "$stage/builder/usr/bin" "$stage/fake/usr/local/bin"
-	(cd / && CGO_ENABLED=0 GOBIN="$stage/builder/usr/bin" GOFLAGS=-buildvcs=false \
+# _img_builder ROOT STAGE CADDY_VERSION XCADDY_VERSION KEY
+_img_builder() {
+	local root="$1" stage="$2" caddy_version="$3" xcaddy_version="$4" key="$5"
+	mkdir -p "$stage/usr/bin"
+	(cd / && CGO_ENABLED=0 GOBIN="$stage/usr/bin" GOFLAGS=-buildvcs=false \
 		go install "github.com/caddyserver/xcaddy/cmd/xcaddy@$xcaddy_version") || return 1
-	(cd "$root" && CGO_ENABLED=0 go build -trimpath -o "$stage/fake/usr/local/bin/fakecomfy" ./comfytest/cmd/fakecomfy) || return 1
-
-	# The builder: Go, xcaddy, /bin/sh for RUN lines, the module proxy.
-	_img_goproxy "$root" "$stage/builder/goproxy" "$stage/builder/usr/bin/xcaddy" "$caddy_version" || return 1
-	_img_add_binary "$stage/builder" "$(readlink -f /bin/sh)" bin/sh
-	mkdir -p "$stage/builder/root" "$stage/builder/tmp" && chmod 1777 "$stage/builder/tmp"
+	_img_goproxy "$root" "$stage/goproxy" "$stage/usr/bin/xcaddy" "$caddy_version" || return 1
+	_img_add_binary "$stage" "$(readlink -f /bin/sh)" bin/sh
+	mkdir -p "$stage/root" "$stage/tmp" && chmod 1777 "$stage/tmp"
 	# GOROOT goes in as /usr/local/go, straight from where it is.
 	local goroot base
 	goroot="$(go env GOROOT)"
 	base="$(basename "$goroot")"
-	tar --numeric-owner --owner=0 --group=0 -c -C "$stage/builder" . \
+	tar --numeric-owner --owner=0 --group=0 -c -C "$stage" . \
 		-C "$(dirname "$goroot")" --transform "s|^\./$base\(/\|\$\)|./usr/local/go\1|" \
 		--exclude "./$base/test" --exclude "./$base/doc" --exclude "./$base/api" "./$base" |
 		"$DOCKER" import \
@@ -119,19 +117,55 @@ make_base_images() {
 			--change 'ENV HOME=/root' --change 'ENV TMPDIR=/tmp' \
 			--change 'ENV GOTOOLCHAIN=local' --change 'ENV GOPROXY=file:///goproxy' \
 			--change 'ENV GOSUMDB=off' --change 'ENV GOFLAGS=-mod=mod' \
+			--change "LABEL comfyume.inputs=$key" \
 			--change 'WORKDIR /root' - comfyume-local/caddy-builder >/dev/null || return 1
-	echo "images.sh: comfyume-local/caddy-builder (Go $(go env GOVERSION), xcaddy $xcaddy_version, $(du -sh "$stage/builder/goproxy" | cut -f1) of modules)"
+	echo "images.sh: comfyume-local/caddy-builder (Go $(go env GOVERSION), xcaddy $xcaddy_version, $(du -sh "$stage/goproxy" | cut -f1) of modules)"
+}
 
-	# The Caddy runtime: the official image's layout on scratch.
-	mkdir -p "$stage/caddy/etc/caddy" "$stage/caddy/etc/ssl/certs" "$stage/caddy/config/caddy" \
-		"$stage/caddy/data/caddy" "$stage/caddy/srv" "$stage/caddy/usr/bin"
-	cp -L /etc/ssl/certs/ca-certificates.crt "$stage/caddy/etc/ssl/certs/"
-	printf ':80 {\n\trespond "Caddy works"\n}\n' >"$stage/caddy/etc/caddy/Caddyfile"
-	_img_import comfyume-local/caddy "$stage/caddy" \
+# _img_caddy STAGE KEY
+_img_caddy() {
+	local stage="$1" key="$2"
+	mkdir -p "$stage/etc/caddy" "$stage/etc/ssl/certs" "$stage/config/caddy" \
+		"$stage/data/caddy" "$stage/srv" "$stage/usr/bin"
+	cp -L /etc/ssl/certs/ca-certificates.crt "$stage/etc/ssl/certs/"
+	printf ':80 {\n\trespond "Caddy works"\n}\n' >"$stage/etc/caddy/Caddyfile"
+	_img_import comfyume-local/caddy "$stage" \
 		--change 'ENV XDG_CONFIG_HOME=/config' --change 'ENV XDG_DATA_HOME=/data' \
 		--change 'ENV PATH=/usr/bin:/bin' --change 'WORKDIR /srv' \
-		--change 'EXPOSE 80 443 2019' \
-		--change 'CMD ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]' || return 1
+		--change 'EXPOSE 80 443 2019' --change "LABEL comfyume.inputs=$key" \
+		--change 'CMD ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]'
+}
+
+# make_base_images ROOT: makes every image listed at the top of this file.
+make_base_images() {
+	local root="$1" stage caddy_version xcaddy_version t=$SECONDS
+	caddy_version="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["caddy"])' "$root/xcaddy.json")" || return 1
+	xcaddy_version="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["xcaddy"])' "$root/xcaddy.json")" || return 1
+	stage="$(mktemp -d)"
+
+	# The fake ComfyUI, static.
+	mkdir -p "$stage/fake/usr/local/bin"
+	(cd "$root" && CGO_ENABLED=0 go build -trimpath -o "$stage/fake/usr/local/bin/fakecomfy" ./comfytest/cmd/fakecomfy) || return 1
+
+	# The builder: Go, xcaddy, /bin/sh for RUN lines, the module proxy. Made
+	# again only when what goes into it changed, so that Docker's layer
+	# cache keeps the gateway image between runs on one machine.
+	local key
+	# (Bump "v1" when _img_builder changes.)
+	key="$(cat "$root/go.mod" "$root/go.sum" /bin/sh <(go env GOVERSION GOROOT) <(echo "builder v1 $caddy_version $xcaddy_version") | sha256sum | cut -c1-32)"
+	if _img_current comfyume-local/caddy-builder "$key"; then
+		echo "images.sh: comfyume-local/caddy-builder is up to date"
+	else
+		_img_builder "$root" "$stage/builder" "$caddy_version" "$xcaddy_version" "$key" || return 1
+	fi
+
+	# The Caddy runtime: the official image's layout on scratch.
+	key="$(cat /etc/ssl/certs/ca-certificates.crt <(echo "caddy v1") | sha256sum | cut -c1-32)"
+	if _img_current comfyume-local/caddy "$key"; then
+		echo "images.sh: comfyume-local/caddy is up to date"
+	else
+		_img_caddy "$stage/caddy" "$key" || return 1
+	fi
 
 	# The fake ComfyUI (a home: listens on every interface of its container).
 	_img_import comfyume-local/comfyui-fake "$stage/fake" \
