@@ -23,6 +23,13 @@ func init() {
 // lists each pool as this gateway sees it: jobs waiting (of every replica
 // when the queue is shared in Valkey), jobs held for a cold start, jobs
 // running, and each endpoint's health, jobs and transport.
+//
+//	GET  /comfyume/usage?since=YYYY-MM-DD&until=YYYY-MM-DD&user=&pool=&format=json|csv
+//	POST /comfyume/usage/<user>/reset[?pool=<pool>]
+//	POST /comfyume/usage/<user>/raise?gpu=<duration>&jobs=<n>[&pool=<pool>]
+//
+// list each user's use of the pools per UTC day, and give a user their
+// whole quota for today again, or more of it.
 type AdminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -32,7 +39,11 @@ func (AdminAPI) CaddyModule() caddy.ModuleInfo {
 
 // Routes implements caddy.AdminRouter.
 func (AdminAPI) Routes() []caddy.AdminRoute {
-	return []caddy.AdminRoute{{Pattern: "/comfyume/pools", Handler: caddy.AdminHandlerFunc(handlePools)}}
+	return []caddy.AdminRoute{
+		{Pattern: "/comfyume/pools", Handler: caddy.AdminHandlerFunc(handlePools)},
+		{Pattern: "/comfyume/usage", Handler: caddy.AdminHandlerFunc(handleUsage)},
+		{Pattern: "/comfyume/usage/", Handler: caddy.AdminHandlerFunc(handleUsageUser)},
+	}
 }
 
 func handlePools(w http.ResponseWriter, r *http.Request) error {

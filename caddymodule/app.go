@@ -19,6 +19,7 @@ import (
 
 	"github.com/comfyume/comfyume/dispatch"
 	"github.com/comfyume/comfyume/relay"
+	"github.com/comfyume/comfyume/usage"
 )
 
 func init() {
@@ -77,6 +78,12 @@ type App struct {
 	// lifecycle events are all kept; a socket still over it after 10s, or
 	// over twice it, is closed (the browser reconnects and catches up).
 	MaxSocketQueue int `json:"max_socket_queue,omitempty"`
+
+	// MetricsPerUser adds per-user series to the usage metrics (GPU and
+	// wait seconds, jobs, refusals by user and pool). Off by default: one
+	// series per user grows with the workshop; the admin API's
+	// /comfyume/usage has per-user numbers without it.
+	MetricsPerUser bool `json:"metrics_per_user,omitempty"`
 
 	// Outputs says where outputs captured from GPU servers are stored.
 	// Default: a directory "comfyume/outputs" in Caddy's data directory.
@@ -143,6 +150,15 @@ type PoolConfig struct {
 	// this long (the server is asked to interrupt it and the UI shows an
 	// error), so a stuck job never holds a slot forever. 0 = off.
 	Watchdog caddy.Duration `json:"watchdog,omitempty"`
+	// Quota is the GPU time each user may use on the pool per day (UTC),
+	// e.g. "30m"; MaxJobsPerDay how many prompts each user may have
+	// admitted per day. A prompt over either is refused at once (403, a
+	// dialog in the UI saying what was used and when it resets); a job
+	// already running is never cut, so a job admitted under the GPU quota
+	// may end over it. 0: no limit. A site's `quota` and
+	// `max_jobs_per_day` change them per user.
+	Quota         caddy.Duration `json:"quota,omitempty"`
+	MaxJobsPerDay int64          `json:"max_jobs_per_day,omitempty"`
 	// Fallback "home" runs a job that no endpoint accepted within
 	// ColdStartTimeout on the user's own ComfyUI instead of failing it
 	// (the browser is told). Default: none.
@@ -299,7 +315,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		pool := &dispatch.Pool{Name: pc.Name, MaxQueued: maxQueued, MaxRunning: pc.MaxRunning,
 			ColdStartTimeout: time.Duration(pc.ColdStartTimeout), Watchdog: time.Duration(pc.Watchdog),
-			FallbackHome: pc.Fallback == "home"}
+			FallbackHome: pc.Fallback == "home",
+			Quota:        usage.Limits{GPU: time.Duration(pc.Quota), Jobs: pc.MaxJobsPerDay}}
 		for _, uc := range pc.Upstreams {
 			h := http.Header{}
 			for k, vs := range uc.Headers {
@@ -318,14 +335,17 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		a.gateway.Manager().SetPool(pool)
 	}
+	a.gateway.Manager().UsageCounters().SetPerUser(a.MetricsPerUser)
 	a.gateway.Manager().SetHistoryLimit(a.HistoryLimit)
 	a.gateway.Manager().SetHistorySize(a.HistorySize)
 	a.gateway.Hub().SetLimits(a.MaxSocketsPerUser, a.MaxSocketQueue)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
-		if err := reg.Register(metrics{app: a}); err != nil {
-			var dup prometheus.AlreadyRegisteredError
-			if !errors.As(err, &dup) {
-				a.logger.Warn("registering metrics", zap.Error(err))
+		for _, c := range []prometheus.Collector{metrics{app: a}, usageMetrics{app: a}} {
+			if err := reg.Register(c); err != nil {
+				var dup prometheus.AlreadyRegisteredError
+				if !errors.As(err, &dup) {
+					a.logger.Warn("registering metrics", zap.Error(err))
+				}
 			}
 		}
 	}
@@ -354,6 +374,12 @@ func (a *App) Validate() error {
 		seen[p.Name] = true
 		if len(p.Upstreams) == 0 {
 			return fmt.Errorf("pool %q has no upstream", p.Name)
+		}
+		if !usage.ValidPool(p.Name) {
+			return fmt.Errorf("pool name %q: must not contain '|'", p.Name)
+		}
+		if p.Quota < 0 || p.MaxJobsPerDay < 0 {
+			return fmt.Errorf("pool %q: quota and max_jobs_per_day must not be negative", p.Name)
 		}
 		if p.Fallback != "" && p.Fallback != "home" {
 			return fmt.Errorf("pool %q: fallback %q: only home is supported", p.Name, p.Fallback)

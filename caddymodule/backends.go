@@ -14,6 +14,7 @@ import (
 
 	"github.com/comfyume/comfyume/dispatch"
 	"github.com/comfyume/comfyume/relay"
+	"github.com/comfyume/comfyume/usage"
 )
 
 // valkeyStartWait is how long Caddy's start waits for Valkey to answer
@@ -53,6 +54,7 @@ func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, health time.
 		return nil, err
 	}
 	cfg := relay.Config{Logger: logger, LeaseTTL: time.Duration(st.LeaseTTL), HealthInterval: health}
+	var ledger usage.Ledger = usage.NewMemoryLedger()
 
 	switch st.Backend {
 	case "valkey":
@@ -67,6 +69,7 @@ func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, health time.
 		closers = append(closers, client.Close)
 		cfg.Store = dispatch.NewValkeyStore(client, st.Prefix)
 		cfg.Bus = relay.NewValkeyBus(client, st.Prefix)
+		ledger = usage.NewValkeyLedger(client, st.Prefix)
 	default:
 		cfg.Store = dispatch.NewMemoryStore()
 	}
@@ -108,6 +111,7 @@ func newGateway(_ caddy.Context, st StoreConfig, out OutputsConfig, health time.
 	if err != nil {
 		return fail(err)
 	}
+	gw.Manager().SetUsage(ledger)
 	return gatewayHolder{Gateway: gw, closers: closers}, nil
 }
 

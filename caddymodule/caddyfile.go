@@ -29,6 +29,8 @@ func init() {
 //			cold_start_timeout <duration>
 //			watchdog <duration>
 //			fallback home
+//			quota <duration> [per day]
+//			max_jobs_per_day <n>
 //			upstream <url> {
 //				header <field> <value>
 //				max_jobs <n>
@@ -42,6 +44,7 @@ func init() {
 //		max_event_size <size> [<text size>]
 //		max_sockets_per_user <n>
 //		max_socket_queue <size>
+//		metrics_per_user
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
 //			username <name>
@@ -122,6 +125,22 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					} else {
 						pool.MaxRunning = n
 					}
+					continue
+				}
+				if d.Val() == "quota" {
+					dur, err := quotaArg(d)
+					if err != nil {
+						return err
+					}
+					pool.Quota = dur
+					continue
+				}
+				if d.Val() == "max_jobs_per_day" {
+					n, err := countArg(d, "max_jobs_per_day", 1)
+					if err != nil {
+						return err
+					}
+					pool.MaxJobsPerDay = int64(n)
 					continue
 				}
 				if d.Val() != "upstream" {
@@ -208,6 +227,11 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.MaxSocketsPerUser = n
+		case "metrics_per_user":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			a.MetricsPerUser = true
 		case "max_socket_queue":
 			n, err := sizeArg(d, "max_socket_queue", 1<<40)
 			if err != nil {
@@ -371,6 +395,19 @@ func countArg(d *caddyfile.Dispenser, key string, min int) (int, error) {
 	return n, nil
 }
 
+// quotaArg reads "quota <duration> [per day]": GPU time per user and UTC
+// day (the only period).
+func quotaArg(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	args := d.RemainingArgs()
+	if len(args) != 1 && !(len(args) == 3 && args[1] == "per" && args[2] == "day") {
+		if len(args) == 3 && args[1] == "per" {
+			return 0, d.Errf("quota: period %q: only \"per day\" (a UTC day) is supported", args[2])
+		}
+		return 0, d.Errf("quota: want \"quota <duration> [per day]\", e.g. quota 30m per day")
+	}
+	return parseDuration(d, "quota", args[0])
+}
+
 // oneArg reads exactly one argument of the current line.
 func oneArg(d *caddyfile.Dispenser) (string, error) {
 	if !d.NextArg() {
@@ -396,6 +433,8 @@ func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		run_on <pool>|home
 //		user <placeholder>
 //		priority <number or placeholder>
+//		quota <duration or placeholder>
+//		max_jobs_per_day <n or placeholder>
 //		max_body_size <size>
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
@@ -418,6 +457,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.User = val
 		case "priority":
 			h.Priority = val
+		case "quota":
+			h.Quota = val
+		case "max_jobs_per_day":
+			h.MaxJobsPerDay = val
 		case "max_body_size":
 			n, err := humanize.ParseBytes(val)
 			if err != nil || n == 0 {

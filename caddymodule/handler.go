@@ -15,6 +15,7 @@ import (
 
 	"github.com/comfyume/comfyume/comfy"
 	"github.com/comfyume/comfyume/relay"
+	"github.com/comfyume/comfyume/usage"
 )
 
 // Handler is the comfyume HTTP handler. Put it before reverse_proxy to the
@@ -51,6 +52,15 @@ type Handler struct {
 	// priorities). Higher runs first; default 0.
 	Priority string `json:"priority,omitempty"`
 
+	// Quota changes the pool's daily GPU time quota for this site's users:
+	// a duration ("2h"), or a placeholder that gives one per request (e.g.
+	// from a `map` of users). "0" or "unlimited" lifts the limit; an empty
+	// value keeps the pool's. MaxJobsPerDay does the same for the pool's
+	// max_jobs_per_day (a number). A value that is neither is ignored (the
+	// pool's holds) and logged once.
+	Quota         string `json:"quota,omitempty"`
+	MaxJobsPerDay string `json:"max_jobs_per_day,omitempty"`
+
 	// MaxBodySize limits request bodies the handler reads, in bytes
 	// (default 100 MiB, ComfyUI's own upload limit). Larger ones get 413.
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
@@ -64,6 +74,7 @@ type Handler struct {
 // warnings are the handler's warnings that must not repeat per request.
 type warnings struct {
 	noUser    sync.Once      // an empty identity: logged once
+	badQuota  sync.Once      // a quota placeholder that is no quota
 	crossSite rateLimitedLog // refused cross-site requests
 }
 
@@ -163,6 +174,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			site.Priority = p
 		}
 	}
+	if h.Quota != "" || h.MaxJobsPerDay != "" {
+		site.Quota = h.quotaOverride(repl)
+	}
 	repl.Set("comfyume.user", user)
 	if h.app.gateway.ServeHTTP(w, r, site) {
 		return nil
@@ -192,6 +206,46 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 }
 
 var envPlaceholder = regexp.MustCompile(`\{env\.[^}]*\}`)
+
+// quotaOverride reads the site's per-user quota values for this request.
+func (h *Handler) quotaOverride(repl *caddy.Replacer) usage.Override {
+	var o usage.Override
+	bad := func(key, v string) {
+		h.warned.badQuota.Do(func() {
+			h.logger.Warn("ignoring a per-user quota that is not one (the pool's quota holds)",
+				zap.String(key, v))
+		})
+	}
+	if h.Quota != "" {
+		switch v := strings.TrimSpace(repl.ReplaceAll(h.Quota, "")); v {
+		case "":
+		case "0", "unlimited", "none":
+			zero := time.Duration(0)
+			o.GPU = &zero
+		default:
+			if d, err := caddy.ParseDuration(v); err == nil && d > 0 {
+				o.GPU = &d
+			} else {
+				bad("quota", v)
+			}
+		}
+	}
+	if h.MaxJobsPerDay != "" {
+		switch v := strings.TrimSpace(repl.ReplaceAll(h.MaxJobsPerDay, "")); v {
+		case "":
+		case "unlimited", "none":
+			zero := int64(0)
+			o.Jobs = &zero
+		default:
+			if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
+				o.Jobs = &n
+			} else {
+				bad("max_jobs_per_day", v)
+			}
+		}
+	}
+	return o
+}
 
 // writeError answers in ComfyUI's error shape.
 func writeError(w http.ResponseWriter, status int, typ, message, details string) {

@@ -210,7 +210,23 @@ type wsFrame struct {
 
 func (f wsFrame) str(k string) string { s, _ := f.Data[k].(string); return s }
 
+// currentFlags are the feature flags the current frontend declares.
+const currentFlags = `{"supports_preview_metadata":true,"supports_manager_v4_ui":true,"supports_progress_text_metadata":true}`
+
+// openBrowser opens a socket as the current frontend (previewMeta: it
+// declares its feature flags) or as one that declares none.
 func (g *gateway) openBrowser(user, clientID string, previewMeta bool) *browser {
+	g.t.Helper()
+	flags := ""
+	if previewMeta {
+		flags = currentFlags
+	}
+	return g.openBrowserFlags(user, clientID, flags)
+}
+
+// openBrowserFlags opens a socket whose first frame declares flags (a JSON
+// object; "" sends no feature_flags frame).
+func (g *gateway) openBrowserFlags(user, clientID, flags string) *browser {
 	g.t.Helper()
 	u := "ws" + strings.TrimPrefix(g.Base, "http") + "/ws"
 	if clientID != "" {
@@ -244,8 +260,8 @@ func (g *gateway) openBrowser(user, clientID string, previewMeta bool) *browser 
 	if b.SID == "" {
 		g.t.Fatalf("first status has no sid: %s", first.data)
 	}
-	if previewMeta {
-		_ = conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true,"supports_manager_v4_ui":true,"supports_progress_text_metadata":true}}`))
+	if flags != "" {
+		_ = conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":`+flags+`}`))
 		var held []wsFrame
 		for {
 			f := b.next(5 * time.Second)

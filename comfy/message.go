@@ -18,6 +18,10 @@ const (
 	MsgExecutionSuccess     = "execution_success"
 	MsgExecutionError       = "execution_error"
 	MsgExecutionInterrupted = "execution_interrupted"
+	// MsgNotification is {"value": text, "id": prompt_id}: the current
+	// frontend marks a job "initializing" when value says "Waiting for a
+	// machine" (see dispatch's waiting notices).
+	MsgNotification = "notification"
 )
 
 // Message is one text frame on ComfyUI's WebSocket: {"type": ..., "data": {...}}.

@@ -294,7 +294,7 @@ func (m *Manager) retryLater(p *Pool, r *run, cause error) {
 	}
 	backoff := time.Duration(1<<min(attempts-1, 5)) * 250 * time.Millisecond // 0.25 s … 8 s
 	m.logger.Info("no endpoint took the job; retrying", zap.String("job", job.ID), zap.Int("attempt", attempts), zap.Duration("in", backoff), zap.Error(cause))
-	m.notify(job, fmt.Sprintf("Waiting for a GPU server to start (%s so far, attempt %d)…", waited.Round(time.Second), attempts))
+	defer m.pokeWaiting() // tells the job why it waits (waiting.go)
 	// Held until the backoff ends, or until an endpoint of the pool is back
 	// (endpointBack), whichever comes first.
 	p.mu.Lock()

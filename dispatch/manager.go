@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/usage"
 )
 
 // Pool is a named set of upstream endpoints that run jobs.
@@ -38,6 +39,9 @@ type Pool struct {
 	// FallbackHome sends a job that no endpoint took within
 	// ColdStartTimeout to the user's own ComfyUI instead of failing it.
 	FallbackHome bool
+	// Quota is each user's daily limit on the pool (zero: none); a site
+	// may change it per user (SubmitRequest.Quota).
+	Quota usage.Limits
 
 	mu      sync.Mutex
 	waiting *fairQueue
@@ -89,6 +93,12 @@ type Manager struct {
 	adopted map[streamKey]*Upstream
 	// limits bound upstream frames and job queues (SetEventLimits).
 	limits atomic.Pointer[EventLimits]
+	// ledger records each user's use and holds quotas (SetUsage);
+	// counters are this gateway's totals for metrics.
+	ledger   usage.Ledger
+	counters usage.Counters
+	// waits tells waiting jobs why they wait (waiting.go).
+	waits waitNotices
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -98,7 +108,7 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 		logger = zap.NewNop()
 	}
 	m := &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{},
-		owner: newOwner(), leaseTTL: DefaultLeaseTTL}
+		owner: newOwner(), leaseTTL: DefaultLeaseTTL, waits: newWaitNotices()}
 	if sq, ok := store.(SharedQueue); ok {
 		m.shared = sq
 	}
@@ -168,6 +178,8 @@ type SubmitRequest struct {
 	Priority int
 	// Inputs opens referenced input files; nil forwards nothing.
 	Inputs InputSource
+	// Quota changes the pool's daily limits for this user.
+	Quota usage.Override
 }
 
 // SubmitResult is what POST /prompt answers on success.
@@ -261,7 +273,7 @@ var ErrPromptIDTaken = errors.New("prompt_id already in use")
 // prompt is sent at once and the upstream's verdict (e.g. a 400 with
 // node_errors) is returned; otherwise the job waits for a slot and is
 // answered as queued.
-func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, error) {
+func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult, err error) {
 	pool, ok := m.Pool(req.Pool)
 	if !ok || len(pool.Upstreams) == 0 {
 		return SubmitResult{}, &UnavailableError{Pool: req.Pool, Err: errors.New("no such pool")}
@@ -298,6 +310,18 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 			return SubmitResult{}, &QueueFullError{Pool: pool.Name, Limit: pool.MaxQueued}
 		}
 	}
+	// Counted against the user's quota now; given back unless this very
+	// job is accepted (a duplicate or a refusal never counts).
+	admitDay, err := m.admit(ctx, pool, req)
+	if err != nil {
+		return SubmitResult{}, err
+	}
+	accepted := false
+	defer func() {
+		if !accepted {
+			m.unadmit(admitDay, pool.Name, req.User)
+		}
+	}()
 	m.mu.Lock()
 	number := m.number
 	m.number++
@@ -393,7 +417,9 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 		}
 	}
 	if up == nil {
+		accepted = true
 		m.events.QueueChanged(req.User)
+		m.pokeWaiting()
 		return SubmitResult{PromptID: id, Number: number, NodeErrors: json.RawMessage("{}")}, nil
 	}
 	res, err := m.send(ctx, r, up)
@@ -403,6 +429,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 			// Cold or dead endpoint: the job is accepted here and waits.
 			up.markFailure(time.Now())
 			m.retryLater(pool, r, err)
+			accepted = true
 			m.events.QueueChanged(req.User)
 			return SubmitResult{PromptID: id, Number: number, NodeErrors: json.RawMessage("{}")}, nil
 		}
@@ -413,6 +440,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (SubmitResult, 
 	if up.markSuccess() {
 		go m.endpointBack(pool, up)
 	}
+	accepted = true
 	m.events.QueueChanged(req.User)
 	return res, nil
 }
@@ -738,6 +766,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	m.mu.Unlock()
 	m.unclaim(snap.ID)
 	m.events.QueueChanged(snap.User)
+	m.pokeWaiting() // the others move up
 	if sendEnd {
 		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
 		m.events.Deliver(recipientOf(snap), jobMessage(end))
@@ -745,6 +774,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	if pool != nil {
 		m.dispatchWaiting(pool)
 	}
+	m.account(snap)
 }
 
 // detach ends this process's hold on a run: it takes no more events, and

@@ -21,10 +21,22 @@ import (
 // objectInfoTTL is how long a pool's /object_info is trusted.
 const objectInfoTTL = 5 * time.Minute
 
+// installRecheck is how often a pool never seen warm here looks for an
+// install another gateway kept in the store.
+const installRecheck = 10 * time.Second
+
+// objectInfoFetchTimeout bounds reading an endpoint's /object_info, or
+// the pool's last known install from the store.
+const objectInfoFetchTimeout = 5 * time.Second
+
 type installInfo struct {
 	mu      sync.Mutex
 	classes map[string]classInfo
 	fetched time.Time
+	// stored: classes are the last known install read from the store (no
+	// endpoint answered), at loaded.
+	stored bool
+	loaded time.Time
 }
 
 type classInfo struct {
@@ -59,7 +71,10 @@ func (c combo) has(v string) bool {
 }
 
 // install returns the pool's cached install, refreshing it from a healthy
-// endpoint when stale. nil means unknown (no endpoint answered): no check.
+// endpoint when stale (and keeping it in the store). When no endpoint
+// answers, it is the last one known here or, for a pool not seen warm by
+// this gateway (a restart, another replica), the last one kept in the
+// store. nil means unknown (never seen warm): no check.
 func (m *Manager) install(ctx context.Context, p *Pool) map[string]classInfo {
 	p.mu.Lock()
 	if p.info == nil {
@@ -69,36 +84,29 @@ func (m *Manager) install(ctx context.Context, p *Pool) map[string]classInfo {
 	p.mu.Unlock()
 	info.mu.Lock()
 	defer info.mu.Unlock()
-	if info.classes != nil && time.Since(info.fetched) < objectInfoTTL {
+	if info.classes != nil && !info.stored && time.Since(info.fetched) < objectInfoTTL {
 		return info.classes
 	}
 	for _, u := range p.Upstreams {
 		if !u.Healthy() {
 			continue
 		}
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		var raw map[string]struct {
-			Input map[string]map[string]json.RawMessage `json:"input"`
-		}
-		err := u.GetJSON(cctx, "/object_info", &raw)
+		cctx, cancel := context.WithTimeout(ctx, objectInfoFetchTimeout)
+		classes, err := fetchObjectInfo(cctx, u)
 		cancel()
 		if err != nil {
 			continue
 		}
-		classes := make(map[string]classInfo, len(raw))
-		for name, def := range raw {
-			ci := classInfo{combos: map[string]combo{}}
-			for _, group := range def.Input {
-				for in, spec := range group {
-					if opts, ok := comboOptions(spec); ok {
-						ci.combos[in] = newCombo(opts)
-					}
-				}
-			}
-			classes[name] = ci
-		}
-		info.classes, info.fetched = classes, time.Now()
+		info.classes, info.fetched, info.stored = classes, time.Now(), false
+		m.keepInstall(p.Name, classes)
 		return classes
+	}
+	if info.classes == nil && time.Since(info.loaded) >= installRecheck || info.stored && time.Since(info.loaded) >= objectInfoTTL {
+		// Another gateway may have seen the pool warm since.
+		if classes := m.lastInstall(ctx, p.Name); classes != nil {
+			info.classes, info.stored = classes, true
+		}
+		info.loaded = time.Now()
 	}
 	return info.classes // stale is better than nothing
 }

@@ -59,6 +59,7 @@ func (m *Manager) Start(ctx context.Context) {
 		go m.followAssignments(ctx)
 	}
 	go every(ctx, m.leaseTTL/3, func() { m.renew(ctx) })
+	go m.tellWaiting(ctx)
 	go func() {
 		m.Recover(ctx)
 		every(ctx, m.leaseTTL/3, func() {

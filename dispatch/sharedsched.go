@@ -242,16 +242,25 @@ func (m *Manager) followAssignments(ctx context.Context) {
 // sharedPositions tells where each waiting job of the pool stands in the
 // shared queue's order.
 func (m *Manager) sharedPositions(p *Pool) map[string]int {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	pos, _ := m.sharedQueueView(ctx, p)
+	return pos
+}
+
+// sharedQueueView reads the pool's shared queue once: where each waiting
+// job stands, and how many jobs each user runs on the pool (every gateway's).
+func (m *Manager) sharedQueueView(ctx context.Context, p *Pool) (positions, running map[string]int) {
 	names := make([]string, 0, len(p.Upstreams))
 	for _, u := range p.Upstreams {
 		names = append(names, u.String())
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	st, err := m.shared.QueueState(ctx, p.Name, names)
 	if err != nil {
 		m.logger.Warn("reading the shared queue", zap.String("pool", p.Name), zap.Error(err))
-		return nil
+		return nil, nil
 	}
 	q := newFairQueue()
 	q.served = map[string]uint64{}
@@ -266,7 +275,7 @@ func (m *Manager) sharedPositions(p *Pool) map[string]int {
 	for r, pos := range q.positions(st.Running) {
 		out[r.job.ID] = pos
 	}
-	return out
+	return out, st.Running
 }
 
 func (m *Manager) runOf(id string) *run {

@@ -73,6 +73,8 @@ type MemoryStore struct {
 	leases map[string]lease
 	// bodies is each user's total BodySize (every job of theirs).
 	bodies map[string]int64
+	// installs are the pools' last known installs (see InstallStore).
+	installs installs
 }
 
 // BodySize is the size of a job record's body, its Prompt and ExtraData

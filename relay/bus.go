@@ -146,7 +146,9 @@ func replayWorthy(text []byte) bool {
 		t = head.Type
 	}
 	switch t {
-	case "progress", "progress_state", "status", "feature_flags":
+	case "progress", "progress_state", "status", "feature_flags", comfy.MsgNotification:
+		// (a waiting job's notification is told again when it changes,
+		// and at least every few seconds)
 		return false
 	}
 	return true

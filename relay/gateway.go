@@ -18,6 +18,7 @@ import (
 
 	"github.com/comfyume/comfyume/comfy"
 	"github.com/comfyume/comfyume/dispatch"
+	"github.com/comfyume/comfyume/usage"
 )
 
 // OutputsSubfolder is the /view subfolder under which the gateway serves the
@@ -78,6 +79,8 @@ type Gateway struct {
 	homesMu  sync.Mutex
 	homes    map[string]*dispatch.Upstream
 	features map[string]featureCache
+	// outBytes counts each running job's stored outputs (usage).
+	outBytes outputTally
 }
 
 // New builds a gateway.
@@ -212,6 +215,8 @@ type Site struct {
 	MaxBody int64
 	// Priority of the user's jobs in the pool's queue (higher first).
 	Priority int
+	// Quota changes the pool's daily limits for this user.
+	Quota usage.Override
 	// SharedHome says Home serves other users too: the gateway's clears
 	// and interrupts then stay with this user's jobs (see shared.go).
 	SharedHome bool
@@ -335,12 +340,16 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 		Request:  pr,
 		Priority: site.Priority,
 		Inputs:   g.inputSource(site),
+		Quota:    site.Quota,
 	})
 	var rej *dispatch.RejectedError
 	var unav *dispatch.UnavailableError
 	var serr *dispatch.StoreError
 	var full *dispatch.QueueFullError
+	ex, over := quotaExceeded(err)
 	switch {
+	case over:
+		writeQuotaExceeded(w, ex)
 	case errors.As(err, &full):
 		writeJSON(w, http.StatusTooManyRequests, comfy.NewPromptError("queue_full", "Too many prompts waiting", full.Error()))
 	case err == nil:
@@ -550,7 +559,12 @@ func (g *Gateway) StoreOutput(ctx context.Context, j *dispatch.Job, ref comfy.Fi
 	if contentType == "" {
 		contentType = contentTypeOf(ref.Filename)
 	}
-	return g.blobs.Put(ctx, key, body, BlobInfo{ContentType: contentType})
+	counted := &countingReader{r: body}
+	if err := g.blobs.Put(ctx, key, counted, BlobInfo{ContentType: contentType}); err != nil {
+		return err
+	}
+	g.outBytes.add(j.ID, counted.n)
+	return nil
 }
 
 func (g *Gateway) captureOne(ctx context.Context, jobID string, up *dispatch.Upstream, ref comfy.FileRef) error {
@@ -572,7 +586,12 @@ func (g *Gateway) captureOne(ctx context.Context, jobID string, up *dispatch.Ups
 			if ct == "" {
 				ct = contentTypeOf(ref.Filename)
 			}
-			return g.blobs.Put(cctx, key, resp.Body, BlobInfo{ContentType: ct})
+			body := &countingReader{r: resp.Body}
+			if err := g.blobs.Put(cctx, key, body, BlobInfo{ContentType: ct}); err != nil {
+				return err
+			}
+			g.outBytes.add(jobID, body.n)
+			return nil
 		}()
 		if err == nil {
 			return nil
@@ -601,6 +620,7 @@ func (g *Gateway) Deliver(to dispatch.Recipient, ev dispatch.Event) {
 	switch {
 	case ev.JSON != nil:
 		f.text = ev.JSON
+		f.notice = ev.Type == comfy.MsgNotification
 	case ev.Preview != nil:
 		f.preview = ev.Preview
 	case ev.Text != nil:

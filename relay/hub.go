@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bytes"
 	"context"
 	"sync"
 	"time"
@@ -15,6 +16,10 @@ type frame struct {
 	text    []byte         // a JSON text frame
 	binary  []byte         // a binary frame sent as is
 	preview *comfy.Preview // a preview, encoded per socket (type 1 or 4)
+	// notice marks a `notification` text frame: only sockets whose browser
+	// declared the current frontend's features get it (see
+	// socket.currentUI).
+	notice bool
 }
 
 // Limits of what a session keeps for a browser that is reconnecting.
@@ -195,6 +200,7 @@ func busFrame(m BusMessage) (frame, bool) {
 	switch {
 	case m.Text != "":
 		f.text = []byte(m.Text)
+		f.notice = isNotice(f.text)
 	case m.Binary != nil:
 		f.binary = m.Binary
 	case m.Preview != nil:
@@ -395,6 +401,21 @@ func (s *socket) setPreviewMeta(v bool) {
 	s.previewMeta = v
 	s.mu.Unlock()
 }
+
+// setCurrentUI records whether the browser declared the current frontend's
+// features (it then gets `notification` frames).
+func (s *socket) setCurrentUI(v bool) {
+	s.mu.Lock()
+	s.currentUI = v
+	s.mu.Unlock()
+}
+
+// noticePrefix starts every notification frame the gateway makes
+// (comfy.Message encodes its type first).
+var noticePrefix = []byte(`{"type":"` + comfy.MsgNotification + `"`)
+
+// isNotice reports whether a text frame is a notification the gateway made.
+func isNotice(text []byte) bool { return bytes.HasPrefix(text, noticePrefix) }
 
 func (s *socket) setHomeRemaining(n int) {
 	s.mu.Lock()

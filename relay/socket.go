@@ -72,6 +72,7 @@ type socket struct {
 	held        []heldFrame
 
 	previewMeta   bool // browser declared supports_preview_metadata
+	currentUI     bool // browser declared the current frontend's features (see readBrowserFrame)
 	homeRemaining int  // queue_remaining of the home server
 
 	onClose func(reason string) // logs why the gateway closed the socket
@@ -133,7 +134,7 @@ func (s *socket) push(q queued, inline bool) {
 // the socket was idle, the entry is not queued but handed to the writer as
 // first.
 func (s *socket) enqueueLocked(q queued) (start bool, first queued, direct bool) {
-	if s.dead || s.closing {
+	if s.dead || s.closing || q.f.notice && !s.currentUI {
 		return false, q, false
 	}
 	q.size, q.kind = classify(q)

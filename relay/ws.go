@@ -183,6 +183,7 @@ func (g *Gateway) runSocket(s *socket, site Site, sid string) {
 			return
 		case in.flags:
 			s.setPreviewMeta(in.previewMeta)
+			s.setCurrentUI(in.currentUI)
 			hl.setFlags(in.forward)
 			s.write(frame{text: comfy.NewMessage(comfy.MsgFeatureFlags, g.serverFeatures(site)).Encode()})
 		default:
@@ -196,8 +197,9 @@ type browserFrame struct {
 	// forward goes to home (the frame as is, or rewritten flags).
 	forward []byte
 	// flags: the browser's first frame declared its features (answered by
-	// the gateway); previewMeta: it takes type-4 previews.
-	flags, previewMeta bool
+	// the gateway); previewMeta: it takes type-4 previews; currentUI: it is
+	// the current frontend, which takes a waiting job's `notification`.
+	flags, previewMeta, currentUI bool
 	// closeCode, when not 0, closes the socket with reason.
 	closeCode int
 	reason    string
@@ -220,12 +222,27 @@ func readBrowserFrame(typ int, b []byte, first bool) browserFrame {
 	if flags == nil {
 		flags = map[string]any{}
 	}
+	// The current frontend (ComfyUI_frontend, src/config/
+	// clientFeatureFlags.json) declares supports_preview_metadata,
+	// supports_manager_v4_ui and supports_progress_text_metadata; the last
+	// came with progress text carrying a prompt_id (src/schemas/
+	// apiSchema.ts), after the notification message had gained its job
+	// "id" there — which src/stores/executionStore.ts handleNotification
+	// reads: a notification whose value contains "Waiting for a machine"
+	// marks that job "initializing" in the job panel until it starts.
+	// So a browser that declares supports_progress_text_metadata gets
+	// waiting jobs' notifications; others do not (the legacy frontend logs
+	// every message type it does not know). The current frontend draws no
+	// text for a notification, so it gets the progress text under the
+	// job's node too: the only place the reason and place in line show.
+	currentUI := flags["supports_progress_text_metadata"] == true
 	// We relay TEXT frames in the legacy layout only.
 	delete(flags, "supports_progress_text_metadata")
 	return browserFrame{
 		forward:     comfy.NewMessage(comfy.MsgFeatureFlags, flags).Encode(),
 		flags:       true,
 		previewMeta: flags["supports_preview_metadata"] == true,
+		currentUI:   currentUI,
 	}
 }
 

@@ -1,0 +1,168 @@
+package dispatch
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/comfyume/comfyume/usage"
+)
+
+// OutputCounter is implemented by Events that store jobs' outputs: the
+// bytes stored for a job so far, forgotten once taken (when the job ends).
+type OutputCounter interface {
+	TakeOutputBytes(jobID string) int64
+}
+
+// SetUsage sets the ledger that records each user's use of the pools and
+// holds their quotas (nil: none kept). Call it before jobs run.
+func (m *Manager) SetUsage(l usage.Ledger) {
+	m.mu.Lock()
+	m.ledger = l
+	m.mu.Unlock()
+}
+
+// Usage returns the usage ledger (nil when none is kept).
+func (m *Manager) Usage() usage.Ledger {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.ledger
+}
+
+// UsageCounters returns this gateway's running totals of use per pool
+// (and per user, when turned on), for metrics.
+func (m *Manager) UsageCounters() *usage.Counters { return &m.counters }
+
+// Quota returns a pool's daily limits, as configured.
+func (m *Manager) Quota(pool string) (usage.Limits, bool) {
+	p, ok := m.Pool(pool)
+	if !ok {
+		return usage.Limits{}, false
+	}
+	return p.Quota, true
+}
+
+// PoolNames lists the configured pools.
+func (m *Manager) PoolNames() []string {
+	var out []string
+	for _, p := range m.poolsSnapshot() {
+		out = append(out, p.Name)
+	}
+	return out
+}
+
+// admit counts a prompt against the user's quota on the pool, and returns
+// the day it counted on ("" when no ledger is kept). Over the quota it
+// returns the *usage.ExceededError the user is shown. A ledger that cannot
+// be asked refuses the prompt only when a limit applies.
+func (m *Manager) admit(ctx context.Context, p *Pool, req SubmitRequest) (string, error) {
+	l := m.Usage()
+	if l == nil {
+		return "", nil
+	}
+	lim := p.Quota.Apply(req.Quota)
+	day := usage.DayOf(time.Now())
+	err := l.Admit(ctx, day, p.Name, req.User, lim)
+	var ex *usage.ExceededError
+	switch {
+	case err == nil:
+		return day, nil
+	case errors.As(err, &ex):
+		m.counters.Refused(p.Name, req.User, ex.Kind)
+		return "", err
+	case lim.None():
+		m.logger.Warn("usage not recorded: the ledger did not answer", zap.String("user", req.User), zap.Error(err))
+		return "", nil
+	default:
+		return "", &StoreError{Err: err}
+	}
+}
+
+// unadmit gives back an admission of a prompt that never ran.
+func (m *Manager) unadmit(day, pool, user string) {
+	l := m.Usage()
+	if l == nil || day == "" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := l.Unadmit(ctx, day, pool, user); err != nil {
+		m.logger.Warn("giving back a prompt's admission", zap.String("user", user), zap.Error(err))
+	}
+}
+
+// account records what an ended job used, at its end (a lifecycle point,
+// never per event). A job that never started gives its admission back.
+func (m *Manager) account(snap *Job) {
+	var bytes int64
+	if oc, ok := m.events.(OutputCounter); ok {
+		bytes = oc.TakeOutputBytes(snap.ID)
+	}
+	if snap.Pool == "" || !usage.ValidPool(snap.Pool) {
+		return
+	}
+	if snap.StartTime == 0 {
+		if snap.CreateTime > 0 {
+			m.unadmit(usage.DayOf(time.UnixMilli(snap.CreateTime)), snap.Pool, snap.User)
+		}
+		return
+	}
+	now := time.Now()
+	e := usage.JobEnd{JobID: snap.ID, Day: usage.DayOf(now), Pool: snap.Pool, User: snap.User,
+		Outcome: outcomeOf(snap), OutputBytes: bytes}
+	e.GPU, e.Wait = jobTimes(snap, now)
+	m.counters.Add(e)
+	l := m.Usage()
+	if l == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := l.Record(ctx, e); err != nil {
+		m.logger.Warn("recording a job's usage", zap.String("job", snap.ID), zap.Error(err))
+	}
+}
+
+// jobTimes splits a job's life at the gateway into GPU time and waiting.
+// GPU time is execution_start to the end, both stamped by the GPU server
+// (one clock); it is bounded by the job's whole life at the gateway, so a
+// server's wrong clock or lying stamps cannot inflate it. Waiting is the
+// rest of that life: queue, cold start, sending inputs.
+func jobTimes(j *Job, now time.Time) (gpu, wait time.Duration) {
+	life := time.Duration(0)
+	if j.CreateTime > 0 {
+		life = max(now.Sub(time.UnixMilli(j.CreateTime)), 0)
+	}
+	end := j.EndTime
+	if end == 0 {
+		end = now.UnixMilli()
+	}
+	gpu = time.Duration(end-j.StartTime) * time.Millisecond
+	gpu = min(max(gpu, 0), life)
+	return gpu, life - gpu
+}
+
+// outcomeOf names how a job that ran ended: a failure the gateway made
+// (the GPU server went away, went silent, lost the job) is "lost".
+func outcomeOf(j *Job) usage.Outcome {
+	switch j.Status {
+	case StatusCompleted:
+		return usage.Success
+	case StatusCancelled:
+		return usage.Interrupted
+	}
+	var e struct {
+		Type string `json:"exception_type"`
+	}
+	if json.Unmarshal(j.Error, &e) == nil && e.Type == gatewayErrorType {
+		return usage.Lost
+	}
+	return usage.Error
+}
+
+// gatewayErrorType is the exception_type of the execution_errors the
+// gateway makes itself (run.fail).
+const gatewayErrorType = "comfyume.UpstreamError"

@@ -1,0 +1,229 @@
+package dispatch
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// Waiting notices. Every job that waits for a pool — queued behind busy
+// endpoints, behind its user's max_running, behind a pool with no endpoint
+// up, or held out of the queue between tries of a cold start — is told why
+// and where it stands in the pool's order, under its output node (a
+// progress-text frame, which every frontend draws) and, for browsers that
+// declared the current frontend's features, as the `notification` the
+// current frontend shows as the job's "initializing" state (relay decides
+// per socket).
+//
+// One goroutine per gateway looks at this gateway's waiting jobs when
+// something changed here (a prompt came, a job ended, a send failed) and
+// every waitNoticeEvery besides (another replica's job started, time
+// passed), never twice within waitNoticeGap: a change seen while it waits
+// is told at the next look, together with everything else that changed.
+// A job is told only when its text differs from what it was told last, so
+// a queue of a hundred jobs that moves up by one costs one notice per job,
+// however many prompts arrived meanwhile. With a shared queue (Valkey) the
+// positions are read from it once per pool and look, and each gateway
+// tells the jobs it holds; their browsers get the notices on whichever
+// replica their sockets are (the event bus).
+
+const (
+	// waitNoticeGap is the shortest time between two looks.
+	waitNoticeGap = 500 * time.Millisecond
+	// waitNoticeEvery is how often waiting jobs are looked at when
+	// nothing changed on this gateway.
+	waitNoticeEvery = 2 * time.Second
+	// waitNoticeRepeat is how often a job whose notice did not change is
+	// told again (a browser that reconnected, or opened another tab, has
+	// not seen it).
+	waitNoticeRepeat = 20 * time.Second
+)
+
+// waitNotices is the state of the waiting-notice goroutine.
+type waitNotices struct {
+	poke chan struct{}
+	// told is what each waiting job was told last, and when (only the
+	// notice goroutine touches it; jobs that stopped waiting are dropped).
+	told map[string]toldNotice
+}
+
+type toldNotice struct {
+	why string
+	at  time.Time
+}
+
+func newWaitNotices() waitNotices {
+	return waitNotices{poke: make(chan struct{}, 1), told: map[string]toldNotice{}}
+}
+
+// pokeWaiting asks for a look at the waiting jobs soon. It never blocks.
+func (m *Manager) pokeWaiting() {
+	select {
+	case m.waits.poke <- struct{}{}:
+	default:
+	}
+}
+
+// tellWaiting tells waiting jobs why they wait until ctx ends.
+func (m *Manager) tellWaiting(ctx context.Context) {
+	t := time.NewTicker(waitNoticeEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.waits.poke:
+		case <-t.C:
+		}
+		m.noticeWaiting(ctx, time.Now())
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(waitNoticeGap):
+		}
+	}
+}
+
+// waiter is a job of this gateway that waits, as the notices need it.
+type waiter struct {
+	r        *run
+	job      Job // ID, User, ClientID, OutputsToExecute
+	attempts int
+	firstTry time.Time
+}
+
+// noticeWaiting tells each waiting job of this gateway why it waits, if
+// that changed since it was last told.
+func (m *Manager) noticeWaiting(ctx context.Context, now time.Time) {
+	m.mu.Lock()
+	runs := make([]*run, 0, len(m.runs))
+	for _, r := range m.runs {
+		runs = append(runs, r)
+	}
+	m.mu.Unlock()
+	byPool := map[string][]waiter{}
+	for _, r := range runs {
+		r.mu.Lock()
+		if r.waitingLocked() {
+			j := r.job
+			byPool[j.Pool] = append(byPool[j.Pool], waiter{r: r, attempts: r.attempts, firstTry: r.firstTry,
+				job: Job{ID: j.ID, User: j.User, ClientID: j.ClientID, OutputsToExecute: j.OutputsToExecute}})
+		}
+		r.mu.Unlock()
+	}
+	told := make(map[string]toldNotice, len(m.waits.told))
+	for name, ws := range byPool {
+		p, ok := m.Pool(name)
+		if !ok {
+			continue
+		}
+		positions, running := m.queueView(ctx, p)
+		p.mu.Lock()
+		held := make(map[*run]bool, len(p.held))
+		for r := range p.held {
+			held[r] = true
+		}
+		p.mu.Unlock()
+		up := false
+		for _, u := range p.Upstreams {
+			if u.Healthy() {
+				up = true
+				break
+			}
+		}
+		for _, w := range ws {
+			var why string
+			pos, queued := positions[w.job.ID]
+			switch {
+			case held[w.r]:
+				why = "a GPU server to start"
+				if waited := now.Sub(w.firstTry); !w.firstTry.IsZero() && waited >= 5*time.Second {
+					why += fmt.Sprintf(" (%s so far, attempt %d)", waited.Truncate(5*time.Second), w.attempts)
+				} else if w.attempts > 0 {
+					why += fmt.Sprintf(" (attempt %d)", w.attempts)
+				}
+			case !queued:
+				continue // being sent, handed over or put back: not waiting in a line
+			case !up:
+				why = "a GPU server to start"
+			case p.MaxRunning > 0 && running[w.job.User] >= p.MaxRunning:
+				if p.MaxRunning == 1 {
+					why = "your running job to end (one at a time per person)"
+				} else {
+					why = fmt.Sprintf("one of your running jobs to end (%d at a time per person)", p.MaxRunning)
+				}
+			default:
+				why = "a free GPU server"
+			}
+			if queued && pos > 0 {
+				why += " — " + inLine(pos)
+			}
+			last := m.waits.told[w.job.ID]
+			if last.why == why && now.Sub(last.at) < waitNoticeRepeat {
+				told[w.job.ID] = last
+				continue
+			}
+			told[w.job.ID] = toldNotice{why, now}
+			w.r.mu.Lock()
+			still := w.r.waitingLocked()
+			w.r.mu.Unlock()
+			if still {
+				m.tellWaiter(&w.job, why)
+			}
+		}
+	}
+	m.waits.told = told
+}
+
+// waitingLocked reports whether the run waits for an endpoint of its pool
+// (queued, or held for a cold start). Call with r.mu held.
+func (r *run) waitingLocked() bool {
+	return !r.finished && r.up == nil && r.slot == nil && r.cancelRun == nil &&
+		r.job.Status == StatusPending && r.job.Pool != ""
+}
+
+// tellWaiter sends a waiting job's notice: "Waiting for <why>…" under its
+// output node, and the notification the current frontend takes as the
+// job's "initializing" state (it looks for "Waiting for a machine" in it).
+func (m *Manager) tellWaiter(j *Job, why string) {
+	m.notify(j, "Waiting for "+why+"…")
+	n := comfy.NewMessage(comfy.MsgNotification, map[string]any{"value": "Waiting for a machine (" + why + ")…", "id": j.ID})
+	m.events.Deliver(recipientOf(j), jobMessage(n))
+}
+
+// inLine says a place in a queue in words: "next in line", "3rd in line".
+func inLine(pos int) string {
+	if pos == 1 {
+		return "next in line"
+	}
+	suffix := "th"
+	switch {
+	case pos%100 >= 11 && pos%100 <= 13:
+	case pos%10 == 1:
+		suffix = "st"
+	case pos%10 == 2:
+		suffix = "nd"
+	case pos%10 == 3:
+		suffix = "rd"
+	}
+	return fmt.Sprintf("%d%s in line", pos, suffix)
+}
+
+// queueView returns the place (1 = next) of each of the pool's queued
+// jobs, and each user's jobs running on it — of every gateway when the
+// queue is shared. A store that does not answer gives no places.
+func (m *Manager) queueView(ctx context.Context, p *Pool) (positions, running map[string]int) {
+	if m.shared != nil {
+		return m.sharedQueueView(ctx, p)
+	}
+	running = m.runningByUser(p)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	positions = map[string]int{}
+	for r, pos := range p.queue().positions(running) {
+		positions[r.job.ID] = pos
+	}
+	return positions, running
+}
