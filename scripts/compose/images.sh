@@ -138,7 +138,8 @@ _img_caddy() {
 
 # make_base_images ROOT: makes every image listed at the top of this file.
 make_base_images() {
-	local root="$1" stage caddy_version xcaddy_version t=$SECONDS
+	local root stage caddy_version xcaddy_version t=$SECONDS
+	root="$(cd "$1" && pwd)" || return 1
 	caddy_version="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["caddy"])' "$root/xcaddy.json")" || return 1
 	xcaddy_version="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["xcaddy"])' "$root/xcaddy.json")" || return 1
 	stage="$(mktemp -d)"
