@@ -59,8 +59,9 @@ _img_import() {
 # $(go env GOMODCACHE)/cache/download) with every module xcaddy needs to build
 # Caddy $caddy_version with the comfyume module at ROOT: xcaddy sets the build
 # up on the host with an empty module cache (filled from the host's own cache,
-# then the configured proxy) and `go list -deps` fetches every package's
-# module without compiling.
+# then the configured proxy), `go list -deps` fetches every package's module
+# without compiling and `go mod tidy -e` what xcaddy's own tidy reads (the
+# tests' imports of the dependencies).
 _img_goproxy() {
 	local root="$1" out="$2" work xcaddy="$3" caddy_version="$4"
 	work="$(mktemp -d)"
@@ -78,7 +79,8 @@ _img_goproxy() {
 			GOFLAGS="-mod=mod -buildvcs=false" TMPDIR="$work/tmp" XCADDY_SKIP_BUILD=1 CGO_ENABLED=0
 		cd "$work/tmp" &&
 			"$xcaddy" build "$caddy_version" --with "github.com/comfyume/comfyume=$root" --output "$work/caddy" >"$work/xcaddy.log" 2>&1 &&
-			cd "$work"/tmp/buildenv_* && go list -deps ./... >/dev/null 2>>"$work/xcaddy.log"
+			cd "$work"/tmp/buildenv_* && go list -deps ./... >/dev/null 2>>"$work/xcaddy.log" &&
+			go mod tidy -e >/dev/null 2>>"$work/xcaddy.log"
 	); then
 		echo "images.sh: could not gather the gateway's Go modules:" >&2
 		tail -n 30 "$work/xcaddy.log" >&2
@@ -152,8 +154,8 @@ make_base_images() {
 	# again only when what goes into it changed, so that Docker's layer
 	# cache keeps the gateway image between runs on one machine.
 	local key
-	# (Bump "v1" when _img_builder changes.)
-	key="$(cat "$root/go.mod" "$root/go.sum" /bin/sh <(go env GOVERSION GOROOT) <(echo "builder v1 $caddy_version $xcaddy_version") | sha256sum | cut -c1-32)"
+	# (Bump "v2" when _img_builder changes.)
+	key="$(cat "$root/go.mod" "$root/go.sum" /bin/sh <(go env GOVERSION GOROOT) <(echo "builder v2 $caddy_version $xcaddy_version") | sha256sum | cut -c1-32)"
 	if _img_current comfyume-local/caddy-builder "$key"; then
 		echo "images.sh: comfyume-local/caddy-builder is up to date"
 	else
