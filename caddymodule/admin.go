@@ -24,6 +24,13 @@ func init() {
 // when the queue is shared in Valkey), jobs held for a cold start, jobs
 // running, and each endpoint's health, jobs and transport.
 //
+//	GET /comfyume/ops
+//	GET /comfyume/ops/events
+//
+// are the operator's page's state (JSON) and its stream of states
+// (server-sent events), for scripts. The page itself is served on a site
+// (OpsHandler): Caddy's admin API refuses browsers' navigations.
+//
 //	GET  /comfyume/usage?since=YYYY-MM-DD&until=YYYY-MM-DD&user=&pool=&format=json|csv
 //	POST /comfyume/usage/<user>/reset[?pool=<pool>]
 //	POST /comfyume/usage/<user>/raise?gpu=<duration>&jobs=<n>[&pool=<pool>]
@@ -41,6 +48,8 @@ func (AdminAPI) CaddyModule() caddy.ModuleInfo {
 func (AdminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: "/comfyume/pools", Handler: caddy.AdminHandlerFunc(handlePools)},
+		{Pattern: "/comfyume/ops", Handler: caddy.AdminHandlerFunc(handleOpsState)},
+		{Pattern: "/comfyume/ops/events", Handler: caddy.AdminHandlerFunc(handleOpsEvents)},
 		{Pattern: "/comfyume/usage", Handler: caddy.AdminHandlerFunc(handleUsage)},
 		{Pattern: "/comfyume/usage/", Handler: caddy.AdminHandlerFunc(handleUsageUser)},
 	}

@@ -22,6 +22,11 @@ func TestCaddyfileMistakesAreNamed(t *testing.T) {
 		{"max_event_size huge", "", `max_event_size: "huge" is not a size`},
 		{"", "shoe_size 42", `unrecognized comfyume subdirective "shoe_size"`},
 		{"", "max_body_size lots", `max_body_size: "lots" is not a size`},
+		{"pool gpu {\n quota 30m per week\n upstream http://x\n }", "", `quota: period "week": only "per day"`},
+		{"pool gpu {\n quota 30m a day\n upstream http://x\n }", "", `quota: want "quota <duration> [per day]"`},
+		{"pool gpu {\n quota lots\n upstream http://x\n }", "", `quota: "lots" is not a duration`},
+		{"pool gpu {\n max_jobs_per_day 0\n upstream http://x\n }", "", `max_jobs_per_day: "0" is not a positive number`},
+		{"metrics_per_user yes", "", `wrong argument count`},
 	} {
 		cf := "{\n\tadmin off\n\tcomfyume {\n" + c.global + "\n\t}\n}\n:0 {\n\tcomfyume {\n" + c.site + "\n\t}\n}\n"
 		_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)

@@ -174,7 +174,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			site.Priority = p
 		}
 	}
-	if h.Quota != "" || h.MaxJobsPerDay != "" {
+	if (h.Quota != "" || h.MaxJobsPerDay != "") && r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/prompt") {
 		site.Quota = h.quotaOverride(repl)
 	}
 	repl.Set("comfyume.user", user)

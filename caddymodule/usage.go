@@ -280,7 +280,7 @@ func (u usageMetrics) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(metricQuotaJobs, prometheus.GaugeValue, float64(lim.Jobs), p)
 		}
 	}
-	for _, c := range users {
+	for _, c := range validLabels(users) {
 		ch <- prometheus.MustNewConstMetric(metricUserGPU, prometheus.CounterValue, c.GPUSeconds, c.Pool, c.User)
 		ch <- prometheus.MustNewConstMetric(metricUserWait, prometheus.CounterValue, c.WaitSeconds, c.Pool, c.User)
 		for i, o := range usage.Outcomes {
@@ -289,6 +289,34 @@ func (u usageMetrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(metricUserRefused, prometheus.CounterValue, float64(c.RefusedGPU), c.Pool, c.User, usage.KindGPU)
 		ch <- prometheus.MustNewConstMetric(metricUserRefused, prometheus.CounterValue, float64(c.RefusedJobs), c.Pool, c.User, usage.KindJobs)
 	}
+}
+
+// validLabels makes user names valid label values (UTF-8: an id from a
+// header may not be), adding up users whose names become the same, so that
+// no two series collide and the scrape never fails.
+func validLabels(users []usage.Counts) []usage.Counts {
+	out := make([]usage.Counts, 0, len(users))
+	at := map[[2]string]int{}
+	for _, c := range users {
+		c.User = strings.ToValidUTF8(c.User, "\uFFFD")
+		k := [2]string{c.Pool, c.User}
+		i, seen := at[k]
+		if !seen {
+			at[k] = len(out)
+			out = append(out, c)
+			continue
+		}
+		o := &out[i]
+		o.GPUSeconds += c.GPUSeconds
+		o.WaitSeconds += c.WaitSeconds
+		o.OutputBytes += c.OutputBytes
+		o.RefusedGPU += c.RefusedGPU
+		o.RefusedJobs += c.RefusedJobs
+		for j := range o.Jobs {
+			o.Jobs[j] += c.Jobs[j]
+		}
+	}
+	return out
 }
 
 var _ prometheus.Collector = usageMetrics{}

@@ -246,12 +246,26 @@ func TestQuotaPromptsPerDay(t *testing.T) {
 		}
 		return st, b
 	}
-	for i := 0; i < 2; i++ {
-		if st, b := run("alice"); st != 200 {
-			t.Fatalf("alice's prompt %d of 2: %d %s", i+1, st, b)
-		}
+	// Prompts count when admitted: one running and one waiting use up
+	// the day's two. The waiting one, cancelled, is given back.
+	gpu.FailNext("hang")
+	br := g.openBrowser("alice", "", true)
+	hung := g.queue("alice", br.SID, samplerWorkflow("h", 1))
+	br.waitType("execution_start", 10*time.Second)
+	waiting := g.queue("alice", br.SID, samplerWorkflow("w", 1))
+	st, b, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("x", 1)})
+	checkQuota403(t, st, b, "2 prompts")
+	if st, _, _ := g.do("alice", "POST", "/api/jobs/"+waiting.PromptID+"/cancel", nil); st != 200 {
+		t.Fatalf("cancel: %d", st)
 	}
-	st, b := run("alice")
+	g.waitStatus("alice", waiting.PromptID, "cancelled", 10*time.Second)
+	g.do("alice", "POST", "/api/interrupt", map[string]any{"prompt_id": hung.PromptID})
+	g.waitStatus("alice", hung.PromptID, "cancelled", 10*time.Second)
+	admin.waitRow("alice", func(r usage.Row) bool { return r.Admitted == 1 && r.Interrupted == 1 })
+	if st, b := run("alice"); st != 200 {
+		t.Fatalf("alice's second prompt after the cancelled one was given back: %d %s", st, b)
+	}
+	st, b = run("alice")
 	checkQuota403(t, st, b, "2 prompts")
 	for i := 0; i < 4; i++ {
 		if st, b := run("bob"); st != 200 {
@@ -307,11 +321,14 @@ func TestQuotaPromptsPerDay(t *testing.T) {
 			t.Fatalf("POST %s: %d %s, want %d", path, st, body, want)
 		}
 	}
+	if st, body, _ := admin.do("POST", "/comfyume/usage/team%2Fa%7C1/raise?jobs=2"); st != 200 || !strings.Contains(body, `"user":"team/a|1"`) {
+		t.Fatalf("raise for a user with / and | in the name: %d %s", st, body)
+	}
 	if st, _, _ := admin.do("GET", "/comfyume/usage/alice/reset"); st != 405 {
 		t.Fatalf("GET reset: %d", st)
 	}
 	_, m, _ := admin.do("GET", "/metrics")
-	if !strings.Contains(m, `comfyume_quota_refused_total{pool="gpu",quota="jobs"} 4`) {
+	if !strings.Contains(m, `comfyume_quota_refused_total{pool="gpu",quota="jobs"} 5`) {
 		t.Fatalf("refusals:\n%s", grepLines(m, "refused"))
 	}
 }
@@ -420,5 +437,96 @@ func TestQuotaAcrossReplicas(t *testing.T) {
 	}
 	if st, body, _ := b.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("r2", 1)}); st != 200 {
 		t.Fatalf("after a reset on the other replica: %d %s", st, body)
+	}
+}
+
+// With metrics_per_user, user ids that are not UTF-8 (a header can carry
+// any byte) — two of them that look alike once made valid — neither break
+// the scrape nor the gateway.
+func TestPerUserMetricsSurviveOddUserNames(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: time.Millisecond})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}", "outputs disk {DATA}\n\t\tmetrics_per_user", 1)
+	cf, admin := withAdmin(t, cf)
+	g := startCaddy(t, cf)
+	for _, user := range []string{"x\xff", "x\xfe"} {
+		a := g.queue(user, "", samplerWorkflow("o", 1))
+		g.waitStatus(user, a.PromptID, "completed", 20*time.Second)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, m, _ := admin.do("GET", "/metrics")
+		if st != 200 {
+			t.Fatalf("/metrics: %d %s", st, m)
+		}
+		if strings.Contains(m, `comfyume_user_jobs_total{outcome="success",pool="gpu",user="x`+"\uFFFD"+`"} 2`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the two users' series:\n%s", grepLines(m, "comfyume_user_jobs"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Jobs on pinned endpoints (transport worker) are accounted the same way:
+// GPU time from the worker's stream, the bytes of the outputs that came
+// with it, and a job whose GPU container died mid-job as lost.
+func TestUsageOfPinnedJobs(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	d := workerDeployment(t, 2, "")
+	cf, admin := withAdmin(t, strings.Replace(poolCaddyfile(home.URL(), d.URL(), ""), "max_jobs 1", "max_jobs 1\n\t\t\t\ttransport worker", 1))
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	ok := g.queue("alice", b.SID, samplerWorkflow("pin", 2))
+	frames := b.untilJobEnd(ok.PromptID, 30*time.Second)
+	st, png, _ := g.do("alice", "GET", "/api/view?"+viewQuery(outputRef(t, frames, "3")), nil)
+	if st != 200 || len(png) == 0 {
+		t.Fatalf("output: %d", st)
+	}
+	r := admin.waitRow("alice", func(r usage.Row) bool { return r.Jobs == 1 })
+	if r.Success != 1 || r.OutputBytes != int64(len(png)) || r.GPUSeconds <= 0 {
+		t.Fatalf("pinned job's row: %+v (output %d bytes)", r, len(png))
+	}
+
+	dies := g.queue("alice", b.SID, samplerWorkflow("dies", 200))
+	b.waitType("progress", 10*time.Second)
+	killed := false
+	for i := 0; i < 2; i++ {
+		for _, p := range d.Replica(i).Prompts() {
+			if p.PromptID == dies.PromptID && !killed {
+				d.Kill(i)
+				killed = true
+			}
+		}
+	}
+	if !killed {
+		t.Fatal("no replica runs the job")
+	}
+	b.untilJobEnd(dies.PromptID, 30*time.Second)
+	r = admin.waitRow("alice", func(r usage.Row) bool { return r.Jobs == 2 })
+	if r.Lost != 1 || r.Success != 1 || r.Admitted != 2 {
+		t.Fatalf("after the GPU container died mid-job: %+v", r)
+	}
+}
+
+// A job that a pool's `fallback home` ran on the user's own ComfyUI did
+// not use the pool: it is neither accounted nor counted against the quota.
+func TestFallbackHomeJobsAreNotAccounted(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	dead := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cf := strings.Replace(poolCaddyfile(home.URL(), dead, ""), "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 300ms\n\t\t\tfallback home\n\t\t\tmax_jobs_per_day 1", 1)
+	cf, admin := withAdmin(t, cf)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	for i := 0; i < 2; i++ {
+		a := g.queue("alice", b.SID, samplerWorkflow("fb", 1))
+		if frames := b.untilJobEnd(a.PromptID, 30*time.Second); indexOf(frames, "execution_success") < 0 {
+			t.Fatalf("fallback job %d: %v", i, types(frames))
+		}
+		admin.waitRow("alice", func(r usage.Row) bool { return r.Admitted == 0 })
+	}
+	if r := findRow(admin.rows("?user=alice"), "alice"); r == nil || r.Jobs != 0 || r.GPUSeconds != 0 {
+		t.Fatalf("home jobs accounted on the pool: %+v", r)
 	}
 }

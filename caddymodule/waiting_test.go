@@ -127,7 +127,7 @@ func TestEveryWaitingJobIsToldWhy(t *testing.T) {
 	bob := g.openBrowserFlags("bob", "", `{"supports_preview_metadata":true}`)     // an older one
 	carol := g.openBrowserFlags("carol", "", `{"supports_preview_metadata":true}`) // (runs first)
 	busy := g.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID  // holds the GPU until cancelled
-	g.waitStatus("carol", busy, "in_progress", 10*time.Second)
+	g.waitStatus("carol", busy, "in_progress", 30*time.Second)
 
 	b1 := g.queue("bob", bob.SID, samplerWorkflow("b", 10_000)).PromptID
 	a1 := g.queue("alice", alice.SID, samplerWorkflow("a1", 1)).PromptID
@@ -174,7 +174,7 @@ func TestHundredWaitingJobsToldWithoutStorm(t *testing.T) {
 	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
 	carol := g.openBrowser("carol", "", true)
 	busy := g.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID
-	g.waitStatus("carol", busy, "in_progress", 10*time.Second)
+	g.waitStatus("carol", busy, "in_progress", 30*time.Second)
 
 	users := []string{"u0", "u1", "u2", "u3"}
 	tabs := map[string]*browser{}
@@ -233,7 +233,7 @@ func TestWaitingNoticesAcrossReplicas(t *testing.T) {
 	b := startReplica(t, cf)
 	carol := a.openBrowserFlags("carol", "", `{"supports_preview_metadata":true}`)
 	busy := a.queue("carol", carol.SID, samplerWorkflow("busy", 10_000)).PromptID
-	a.waitStatus("carol", busy, "in_progress", 10*time.Second)
+	a.waitStatus("carol", busy, "in_progress", 30*time.Second)
 	bob := a.openBrowserFlags("bob", "", `{"supports_preview_metadata":true}`)
 	b1 := a.queue("bob", bob.SID, samplerWorkflow("b", 10_000)).PromptID
 
@@ -260,4 +260,39 @@ func TestWaitingNoticesAcrossReplicas(t *testing.T) {
 	if indexOf(frames, "execution_success") < 0 {
 		t.Fatalf("alice's job: %v", types(frames))
 	}
+}
+
+// A pool with no endpoint up: not only the jobs being tried (held for a
+// cold start) are told why — those queued behind them are told too, with
+// their places.
+func TestJobsQueuedBehindColdPoolAreTold(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	dead := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cf := strings.Replace(poolCaddyfile(home.URL(), dead, ""), "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 2m", 1)
+	g := startCaddy(t, cf)
+	alice := g.openBrowser("alice", "", true)
+	carol := g.openBrowser("carol", "", true)
+	var held []string
+	for i := 0; i < 3; i++ { // three failed sends open the endpoint's circuit
+		held = append(held, g.queue("alice", alice.SID, samplerWorkflow(fmt.Sprint("a", i), 1)).PromptID)
+	}
+	c1 := g.queue("carol", carol.SID, samplerWorkflow("c1", 1)).PromptID
+	c2 := g.queue("carol", carol.SID, samplerWorkflow("c2", 1)).PromptID
+	var sa, sc seen
+	alice.readUntil(&sa, 20*time.Second, "alice's jobs, held for the cold start", func() bool {
+		for _, id := range held {
+			if !strings.Contains(sa.lastNote(id), "a GPU server to start") {
+				return false
+			}
+		}
+		return sa.hasText("Waiting for a GPU server to start")
+	})
+	carol.readUntil(&sc, 20*time.Second, "carol's jobs, queued behind the cold pool", func() bool {
+		for _, id := range []string{c1, c2} {
+			if !strings.Contains(strings.Join(sc.notes[id], "\n"), "a GPU server to start") {
+				return false
+			}
+		}
+		return strings.Contains(strings.Join(sc.notes[c2], "\n"), "a GPU server to start — ") && sc.hasText(" in line")
+	})
 }

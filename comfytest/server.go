@@ -49,6 +49,10 @@ type Options struct {
 	// Models lists the model files the server has: the COMBO of
 	// FakeCheckpointImage's ckpt_name (default "sd_xl_base_1.0.safetensors").
 	Models []string
+	// IndexHTML, if set, is the page served at "/" in place of the one line
+	// naming the fake (ComfyUI serves its web UI there; the fake has none).
+	// The demo uses it to explain what the visitor is looking at.
+	IndexHTML string
 	// Logf, if set, receives one line per request and per job event.
 	Logf func(format string, args ...any)
 	// OnSend, if set, is called for every WebSocket frame the server
@@ -733,6 +737,11 @@ func (s *Server) readJSONBody(w http.ResponseWriter, r *http.Request) (any, bool
 func (s *Server) handleRoot(w http.ResponseWriter, r *http.Request, _ map[string]string) {
 	w.Header().Set("Content-Type", "text/html")
 	w.Header().Set("Cache-Control", "no-cache")
+	if s.opts.IndexHTML != "" {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		_, _ = w.Write([]byte(s.opts.IndexHTML))
+		return
+	}
 	_, _ = w.Write([]byte("<!DOCTYPE html>\n<html><head><title>ComfyUI</title></head><body>comfytest fake ComfyUI " + s.opts.Version + "</body></html>\n"))
 }
 

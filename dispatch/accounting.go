@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/url"
 	"time"
 
 	"go.uber.org/zap"
@@ -104,7 +105,9 @@ func (m *Manager) account(snap *Job) {
 	if snap.Pool == "" || !usage.ValidPool(snap.Pool) {
 		return
 	}
-	if snap.StartTime == 0 {
+	if snap.StartTime == 0 || ranOnHome(snap) {
+		// Never ran, or ran on the user's own ComfyUI (a pool's
+		// fallback home): the pool's GPUs were not used.
 		if snap.CreateTime > 0 {
 			m.unadmit(usage.DayOf(time.UnixMilli(snap.CreateTime)), snap.Pool, snap.User)
 		}
@@ -124,6 +127,15 @@ func (m *Manager) account(snap *Job) {
 	if err := l.Record(ctx, e); err != nil {
 		m.logger.Warn("recording a job's usage", zap.String("job", snap.ID), zap.Error(err))
 	}
+}
+
+// ranOnHome reports whether the job ran on the user's own ComfyUI.
+func ranOnHome(j *Job) bool {
+	if j.Upstream == "" || j.Home == "" {
+		return false
+	}
+	u, err := url.Parse(j.Home)
+	return err == nil && (j.Upstream == j.Home || j.Upstream == u.Redacted())
 }
 
 // jobTimes splits a job's life at the gateway into GPU time and waiting.

@@ -77,6 +77,7 @@ type Manager struct {
 	owner    string
 	leaseTTL time.Duration
 	outcomes jobOutcomes
+	failures failureRing // the latest failed jobs, for operators
 	// historyLimit is how many ended jobs each user keeps.
 	historyLimit atomic.Int64
 	// historyBytes bounds the bodies of each user's ended jobs (bytes).
@@ -760,6 +761,9 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 		return
 	}
 	m.outcomes.count(snap.Status)
+	if snap.Status == StatusFailed {
+		m.recordFailure(snap)
+	}
 	go m.trimHistory(snap.User)
 	m.mu.Lock()
 	pool := m.pools[snap.Pool]

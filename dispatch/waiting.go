@@ -134,31 +134,10 @@ func (m *Manager) noticeWaiting(ctx context.Context, now time.Time) {
 			}
 		}
 		for _, w := range ws {
-			var why string
 			pos, queued := positions[w.job.ID]
-			switch {
-			case held[w.r]:
-				why = "a GPU server to start"
-				if waited := now.Sub(w.firstTry); !w.firstTry.IsZero() && waited >= 5*time.Second {
-					why += fmt.Sprintf(" (%s so far, attempt %d)", waited.Truncate(5*time.Second), w.attempts)
-				} else if w.attempts > 0 {
-					why += fmt.Sprintf(" (attempt %d)", w.attempts)
-				}
-			case !queued:
+			why, ok := waitWhy(p, w.job.User, held[w.r], w.attempts, w.firstTry, pos, queued, up, running, now)
+			if !ok {
 				continue // being sent, handed over or put back: not waiting in a line
-			case !up:
-				why = "a GPU server to start"
-			case p.MaxRunning > 0 && running[w.job.User] >= p.MaxRunning:
-				if p.MaxRunning == 1 {
-					why = "your running job to end (one at a time per person)"
-				} else {
-					why = fmt.Sprintf("one of your running jobs to end (%d at a time per person)", p.MaxRunning)
-				}
-			default:
-				why = "a free GPU server"
-			}
-			if queued && pos > 0 {
-				why += " — " + inLine(pos)
 			}
 			last := m.waits.told[w.job.ID]
 			if last.why == why && now.Sub(last.at) < waitNoticeRepeat {
@@ -175,6 +154,41 @@ func (m *Manager) noticeWaiting(ctx context.Context, now time.Time) {
 		}
 	}
 	m.waits.told = told
+}
+
+// waitWhy says why a job of user waits for pool p, in the words its user
+// is told ("Waiting for <why>…"), with its place in line: held for a
+// cold-start retry (attempts so far, since firstTry), queued at pos
+// (queued: it has a place) behind a pool with no endpoint up, behind the
+// user's max_running (running counts each user's jobs on the pool), or
+// for a free endpoint. ok is false for a job neither held nor queued: it
+// is being sent, handed over or put back.
+func waitWhy(p *Pool, user string, held bool, attempts int, firstTry time.Time, pos int, queued, up bool, running map[string]int, now time.Time) (why string, ok bool) {
+	switch {
+	case held:
+		why = "a GPU server to start"
+		if waited := now.Sub(firstTry); !firstTry.IsZero() && waited >= 5*time.Second {
+			why += fmt.Sprintf(" (%s so far, attempt %d)", waited.Truncate(5*time.Second), attempts)
+		} else if attempts > 0 {
+			why += fmt.Sprintf(" (attempt %d)", attempts)
+		}
+	case !queued:
+		return "", false
+	case !up:
+		why = "a GPU server to start"
+	case p.MaxRunning > 0 && running[user] >= p.MaxRunning:
+		if p.MaxRunning == 1 {
+			why = "your running job to end (one at a time per person)"
+		} else {
+			why = fmt.Sprintf("one of your running jobs to end (%d at a time per person)", p.MaxRunning)
+		}
+	default:
+		why = "a free GPU server"
+	}
+	if queued && pos > 0 {
+		why += " — " + inLine(pos)
+	}
+	return why, true
 }
 
 // waitingLocked reports whether the run waits for an endpoint of its pool

@@ -79,6 +79,7 @@ type Gateway struct {
 	homesMu  sync.Mutex
 	homes    map[string]*dispatch.Upstream
 	features map[string]featureCache
+	ops      *Ops // the operator's page
 	// outBytes counts each running job's stored outputs (usage).
 	outBytes outputTally
 }
@@ -103,6 +104,7 @@ func New(cfg Config) (*Gateway, error) {
 		features: map[string]featureCache{},
 	}
 	g.hub.SetLimits(cfg.MaxSocketsPerUser, cfg.MaxSocketQueue)
+	g.ops = newOps(g)
 	g.manager = dispatch.NewManager(cfg.Store, g, cfg.Logger.Named("dispatch"))
 	g.manager.SetLeaseTTL(cfg.LeaseTTL)
 	g.manager.SetEventLimits(cfg.Events)
@@ -649,6 +651,7 @@ func (g *Gateway) QueueChanged(user string) {
 // localQueueChanged sends the new queue count to this gateway's sockets of
 // the user.
 func (g *Gateway) localQueueChanged(user string) {
+	g.ops.changed()
 	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
 	remote := g.remoteCount(ctx, user)
 	cancel()

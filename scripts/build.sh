@@ -7,8 +7,11 @@
 #                  "package": package to plug in (default: the module's root),
 #                  "replace": local directory of the module, relative to the repo root,
 #                  "version": module version, when not replaced}
-# comfyume's Caddy modules are its caddymodule package, so that is the package
-# plugged in, with the module replaced by this checkout.
+# comfyume's module root registers its Caddy modules (modules.go), so the
+# plugin is the module itself, replaced by this checkout: the build runs
+#   xcaddy build <caddy> --with github.com/comfyume/comfyume=<this checkout>
+# exactly as the plugin convention says, with xcaddy installed at its pinned
+# version. TestXcaddyBuild (xcaddy_test.go, under CI) runs this script.
 #
 # Usage: scripts/build.sh [output path]
 # Needs go and python3. Prints the binary's path when done; then e.g.
@@ -69,8 +72,10 @@ fi
 # proxies joined with "|" (next entry on any error), ending in an empty
 # file:// proxy, which answers "not found". "direct" is left out: it would
 # try to clone unpublished modules with git.
-empty_proxy="$(mktemp -d)"
-trap 'rm -rf "$empty_proxy"' EXIT
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+empty_proxy="$work/proxy"
+mkdir "$empty_proxy"
 proxies=()
 IFS=',|' read -r -a configured <<<"$(go env GOPROXY)"
 for p in "${configured[@]}"; do
@@ -80,7 +85,10 @@ proxies+=("file://$empty_proxy")
 GOPROXY="$(IFS='|' && echo "${proxies[*]}")"
 export GOPROXY
 
-echo "build.sh: Caddy $caddy_version, xcaddy $xcaddy_version, ${plugin_args[*]}, GOPROXY=$GOPROXY" >&2
-go run "github.com/caddyserver/xcaddy/cmd/xcaddy@$xcaddy_version" \
-	build "$caddy_version" "${plugin_args[@]}" --output "$output"
+echo "build.sh: GOPROXY=$GOPROXY" >&2
+echo "build.sh: go install github.com/caddyserver/xcaddy/cmd/xcaddy@$xcaddy_version" >&2
+GOBIN="$work/bin" go install "github.com/caddyserver/xcaddy/cmd/xcaddy@$xcaddy_version"
+echo "build.sh: xcaddy build $caddy_version ${plugin_args[*]} --output $output" >&2
+echo "build.sh: compiling Caddy (a few minutes the first time; xcaddy logs each step)" >&2
+"$work/bin/xcaddy" build "$caddy_version" "${plugin_args[@]}" --output "$output"
 echo "$output"

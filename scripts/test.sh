@@ -62,15 +62,38 @@ start_services() {
 	export COMFYUME_TEST_VALKEY_SERVER="${_valkey_bin:-$(command -v valkey-server || command -v redis-server || true)}"
 	export COMFYUME_TEST_VALKEY_LD_PATH="${_valkey_ld_path:-}"
 	start_s3
+	# The workshop in Docker (examples/workshop) for e2e/compose's tests:
+	# CI always, developers with COMFYUME_COMPOSE=1. Installs Docker if
+	# missing; takes minutes (it compiles Caddy inside Docker).
+	if [[ "${CI:-}" == true || "${COMFYUME_COMPOSE:-}" == 1 ]]; then
+		# shellcheck source=compose/stack.sh
+		source scripts/compose/stack.sh
+		start_workshop "$root"
+	fi
 }
 
 start=$(date +%s)
+cat <<'EOF'
+scripts/test.sh runs every test, in these steps (each says how long it took):
+  1. toolchain: installs what is missing (gcc for -race, Chromium, Node)
+  2. npm ci for the SDK test, when e2e/sdk changed
+  3. starts a Valkey and an S3 server on 127.0.0.1 for the shared-state tests
+  4. go vet and a gofmt check
+  5. go test -race ./...: compiling the test binaries takes several minutes
+     the first time (nothing to show meanwhile but a line a minute); each
+     package's result follows as it finishes, failing tests' output in
+     full, and the last line counts the tests: N passed, N failed, N skipped.
+     Under CI=true TestXcaddyBuild also builds Caddy with xcaddy (about 5
+     minutes of CPU with a cold cache).
+EOF
 step "toolchain"
 go version
 # -race needs cgo, so a C compiler.
 command -v gcc >/dev/null || apt_install gcc libc6-dev
-# caddymodule's TestCrossSiteAttackInChromium drives Debian's Chromium.
+# caddymodule's TestCrossSiteAttackInChromium and TestOpsPageInChromium drive
+# Debian's Chromium; the operator page's screenshots land in test-artifacts/.
 command -v chromium >/dev/null || apt_install chromium
+export COMFYUME_TEST_ARTIFACTS="${COMFYUME_TEST_ARTIFACTS:-$root/test-artifacts}"
 command -v node >/dev/null && echo "node $(node --version), npm $(npm --version)" || echo "node: not installed yet"
 
 step "npm ci --prefix e2e/sdk"
@@ -95,17 +118,22 @@ if [[ -n "$unformatted" ]]; then
 fi
 echo "all Go files are formatted"
 
-step "go test -race -count=1 -timeout 20m ./..."
+step "go test -race -count=1 -timeout 30m ./..."
 t=$(date +%s)
-echo "(setup took $((t - start))s; go test's own lines close this output)"
-go test -race -count=1 -timeout 20m "$@" ./...
-
-# The workshop in Docker (examples/workshop): CI always, developers with
-# COMFYUME_COMPOSE=1. Installs Docker if missing; takes minutes (it builds
-# Caddy inside Docker).
-if [[ "${CI:-}" == true || "${COMFYUME_COMPOSE:-}" == 1 ]]; then
-	step "scripts/compose-test.sh"
-	t=$(date +%s)
-	bash scripts/compose-test.sh
-	elapsed "compose test" "$t"
-fi
+echo "(setup took $((t - start))s)"
+# go test -json, read by scripts/testsummary: package results as they come,
+# failing tests' output in full, a line a minute while nothing else is said,
+# and the totals at the end. -v among the arguments shows every test's
+# output. The pipeline fails if go test or the summary does.
+summary_bin="$(mktemp -d)"
+remove_summary_bin() { rm -rf "$summary_bin"; }
+cleanup_fns+=(remove_summary_bin)
+go build -o "$summary_bin/testsummary" ./scripts/testsummary
+summary_args=()
+for a in "$@"; do
+	[[ "$a" == "-v" || "$a" == "-test.v" || "$a" == "-v=true" ]] && summary_args=(-v)
+done
+WORKSHOP_FAILED=1 # the workshop's containers' logs, if it runs and this fails
+go test -json -race -count=1 -timeout 30m "$@" ./... | "$summary_bin/testsummary" "${summary_args[@]}"
+WORKSHOP_FAILED=
+elapsed "go test" "$t"

@@ -11,7 +11,7 @@ import (
 type MemoryLedger struct {
 	mu   sync.Mutex
 	days map[string]map[string]int64
-	// done are the jobs recorded, by the day they ended.
+	// done are the jobs recorded lately, by the day they ended.
 	done   map[string]map[string]struct{}
 	pruned string // the day old days were last forgotten
 	now    func() time.Time
@@ -31,6 +31,13 @@ func (l *MemoryLedger) dayLocked(day string) map[string]int64 {
 		for d := range l.days {
 			if d < oldest {
 				delete(l.days, d)
+			}
+		}
+		// A job is recorded once when it ends: its marker is needed for
+		// a day or two, not for the whole retention.
+		recent := DayOf(l.now().Add(-48 * time.Hour))
+		for d := range l.done {
+			if d < recent {
 				delete(l.done, d)
 			}
 		}

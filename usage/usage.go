@@ -187,7 +187,10 @@ type ExceededError struct {
 func (e *ExceededError) Error() string {
 	var used string
 	if e.Kind == KindJobs {
-		used = fmt.Sprintf("You have used your %d prompts for today on the GPU pool %q (%d admitted).", e.Limit, e.Pool, e.Used)
+		used = fmt.Sprintf("You have used your %d prompts for today on the GPU pool %q.", e.Limit, e.Pool)
+		if e.Used > e.Limit {
+			used = fmt.Sprintf("You have used %d prompts today on the GPU pool %q, over your %d.", e.Used, e.Pool, e.Limit)
+		}
 	} else {
 		used = fmt.Sprintf("You have used your GPU time for today on the GPU pool %q: %s of %s.", e.Pool,
 			FormatDuration(time.Duration(e.Used)*time.Millisecond), FormatDuration(time.Duration(e.Limit)*time.Millisecond))
@@ -382,4 +385,42 @@ func checkArgs(day, pool, user string) error {
 		return errBadArg
 	}
 	return nil
+}
+
+// Today returns today's rows (UTC) of one user, or of everyone when user
+// is "": what each person used so far today, with the quota that held at
+// their last admission (the operator page's "usage against quota").
+func Today(ctx context.Context, l Ledger, user string) ([]Row, error) {
+	day := DayOf(time.Now())
+	return l.Usage(ctx, Query{Since: day, Until: day, User: user})
+}
+
+// GPULimit is the GPU time the row's user may use that day (the quota
+// plus what an operator added), and false when no GPU quota held.
+func (r Row) GPULimit() (time.Duration, bool) {
+	if r.QuotaGPUSeconds <= 0 {
+		return 0, false
+	}
+	return time.Duration((r.QuotaGPUSeconds + r.ExtraGPUSeconds) * float64(time.Second)), true
+}
+
+// JobsLimit is the prompts the row's user may have admitted that day, and
+// false when no limit held.
+func (r Row) JobsLimit() (int64, bool) {
+	if r.QuotaJobs <= 0 {
+		return 0, false
+	}
+	return r.QuotaJobs + r.ExtraJobs, true
+}
+
+// OverQuota reports whether the row's user gets no more prompts admitted
+// that day (under the quota that held at their last admission).
+func (r Row) OverQuota() bool {
+	if n, ok := r.JobsLimit(); ok && r.Admitted >= n {
+		return true
+	}
+	if d, ok := r.GPULimit(); ok && time.Duration(r.GPUSeconds*float64(time.Second)) >= d {
+		return true
+	}
+	return false
 }

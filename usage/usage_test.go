@@ -167,3 +167,22 @@ func FuzzParseQuery(f *testing.F) {
 		}
 	})
 }
+
+func TestRowLimits(t *testing.T) {
+	r := Row{QuotaGPUSeconds: 60, ExtraGPUSeconds: 30, GPUSeconds: 89, QuotaJobs: 2, ExtraJobs: 1, Admitted: 2}
+	if d, ok := r.GPULimit(); !ok || d != 90*time.Second || r.OverQuota() {
+		t.Fatalf("%v %v %v", d, ok, r.OverQuota())
+	}
+	r.Admitted = 3
+	if !r.OverQuota() {
+		t.Fatal("3 of 3 prompts is not over")
+	}
+	if _, ok := (Row{GPUSeconds: 1e6}).GPULimit(); ok || (Row{GPUSeconds: 1e6, Admitted: 1e6}).OverQuota() {
+		t.Fatal("no quota is a limit")
+	}
+	l := NewMemoryLedger()
+	_ = l.Admit(context.Background(), DayOf(time.Now()), "p", "u", Limits{Jobs: 1})
+	if rows, err := Today(context.Background(), l, "u"); err != nil || len(rows) != 1 || !rows[0].OverQuota() {
+		t.Fatalf("today: %+v %v", rows, err)
+	}
+}

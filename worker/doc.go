@@ -47,6 +47,13 @@
 // ({"ready","running"}, 503 until the local ComfyUI answers), usable as
 // the platform's health check.
 //
+// With Options.Supervisor the worker also runs the local ComfyUI as its
+// child (Supervisor: readiness by polling, output to the log, restart
+// with backoff, stop with the worker): it is ready only while that
+// ComfyUI is, and a job whose ComfyUI ends ends with an error frame saying
+// how (exit code, signal, out of memory) and the lines it printed
+// meanwhile.
+//
 // On platforms that only offer asynchronous request/response HTTP
 // (Verda's "Prefer: respond-async"), set Client.Async: the same request
 // is submitted, the platform stores the worker's whole response (the

@@ -76,6 +76,10 @@ type Options struct {
 	Dialer *websocket.Dialer
 	// Logger receives the worker's logs (default: none).
 	Logger *zap.Logger
+	// Supervisor, if set, runs the local ComfyUI: the worker is ready only
+	// while it says so, and a job whose ComfyUI ends ends with an error
+	// saying why (exit code or signal, out of memory, its last lines).
+	Supervisor *Supervisor
 }
 
 // Server runs jobs sent as one streaming request each on the local
@@ -142,6 +146,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			s.refuse(w, r, http.StatusUnsupportedMediaType, "a job request has Content-Type "+ContentType)
 			return
 		}
+		if sup := s.opts.Supervisor; sup != nil && !sup.Ready() {
+			st := sup.Status()
+			msg := "the local ComfyUI is " + st.State
+			if st.LastExit != "" {
+				msg += " (" + st.LastExit + ")"
+			}
+			s.refuse(w, r, http.StatusServiceUnavailable, msg)
+			return
+		}
 		s.serveJob(w, r)
 	default:
 		w.Header().Set("Allow", "GET, HEAD, POST")
@@ -174,6 +187,8 @@ type Status struct {
 	Ready bool `json:"ready"`
 	// Running is the number of jobs the worker is handling.
 	Running int `json:"running"`
+	// ComfyUI is the state of the ComfyUI the worker runs (with command).
+	ComfyUI *ChildStatus `json:"comfyui,omitempty"`
 }
 
 // serveStatus answers 200 with the Status when the local ComfyUI is
@@ -183,7 +198,14 @@ func (s *Server) serveStatus(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
 	defer cancel()
 	st := Status{Running: s.Running()}
-	if req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.base+"/system_stats", nil); err == nil {
+	sup := s.opts.Supervisor
+	if sup != nil {
+		cs := sup.Status()
+		st.ComfyUI = &cs
+	}
+	if sup != nil && !sup.Ready() {
+		// Starting or restarting: not worth asking.
+	} else if req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.base+"/system_stats", nil); err == nil {
 		if resp, err := s.hc.Do(req); err == nil {
 			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
 			resp.Body.Close()
@@ -239,6 +261,10 @@ type job struct {
 	flagsSeen chan struct{}
 
 	out *frameOut
+	// life is the supervised ComfyUI the job runs on (nil without one);
+	// lines is how many lines it had printed when the job came.
+	life  *life
+	lines int64
 
 	// job loop state
 	started  bool // saw execution_start of our prompt
@@ -286,6 +312,11 @@ func (s *Server) serveJob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	j.log = s.log.With(zap.String("prompt_id", j.spec.PromptID), zap.String("client_id", j.clientID))
+	if s.opts.Supervisor != nil {
+		if j.life = s.opts.Supervisor.current(); j.life != nil {
+			j.lines = j.life.tail.count()
+		}
+	}
 
 	fail := func(err error) {
 		var se *statusError
@@ -777,8 +808,15 @@ func (j *job) loop(ctx context.Context) {
 	idle := time.NewTimer(j.s.opts.Idle)
 	defer idle.Stop()
 	var grace <-chan time.Time
+	var ended <-chan struct{}
+	if j.life != nil {
+		ended = j.life.done
+	}
 	for {
 		select {
+		case <-ended:
+			j.comfyEnded()
+			return
 		case <-ctx.Done():
 			j.log.Info("gateway left; interrupting the prompt", zap.Error(context.Cause(ctx)))
 			j.cancelLocal()
@@ -800,6 +838,9 @@ func (j *job) loop(ctx context.Context) {
 			return
 		case f, ok := <-j.frames:
 			if !ok {
+				if j.comfyEnded() {
+					return
+				}
 				msg := fmt.Sprintf("lost the WebSocket of the local ComfyUI: %v", j.readErr)
 				j.log.Warn(msg)
 				j.cancelLocal()
@@ -837,6 +878,31 @@ func (j *job) loop(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// exitWait is how long a job whose local WebSocket broke waits for the
+// supervised ComfyUI to be found dead (the socket closes before the
+// process is reaped and its output read).
+const exitWait = 5 * time.Second
+
+// comfyEnded ends the job with why its supervised ComfyUI ended, if it
+// did (waiting up to exitWait for it to be seen gone). It reports whether
+// it did.
+func (j *job) comfyEnded() bool {
+	if j.life == nil {
+		return false
+	}
+	t := time.NewTimer(exitWait)
+	defer t.Stop()
+	select {
+	case <-j.life.done:
+	case <-t.C:
+		return false
+	}
+	msg := j.life.exit.MessageSince(j.lines)
+	j.log.Warn("ComfyUI ended during the job", zap.String("reason", j.life.exit.Reason()))
+	j.fail(msg)
+	return true
 }
 
 func (j *job) fail(msg string) {

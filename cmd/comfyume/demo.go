@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -21,61 +22,154 @@ import (
 	"github.com/comfyume/comfyume/comfytest"
 )
 
-const (
-	homeAddr = "127.0.0.1:8188"
-	gpuAddr  = "127.0.0.1:8189"
-)
+// demoConfig is where the demo's parts listen. All of them are loopback
+// addresses by default: the gateway has no login.
+type demoConfig struct {
+	Listen   string // the gateway's site, host:port (default 127.0.0.1:8080)
+	HomeAddr string // home ComfyUI (yours if one answers there, else simulated)
+	GPUAddr  string // the simulated GPU of pool "gpu"
+	Admin    string // Caddy's admin endpoint ("off" to disable)
+	Step     time.Duration
+}
 
-func runDemo(cmd *cobra.Command, _ []string) error {
-	listen, _ := cmd.Flags().GetString("listen")
-	noJob, _ := cmd.Flags().GetBool("no-job")
-	step, _ := cmd.Flags().GetDuration("step")
-	if step == 0 {
-		step = 150 * time.Millisecond
+const defaultListen = "127.0.0.1:8080"
+
+func defaultDemoConfig() demoConfig {
+	return demoConfig{Listen: defaultListen, HomeAddr: "127.0.0.1:8188", GPUAddr: "127.0.0.1:8189", Admin: "localhost:2019", Step: 150 * time.Millisecond}
+}
+
+// demoCaddyfile is the embedded Caddyfile with the demo's addresses: the
+// site's port and bind host from c.Listen (an empty host, e.g. ":8080",
+// drops the bind line: every interface), and home, GPU and admin as given.
+func demoCaddyfile(c demoConfig) ([]byte, error) {
+	host, port, err := net.SplitHostPort(c.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("--listen %q: %w", c.Listen, err)
 	}
-
-	homeKind := "your ComfyUI"
-	if !comfyUIAt(homeAddr) {
-		home := comfytest.New(comfytest.Options{Version: "2026", Name: "home (simulated)", StepDelay: step})
-		if err := home.Listen(homeAddr); err != nil {
-			return fmt.Errorf("starting simulated home on %s: %w", homeAddr, err)
+	cf := string(comfyume.DefaultCaddyfile)
+	bind := "" // every interface
+	if host != "" {
+		bind = "\tbind " + host + "\n"
+	}
+	for _, r := range [][2]string{
+		{"\n:8080 {", "\n:" + port + " {"},
+		{"\tbind 127.0.0.1\n", bind},
+		{"admin localhost:2019", "admin " + c.Admin},
+		{"127.0.0.1:8188", c.HomeAddr},
+		{"127.0.0.1:8189", c.GPUAddr},
+	} {
+		if !strings.Contains(cf, r[0]) {
+			return nil, fmt.Errorf("embedded Caddyfile: %q not found", r[0])
 		}
-		defer home.Close()
-		homeKind = "a simulated home ComfyUI"
+		cf = strings.ReplaceAll(cf, r[0], r[1])
 	}
-	gpu := comfytest.New(comfytest.Options{Version: "2026", Name: "gpu (simulated)", StepDelay: step})
-	if err := gpu.Listen(gpuAddr); err != nil {
-		return fmt.Errorf("starting simulated GPU on %s: %w", gpuAddr, err)
-	}
-	defer gpu.Close()
+	return []byte(cf), nil
+}
 
-	cf := bytes.Replace(comfyume.DefaultCaddyfile, []byte("\n:8080 {"), []byte("\n"+listen+" {"), 1)
+// demo is a running demonstration: the gateway and its simulated servers.
+type demo struct {
+	Base      string // the gateway's URL
+	Simulated bool   // home is simulated (no ComfyUI answered at HomeAddr)
+	stops     []func()
+}
+
+func (d *demo) Stop() {
+	for i := len(d.stops) - 1; i >= 0; i-- {
+		d.stops[i]()
+	}
+}
+
+// startDemo starts the simulated servers and the gateway, saying what it
+// does on out, and returns once the gateway serves.
+func startDemo(c demoConfig, out io.Writer) (*demo, error) {
+	d := &demo{}
+	started := false
+	defer func() {
+		if !started {
+			d.Stop()
+		}
+	}()
+	host, port, err := net.SplitHostPort(c.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("--listen %q: %w", c.Listen, err)
+	}
+	switch host {
+	case "", "127.0.0.1", "localhost":
+		d.Base = "http://localhost:" + port
+	default:
+		d.Base = "http://" + net.JoinHostPort(host, port)
+	}
+	fmt.Fprintf(out, "[1/4] home: looking for your ComfyUI on %s\n", c.HomeAddr)
+	if comfyUIAt(c.HomeAddr) {
+		fmt.Fprintf(out, "      found one: it is the home, its web UI is what %s shows\n", d.Base)
+	} else {
+		d.Simulated = true
+		home := comfytest.New(comfytest.Options{Version: "2026", Name: "home (simulated)", StepDelay: c.Step, IndexHTML: demoPage(c, d.Base)})
+		if err := home.Listen(c.HomeAddr); err != nil {
+			return nil, fmt.Errorf("starting simulated home on %s: %w", c.HomeAddr, err)
+		}
+		d.stops = append(d.stops, home.Close)
+		fmt.Fprintf(out, "      none there: started a simulated one (API only, no web UI)\n")
+	}
+	fmt.Fprintf(out, "[2/4] pool \"gpu\": starting a simulated GPU ComfyUI on %s\n", c.GPUAddr)
+	gpu := comfytest.New(comfytest.Options{Version: "2026", Name: "gpu (simulated)", StepDelay: c.Step})
+	if err := gpu.Listen(c.GPUAddr); err != nil {
+		return nil, fmt.Errorf("starting simulated GPU on %s: %w", c.GPUAddr, err)
+	}
+	d.stops = append(d.stops, gpu.Close)
+
+	fmt.Fprintf(out, "[3/4] gateway: Caddy with the embedded Caddyfile on %s (Caddy's log follows on stderr)\n", c.Listen)
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		fmt.Fprintf(out, "      warning: %s is every interface, and the demo has no login: anyone who reaches this machine can use it\n", c.Listen)
+	}
+	cf, err := demoCaddyfile(c)
+	if err != nil {
+		return nil, err
+	}
 	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt(cf, map[string]any{"filename": "Caddyfile"})
 	if err != nil {
-		return fmt.Errorf("embedded Caddyfile: %w", err)
+		return nil, fmt.Errorf("embedded Caddyfile: %w", err)
 	}
 	for _, w := range warnings {
-		fmt.Fprintln(os.Stderr, "caddyfile:", w.String())
+		fmt.Fprintln(out, "caddyfile:", w.String())
 	}
 	if err := caddy.Load(cfg, true); err != nil {
+		return nil, err
+	}
+	d.stops = append(d.stops, func() { _ = caddy.Stop() })
+	started = true
+	return d, nil
+}
+
+func runDemo(cmd *cobra.Command, _ []string) error {
+	c := defaultDemoConfig()
+	c.Listen, _ = cmd.Flags().GetString("listen")
+	noJob, _ := cmd.Flags().GetBool("no-job")
+	if step, _ := cmd.Flags().GetDuration("step"); step != 0 {
+		c.Step = step
+	}
+	d, err := startDemo(c, os.Stdout)
+	if err != nil {
 		return err
 	}
-	defer caddy.Stop() //nolint:errcheck
-
-	base := "http://" + strings.Replace(listen, ":", "localhost:", 1)
-	if !strings.HasPrefix(listen, ":") {
-		base = "http://" + listen
+	defer d.Stop()
+	homeKind := "your ComfyUI"
+	if d.Simulated {
+		homeKind = "a simulated home ComfyUI"
 	}
-	fmt.Printf("\ncomfyume is running on %s\n  home: %s at %s\n  pool \"gpu\": a simulated GPU ComfyUI at %s\n\n", base, homeKind, homeAddr, gpuAddr)
-	if !noJob {
-		if err := demoJob(base); err != nil {
+	fmt.Printf("\ncomfyume is running on %s\n  home: %s at %s\n  pool \"gpu\": a simulated GPU ComfyUI at %s\n\n", d.Base, homeKind, c.HomeAddr, c.GPUAddr)
+	if noJob {
+		fmt.Println("[4/4] --no-job: no demonstration prompt")
+	} else {
+		fmt.Println("[4/4] one prompt through the gateway, as the ComfyUI frontend sends it; every event its browser would see:")
+		if err := demoJob(d.Base); err != nil {
 			fmt.Println("demo job failed:", err)
 		}
 	}
-	if homeKind == "your ComfyUI" {
-		fmt.Printf("\nOpen %s in a browser: your ComfyUI's UI, with prompts running on the pool. Ctrl-C stops.\n", base)
+	if d.Simulated {
+		fmt.Printf("\nOpen %s in a browser: a page explains what runs here and how to put your ComfyUI behind it. Ctrl-C stops.\n", d.Base)
 	} else {
-		fmt.Printf("\nThe simulated home serves the API but no web UI: start ComfyUI on %s and run this again to use the UI through %s. Ctrl-C stops.\n", homeAddr, base)
+		fmt.Printf("\nOpen %s in a browser: your ComfyUI's UI, with prompts running on the pool. Ctrl-C stops.\n", d.Base)
 	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, os.Interrupt)

@@ -20,15 +20,17 @@ import (
 func main() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "demo",
-		Usage: "[--listen :8080] [--no-job]",
+		Usage: "[--listen 127.0.0.1:8080] [--no-job]",
 		Short: "Runs the gateway with its embedded defaults in front of simulated ComfyUI servers",
 		Long: `Runs the embedded default Caddyfile (the repository's top-level Caddyfile):
-the gateway on :8080, a simulated GPU ComfyUI on 127.0.0.1:8189, and your own
-ComfyUI on 127.0.0.1:8188 as home if one runs there (else a simulated one).
+the gateway on 127.0.0.1:8080 (this machine only: the demo has no login), a
+simulated GPU ComfyUI on 127.0.0.1:8189, and your own ComfyUI on
+127.0.0.1:8188 as home if one runs there (else a simulated one, whose page at
+/ explains what runs and how to put a real ComfyUI behind it).
 It then queues one prompt through the gateway, prints every event the browser
 would see, saves the output image, and keeps serving until interrupted.`,
 		CobraFunc: func(cmd *cobra.Command) {
-			cmd.Flags().String("listen", ":8080", "address of the gateway (the embedded Caddyfile's site)")
+			cmd.Flags().String("listen", defaultListen, "address of the gateway, host:port (\":8080\" is every interface)")
 			cmd.Flags().Bool("no-job", false, "do not queue the demonstration prompt")
 			cmd.Flags().Duration("step", 0, "simulated GPU time per step (default 150ms)")
 			cmd.RunE = runDemo

@@ -1,11 +1,12 @@
 // Package compose tests the workshop of examples/workshop as it runs in
-// Docker: scripts/compose-test.sh builds the images, brings the compose file
-// up and runs these tests against its gateway, the way participants'
-// browsers reach it (basic auth, the ComfyUI API, the WebSocket).
+// Docker: scripts/compose/stack.sh builds the images and brings the compose
+// file up (scripts/test.sh under CI=true or COMFYUME_COMPOSE=1, or
+// scripts/compose-test.sh alone), and these tests reach its gateway the way
+// participants' browsers do (basic auth, the ComfyUI API, the WebSocket).
 //
-// The tests skip unless COMFYUME_COMPOSE_URL names the gateway. With it they
-// also need COMFYUME_COMPOSE_CMD, the docker-compose command line of the
-// stack (project and file), to stop, start and kill GPU workers.
+// COMFYUME_COMPOSE_URL names the gateway (without it the tests skip, or
+// fail under CI=true); COMFYUME_COMPOSE_CMD is the stack's docker-compose
+// command line (project and file), to stop, start and kill GPU workers.
 package compose
 
 import (
@@ -41,7 +42,10 @@ type stack struct {
 func newStack(t *testing.T) *stack {
 	base := os.Getenv("COMFYUME_COMPOSE_URL")
 	if base == "" {
-		t.Skip("COMFYUME_COMPOSE_URL is not set: scripts/compose-test.sh runs this test against the composed workshop")
+		if os.Getenv("CI") == "true" {
+			t.Fatal("COMFYUME_COMPOSE_URL is not set under CI=true: scripts/test.sh starts the workshop (scripts/compose/stack.sh)")
+		}
+		t.Skip("COMFYUME_COMPOSE_URL is not set: scripts/compose-test.sh (or scripts/test.sh with COMFYUME_COMPOSE=1) runs this test against the composed workshop")
 	}
 	cmd := strings.Fields(os.Getenv("COMFYUME_COMPOSE_CMD"))
 	if len(cmd) == 0 {
