@@ -81,33 +81,6 @@ func sharedCaddyfile(prefix, valkeyAddr string, s3 [4]string, home, gpu, extraGl
 `
 }
 
-var (
-	binOnce sync.Once
-	binPath string
-	binErr  error
-)
-
-// replicaBinary builds cmd/comfyume once per test run.
-func replicaBinary(t *testing.T) string {
-	t.Helper()
-	binOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "comfyume-bin-")
-		if err != nil {
-			binErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "comfyume")
-		out, err := exec.Command("go", "build", "-o", binPath, "../cmd/comfyume").CombinedOutput()
-		if err != nil {
-			binErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if binErr != nil {
-		t.Fatal(binErr)
-	}
-	return binPath
-}
-
 // replica is a second Caddy, in its own process.
 type replica struct {
 	gateway

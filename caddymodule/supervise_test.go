@@ -7,11 +7,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -28,42 +26,6 @@ import (
 // tests run one Caddy holding both the gateway (a pool with one
 // `transport worker` upstream) and the GPU worker site, so the browser's
 // jobs travel the whole way.
-
-var (
-	fakeOnce sync.Once
-	fakeBin  string
-	fakeErr  error
-)
-
-// TestMain removes the fake ComfyUI binary the tests built.
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if fakeBin != "" {
-		_ = os.RemoveAll(filepath.Dir(fakeBin))
-	}
-	os.Exit(code)
-}
-
-// fakeComfyBinary builds comfytest/cmd/fakecomfy once per test binary.
-func fakeComfyBinary(t *testing.T) string {
-	t.Helper()
-	fakeOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "fakecomfy")
-		if err != nil {
-			fakeErr = err
-			return
-		}
-		fakeBin = filepath.Join(dir, "fakecomfy")
-		out, err := exec.Command("go", "build", "-o", fakeBin, "github.com/comfyume/comfyume/comfytest/cmd/fakecomfy").CombinedOutput()
-		if err != nil {
-			fakeErr = fmt.Errorf("go build fakecomfy: %v\n%s", err, out)
-		}
-	})
-	if fakeErr != nil {
-		t.Fatal(fakeErr)
-	}
-	return fakeBin
-}
 
 // supervised is a Caddy running a gateway and a supervised GPU worker.
 type supervised struct {

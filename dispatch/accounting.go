@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/url"
+	"strconv"
 	"time"
 
 	"go.uber.org/zap"
@@ -82,6 +83,34 @@ func (m *Manager) admit(ctx context.Context, p *Pool, req SubmitRequest) (string
 	}
 }
 
+// overQuota is checked when a waiting job leaves the queue: if the user's
+// jobs that ended meanwhile used up their GPU time for today, the job is
+// not sent and gets the refusal (nil: send it). Without it every prompt
+// admitted while the user was under the quota — max_queued of them —
+// would run, however far past it. A ledger that cannot be read lets the
+// job go (it was admitted). A job taken over from another gateway keeps
+// the pool's quota only (its site's override is not in its record).
+func (m *Manager) overQuota(ctx context.Context, p *Pool, r *run) error {
+	l := m.Usage()
+	if l == nil || p.Quota.Apply(r.req.Quota).GPU <= 0 {
+		return nil
+	}
+	now := time.Now()
+	day := usage.DayOf(now)
+	rows, err := l.Usage(ctx, usage.Query{Since: day, Until: day, User: r.job.User, Pool: p.Name})
+	if err != nil || len(rows) != 1 {
+		return nil
+	}
+	limit, ok := rows[0].GPULimit()
+	used := time.Duration(rows[0].GPUSeconds * float64(time.Second))
+	if !ok || used < limit {
+		return nil
+	}
+	m.counters.Refused(p.Name, r.job.User, usage.KindGPU)
+	return &usage.ExceededError{Pool: p.Name, Kind: usage.KindGPU, Used: used.Milliseconds(),
+		Limit: limit.Milliseconds(), Resets: usage.ResetTime(now), Now: now}
+}
+
 // unadmit gives back an admission of a prompt that never ran.
 func (m *Manager) unadmit(day, pool, user string) {
 	l := m.Usage()
@@ -114,7 +143,10 @@ func (m *Manager) account(snap *Job) {
 		return
 	}
 	now := time.Now()
-	e := usage.JobEnd{JobID: snap.ID, Day: usage.DayOf(now), Pool: snap.Pool, User: snap.User,
+	// Keyed by the id and when the job was made: a client-supplied
+	// prompt_id reused once history_limit forgot its job is a new job
+	// that ran again, and is counted again.
+	e := usage.JobEnd{JobID: snap.ID + "@" + strconv.FormatInt(snap.CreateTime, 10), Day: usage.DayOf(now), Pool: snap.Pool, User: snap.User,
 		Outcome: outcomeOf(snap), OutputBytes: bytes}
 	e.GPU, e.Wait = jobTimes(snap, now)
 	m.counters.Add(e)

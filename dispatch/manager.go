@@ -691,6 +691,12 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 func (m *Manager) sendQueued(p *Pool, r *run, up *Upstream) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
+	if err := m.overQuota(ctx, p, r); err != nil {
+		r.releaseSlot()
+		m.failUnsent(r, err)
+		m.dispatchWaiting(p)
+		return
+	}
 	_, err := m.send(ctx, r, up)
 	if err == nil {
 		if up.markSuccess() {
@@ -775,10 +781,12 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
 		m.events.Deliver(recipientOf(snap), jobMessage(end))
 	}
+	// Accounted before the next job leaves the queue: a waiting job of the
+	// same user is checked against the GPU time this one used.
+	m.account(snap)
 	if pool != nil {
 		m.dispatchWaiting(pool)
 	}
-	m.account(snap)
 }
 
 // detach ends this process's hold on a run: it takes no more events, and

@@ -63,6 +63,10 @@ const (
 	opsPoll = 2 * time.Second
 	// opsHeartbeat keeps idle proxies from cutting a quiet stream.
 	opsHeartbeat = 15 * time.Second
+	// opsWriteTimeout bounds one write to a page: a page that reads
+	// nothing for that long (a sleeping laptop, a stuck proxy) is dropped
+	// and gives its place back.
+	opsWriteTimeout = 30 * time.Second
 	// opsRows bounds the running and waiting jobs and the usage rows
 	// listed, opsFailures the failures.
 	opsRows     = 200
@@ -285,6 +289,8 @@ type opsFeed struct {
 	minGap    time.Duration
 	poll      time.Duration
 	heartbeat time.Duration
+	// writeTimeout bounds each write to a page.
+	writeTimeout time.Duration
 	// after waits between two builds (a test replaces it).
 	after func(time.Duration) <-chan time.Time
 
@@ -302,7 +308,7 @@ type opsSub struct {
 
 func newOpsFeed(build func(ctx context.Context) []byte, max int) *opsFeed {
 	return &opsFeed{build: build, max: max, minGap: opsMinGap, poll: opsPoll, heartbeat: opsHeartbeat,
-		after: time.After, kick: make(chan struct{}, 1), subs: map[*opsSub]struct{}{}}
+		writeTimeout: opsWriteTimeout, after: time.After, kick: make(chan struct{}, 1), subs: map[*opsSub]struct{}{}}
 }
 
 // changed asks for a new state; it never waits.
@@ -397,7 +403,9 @@ func (f *opsFeed) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	defer f.unsubscribe(s)
 	rc := http.NewResponseController(w)
-	_ = rc.SetWriteDeadline(time.Time{}) // a stream: no end to wait for
+	// Each write has its own deadline: a stream has no end to wait for,
+	// but a page that stopped reading must not keep its place forever.
+	_ = rc.SetWriteDeadline(time.Now().Add(f.writeTimeout))
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-store")
@@ -422,6 +430,7 @@ func (f *opsFeed) serve(w http.ResponseWriter, r *http.Request) {
 		case <-hb.C:
 			out = []byte(": heartbeat\n\n")
 		}
+		_ = rc.SetWriteDeadline(time.Now().Add(f.writeTimeout))
 		if _, err := w.Write(out); err != nil {
 			return
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -212,6 +213,55 @@ func TestOpsStamp(t *testing.T) {
 			t.Fatalf("stamp(%q) = %s: %v", in, stamp([]byte(in)), err)
 		}
 	}
+}
+
+// A page that stops reading (a laptop gone to sleep, a stuck proxy) is
+// dropped once a write to it has waited writeTimeout, and gives its place
+// back: stale pages cannot fill MaxOpsStreams and lock the operator out.
+func TestOpsFeedDropsPageThatStoppedReading(t *testing.T) {
+	var n atomic.Int64
+	var small atomic.Bool
+	big := strings.Repeat("x", 256<<10)
+	f := newOpsFeed(func(context.Context) []byte {
+		if small.Load() {
+			return []byte(`{"v":1}`)
+		}
+		return []byte(fmt.Sprintf(`{"n":%d,"pad":%q}`, n.Add(1), big)) // changes every time
+	}, 1)
+	f.poll, f.minGap, f.heartbeat = 5*time.Millisecond, time.Millisecond, 20*time.Millisecond
+	f.writeTimeout = 200 * time.Millisecond
+	srv := httptest.NewServer(http.HandlerFunc(f.serve))
+	t.Cleanup(func() { srv.CloseClientConnections(); srv.Close() })
+	c, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.(*net.TCPConn).SetReadBuffer(4096)
+	if _, err := fmt.Fprintf(c, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	// The page is open, and reads nothing more.
+	deadline := time.Now().Add(10 * time.Second)
+	for f.streams() != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the stream never opened")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	deadline = time.Now().Add(20 * time.Second)
+	for f.streams() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("a page that reads nothing keeps its place")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	small.Store(true)
+	again := openStream(t, srv.URL)
+	if again.resp.StatusCode != 200 {
+		t.Fatalf("the operator's page after the stale one was dropped: %d", again.resp.StatusCode)
+	}
+	again.next()
 }
 
 // BenchmarkOpsState builds the operator page's state of a busy workshop

@@ -53,7 +53,9 @@ var Outcomes = []Outcome{Success, Error, Interrupted, Lost}
 
 // JobEnd is what one job that ran on a pool used, accounted when it ended.
 type JobEnd struct {
-	// JobID makes recording idempotent: a job is counted once.
+	// JobID makes recording idempotent: a job is counted once. It names
+	// one run of a job (the dispatcher adds when the job was made), so
+	// that a prompt id reused after its job was forgotten counts again.
 	JobID string
 	// Day is the UTC day the job ended.
 	Day        string
