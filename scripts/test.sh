@@ -62,6 +62,14 @@ start_services() {
 	export COMFYUME_TEST_VALKEY_SERVER="${_valkey_bin:-$(command -v valkey-server || command -v redis-server || true)}"
 	export COMFYUME_TEST_VALKEY_LD_PATH="${_valkey_ld_path:-}"
 	start_s3
+	# The workshop in Docker (examples/workshop) for e2e/compose's tests:
+	# CI always, developers with COMFYUME_COMPOSE=1. Installs Docker if
+	# missing; takes minutes (it compiles Caddy inside Docker).
+	if [[ "${CI:-}" == true || "${COMFYUME_COMPOSE:-}" == 1 ]]; then
+		# shellcheck source=compose/stack.sh
+		source scripts/compose/stack.sh
+		start_workshop "$root"
+	fi
 }
 
 start=$(date +%s)
@@ -125,5 +133,7 @@ summary_args=()
 for a in "$@"; do
 	[[ "$a" == "-v" || "$a" == "-test.v" || "$a" == "-v=true" ]] && summary_args=(-v)
 done
+WORKSHOP_FAILED=1 # the workshop's containers' logs, if it runs and this fails
 go test -json -race -count=1 -timeout 30m "$@" ./... | "$summary_bin/testsummary" "${summary_args[@]}"
+WORKSHOP_FAILED=
 elapsed "go test" "$t"
