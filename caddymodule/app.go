@@ -51,8 +51,8 @@ type App struct {
 	// When a job ends, the user's oldest ended jobs beyond it are
 	// forgotten — records and prompts, in memory or in Valkey — as ComfyUI
 	// forgets history beyond its own limit, so that neither grows without
-	// end. /view no longer serves a forgotten job's outputs; their files
-	// are not deleted (give the bucket a lifecycle rule for that).
+	// end. A forgotten job's captured outputs are removed from the disk
+	// directory or bucket with it (a removal that fails is logged).
 	HistoryLimit int `json:"history_limit,omitempty"`
 
 	// HistorySize bounds, in bytes, what each user's ended jobs keep of
