@@ -635,7 +635,6 @@ func (g *Gateway) deliver(to dispatch.Recipient, ev dispatch.Event, start writer
 	switch {
 	case ev.JSON != nil:
 		f.text = ev.JSON
-		f.notice = ev.Type == comfy.MsgNotification
 	case ev.Preview != nil:
 		f.preview = ev.Preview
 	case ev.Text != nil:

@@ -16,10 +16,6 @@ type frame struct {
 	text    []byte         // a JSON text frame
 	binary  []byte         // a binary frame sent as is
 	preview *comfy.Preview // a preview, encoded per socket (type 1 or 4)
-	// notice marks a `notification` text frame: only sockets whose browser
-	// declared the current frontend's features get it (see
-	// socket.currentUI).
-	notice bool
 }
 
 // Limits of what a session keeps for a browser that is reconnecting.
@@ -215,7 +211,6 @@ func busFrame(m BusMessage) (frame, bool) {
 	switch {
 	case m.Text != "":
 		f.text = []byte(m.Text)
-		f.notice = isNotice(f.text)
 	case m.Binary != nil:
 		f.binary = m.Binary
 	case m.Preview != nil:
@@ -433,7 +428,11 @@ func (s *socket) setCurrentUI(v bool) {
 // (comfy.Message encodes its type first).
 var noticePrefix = []byte(`{"type":"` + comfy.MsgNotification + `"`)
 
-// isNotice reports whether a text frame is a notification the gateway made.
+// isNotice reports whether a text frame is a notification the gateway
+// made: only sockets whose browser declared the current frontend's features
+// get those (socket.currentUI). Told from the bytes rather than marked in
+// frame: a larger frame grows every idle socket's goroutine stack (see
+// BenchmarkIdleSocketMemory).
 func isNotice(text []byte) bool { return bytes.HasPrefix(text, noticePrefix) }
 
 func (s *socket) setHomeRemaining(n int) {

@@ -167,7 +167,7 @@ func (s *socket) kick() {
 // the socket was idle, the entry is not queued but handed to the writer as
 // first. Unless mayStart, it only queues (the caller kicks the socket).
 func (s *socket) enqueueLocked(q queued, mayStart bool) (start bool, first queued, direct bool) {
-	if s.dead || s.closing || q.f.notice && !s.currentUI {
+	if s.dead || s.closing || !s.currentUI && isNotice(q.f.text) {
 		return false, q, false
 	}
 	q.size, q.kind = classify(q)
