@@ -139,6 +139,8 @@ func TestDocumentedCaddyfilesWorkAsPasted(t *testing.T) {
 	t.Setenv("XDG_DATA_HOME", t.TempDir()) // outputs disk creates its directory
 	// Parse-time environment placeholders ({$VAR}) the examples use.
 	t.Setenv("PORT", "8081")
+	// examples/workshop/worker.Caddyfile's, as Dockerfile.gpu sets it.
+	t.Setenv("COMFYUI_COMMAND", "python3 /opt/ComfyUI/main.py --listen 127.0.0.1 --port 8188")
 	all := documentedCaddyfiles(t)
 	if len(all) < 9 {
 		t.Fatalf("found only %d Caddyfiles in the documentation", len(all))

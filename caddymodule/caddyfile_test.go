@@ -39,6 +39,9 @@ func TestCaddyfileMistakesAreNamed(t *testing.T) {
 // Every Caddyfile shipped in examples/ (and the embedded demo config)
 // adapts: the documentation's configurations are real ones.
 func TestShippedCaddyfilesAdapt(t *testing.T) {
+	// Parse-time environment placeholders ({$VAR}) the examples use:
+	// examples/workshop/worker.Caddyfile's, as Dockerfile.gpu sets it.
+	t.Setenv("COMFYUI_COMMAND", "python3 /opt/ComfyUI/main.py --listen 127.0.0.1 --port 8188")
 	files, _ := filepath.Glob("../examples/*/*Caddyfile*")
 	files = append(files, "../Caddyfile")
 	if len(files) < 5 {
