@@ -220,6 +220,9 @@ func (r *run) execNode(id string) error {
 	if s.takeInterrupt() {
 		return errInterrupted
 	}
+	if s.opts.OnNodeWork != nil {
+		s.opts.OnNodeWork(j.id, id)
+	}
 	c := &nodeCtx{s: s, r: r, job: j, node: n}
 	if f := r.fail; f != "" {
 		r.fail = ""

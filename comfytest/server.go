@@ -73,6 +73,11 @@ type Options struct {
 	// execute() returns before task_done. A test can block in it to hold a
 	// job in that window; the server runs nothing else meanwhile.
 	BeforeHistory func(promptID string)
+	// OnNodeWork, if set, is called with a job's prompt id and node id when
+	// the node has passed its interrupt check and starts its work, so a
+	// test can interrupt a node that is known to be busy rather than after
+	// a guessed delay.
+	OnNodeWork func(promptID, node string)
 }
 
 // SentFrame describes one WebSocket frame for Options.OnSend.

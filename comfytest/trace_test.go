@@ -244,7 +244,12 @@ func keys[M ~map[string]V, V any](m M) []string {
 }
 
 func TestInterruptMatchesTrace(t *testing.T) {
-	srv := Start(t, Options{StepDelay: 250 * time.Millisecond})
+	blurring := make(chan struct{}, 1)
+	srv := Start(t, Options{StepDelay: 250 * time.Millisecond, OnNodeWork: func(_, node string) {
+		if node == "8" {
+			blurring <- struct{}{}
+		}
+	}})
 	base := srv.URL()
 	ws := dialWS(t, base, "accept-dd9ac5db7e81")
 	got := []frame{ws.next()}
@@ -255,7 +260,7 @@ func TestInterruptMatchesTrace(t *testing.T) {
 	}
 	id := queuePrompt(t, base, map[string]any{"prompt": wf, "client_id": "accept-dd9ac5db7e81"})
 	got = append(got, ws.until(func(f frame) bool { return f.typ == "executing" && f.str("node") == "8" })...)
-	time.Sleep(60 * time.Millisecond) // like the recording: interrupt while node 8 works
+	<-blurring // like the recording: interrupt while node 8 works
 	resp, body := doReq(t, "POST", base+"/interrupt", nil, nil)
 	if resp.StatusCode != 200 || len(body) != 0 || resp.Header.Get("Content-Type") != "application/octet-stream" {
 		t.Fatalf("interrupt: %d %q %q", resp.StatusCode, body, resp.Header.Get("Content-Type"))
