@@ -260,6 +260,10 @@ const (
 	maxUserName = 1024
 )
 
+// rowMetrics are the metrics a Row is made of (see rowSet.add).
+var rowMetrics = []string{fAdmitted, fJobs, fGPU, fWait, fBytes, fLimGPU, fLimJobs, fExtraGPU, fExtraJobs,
+	outcomePfx + string(Success), outcomePfx + string(Error), outcomePfx + string(Interrupted), outcomePfx + string(Lost)}
+
 // ValidPool reports whether a pool name can be a key of the ledger.
 func ValidPool(name string) bool { return name != "" && !strings.ContainsAny(name, fieldSep+"\x00") }
 

@@ -95,6 +95,9 @@ func TestLedgerRules(t *testing.T) {
 			if rows, _ := l.Usage(ctx, Query{Since: "2026-03-01", Until: "2026-03-31", User: "z", Pool: "gpu"}); len(rows) != 1 {
 				t.Fatalf("filtered: %+v", rows)
 			}
+			if one, _ := l.Usage(ctx, Query{Since: day, Until: day, User: "a|b", Pool: "gpu"}); len(one) != 1 || one[0] != want {
+				t.Fatalf("one user's row\n%+v\nwant\n%+v", one, want)
+			}
 			if err := l.Admit(ctx, day, "bad|pool", "u", lim); err == nil {
 				t.Fatal("a pool name with | was accepted")
 			}

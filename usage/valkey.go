@@ -162,27 +162,71 @@ func (l *ValkeyLedger) Usage(ctx context.Context, q Query) ([]Row, error) {
 	ctx, cancel := context.WithTimeout(ctx, 4*l.Timeout)
 	defer cancel()
 	set := newRowSet(q)
+	// One user's row of one pool (what a dispatch checks against the
+	// quota) reads just its fields, not the whole day of every user.
+	var fields []string
+	if q.User != "" && q.Pool != "" {
+		fields = make([]string, len(rowMetrics))
+		for i, m := range rowMetrics {
+			fields[i] = field(m, q.Pool, q.User)
+		}
+	}
 	days := q.Days()
 	for len(days) > 0 {
 		batch := days[:min(usageBatch, len(days))]
 		days = days[len(batch):]
 		cmds := make(valkey.Commands, 0, len(batch))
 		for _, d := range batch {
-			cmds = append(cmds, l.client.B().Hgetall().Key(l.dayKey(d)).Build())
+			if fields != nil {
+				cmds = append(cmds, l.client.B().Hmget().Key(l.dayKey(d)).Field(fields...).Build())
+			} else {
+				cmds = append(cmds, l.client.B().Hgetall().Key(l.dayKey(d)).Build())
+			}
 		}
 		for i, res := range l.client.DoMulti(ctx, cmds...) {
-			m, err := res.AsIntMap()
-			if err != nil {
-				return nil, fmt.Errorf("usage: reading %s: %w", batch[i], err)
-			}
-			for f, v := range m {
-				if err := set.add(batch[i], f, v); err != nil {
-					return nil, err
-				}
+			if err := l.addDay(set, batch[i], fields, res); err != nil {
+				return nil, err
 			}
 		}
 	}
 	return set.sorted(), nil
+}
+
+// addDay adds one day's answer to set: HGETALL's map, or HMGET's values of
+// fields (nil where a field is not set).
+func (l *ValkeyLedger) addDay(set *rowSet, day string, fields []string, res valkey.ValkeyResult) error {
+	if fields == nil {
+		m, err := res.AsIntMap()
+		if err != nil {
+			return fmt.Errorf("usage: reading %s: %w", day, err)
+		}
+		for f, v := range m {
+			if err := set.add(day, f, v); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	vals, err := res.ToArray()
+	if err != nil {
+		return fmt.Errorf("usage: reading %s: %w", day, err)
+	}
+	for i, v := range vals {
+		if i >= len(fields) {
+			break
+		}
+		n, err := v.AsInt64()
+		if valkey.IsValkeyNil(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("usage: reading %s: %w", day, err)
+		}
+		if err := set.add(day, fields[i], n); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Raise implements Ledger.
