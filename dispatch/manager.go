@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -1056,9 +1058,5 @@ func workflowID(extra map[string]json.RawMessage) string {
 func (m *Manager) runList() []*run {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	runs := make([]*run, 0, len(m.runs))
-	for _, r := range m.runs {
-		runs = append(runs, r)
-	}
-	return runs
+	return slices.Collect(maps.Values(m.runs))
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -129,11 +131,7 @@ func (m *Manager) abandon(r *run) {
 func (m *Manager) poolsSnapshot() []*Pool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	out := make([]*Pool, 0, len(m.pools))
-	for _, p := range m.pools {
-		out = append(out, p)
-	}
-	return out
+	return slices.Collect(maps.Values(m.pools))
 }
 
 // Recover takes over active jobs that no live gateway follows. It never
