@@ -561,11 +561,17 @@ func (g *Gateway) StoreOutput(ctx context.Context, j *dispatch.Job, ref comfy.Fi
 	if contentType == "" {
 		contentType = contentTypeOf(ref.Filename)
 	}
+	return g.putOutput(ctx, j.ID, key, contentType, body)
+}
+
+// putOutput stores one of a job's outputs in the blob store and counts its
+// bytes for the job's usage.
+func (g *Gateway) putOutput(ctx context.Context, jobID, key, contentType string, body io.Reader) error {
 	counted := &countingReader{r: body}
 	if err := g.blobs.Put(ctx, key, counted, BlobInfo{ContentType: contentType}); err != nil {
 		return err
 	}
-	g.outBytes.add(j.ID, counted.n)
+	g.outBytes.add(jobID, counted.n)
 	return nil
 }
 
@@ -588,12 +594,7 @@ func (g *Gateway) captureOne(ctx context.Context, jobID string, up *dispatch.Ups
 			if ct == "" {
 				ct = contentTypeOf(ref.Filename)
 			}
-			body := &countingReader{r: resp.Body}
-			if err := g.blobs.Put(cctx, key, body, BlobInfo{ContentType: ct}); err != nil {
-				return err
-			}
-			g.outBytes.add(jobID, body.n)
-			return nil
+			return g.putOutput(cctx, jobID, key, ct, resp.Body)
 		}()
 		if err == nil {
 			return nil
