@@ -107,6 +107,18 @@ type BatchEvents interface {
 	Flush(to Recipient)
 }
 
+// InlineEvents is implemented by an Events whose Deliver and DeliverLater
+// of a progress event, a preview or a progress text return at once,
+// without network I/O, when Inline says so. The upstream's reader then
+// hands such events over itself when the job's goroutine is idle, with no
+// hand-off between goroutines (run.offer). Events that publish on a shared
+// bus say no: the reader must never wait for the network on a job's
+// behalf.
+type InlineEvents interface {
+	BatchEvents
+	Inline() bool
+}
+
 // recipientOf returns who sees j's events.
 func recipientOf(j *Job) Recipient {
 	return Recipient{User: j.User, ClientID: j.ClientID, JobID: j.ID}
@@ -168,6 +180,17 @@ func (ev *event) size() int64 {
 type coalesceKey struct {
 	kind string
 	node string
+}
+
+// quick reports whether handling the event needs no I/O: progress,
+// previews, progress text, custom nodes' own events and executing of a
+// node (not the end marker, executing{node: null}).
+func (ev *event) quick() bool {
+	if ev.json != nil && ev.head.Type == comfy.MsgExecuting {
+		return ev.head.NodeKind == comfy.NodeString
+	}
+	_, ok := ev.transient()
+	return ok
 }
 
 func (ev *event) transient() (coalesceKey, bool) {

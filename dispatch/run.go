@@ -45,8 +45,14 @@ type run struct {
 	// The job's goroutine hands events it has more of at hand to a
 	// BatchEvents with DeliverLater; batched counts them since the last
 	// Deliver or Flush.
-	batched  int
-	batchTo  Recipient
+	batched int
+	batchTo Recipient
+	// Who handles the job's events now (at most one at a time, so they
+	// stay in order): busy while the job's goroutine is handling or
+	// flushing, inline while the upstream's reader handles one itself
+	// (offer).
+	busy     bool
+	inline   bool
 	node     string // node the upstream is executing
 	display  string
 	finished bool
@@ -191,33 +197,157 @@ func (r *run) dequeueLocked() (event, bool) {
 }
 
 func (r *run) loop() {
-	defer r.flush()
 	for {
 		r.mu.Lock()
-		ev, ok := r.dequeueLocked()
-		if !ok {
-			if r.finished {
-				r.mu.Unlock()
-				return
-			}
+		if r.inline {
+			// The upstream's reader is handling an event; it wakes this
+			// goroutine when it is done and more are queued.
 			r.mu.Unlock()
-			r.flush()
 			select {
 			case <-r.wake:
-				continue
 			case <-r.done:
-				r.mu.Lock()
-				empty := r.queue.Len() == 0
-				r.mu.Unlock()
-				if empty {
+				// The reader's flush writes what it delivered later.
+				if r.idleAfterDone() {
 					return
 				}
+			}
+			continue
+		}
+		ev, ok := r.dequeueLocked()
+		if !ok {
+			r.busy = true
+			r.mu.Unlock()
+			r.flush()
+			r.mu.Lock()
+			r.busy = false
+			if r.queue.Len() > 0 {
+				r.mu.Unlock()
 				continue
 			}
+			finished := r.finished
+			r.mu.Unlock()
+			if finished {
+				return
+			}
+			select {
+			case <-r.wake:
+			case <-r.done:
+				if r.idleAfterDone() {
+					return
+				}
+			}
+			continue
 		}
+		r.busy = true
 		r.mu.Unlock()
 		r.handle(ev)
+		r.mu.Lock()
+		r.busy = false
+		r.mu.Unlock()
 	}
+}
+
+// idleAfterDone reports, once the job is done, whether its goroutine may
+// end: nothing is queued and nobody else handles an event.
+func (r *run) idleAfterDone() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.queue.Len() == 0 && !r.inline
+}
+
+// offer hands an event from the upstream's reader to the job. An event
+// that needs no I/O to handle (progress, progress_state, executing,
+// previews, progress text) and finds the job's goroutine idle is handled
+// at once on the reader itself, without a hand-off: a frame that finds
+// the path idle goes out at once. It is delivered later (BatchEvents) and
+// the reader flushes before it next waits for its connection (readBatch),
+// so the events of one read reach the browser in one write. Anything else,
+// or while the job's goroutine has events queued, is queued (push). With
+// an Events that is not InlineEvents, or says no, every event is queued.
+func (r *run) offer(ev event, rb *readBatch) {
+	if rb == nil || !ev.quick() || !r.inlineEvents() {
+		r.push(ev)
+		return
+	}
+	r.mu.Lock()
+	if r.finished || r.busy || r.inline || r.queue.Len() > 0 {
+		r.mu.Unlock()
+		r.push(ev)
+		return
+	}
+	r.inline = true
+	r.lastEvent = time.Now()
+	r.mu.Unlock()
+	r.handleAt(ev, true)
+	r.mu.Lock()
+	r.inline = false
+	wake := r.queue.Len() > 0
+	batched := r.batched > 0
+	r.mu.Unlock()
+	if batched {
+		rb.add(r)
+	}
+	if wake {
+		select {
+		case r.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// inlineEvents reports whether the job's events may be handed over on the
+// upstream's reader (InlineEvents).
+func (r *run) inlineEvents() bool {
+	ie, ok := r.m.events.(InlineEvents)
+	return ok && ie.Inline()
+}
+
+// flushInline writes what the upstream's reader delivered later, unless
+// the job's goroutine is handling events (its next Deliver or Flush
+// writes them).
+func (r *run) flushInline() {
+	r.mu.Lock()
+	if r.busy || r.inline {
+		r.mu.Unlock()
+		return
+	}
+	r.inline = true
+	r.mu.Unlock()
+	r.flush()
+	r.mu.Lock()
+	r.inline = false
+	wake := r.queue.Len() > 0
+	r.mu.Unlock()
+	if wake {
+		select {
+		case r.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// readBatch is what an upstream's reader delivered later since it last
+// read from its connection: the runs to flush before it waits again.
+type readBatch struct {
+	runs []*run
+}
+
+func (b *readBatch) add(r *run) {
+	for _, x := range b.runs {
+		if x == r {
+			return
+		}
+	}
+	b.runs = append(b.runs, r)
+}
+
+// flush writes every batch the reader left.
+func (b *readBatch) flush() {
+	for i, r := range b.runs {
+		r.flushInline()
+		b.runs[i] = nil
+	}
+	b.runs = b.runs[:0]
 }
 
 // handle turns an upstream event into the job's event, records it and
@@ -225,6 +355,12 @@ func (r *run) loop() {
 // job's prompt_id must replace the server's own; job state changes in
 // memory, and the record is saved only at lifecycle points.
 func (r *run) handle(raw event) {
+	r.handleAt(raw, false)
+}
+
+// handleAt is handle; more says that the caller has more events at hand
+// (the upstream's reader handling one inline: its flush follows).
+func (r *run) handleAt(raw event, more bool) {
 	r.mu.Lock()
 	if r.finished {
 		r.mu.Unlock()
@@ -232,7 +368,7 @@ func (r *run) handle(raw event) {
 	}
 	job := r.job
 	to := recipientOf(job)
-	more := r.queue.Len() > 0
+	more = more || r.queue.Len() > 0
 	var ev Event
 	switch {
 	case raw.json != nil:

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"slices"
 	"time"
 
@@ -69,9 +70,20 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 			close(ready)
 		}
 	}
+	// What the reader handled itself and delivered later; flushed before
+	// each read from the connection (flushingConn).
+	rb := &readBatch{}
+	dialer := *u.dialer
+	dialer.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &flushingConn{Conn: c, batch: rb}, nil
+	}
 	for attempt := 0; ; attempt++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		conn, err := u.DialWebSocket(ctx, "/ws?clientId="+u.clientID)
+		conn, err := u.DialWebSocketWith(ctx, &dialer, "/ws?clientId="+u.clientID)
 		cancel()
 		if err == nil {
 			// Ask for type-4 previews (with node and prompt ids).
@@ -85,7 +97,7 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 			greeting, err = u.readGreeting(conn)
 			_ = conn.SetReadDeadline(time.Time{})
 			if err == nil && greeting != nil {
-				u.onText(greeting)
+				u.onText(greeting, nil)
 			}
 		}
 		if err != nil {
@@ -122,7 +134,7 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 		}
 		firstFailure = time.Time{}
 		backoff = 100 * time.Millisecond
-		err = u.readStream(conn)
+		err = u.readStream(conn, rb)
 		u.mu.Lock()
 		u.conn = nil
 		u.running = ""
@@ -200,7 +212,14 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 // readStream reads the upstream's frames until the connection fails. A
 // frame over its limit is discarded as it is read (never buffered whole)
 // and logged once per job; the connection and its other jobs go on.
-func (u *Upstream) readStream(conn *websocket.Conn) error {
+//
+// Events the reader handled itself (run.offer) are flushed to the browser
+// before it next reads from the connection, so one read's events go out in
+// one write, and a lone event at once (see flushingConn).
+func (u *Upstream) readStream(conn *websocket.Conn, rb *readBatch) error {
+	if rb != nil {
+		defer rb.flush()
+	}
 	var scratch []byte
 	for {
 		typ, rd, err := conn.NextReader()
@@ -218,11 +237,29 @@ func (u *Upstream) readStream(conn *websocket.Conn) error {
 		}
 		switch typ {
 		case websocket.TextMessage:
-			u.onText(b)
+			u.onText(b, rb)
 		case websocket.BinaryMessage:
-			u.onBinary(b)
+			u.onBinary(b, rb)
 		}
 	}
+}
+
+// flushingConn is an upstream's event connection that flushes what its
+// reader delivered later before every read from the network: gorilla reads
+// the connection only once its buffer is drained, so the events of one
+// read (up to the dialer's ReadBufferSize) leave in one write per browser
+// socket, and an event read alone leaves before the reader waits for the
+// next. Only the stream's reader goroutine reads it.
+type flushingConn struct {
+	net.Conn
+	batch *readBatch
+}
+
+func (c *flushingConn) Read(p []byte) (int, error) {
+	if len(c.batch.runs) > 0 {
+		c.batch.flush()
+	}
+	return c.Conn.Read(p)
 }
 
 // frameLimit is the largest frame of a type the stream accepts (set with
@@ -308,7 +345,7 @@ func (u *Upstream) oversized(typ int, head []byte, limit int64) {
 }
 
 // onText routes a JSON event by what comfy.ScanEvent reads of it.
-func (u *Upstream) onText(b []byte) {
+func (u *Upstream) onText(b []byte, rb *readBatch) {
 	h, ok := comfy.ScanEventKnown(b, u.lastPromptID)
 	if !ok {
 		u.logger.Warn("skipping malformed event", zap.ByteString("frame", truncate(b, 200)))
@@ -332,11 +369,15 @@ func (u *Upstream) onText(b []byte) {
 	case comfy.IsTerminal(h.Type) && u.running == pid:
 		u.running = ""
 	}
-	u.routeLocked(pid, event{json: b, head: h})
+	ev := event{json: b, head: h}
+	r := u.routeLocked(pid, ev)
 	u.mu.Unlock()
+	if r != nil {
+		r.offer(ev, rb)
+	}
 }
 
-func (u *Upstream) onBinary(b []byte) {
+func (u *Upstream) onBinary(b []byte, rb *readBatch) {
 	if t, ok := comfy.BinaryType(b); ok && t != comfy.BinaryPreviewImage && t != comfy.BinaryText && t != comfy.BinaryPreviewImageWithMetadata {
 		return // a type the frontend does not know either
 	}
@@ -349,8 +390,11 @@ func (u *Upstream) onBinary(b []byte) {
 	if pid == "" {
 		pid = u.running
 	}
-	u.routeLocked(pid, ev)
+	r := u.routeLocked(pid, ev)
 	u.mu.Unlock()
+	if r != nil {
+		r.offer(ev, rb)
+	}
 }
 
 // binaryEvent reads a preview or progress-text frame and the prompt_id it
@@ -383,20 +427,22 @@ func binaryEvent(b []byte) (ev event, pid string, ok bool) {
 	return ev, pid, true
 }
 
-func (u *Upstream) routeLocked(pid string, ev event) {
+// routeLocked returns the run that follows pid, which the caller offers
+// the event once u.mu is unlocked; an event of a job nobody follows here
+// (yet) is kept for it, within bounds, and nil is returned.
+func (u *Upstream) routeLocked(pid string, ev event) *run {
 	if pid == "" {
-		return
+		return nil
 	}
 	if r, ok := u.routes[pid]; ok {
-		r.push(ev)
-		return
+		return r
 	}
 	if ev.json != nil && ev.head.Type == comfy.MsgExecuting && ev.head.NodeKind == comfy.NodeNull {
 		// The end marker of a job nobody follows here is not kept: a job
 		// routed later under its prompt_id would take it for its own end
 		// and read another job's history. (A job followed again after its
 		// end reads its history once routed; the marker is not needed.)
-		return
+		return nil
 	}
 	q, known := u.orphans[pid]
 	if !known && len(u.orphans) >= maxOrphans {
@@ -409,6 +455,7 @@ func (u *Upstream) routeLocked(pid string, ev event) {
 		u.orphans[pid] = append(q, ev)
 		u.orphanBytes += size
 	}
+	return nil
 }
 
 // dropOrphansLocked forgets the events kept for pid.

@@ -628,6 +628,13 @@ func (g *Gateway) DeliverLater(to dispatch.Recipient, ev dispatch.Event) {
 	g.deliver(to, ev, startLater)
 }
 
+// Inline implements dispatch.InlineEvents: without a bus, handing a
+// progress event or a preview over only queues it on this gateway's
+// sockets (and writes what the connection takes at once, without
+// waiting), so the upstream's reader may do it itself. With a bus every
+// frame is published on it first, a network round trip.
+func (g *Gateway) Inline() bool { return g.hub.bus == nil }
+
 // Flush implements dispatch.BatchEvents.
 func (g *Gateway) Flush(to dispatch.Recipient) { g.hub.flush(to.User, to.ClientID) }
 

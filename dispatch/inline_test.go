@@ -1,0 +1,223 @@
+package dispatch
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/comfyume/comfyume/comfy"
+)
+
+// inlineFeed is an InlineEvents that shows what a browser would see, in
+// the order it would see it: DeliverLater holds an event until the next
+// Deliver or Flush. Capture blocks on executed events until release is
+// closed.
+type inlineFeed struct {
+	release chan struct{}
+	mu      sync.Mutex
+	held    []Event
+	shown   chan Event
+}
+
+func newInlineFeed() *inlineFeed {
+	return &inlineFeed{release: make(chan struct{}), shown: make(chan Event, 10000)}
+}
+
+func (f *inlineFeed) Capture(ctx context.Context, to Recipient, up *Upstream, ev *Event) error {
+	<-f.release
+	return nil
+}
+
+func (f *inlineFeed) DeliverLater(to Recipient, ev Event) {
+	f.mu.Lock()
+	f.held = append(f.held, ev)
+	f.mu.Unlock()
+}
+
+func (f *inlineFeed) Deliver(to Recipient, ev Event) {
+	f.DeliverLater(to, ev)
+	f.Flush(to)
+}
+
+func (f *inlineFeed) Flush(Recipient) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, ev := range f.held {
+		f.shown <- ev
+	}
+	f.held = f.held[:0]
+}
+
+func (f *inlineFeed) QueueChanged(string) {}
+func (f *inlineFeed) Inline() bool        { return true }
+
+// next returns the next event the browser is shown.
+func (f *inlineFeed) next(t *testing.T) Event {
+	t.Helper()
+	select {
+	case ev := <-f.shown:
+		return ev
+	case <-time.After(10 * time.Second):
+		t.Fatal("the browser was shown nothing more")
+		return Event{}
+	}
+}
+
+// fakeEventServer is a ComfyUI event socket that sends what the test puts
+// on its channel.
+func fakeEventServer(t *testing.T) (*Upstream, chan<- string) {
+	frames := make(chan string, 1000)
+	up := websocket.Upgrader{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		c, err := up.Upgrade(w, req, nil)
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		go func() { // read the feature flags, then whatever comes
+			for {
+				if _, _, err := c.NextReader(); err != nil {
+					return
+				}
+			}
+		}()
+		if c.WriteMessage(websocket.TextMessage, []byte(`{"type":"status","data":{"status":{"exec_info":{"queue_remaining":0}},"sid":"s"}}`)) != nil {
+			return
+		}
+		for f := range frames {
+			if c.WriteMessage(websocket.TextMessage, []byte(f)) != nil {
+				return
+			}
+		}
+	}))
+	u, err := NewUpstream(srv.URL, UpstreamOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		close(frames)
+		u.Close()
+		srv.Close()
+	})
+	return u, frames
+}
+
+// followJob routes the upstream's events of job-1 to a run of m.
+func followJob(t *testing.T, m *Manager, u *Upstream) *run {
+	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusInProgress}
+	r := newRun(m, job)
+	r.up = u
+	m.mu.Lock()
+	m.runs[job.ID] = r
+	m.mu.Unlock()
+	u.register(job.ID, r)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := u.ensureStream(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func progressValue(t *testing.T, ev Event) int {
+	t.Helper()
+	var msg struct {
+		Data struct{ Value int } `json:"data"`
+	}
+	if ev.Type != comfy.MsgProgress || json.Unmarshal(ev.JSON, &msg) != nil {
+		t.Fatalf("want a progress event, got %s %s", ev.Type, ev.JSON)
+	}
+	return msg.Data.Value
+}
+
+// idle waits until nobody handles the run's events.
+func (r *run) waitIdle(t *testing.T) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		r.mu.Lock()
+		idle := !r.busy && !r.inline && r.queue.Len() == 0
+		r.mu.Unlock()
+		if idle {
+			return
+		}
+	}
+	t.Fatal("the job's events are still being handled")
+}
+
+// An event the upstream's reader hands over itself is shown as soon as the
+// reader has nothing more to read: a lone progress event, after which the
+// GPU server stays silent, reaches the browser.
+func TestLoneEventLeavesBeforeTheReaderWaits(t *testing.T) {
+	feed := newInlineFeed()
+	m := NewManager(NewMemoryStore(), feed, nil)
+	u, frames := fakeEventServer(t)
+	r := followJob(t, m, u)
+	frames <- `{"type":"execution_start","data":{"prompt_id":"job-1","timestamp":1}}`
+	frames <- `{"type":"executing","data":{"node":"3","display_node":"3","prompt_id":"job-1"}}`
+	if ev := feed.next(t); ev.Type != comfy.MsgExecutionStart {
+		t.Fatalf("first shown: %s", ev.JSON)
+	}
+	if ev := feed.next(t); ev.Type != comfy.MsgExecuting {
+		t.Fatalf("second shown: %s", ev.JSON)
+	}
+	for i := 1; i <= 3; i++ {
+		r.waitIdle(t) // so that the reader takes the event itself
+		frames <- fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":20,"prompt_id":"job-1","node":"3"}}`, i)
+		if v := progressValue(t, feed.next(t)); v != i {
+			t.Fatalf("shown progress %d, want %d", v, i)
+		}
+	}
+}
+
+// Events the reader could hand over itself wait behind an event the job's
+// goroutine is still handling (an executed event whose outputs are being
+// captured): the browser sees the job's events in the GPU server's order.
+func TestReaderKeepsOrderBehindABusyJob(t *testing.T) {
+	feed := newInlineFeed()
+	m := NewManager(NewMemoryStore(), feed, nil)
+	u, frames := fakeEventServer(t)
+	r := followJob(t, m, u)
+	frames <- `{"type":"execution_start","data":{"prompt_id":"job-1","timestamp":1}}`
+	frames <- `{"type":"executing","data":{"node":"9","display_node":"9","prompt_id":"job-1"}}`
+	frames <- `{"type":"executed","data":{"node":"9","display_node":"9","output":{"images":[{"filename":"a.png","subfolder":"","type":"output"}]},"prompt_id":"job-1"}}`
+	const n = 200
+	for i := 1; i <= n; i++ {
+		frames <- fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":%d,"prompt_id":"job-1","node":"3"}}`, i, n)
+	}
+	// Let the capture go once the reader has read every progress event.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		r.mu.Lock()
+		queued := r.queue.Len()
+		r.mu.Unlock()
+		if queued >= n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d events queued behind the capture, want %d", queued, n)
+		}
+	}
+	close(feed.release)
+	for _, want := range []string{comfy.MsgExecutionStart, comfy.MsgExecuting, comfy.MsgExecuted} {
+		if ev := feed.next(t); ev.Type != want {
+			t.Fatalf("shown %s, want %s", ev.JSON, want)
+		}
+	}
+	for i := 1; i <= n; i++ {
+		if v := progressValue(t, feed.next(t)); v != i {
+			t.Fatalf("shown progress %d, want %d", v, i)
+		}
+	}
+	// The job's goroutine is idle again: the reader takes events itself.
+	r.waitIdle(t)
+	frames <- `{"type":"progress","data":{"value":1,"max":1,"prompt_id":"job-1","node":"9"}}`
+	if v := progressValue(t, feed.next(t)); v != 1 {
+		t.Fatalf("shown progress %d after the burst", v)
+	}
+}
