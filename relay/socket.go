@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -54,6 +55,7 @@ const (
 type socket struct {
 	conn     *websocket.Conn // reads the browser's frames; never writes
 	out      net.Conn        // the connection; written only by the writer
+	raw      syscall.RawConn // out's, for non-blocking writes (nil: none)
 	vectored bool            // out takes a batch in one writev (a plain TCP connection)
 	limit    int             // bytes queued before progress and previews coalesce
 
@@ -493,7 +495,7 @@ func (s *socket) writeLoop(sc *writeScratch, first queued, direct, nonblock bool
 //
 //go:noinline
 func (s *socket) tryWrite(sc *writeScratch, wait time.Duration) (handed bool, err error) {
-	rest, err := tryWritev(s.out, sc.bufs)
+	rest, err := tryWritev(s.raw, &sc.wv, sc.bufs)
 	if err == nil && len(rest) > 0 {
 		sc.w = rest
 		go s.resume(sc, wait)
@@ -535,6 +537,7 @@ type writeScratch struct {
 	w     net.Buffers
 	hdrs  []byte
 	flat  []byte
+	wv    writevState
 }
 
 // reset lets go of a written batch.
@@ -660,5 +663,6 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	h.conn = &browserConn{Conn: c, s: h.s}
 	h.s.out = c
 	_, h.s.vectored = c.(*net.TCPConn)
+	h.s.raw = rawConn(c)
 	return h.conn, rw, nil
 }
