@@ -221,3 +221,30 @@ func TestReaderKeepsOrderBehindABusyJob(t *testing.T) {
 		t.Fatalf("shown progress %d after the burst", v)
 	}
 }
+
+// Frames copied into the reader's slab stay apart: each holds its own
+// bytes whatever is copied after it or appended to another, and a large
+// frame gets a copy of its own.
+func TestFrameSlabCopiesStayApart(t *testing.T) {
+	var rb readBatch
+	var kept [][]byte
+	var want []string
+	for i := 0; i < 500; i++ {
+		frame := []byte(fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":500}}`, i))
+		if i%97 == 0 {
+			frame = append(frame, make([]byte, slabFrame)...)
+		}
+		c := rb.own(frame, true)
+		frame[0] = 'X' // the reader's scratch is reused
+		kept = append(kept, c)
+		want = append(want, string(c))
+		if i%3 == 0 && i > 0 {
+			_ = append(kept[i-1], "garbage"...) // must not reach its neighbour
+		}
+	}
+	for i := range kept {
+		if string(kept[i]) != want[i] || kept[i][0] != '{' {
+			t.Fatalf("frame %d changed: %q", i, kept[i])
+		}
+	}
+}

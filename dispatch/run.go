@@ -1,6 +1,7 @@
 package dispatch
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"sync"
@@ -326,10 +327,13 @@ func (r *run) flushInline() {
 	}
 }
 
-// readBatch is what an upstream's reader delivered later since it last
-// read from its connection: the runs to flush before it waits again.
+// readBatch is the state of an upstream's reader goroutine: what it
+// delivered later since it last read from its connection (the runs to
+// flush before it waits again), and the block its small frames are copied
+// into.
 type readBatch struct {
 	runs []*run
+	slab frameSlab
 }
 
 func (b *readBatch) add(r *run) {
@@ -339,6 +343,42 @@ func (b *readBatch) add(r *run) {
 		}
 	}
 	b.runs = append(b.runs, r)
+}
+
+// own returns a copy of a frame read into the reader's scratch: a small
+// one that needs no I/O (quick: progress and the like, short-lived) from
+// the reader's slab, anything else on its own.
+func (b *readBatch) own(frame []byte, quick bool) []byte {
+	if b == nil || !quick {
+		return bytes.Clone(frame)
+	}
+	return b.slab.copy(frame)
+}
+
+// frameSlab hands out copies of small frames from shared blocks: one
+// allocation for dozens of progress events instead of one each. A block
+// is freed once none of its frames is referenced; only short-lived frames
+// go here (a frame kept long, e.g. as an orphan, is copied out), so a few
+// kept frames cannot pin many blocks.
+type frameSlab struct {
+	block []byte
+}
+
+const (
+	slabBlock = 8 << 10
+	slabFrame = 1 << 10 // larger frames get their own copy
+)
+
+func (s *frameSlab) copy(b []byte) []byte {
+	if len(b) > slabFrame {
+		return bytes.Clone(b)
+	}
+	if cap(s.block)-len(s.block) < len(b) {
+		s.block = make([]byte, 0, slabBlock)
+	}
+	n := len(s.block)
+	s.block = append(s.block, b...)
+	return s.block[n:len(s.block):len(s.block)]
 }
 
 // flush writes every batch the reader left.

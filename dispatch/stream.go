@@ -286,9 +286,10 @@ func (u *Upstream) readGreeting(conn *websocket.Conn) ([]byte, error) {
 	return b, err
 }
 
-// readFrame reads one frame of at most limit bytes and returns it in a
-// new slice of its size. A larger frame is read to its end and discarded:
-// over is true and b holds its first bytes. scratch is the reader's buffer,
+// readFrame reads one frame of at most limit bytes and returns it in
+// scratch, valid until the next read: the caller copies what it keeps. A
+// larger frame is read to its end and discarded: over is true and b holds
+// its first bytes. scratch is the reader's buffer,
 // reused from frame to frame (and let go after a frame over 1 MiB).
 func readFrame(rd io.Reader, limit int64, scratch *[]byte) (b []byte, over bool, err error) {
 	max := limit + 1 // reading one byte more tells a frame over the limit
@@ -317,7 +318,7 @@ func readFrame(rd io.Reader, limit int64, scratch *[]byte) (b []byte, over bool,
 			if int64(len(buf)) > limit {
 				return clip(buf, 256), true, nil
 			}
-			return bytes.Clone(buf), false, nil
+			return buf, false, nil
 		}
 		if rerr != nil {
 			return nil, false, rerr
@@ -370,6 +371,7 @@ func (u *Upstream) onText(b []byte, rb *readBatch) {
 		u.running = ""
 	}
 	ev := event{json: b, head: h}
+	ev.json = rb.own(b, ev.quick())
 	r := u.routeLocked(pid, ev)
 	u.mu.Unlock()
 	if r != nil {
@@ -381,7 +383,7 @@ func (u *Upstream) onBinary(b []byte, rb *readBatch) {
 	if t, ok := comfy.BinaryType(b); ok && t != comfy.BinaryPreviewImage && t != comfy.BinaryText && t != comfy.BinaryPreviewImageWithMetadata {
 		return // a type the frontend does not know either
 	}
-	ev, pid, ok := binaryEvent(b)
+	ev, pid, ok := binaryEvent(bytes.Clone(b))
 	if !ok {
 		u.logger.Warn("skipping malformed binary frame", zap.ByteString("start", truncate(b, 16)))
 		return
@@ -452,6 +454,9 @@ func (u *Upstream) routeLocked(pid string, ev event) *run {
 		}
 	}
 	if size := ev.size(); u.orphanBytes+size <= maxOrphanBytes {
+		if ev.json != nil {
+			ev.json = bytes.Clone(ev.json) // (out of the reader's slab: kept long)
+		}
 		u.orphans[pid] = append(q, ev)
 		u.orphanBytes += size
 	}
