@@ -1,13 +1,11 @@
 package dispatch
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
-	"net"
-	"slices"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -73,19 +71,14 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 	// What the reader handled itself and delivered later; flushed before
 	// each read from the connection (flushingConn).
 	rb := &readBatch{}
-	dialer := *u.dialer
-	dialer.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-		if err != nil {
-			return nil, err
-		}
-		return &flushingConn{Conn: c, batch: rb}, nil
-	}
+	dialer, lastConn := u.streamDialer(rb)
 	for attempt := 0; ; attempt++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		conn, err := u.DialWebSocketWith(ctx, &dialer, "/ws?clientId="+u.clientID)
+		conn, err := u.DialWebSocketWith(ctx, dialer, "/ws?clientId="+u.clientID)
 		cancel()
+		var fr *wsReader
 		if err == nil {
+			fr = &wsReader{br: bufio.NewReaderSize(lastConn(), streamReadBuffer), control: answerControl(conn)}
 			// Ask for type-4 previews (with node and prompt ids).
 			err = conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true}}`))
 		}
@@ -94,10 +87,10 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 			// of prompts queued before that would go nowhere.
 			_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 			var greeting []byte
-			greeting, err = u.readGreeting(conn)
+			greeting, err = u.readGreeting(fr)
 			_ = conn.SetReadDeadline(time.Time{})
 			if err == nil && greeting != nil {
-				u.onText(greeting, nil)
+				u.onText(greeting, false, nil)
 			}
 		}
 		if err != nil {
@@ -134,7 +127,7 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 		}
 		firstFailure = time.Time{}
 		backoff = 100 * time.Millisecond
-		err = u.readStream(conn, rb)
+		err = u.readStream(fr, rb)
 		u.mu.Lock()
 		u.conn = nil
 		u.running = ""
@@ -216,50 +209,24 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 // Events the reader handled itself (run.offer) are flushed to the browser
 // before it next reads from the connection, so one read's events go out in
 // one write, and a lone event at once (see flushingConn).
-func (u *Upstream) readStream(conn *websocket.Conn, rb *readBatch) error {
-	if rb != nil {
-		defer rb.flush()
-	}
-	var scratch []byte
+func (u *Upstream) readStream(fr *wsReader, rb *readBatch) error {
+	defer rb.flush()
 	for {
-		typ, rd, err := conn.NextReader()
-		if err != nil {
-			return err
-		}
-		limit := u.frameLimit(typ)
-		b, over, err := readFrame(rd, limit, &scratch)
+		typ, b, owned, over, err := fr.next(u.frameLimit)
 		if err != nil {
 			return err
 		}
 		if over {
-			u.oversized(typ, b, limit)
+			u.oversized(typ, b, u.frameLimit(typ))
 			continue
 		}
 		switch typ {
 		case websocket.TextMessage:
-			u.onText(b, rb)
+			u.onText(b, owned, rb)
 		case websocket.BinaryMessage:
-			u.onBinary(b, rb)
+			u.onBinary(b, owned, rb)
 		}
 	}
-}
-
-// flushingConn is an upstream's event connection that flushes what its
-// reader delivered later before every read from the network: gorilla reads
-// the connection only once its buffer is drained, so the events of one
-// read (up to the dialer's ReadBufferSize) leave in one write per browser
-// socket, and an event read alone leaves before the reader waits for the
-// next. Only the stream's reader goroutine reads it.
-type flushingConn struct {
-	net.Conn
-	batch *readBatch
-}
-
-func (c *flushingConn) Read(p []byte) (int, error) {
-	if len(c.batch.runs) > 0 {
-		c.batch.flush()
-	}
-	return c.Conn.Read(p)
 }
 
 // frameLimit is the largest frame of a type the stream accepts (set with
@@ -272,58 +239,13 @@ func (u *Upstream) frameLimit(typ int) int64 {
 }
 
 // readGreeting reads the server's first frame (within the JSON event
-// limit; nil if it was over).
-func (u *Upstream) readGreeting(conn *websocket.Conn) ([]byte, error) {
-	_, rd, err := conn.NextReader()
-	if err != nil {
-		return nil, err
-	}
-	var scratch []byte
-	b, over, err := readFrame(rd, u.frameLimit(websocket.TextMessage), &scratch)
+// limit; nil if it was over). It is valid until the next read.
+func (u *Upstream) readGreeting(fr *wsReader) ([]byte, error) {
+	_, b, _, over, err := fr.next(u.frameLimit)
 	if over {
 		return nil, err
 	}
 	return b, err
-}
-
-// readFrame reads one frame of at most limit bytes and returns it in
-// scratch, valid until the next read: the caller copies what it keeps. A
-// larger frame is read to its end and discarded: over is true and b holds
-// its first bytes. scratch is the reader's buffer,
-// reused from frame to frame (and let go after a frame over 1 MiB).
-func readFrame(rd io.Reader, limit int64, scratch *[]byte) (b []byte, over bool, err error) {
-	max := limit + 1 // reading one byte more tells a frame over the limit
-	buf := (*scratch)[:0]
-	if cap(buf) == 0 {
-		buf = make([]byte, 0, min(4096, max))
-	}
-	defer func() {
-		if cap(buf) <= 1<<20 {
-			*scratch = buf[:0]
-		} else {
-			*scratch = nil
-		}
-	}()
-	for {
-		if int64(len(buf)) >= max {
-			_, err = io.Copy(io.Discard, rd)
-			return clip(buf, 256), true, err
-		}
-		if len(buf) == cap(buf) {
-			buf = slices.Grow(buf, int(min(int64(cap(buf)), max-int64(len(buf)))))
-		}
-		n, rerr := rd.Read(buf[len(buf):int(min(int64(cap(buf)), max))])
-		buf = buf[:len(buf)+n]
-		if rerr == io.EOF {
-			if int64(len(buf)) > limit {
-				return clip(buf, 256), true, nil
-			}
-			return buf, false, nil
-		}
-		if rerr != nil {
-			return nil, false, rerr
-		}
-	}
 }
 
 // oversized logs a skipped frame, once per job the server runs.
@@ -346,7 +268,8 @@ func (u *Upstream) oversized(typ int, head []byte, limit int64) {
 }
 
 // onText routes a JSON event by what comfy.ScanEvent reads of it.
-func (u *Upstream) onText(b []byte, rb *readBatch) {
+// b is the reader's (valid until its next read) unless owned.
+func (u *Upstream) onText(b []byte, owned bool, rb *readBatch) {
 	h, ok := comfy.ScanEventKnown(b, u.lastPromptID)
 	if !ok {
 		u.logger.Warn("skipping malformed event", zap.ByteString("frame", truncate(b, 200)))
@@ -371,7 +294,9 @@ func (u *Upstream) onText(b []byte, rb *readBatch) {
 		u.running = ""
 	}
 	ev := event{json: b, head: h}
-	ev.json = rb.own(b, ev.quick())
+	if !owned {
+		ev.json = rb.own(b, ev.quick())
+	}
 	r := u.routeLocked(pid, ev)
 	u.mu.Unlock()
 	if r != nil {
@@ -379,11 +304,14 @@ func (u *Upstream) onText(b []byte, rb *readBatch) {
 	}
 }
 
-func (u *Upstream) onBinary(b []byte, rb *readBatch) {
+func (u *Upstream) onBinary(b []byte, owned bool, rb *readBatch) {
 	if t, ok := comfy.BinaryType(b); ok && t != comfy.BinaryPreviewImage && t != comfy.BinaryText && t != comfy.BinaryPreviewImageWithMetadata {
 		return // a type the frontend does not know either
 	}
-	ev, pid, ok := binaryEvent(bytes.Clone(b))
+	if !owned {
+		b = bytes.Clone(b)
+	}
+	ev, pid, ok := binaryEvent(b)
 	if !ok {
 		u.logger.Warn("skipping malformed binary frame", zap.ByteString("start", truncate(b, 16)))
 		return

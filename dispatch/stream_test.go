@@ -1,38 +1,12 @@
 package dispatch
 
 import (
-	"bytes"
-	"strings"
 	"testing"
 
 	"github.com/gorilla/websocket"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 )
-
-// A frame up to the limit is read whole; a larger one is read to its end
-// and reported over, keeping only its first bytes.
-func TestReadFrameLimit(t *testing.T) {
-	const limit = 10000
-	var scratch []byte
-	for _, n := range []int{0, 1, 511, 4096, limit - 1, limit, limit + 1, 3 * limit} {
-		in := bytes.Repeat([]byte("ab"), n)[:n]
-		rd := strings.NewReader(string(in))
-		b, over, err := readFrame(rd, limit, &scratch)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if over != (n > limit) {
-			t.Fatalf("%d bytes: over=%v", n, over)
-		}
-		if !over && !bytes.Equal(b, in) {
-			t.Fatalf("%d bytes: read %d", n, len(b))
-		}
-		if over && (len(b) > 256 || rd.Len() != 0) {
-			t.Fatalf("%d bytes over: kept %d, left %d unread", n, len(b), rd.Len())
-		}
-	}
-}
 
 // Oversized frames are logged once per job the server runs, not per frame.
 func TestOversizedLoggedOncePerJob(t *testing.T) {
