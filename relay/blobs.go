@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/comfyume/comfyume/comfy"
@@ -69,37 +70,101 @@ func (d *DiskBlobs) path(key string) (string, error) {
 	return filepath.Join(d.Dir, filepath.FromSlash(clean)), nil
 }
 
-// Put writes the file atomically (temp file + rename) with its info beside it.
+// Put writes the file atomically: into a temporary file in its folder,
+// renamed to its name once complete, so that a reader sees the whole file or
+// none. The info is kept beside it (key.meta.json) only when Open could not
+// tell it from the file: a content type other than the one its name implies
+// (contentTypeOf), or a given ModTime.
 func (d *DiskBlobs) Put(_ context.Context, key string, r io.Reader, info BlobInfo) error {
 	p, err := d.path(key)
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
-		return err
+	dir := filepath.Dir(p)
+	tmp, err := os.CreateTemp(dir, ".part-*")
+	if errors.Is(err, fs.ErrNotExist) {
+		// The first file of its folder: folders are made when missing,
+		// not checked before every file.
+		if err = d.mkdirs(dir); err == nil {
+			tmp, err = os.CreateTemp(dir, ".part-*")
+		}
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(p), ".part-*")
 	if err != nil {
 		return err
 	}
-	n, err := io.Copy(tmp, r)
+	n, err := copyToFile(tmp, r)
 	if cerr := tmp.Close(); err == nil {
 		err = cerr
 	}
+	if err == nil {
+		info.Size = n
+		err = d.putInfo(p, key, info)
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), p)
+	}
 	if err != nil {
 		os.Remove(tmp.Name())
-		return err
 	}
-	info.Size = n
+	return err
+}
+
+// putInfo writes the info file of the file p (key) about to be renamed into
+// place, or removes the one an earlier file of that key left when it is not
+// needed.
+func (d *DiskBlobs) putInfo(p, key string, info BlobInfo) error {
+	meta := p + ".meta.json"
+	if info.ModTime.IsZero() && (info.ContentType == "" || info.ContentType == contentTypeOf(key)) {
+		if err := os.Remove(meta); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
 	if info.ModTime.IsZero() {
 		info.ModTime = time.Now()
 	}
-	meta, _ := json.Marshal(info)
-	if err := os.WriteFile(p+".meta.json", meta, 0o640); err != nil {
-		os.Remove(tmp.Name())
-		return err
+	b, _ := json.Marshal(info)
+	return os.WriteFile(meta, b, 0o640)
+}
+
+// mkdirs makes the folder dir of a key and the missing ones above it, from
+// d.Dir down: a key has few levels ("<job>/<type>/[<subfolder>/]"), each
+// one mkdir (made, or there already). When d.Dir itself is gone, MkdirAll
+// makes the whole path.
+func (d *DiskBlobs) mkdirs(dir string) error {
+	rel, err := filepath.Rel(d.Dir, dir)
+	if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+		return os.MkdirAll(dir, 0o750)
 	}
-	return os.Rename(tmp.Name(), p)
+	at := filepath.Clean(d.Dir)
+	for _, name := range strings.Split(rel, string(filepath.Separator)) {
+		at = filepath.Join(at, name)
+		err := os.Mkdir(at, 0o750)
+		if errors.Is(err, fs.ErrNotExist) {
+			return os.MkdirAll(dir, 0o750)
+		}
+		if err != nil && !errors.Is(err, fs.ErrExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+// copyBufs are the buffers copyToFile reads a stream into: large enough for
+// a file to go in a few reads and writes (an image with its workflow is a
+// megabyte), and reused, not made per file.
+var copyBufs = sync.Pool{New: func() any {
+	b := make([]byte, 256<<10)
+	return &b
+}}
+
+// copyToFile copies r into f through a pooled buffer.
+func copyToFile(f *os.File, r io.Reader) (int64, error) {
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	// The wrapper hides f's ReadFrom, which would copy through a new 32 KiB
+	// buffer of its own.
+	return io.CopyBuffer(struct{ io.Writer }{f}, r, *bp)
 }
 
 type diskBlob struct {
@@ -132,6 +197,9 @@ func (d *DiskBlobs) Open(_ context.Context, key string) (Blob, error) {
 		_ = json.Unmarshal(meta, &info)
 	}
 	info.Size = st.Size()
+	if info.ContentType == "" {
+		info.ContentType = contentTypeOf(key)
+	}
 	if info.ModTime.IsZero() {
 		info.ModTime = st.ModTime()
 	}
