@@ -202,16 +202,10 @@ func (r *run) loop() {
 		r.mu.Lock()
 		if r.inline {
 			// The upstream's reader is handling an event; it wakes this
-			// goroutine when it is done and more are queued.
+			// goroutine when it is done, if more are queued or the job
+			// is over.
 			r.mu.Unlock()
-			select {
-			case <-r.wake:
-			case <-r.done:
-				// The reader's flush writes what it delivered later.
-				if r.idleAfterDone() {
-					return
-				}
-			}
+			<-r.wake
 			continue
 		}
 		ev, ok := r.dequeueLocked()
@@ -282,7 +276,7 @@ func (r *run) offer(ev event, rb *readBatch) {
 	r.handleAt(ev, true)
 	r.mu.Lock()
 	r.inline = false
-	wake := r.queue.Len() > 0
+	wake := r.queue.Len() > 0 || r.finished
 	batched := r.batched > 0
 	r.mu.Unlock()
 	if batched {
@@ -317,7 +311,7 @@ func (r *run) flushInline() {
 	r.flush()
 	r.mu.Lock()
 	r.inline = false
-	wake := r.queue.Len() > 0
+	wake := r.queue.Len() > 0 || r.finished
 	r.mu.Unlock()
 	if wake {
 		select {
