@@ -105,6 +105,11 @@ func (r *run) push(ev event) {
 		go r.loop()
 	}
 	r.mu.Unlock()
+	r.poke()
+}
+
+// poke wakes the job's goroutine, if it waits.
+func (r *run) poke() {
 	select {
 	case r.wake <- struct{}{}:
 	default:
@@ -283,10 +288,7 @@ func (r *run) offer(ev event, rb *readBatch) {
 		rb.add(r)
 	}
 	if wake {
-		select {
-		case r.wake <- struct{}{}:
-		default:
-		}
+		r.poke()
 	}
 }
 
@@ -314,10 +316,7 @@ func (r *run) flushInline() {
 	wake := r.queue.Len() > 0 || r.finished
 	r.mu.Unlock()
 	if wake {
-		select {
-		case r.wake <- struct{}{}:
-		default:
-		}
+		r.poke()
 	}
 }
 
