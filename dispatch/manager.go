@@ -76,17 +76,10 @@ type Manager struct {
 	runs   map[string]*run // job id → live run
 	number float64
 
-	owner    string
-	leaseTTL time.Duration
-	outcomes jobOutcomes
-	failures failureRing // the latest failed jobs, for operators
-	// historyLimit is how many ended jobs each user keeps.
-	historyLimit atomic.Int64
-	// historyBytes bounds the bodies of each user's ended jobs (bytes).
-	historyBytes atomic.Int64
-	inputsFor    InputsFor
-	forget       func(ctx context.Context, ids []string)
-	homes        map[string]*Upstream // fallback targets, by URL
+	owner     string
+	leaseTTL  time.Duration
+	inputsFor InputsFor
+	homes     map[string]*Upstream // fallback targets, by URL
 	// ended are the jobs this gateway ended lately (see Recover).
 	ended map[string]endedJob
 
@@ -102,6 +95,8 @@ type Manager struct {
 	counters usage.Counters
 	// waits tells waiting jobs why they wait (waiting.go).
 	waits waitNotices
+
+	history *jobHistory
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -111,7 +106,8 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 		logger = zap.NewNop()
 	}
 	m := &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{},
-		owner: newOwner(), leaseTTL: DefaultLeaseTTL, waits: newWaitNotices()}
+		owner: newOwner(), leaseTTL: DefaultLeaseTTL, waits: newWaitNotices(),
+		history: &jobHistory{store: store, logger: logger}}
 	if sq, ok := store.(SharedQueue); ok {
 		m.shared = sq
 	}
@@ -768,11 +764,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	if !m.detach(r) {
 		return
 	}
-	m.outcomes.count(snap.Status)
-	if snap.Status == StatusFailed {
-		m.recordFailure(snap)
-	}
-	go m.trimHistory(snap.User)
+	m.history.ended(snap)
 	m.mu.Lock()
 	pool := m.pools[snap.Pool]
 	m.mu.Unlock()
@@ -947,58 +939,6 @@ func (m *Manager) Close() {
 		m.unclaim(id)
 	}
 }
-
-// DefaultHistoryLimit is how many ended jobs each user keeps by default.
-const DefaultHistoryLimit = 1000
-
-// SetHistoryLimit sets how many ended jobs each user keeps (0: the
-// default). When a job ends, the user's oldest ended jobs beyond the limit
-// are forgotten, as ComfyUI forgets the oldest history beyond its own.
-func (m *Manager) SetHistoryLimit(n int) {
-	if n <= 0 {
-		n = DefaultHistoryLimit
-	}
-	m.historyLimit.Store(int64(n))
-}
-
-// DefaultHistorySize is the default byte budget of each user's ended
-// jobs' bodies (prompts and UI workflows).
-const DefaultHistorySize = 256 << 20
-
-// SetHistorySize sets the byte budget of each user's ended jobs' bodies —
-// their prompts and UI workflows (0: DefaultHistorySize). When a job ends,
-// the user's oldest ended jobs beyond it are forgotten whole, as beyond
-// the history limit; the newest ended job is always kept.
-func (m *Manager) SetHistorySize(n int64) {
-	if n <= 0 {
-		n = DefaultHistorySize
-	}
-	m.historyBytes.Store(n)
-}
-
-func (m *Manager) trimHistory(user string) {
-	keep := int(m.historyLimit.Load())
-	if keep <= 0 {
-		keep = DefaultHistoryLimit
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	budget := m.historyBytes.Load()
-	if budget <= 0 {
-		budget = DefaultHistorySize
-	}
-	ids, err := m.store.Trim(ctx, user, keep, budget)
-	if err != nil {
-		m.logger.Warn("forgetting old jobs", zap.String("user", user), zap.Error(err))
-	}
-	if len(ids) > 0 && m.forget != nil {
-		m.forget(ctx, ids)
-	}
-}
-
-// OnForget sets what else goes with the jobs the history limit forgets
-// (their captured files). Call it before Start.
-func (m *Manager) OnForget(f func(ctx context.Context, ids []string)) { m.forget = f }
 
 // SetLeaseTTL changes how long job leases last (see DefaultLeaseTTL). Call
 // it before Start.

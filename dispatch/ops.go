@@ -7,8 +7,6 @@ import (
 	"sync"
 	"time"
 	"unicode/utf8"
-
-	"go.uber.org/zap"
 )
 
 // What an operator sees of the jobs: who runs what where, who waits and
@@ -252,33 +250,4 @@ func clipText(s string, n int) string {
 		s = s[:len(s)-1]
 	}
 	return s + "…"
-}
-
-// recordFailure keeps a failed job in this gateway's ring and, with a
-// shared store, in the shared list.
-func (m *Manager) recordFailure(j *Job) {
-	f := failureOf(j)
-	m.failures.add(f)
-	if fl, ok := m.store.(FailureLog); ok {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		if err := fl.AddFailure(ctx, f); err != nil {
-			m.logger.Debug("failure not shared", zap.Error(err))
-		}
-	}
-}
-
-// Failures returns up to n of the latest failed jobs, newest first: of
-// every gateway when the store keeps a shared list (this gateway's own
-// when it cannot be read).
-func (m *Manager) Failures(ctx context.Context, n int) ([]Failure, error) {
-	n = min(max(n, 0), RecentFailures)
-	if fl, ok := m.store.(FailureLog); ok {
-		out, err := fl.Failures(ctx, n)
-		if err == nil {
-			return out, nil
-		}
-		return m.failures.latest(n), err
-	}
-	return m.failures.latest(n), nil
 }

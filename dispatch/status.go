@@ -3,7 +3,6 @@ package dispatch
 import (
 	"context"
 	"sort"
-	"sync/atomic"
 )
 
 // PoolStatus is a pool as an operator sees it, from this gateway.
@@ -80,30 +79,4 @@ func (m *Manager) Status(ctx context.Context) []PoolStatus {
 		out = append(out, ps)
 	}
 	return out
-}
-
-// jobOutcomes counts jobs that ended here, by their final status.
-type jobOutcomes struct {
-	completed, failed, cancelled atomic.Uint64
-}
-
-func (o *jobOutcomes) count(status string) {
-	switch status {
-	case StatusCompleted:
-		o.completed.Add(1)
-	case StatusFailed:
-		o.failed.Add(1)
-	case StatusCancelled:
-		o.cancelled.Add(1)
-	}
-}
-
-// Ended counts the jobs that ended on this gateway since it started, by
-// final status ("completed", "failed", "cancelled").
-func (m *Manager) Ended() map[string]uint64 {
-	return map[string]uint64{
-		StatusCompleted: m.outcomes.completed.Load(),
-		StatusFailed:    m.outcomes.failed.Load(),
-		StatusCancelled: m.outcomes.cancelled.Load(),
-	}
 }
