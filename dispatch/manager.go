@@ -88,11 +88,8 @@ type Manager struct {
 	adoptMu sync.Mutex
 	adopted map[streamKey]*Upstream
 	// limits bound upstream frames and job queues (SetEventLimits).
-	limits atomic.Pointer[EventLimits]
-	// ledger records each user's use and holds quotas (SetUsage);
-	// counters are this gateway's totals for metrics.
-	ledger   usage.Ledger
-	counters usage.Counters
+	limits   atomic.Pointer[EventLimits]
+	accounts *accounts
 	// waits tells waiting jobs why they wait (waiting.go).
 	waits waitNotices
 
@@ -107,7 +104,8 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 	}
 	m := &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{},
 		owner: newOwner(), leaseTTL: DefaultLeaseTTL, waits: newWaitNotices(),
-		history: &jobHistory{store: store, logger: logger}}
+		history: &jobHistory{store: store, logger: logger}, accounts: &accounts{logger: logger}}
+	m.accounts.outputs, _ = events.(OutputCounter)
 	if sq, ok := store.(SharedQueue); ok {
 		m.shared = sq
 	}
@@ -311,14 +309,14 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	}
 	// Counted against the user's quota now; given back unless this very
 	// job is accepted (a duplicate or a refusal never counts).
-	admitDay, err := m.admit(ctx, pool, req)
+	admitDay, err := m.accounts.admit(ctx, pool, req)
 	if err != nil {
 		return SubmitResult{}, err
 	}
 	accepted := false
 	defer func() {
 		if !accepted {
-			m.unadmit(admitDay, pool.Name, req.User)
+			m.accounts.unadmit(admitDay, pool.Name, req.User)
 		}
 	}()
 	m.mu.Lock()
@@ -689,7 +687,7 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 func (m *Manager) sendQueued(p *Pool, r *run, up *Upstream) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if err := m.overQuota(ctx, p, r); err != nil {
+	if err := m.accounts.overQuota(ctx, p, r.job.User, r.req.Quota); err != nil {
 		r.releaseSlot()
 		m.failUnsent(r, err)
 		m.dispatchWaiting(p)
@@ -777,7 +775,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	}
 	// Accounted before the next job leaves the queue: a waiting job of the
 	// same user is checked against the GPU time this one used.
-	m.account(snap)
+	m.accounts.account(snap)
 	if pool != nil {
 		m.dispatchWaiting(pool)
 	}
