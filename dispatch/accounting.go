@@ -49,24 +49,6 @@ func (m *Manager) Usage() usage.Ledger { return m.accounts.kept() }
 // (and per user, when turned on), for metrics.
 func (m *Manager) UsageCounters() *usage.Counters { return &m.accounts.counters }
 
-// Quota returns a pool's daily limits, as configured.
-func (m *Manager) Quota(pool string) (usage.Limits, bool) {
-	p, ok := m.Pool(pool)
-	if !ok {
-		return usage.Limits{}, false
-	}
-	return p.Quota, true
-}
-
-// PoolNames lists the configured pools.
-func (m *Manager) PoolNames() []string {
-	var out []string
-	for _, p := range m.poolsSnapshot() {
-		out = append(out, p.Name)
-	}
-	return out
-}
-
 // kept returns the ledger (nil when none is kept).
 func (a *accounts) kept() usage.Ledger {
 	a.mu.Lock()

@@ -116,7 +116,7 @@ func (m *Manager) HealthChecks(ctx context.Context, interval time.Duration) {
 				all = true
 			case <-fast.C:
 			}
-			for _, p := range m.poolsSnapshot() {
+			for _, p := range m.pools.list() {
 				m.expireWaiting(p, time.Now())
 				if !all && (!anyDown(p) || !m.hasWaiting(ctx, p)) {
 					continue
@@ -395,7 +395,7 @@ func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
 	}
 	var due []stale
 	for _, r := range m.runs {
-		p := m.pools[r.job.Pool]
+		p, _ := m.pools.get(r.job.Pool)
 		if p == nil || p.Watchdog <= 0 {
 			continue
 		}
@@ -430,7 +430,7 @@ func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
 // ComfyUI (a pool's `fallback home`). Its input files are there already;
 // its outputs are captured from there like any other.
 func (m *Manager) runOnHome(r *run, job *Job, notice string) {
-	home, err := m.homeUpstream(job.Home)
+	home, err := m.pools.home(job.Home, m.logger)
 	if err != nil {
 		m.failUnsent(r, err)
 		return
@@ -448,22 +448,4 @@ func (m *Manager) runOnHome(r *run, job *Job, notice string) {
 			m.failUnsent(r, err)
 		}
 	}()
-}
-
-// homeUpstream returns the manager's upstream for a home URL (one per URL).
-func (m *Manager) homeUpstream(base string) (*Upstream, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if u, ok := m.homes[base]; ok {
-		return u, nil
-	}
-	u, err := NewUpstream(base, UpstreamOptions{Logger: m.logger})
-	if err != nil {
-		return nil, err
-	}
-	if m.homes == nil {
-		m.homes = map[string]*Upstream{}
-	}
-	m.homes[base] = u
-	return u, nil
 }

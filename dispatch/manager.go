@@ -22,46 +22,6 @@ import (
 	"github.com/comfyume/comfyume/usage"
 )
 
-// Pool is a named set of upstream endpoints that run jobs.
-type Pool struct {
-	Name      string
-	Upstreams []*Upstream
-	// MaxQueued limits how many of one user's jobs may wait in this pool
-	// (0: no limit); more are refused with ErrQueueFull.
-	MaxQueued int
-	// MaxRunning limits how many of one user's jobs may run on the pool's
-	// endpoints at once (0: no limit).
-	MaxRunning int
-	// ColdStartTimeout is how long a job is retried while no endpoint
-	// accepts it (default DefaultColdStartTimeout); then it fails.
-	ColdStartTimeout time.Duration
-	// Watchdog ends a sent job that has had no event for this long
-	// (0: never).
-	Watchdog time.Duration
-	// FallbackHome sends a job that no endpoint took within
-	// ColdStartTimeout to the user's own ComfyUI instead of failing it.
-	FallbackHome bool
-	// Quota is each user's daily limit on the pool (zero: none); a site
-	// may change it per user (SubmitRequest.Quota).
-	Quota usage.Limits
-
-	mu      sync.Mutex
-	waiting *fairQueue
-	info    *installInfo
-	// held are jobs waiting out a cold-start backoff, with their timers.
-	held map[*run]*time.Timer
-	// downSince is when the pool last had no endpoint up (zero: one is).
-	downSince time.Time
-}
-
-// queue returns the pool's queue, made on first use. Call with p.mu held.
-func (p *Pool) queue() *fairQueue {
-	if p.waiting == nil {
-		p.waiting = newFairQueue()
-	}
-	return p.waiting
-}
-
 // Manager places jobs on upstreams and follows them to their end.
 type Manager struct {
 	store  Store
@@ -71,15 +31,15 @@ type Manager struct {
 	// pool's queue lives in this process).
 	shared SharedQueue
 
+	pools *poolSet
+
 	mu     sync.Mutex
-	pools  map[string]*Pool
 	runs   map[string]*run // job id → live run
 	number float64
 
 	owner     string
 	leaseTTL  time.Duration
 	inputsFor InputsFor
-	homes     map[string]*Upstream // fallback targets, by URL
 	// ended are the jobs this gateway ended lately (see Recover).
 	ended map[string]endedJob
 
@@ -102,7 +62,7 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	m := &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{},
+	m := &Manager{store: store, events: events, logger: logger, pools: newPoolSet(), runs: map[string]*run{},
 		owner: newOwner(), leaseTTL: DefaultLeaseTTL, waits: newWaitNotices(),
 		history: &jobHistory{store: store, logger: logger}, accounts: &accounts{logger: logger}}
 	m.accounts.outputs, _ = events.(OutputCounter)
@@ -129,10 +89,7 @@ func (m *Manager) SetPool(p *Pool) {
 			u.mu.Unlock()
 		}
 	}
-	m.mu.Lock()
-	old := m.pools[p.Name]
-	m.pools[p.Name] = p
-	m.mu.Unlock()
+	old := m.pools.put(p)
 	if old == nil || old == p {
 		return
 	}
@@ -148,14 +105,6 @@ func (m *Manager) SetPool(p *Pool) {
 		u.retire()
 	}
 	m.dispatchWaiting(p)
-}
-
-// Pool returns a pool by name.
-func (m *Manager) Pool(name string) (*Pool, bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	p, ok := m.pools[name]
-	return p, ok
 }
 
 // InputSource opens a file a prompt references (on the user's home, or a
@@ -442,50 +391,6 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	return res, nil
 }
 
-// acquire takes a slot on the least busy endpoint, or returns nil.
-func (p *Pool) acquire() (*Upstream, string) {
-	type cand struct {
-		u    *Upstream
-		load int
-	}
-	var healthy []cand
-	var trial *Upstream
-	now := time.Now()
-	for _, u := range p.Upstreams {
-		u.mu.Lock()
-		load := u.inflight
-		free := u.MaxJobs <= 0 || load < u.MaxJobs
-		ok := u.failures < FailuresToOpen
-		due := !ok && !now.Before(u.openUntil)
-		u.mu.Unlock()
-		if !free {
-			continue
-		}
-		if ok {
-			healthy = append(healthy, cand{u, load})
-		} else if due && trial == nil {
-			trial = u
-		}
-	}
-	sort.SliceStable(healthy, func(a, b int) bool { return healthy[a].load < healthy[b].load })
-	for _, c := range healthy {
-		if token, ok := c.u.take(""); ok {
-			return c.u, token
-		}
-	}
-	if trial != nil {
-		// Every free endpoint is down: one whose backoff ran out gets a
-		// trial job (the circuit's half-open state).
-		if token, ok := trial.take(""); ok {
-			trial.mu.Lock()
-			trial.openUntil = now.Add(time.Hour) // one trial at a time
-			trial.mu.Unlock()
-			return trial, token
-		}
-	}
-	return nil, ""
-}
-
 // take reserves a slot on the endpoint for a job of user: here, and — when
 // gateways share the store — among all of them. The token names the shared
 // slot ("" when not shared). A store that cannot be asked does not block
@@ -763,9 +668,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 		return
 	}
 	m.history.ended(snap)
-	m.mu.Lock()
-	pool := m.pools[snap.Pool]
-	m.mu.Unlock()
+	pool, _ := m.pools.get(snap.Pool)
 	m.unclaim(snap.ID)
 	m.events.QueueChanged(snap.User)
 	m.pokeWaiting() // the others move up
@@ -835,11 +738,11 @@ func (m *Manager) Active(user string) []*Job {
 func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
 	m.mu.Lock()
 	r, ok := m.runs[id]
+	m.mu.Unlock()
 	pool := (*Pool)(nil)
 	if ok {
-		pool = m.pools[r.job.Pool]
+		pool, _ = m.pools.get(r.job.Pool)
 	}
-	m.mu.Unlock()
 	if !ok || r.job.User != user {
 		return false
 	}
@@ -923,13 +826,8 @@ func (m *Manager) Close() {
 		}
 		r.mu.Unlock()
 	}
-	for _, p := range m.pools {
-		ups = append(ups, p.Upstreams...)
-	}
-	for _, h := range m.homes {
-		ups = append(ups, h)
-	}
 	m.mu.Unlock()
+	ups = append(ups, m.pools.upstreams()...)
 	for _, u := range ups {
 		u.Close()
 	}

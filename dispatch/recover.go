@@ -4,9 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"maps"
 	"os"
-	"slices"
 	"strings"
 	"time"
 
@@ -67,7 +65,7 @@ func (m *Manager) Start(ctx context.Context) {
 		every(ctx, m.leaseTTL/3, func() {
 			m.Recover(ctx)
 			// Slots freed by other gateways wake nobody here: look.
-			for _, p := range m.poolsSnapshot() {
+			for _, p := range m.pools.list() {
 				m.dispatchWaiting(p)
 			}
 		})
@@ -120,18 +118,12 @@ func (m *Manager) abandon(r *run) {
 	}
 	// Out of the queues first, so that no dispatch hands it a slot after
 	// it let go.
-	for _, p := range m.poolsSnapshot() {
+	for _, p := range m.pools.list() {
 		p.mu.Lock()
 		p.queue().remove(r)
 		p.mu.Unlock()
 	}
 	m.detach(r)
-}
-
-func (m *Manager) poolsSnapshot() []*Pool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return slices.Collect(maps.Values(m.pools))
 }
 
 // Recover takes over active jobs that no live gateway follows. It never
@@ -318,21 +310,12 @@ func (m *Manager) streamWithSid(upstream, sid string) (_ *Upstream, own bool) {
 	if sid == "" {
 		return nil, false
 	}
-	m.mu.Lock()
-	for _, p := range m.pools {
-		for _, u := range p.Upstreams {
-			if u.listensAs(upstream, sid) {
-				m.mu.Unlock()
-				return u, true
-			}
-		}
-	}
-	for _, u := range m.homes {
+	for _, u := range m.pools.upstreams() {
 		if u.listensAs(upstream, sid) {
-			m.mu.Unlock()
 			return u, true
 		}
 	}
+	m.mu.Lock()
 	// An endpoint a config reload replaced keeps its stream while its jobs
 	// run.
 	for _, r := range m.runs {

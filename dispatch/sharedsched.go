@@ -93,16 +93,6 @@ func (m *Manager) takeRequest(p *Pool) (TakeRequest, bool) {
 	return t, len(t.Endpoints)+len(t.Trial) > 0
 }
 
-// endpoint returns the pool's upstream with that address, or nil.
-func (p *Pool) endpoint(addr string) *Upstream {
-	for _, u := range p.Upstreams {
-		if u.String() == addr {
-			return u
-		}
-	}
-	return nil
-}
-
 // dispatchShared takes jobs from the shared queue while endpoints have
 // room. The job named want, when this gateway takes it for itself, is not
 // started but returned: its submitter sends it and answers with the

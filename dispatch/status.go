@@ -39,7 +39,7 @@ type EndpointStatus struct {
 // asks the store for the waiting count (a store that does not answer
 // leaves it at 0).
 func (m *Manager) Status(ctx context.Context) []PoolStatus {
-	pools := m.poolsSnapshot()
+	pools := m.pools.list()
 	sort.Slice(pools, func(a, b int) bool { return pools[a].Name < pools[b].Name })
 	out := make([]PoolStatus, 0, len(pools))
 	for _, p := range pools {
