@@ -37,16 +37,12 @@ type Manager struct {
 	runs   map[string]*run // job id → live run
 	number float64
 
-	owner     string
-	leaseTTL  time.Duration
 	inputsFor InputsFor
-	// ended are the jobs this gateway ended lately (see Recover).
-	ended map[string]endedJob
 
-	// adoptMu guards adopted: the event streams opened for jobs taken
-	// over, by upstream and sid, and the routes added to them.
-	adoptMu sync.Mutex
-	adopted map[streamKey]*Upstream
+	leases *leases
+	// adopted guards, with its lock, the event streams opened for jobs
+	// taken over, and the routes added to them.
+	adopted adoptedStreams
 	// limits bound upstream frames and job queues (SetEventLimits).
 	limits   atomic.Pointer[EventLimits]
 	accounts *accounts
@@ -63,7 +59,7 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 		logger = zap.NewNop()
 	}
 	m := &Manager{store: store, events: events, logger: logger, pools: newPoolSet(), runs: map[string]*run{},
-		owner: newOwner(), leaseTTL: DefaultLeaseTTL, waits: newWaitNotices(),
+		leases: newLeases(store, logger), waits: newWaitNotices(),
 		history: &jobHistory{store: store, logger: logger}, accounts: &accounts{logger: logger}}
 	m.accounts.outputs, _ = events.(OutputCounter)
 	if sq, ok := store.(SharedQueue); ok {
@@ -85,7 +81,7 @@ func (m *Manager) SetPool(p *Pool) {
 	if ss, ok := m.store.(SharedSlots); ok {
 		for _, u := range p.Upstreams {
 			u.mu.Lock()
-			u.shared, u.slotTTL = ss, m.leaseTTL
+			u.shared, u.slotTTL = ss, m.leases.ttl
 			u.mu.Unlock()
 		}
 	}
@@ -307,7 +303,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	}
 	m.runs[id] = r
 	m.mu.Unlock()
-	m.claim(ctx, id)
+	m.leases.claim(ctx, id)
 	if err := m.store.Create(ctx, job); err != nil {
 		m.mu.Lock()
 		delete(m.runs, id)
@@ -319,7 +315,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 			}
 			return SubmitResult{}, ErrPromptIDTaken
 		}
-		m.unclaim(id)
+		m.leases.unclaim(id)
 		return SubmitResult{}, &StoreError{Err: err}
 	}
 
@@ -329,7 +325,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 		// an endpoint has room, it is sent now.
 		if err := m.shared.Enqueue(ctx, queued(r)); err != nil {
 			m.drop(r)
-			m.unclaim(id)
+			m.leases.unclaim(id)
 			return SubmitResult{}, &StoreError{Err: err}
 		}
 		a := m.dispatchShared(pool, id)
@@ -646,7 +642,7 @@ func (m *Manager) drop(r *run) {
 	if err := m.store.Delete(context.Background(), id); err != nil {
 		m.logger.Warn("deleting rejected job", zap.String("job", id), zap.Error(err))
 	}
-	m.rememberEnded(id, nil)
+	m.leases.rememberEnded(id, nil)
 	m.mu.Lock()
 	delete(m.runs, id)
 	m.mu.Unlock()
@@ -663,13 +659,13 @@ func (m *Manager) save(j *Job) {
 func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	// Remembered before it leaves m.runs: Recover never sees it as
 	// nobody's.
-	m.rememberEnded(snap.ID, snap.Summary())
+	m.leases.rememberEnded(snap.ID, snap.Summary())
 	if !m.detach(r) {
 		return
 	}
 	m.history.ended(snap)
 	pool, _ := m.pools.get(snap.Pool)
-	m.unclaim(snap.ID)
+	m.leases.unclaim(snap.ID)
 	m.events.QueueChanged(snap.User)
 	m.pokeWaiting() // the others move up
 	if sendEnd {
@@ -709,7 +705,7 @@ func (m *Manager) detach(r *run) bool {
 	}
 	r.releaseSlot()
 	if r.adopted && up != nil {
-		m.releaseStream(up)
+		m.adopted.release(up)
 	}
 	return true
 }
@@ -832,15 +828,7 @@ func (m *Manager) Close() {
 		u.Close()
 	}
 	for _, id := range ids {
-		m.unclaim(id)
-	}
-}
-
-// SetLeaseTTL changes how long job leases last (see DefaultLeaseTTL). Call
-// it before Start.
-func (m *Manager) SetLeaseTTL(d time.Duration) {
-	if d > 0 {
-		m.leaseTTL = d
+		m.leases.unclaim(id)
 	}
 }
 

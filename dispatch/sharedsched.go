@@ -73,7 +73,7 @@ func (m *Manager) unqueue(ctx context.Context, p *Pool, r *run) bool {
 // takeRequest describes the pool's endpoints as this gateway sees them.
 // It returns false when none may take a job.
 func (m *Manager) takeRequest(p *Pool) (TakeRequest, bool) {
-	t := TakeRequest{Pool: p.Name, MaxRunning: p.MaxRunning, Token: uuid.NewString(), TTL: m.leaseTTL, Owner: m.owner}
+	t := TakeRequest{Pool: p.Name, MaxRunning: p.MaxRunning, Token: uuid.NewString(), TTL: m.leases.ttl, Owner: m.leases.owner}
 	now := time.Now()
 	for _, u := range p.Upstreams {
 		u.mu.Lock()
@@ -123,9 +123,9 @@ func (m *Manager) dispatchShared(p *Pool, want string) *Assignment {
 			}
 		}
 		switch {
-		case a.JobID == want && a.Owner == m.owner:
+		case a.JobID == want && a.Owner == m.leases.owner:
 			return a
-		case a.Owner == m.owner || a.Owner == "":
+		case a.Owner == m.leases.owner || a.Owner == "":
 			m.assigned(p, *a)
 		default:
 			// In its holder's inbox now; it sends the job.
@@ -178,12 +178,12 @@ func (m *Manager) releaseAssigned(a Assignment) {
 func (m *Manager) adoptAssigned(a Assignment) *run {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if !m.claim(ctx, a.JobID) {
+	if !m.leases.claim(ctx, a.JobID) {
 		return nil
 	}
 	j, err := m.store.Job(ctx, a.JobID)
 	if err != nil || j.Status != StatusPending || j.Upstream != "" {
-		m.unclaim(a.JobID)
+		m.leases.unclaim(a.JobID)
 		return nil
 	}
 	r, err := m.waitingRun(j)
@@ -202,7 +202,7 @@ func (m *Manager) adoptAssigned(a Assignment) *run {
 func (m *Manager) followAssignments(ctx context.Context) {
 	var lastErr time.Time
 	for ctx.Err() == nil {
-		as, err := m.shared.Assignments(ctx, m.owner, 5*time.Second)
+		as, err := m.shared.Assignments(ctx, m.leases.owner, 5*time.Second)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
