@@ -200,14 +200,12 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 		}
 		p.mu.Unlock()
 		// This gateway's jobs waiting in the shared queue.
-		m.mu.Lock()
 		var mine []*run
-		for _, r := range m.runs {
+		for _, r := range m.runs.list() {
 			if r.job.Pool == p.Name && !held[r] {
 				mine = append(mine, r)
 			}
 		}
-		m.mu.Unlock()
 		for _, r := range mine {
 			r.mu.Lock()
 			waiting := r.up == nil && r.slot == nil && !r.finished && r.job.Status == StatusPending
@@ -388,13 +386,12 @@ func (m *Manager) Watchdogs(ctx context.Context, interval time.Duration) {
 }
 
 func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
-	m.mu.Lock()
 	type stale struct {
 		r    *run
 		idle time.Duration
 	}
 	var due []stale
-	for _, r := range m.runs {
+	for _, r := range m.runs.list() {
 		p, _ := m.pools.get(r.job.Pool)
 		if p == nil || p.Watchdog <= 0 {
 			continue
@@ -406,7 +403,6 @@ func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
 		}
 		r.mu.Unlock()
 	}
-	m.mu.Unlock()
 	for _, s := range due {
 		s.r.mu.Lock()
 		up, pid, stop := s.r.up, s.r.job.UpstreamID, s.r.cancelRun

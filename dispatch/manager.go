@@ -6,12 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"net/http"
-	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -33,9 +30,7 @@ type Manager struct {
 
 	pools *poolSet
 
-	mu     sync.Mutex
-	runs   map[string]*run // job id → live run
-	number float64
+	runs *runSet
 
 	inputsFor InputsFor
 
@@ -58,7 +53,7 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	m := &Manager{store: store, events: events, logger: logger, pools: newPoolSet(), runs: map[string]*run{},
+	m := &Manager{store: store, events: events, logger: logger, pools: newPoolSet(), runs: newRunSet(),
 		leases: newLeases(store, logger), waits: newWaitNotices(),
 		history: &jobHistory{store: store, logger: logger}, accounts: &accounts{logger: logger}}
 	m.accounts.outputs, _ = events.(OutputCounter)
@@ -165,26 +160,7 @@ func (e *QueueFullError) Error() string {
 
 // mayRun reports whether the user is under the pool's running cap.
 func (m *Manager) mayRun(p *Pool, user string) bool {
-	return p.MaxRunning <= 0 || m.runningByUser(p)[user] < p.MaxRunning
-}
-
-// runningByUser counts, per user, the pool's jobs that hold or are taking
-// an endpoint slot.
-func (m *Manager) runningByUser(p *Pool) map[string]int {
-	out := map[string]int{}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, r := range m.runs {
-		if r.job.Pool != p.Name {
-			continue
-		}
-		r.mu.Lock()
-		if r.slot != nil {
-			out[r.job.User]++
-		}
-		r.mu.Unlock()
-	}
-	return out
+	return p.MaxRunning <= 0 || m.runs.runningByUser(p.Name)[user] < p.MaxRunning
 }
 
 // Positions returns the place (1 = next) of each of the pool's waiting
@@ -197,7 +173,7 @@ func (m *Manager) Positions(pool string) map[string]int {
 	if m.shared != nil {
 		return m.sharedPositions(p)
 	}
-	running := m.runningByUser(p)
+	running := m.runs.runningByUser(p.Name)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := map[string]int{}
@@ -264,10 +240,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 			m.accounts.unadmit(admitDay, pool.Name, req.User)
 		}
 	}()
-	m.mu.Lock()
-	number := m.number
-	m.number++
-	m.mu.Unlock()
+	number := m.runs.nextNumber()
 	if pr.Number != nil {
 		number = *pr.Number
 	} else if pr.Front {
@@ -293,21 +266,15 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	r.req = req
 	// Registered and claimed before the record exists, so that no gateway
 	// (this one included) takes a job over that is being submitted.
-	m.mu.Lock()
-	if other, dup := m.runs[id]; dup {
-		m.mu.Unlock()
+	if other, added := m.runs.add(r); !added {
 		if other.job.User != req.User {
 			return SubmitResult{}, ErrPromptIDTaken
 		}
 		return SubmitResult{PromptID: id, Number: other.job.Number, NodeErrors: json.RawMessage("{}")}, nil
 	}
-	m.runs[id] = r
-	m.mu.Unlock()
 	m.leases.claim(ctx, id)
 	if err := m.store.Create(ctx, job); err != nil {
-		m.mu.Lock()
-		delete(m.runs, id)
-		m.mu.Unlock()
+		m.runs.remove(id)
 		if errors.Is(err, ErrExists) {
 			// The same client-supplied id arrived twice at once.
 			if old, err := m.store.Job(ctx, id); err == nil && old.User == req.User {
@@ -561,7 +528,7 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 			p.mu.Unlock()
 			return
 		}
-		running := m.runningByUser(p)
+		running := m.runs.runningByUser(p.Name)
 		r := p.queue().next(func(user string) bool { return p.MaxRunning <= 0 || running[user] < p.MaxRunning }, running)
 		if r == nil {
 			up.giveBack(token)
@@ -643,9 +610,7 @@ func (m *Manager) drop(r *run) {
 		m.logger.Warn("deleting rejected job", zap.String("job", id), zap.Error(err))
 	}
 	m.leases.rememberEnded(id, nil)
-	m.mu.Lock()
-	delete(m.runs, id)
-	m.mu.Unlock()
+	m.runs.remove(id)
 }
 
 func (m *Manager) save(j *Job) {
@@ -695,9 +660,7 @@ func (m *Manager) detach(r *run) bool {
 	up, ids := r.up, r.routeIDs
 	r.mu.Unlock()
 	close(r.done)
-	m.mu.Lock()
-	delete(m.runs, r.job.ID)
-	m.mu.Unlock()
+	m.runs.remove(r.job.ID)
 	if up != nil {
 		for _, id := range ids {
 			up.unregister(id, r)
@@ -710,31 +673,11 @@ func (m *Manager) detach(r *run) bool {
 	return true
 }
 
-// Active returns the user's jobs that wait or run in this process.
-func (m *Manager) Active(user string) []*Job {
-	m.mu.Lock()
-	runs := make([]*run, 0)
-	for _, r := range m.runs {
-		if r.job.User == user {
-			runs = append(runs, r)
-		}
-	}
-	m.mu.Unlock()
-	out := make([]*Job, 0, len(runs))
-	for _, r := range runs {
-		out = append(out, r.snapshot())
-	}
-	SortJobs(out)
-	return out
-}
-
 // Cancel stops one of the user's jobs: a waiting job leaves the queue, a job
 // queued upstream is deleted there, a running job is interrupted. It reports
 // false for ids that are not the user's live jobs.
 func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
-	m.mu.Lock()
-	r, ok := m.runs[id]
-	m.mu.Unlock()
+	r, ok := m.runs.get(id)
 	pool := (*Pool)(nil)
 	if ok {
 		pool, _ = m.pools.get(r.job.Pool)
@@ -811,18 +754,16 @@ func (m *Manager) cancelLocal(r *run) {
 // leases, so that another gateway (or this one restarted) takes the running
 // jobs over at once rather than after the lease expires.
 func (m *Manager) Close() {
-	m.mu.Lock()
 	var ids []string
 	var ups []*Upstream
-	for id, r := range m.runs {
-		ids = append(ids, id)
+	for _, r := range m.runs.list() {
+		ids = append(ids, r.job.ID)
 		r.mu.Lock()
 		if r.up != nil {
 			ups = append(ups, r.up)
 		}
 		r.mu.Unlock()
 	}
-	m.mu.Unlock()
 	ups = append(ups, m.pools.upstreams()...)
 	for _, u := range ups {
 		u.Close()
@@ -875,12 +816,4 @@ func workflowID(extra map[string]json.RawMessage) string {
 	var id string
 	_ = json.Unmarshal(raw, &id)
 	return id
-}
-
-// runList is a copy of the jobs this gateway follows, to walk without
-// holding the manager's lock.
-func (m *Manager) runList() []*run {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return slices.Collect(maps.Values(m.runs))
 }

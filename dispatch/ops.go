@@ -54,7 +54,7 @@ func (m *Manager) Board(ctx context.Context, limit int) (Board, error) {
 	jobs, err := m.store.ActiveJobs(ctx)
 	if err != nil {
 		jobs = nil
-		runs := m.runList()
+		runs := m.runs.list()
 		for _, r := range runs {
 			jobs = append(jobs, r.snapshot().Summary())
 		}

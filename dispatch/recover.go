@@ -58,7 +58,7 @@ func every(ctx context.Context, d time.Duration, fn func()) {
 }
 
 func (m *Manager) renew(ctx context.Context) {
-	runs := m.runList()
+	runs := m.runs.list()
 	for _, r := range runs {
 		r.mu.Lock()
 		slot, token := r.slot, r.slotToken
@@ -111,9 +111,7 @@ func (m *Manager) Recover(ctx context.Context) {
 	for _, j := range jobs {
 		// Its run first, then its end: a job leaves m.runs only once it
 		// is remembered as ended (finish, drop).
-		m.mu.Lock()
-		_, mine := m.runs[j.ID]
-		m.mu.Unlock()
+		_, mine := m.runs.get(j.ID)
 		if mine {
 			continue
 		}
@@ -150,12 +148,12 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 		pool, ok := m.Pool(j.Pool)
 		if !ok {
 			log.Warn("cannot take over job: its pool is gone", zap.String("pool", j.Pool))
-			m.register(r)
+			m.runs.put(r)
 			r.fail("The GPU pool " + j.Pool + " is no longer configured.")
 			return
 		}
 		r, err := m.waitingRun(j)
-		m.register(r)
+		m.runs.put(r)
 		if err != nil {
 			r.fail(err.Error())
 			return
@@ -168,7 +166,7 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 	if j.Transport == TransportWorker {
 		// Its stream ended with the gateway that held it; the container
 		// interrupted the job when the stream broke.
-		m.register(r)
+		m.runs.put(r)
 		r.fail("The gateway restarted while this job ran on a pinned GPU endpoint; please queue it again.")
 		return
 	}
@@ -199,7 +197,7 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 		var err error
 		if up, err = NewUpstream(j.Upstream, opts); err != nil {
 			m.adopted.mu.Unlock()
-			m.register(r)
+			m.runs.put(r)
 			r.fail(PublicMessage(j.Pool, "The job's GPU server address is not valid: "+err.Error()))
 			return
 		}
@@ -218,7 +216,7 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 		r.holdSlot(slot, token)
 	}
 	r.routeIDs = []string{pid}
-	m.register(r)
+	m.runs.put(r)
 	up.register(pid, r)
 	m.adopted.mu.Unlock()
 	if own {
@@ -263,12 +261,6 @@ func (m *Manager) waitingRun(j *Job) (*run, error) {
 	return r, nil
 }
 
-func (m *Manager) register(r *run) {
-	m.mu.Lock()
-	m.runs[r.job.ID] = r
-	m.mu.Unlock()
-}
-
 // streamWithSid returns this process's stream toward upstream that listens
 // as sid: a pool endpoint's or a home's own stream (own), or one opened
 // for jobs taken over. Call with m.adopted.mu held.
@@ -281,19 +273,16 @@ func (m *Manager) streamWithSid(upstream, sid string) (_ *Upstream, own bool) {
 			return u, true
 		}
 	}
-	m.mu.Lock()
 	// An endpoint a config reload replaced keeps its stream while its jobs
 	// run.
-	for _, r := range m.runs {
+	for _, r := range m.runs.list() {
 		r.mu.Lock()
 		u, adopted := r.up, r.adopted
 		r.mu.Unlock()
 		if u != nil && !adopted && u.listensAs(upstream, sid) && !u.isClosed() {
-			m.mu.Unlock()
 			return u, true
 		}
 	}
-	m.mu.Unlock()
 	if u := m.adopted.byKey[streamKey{upstream, sid}]; u != nil && !u.isClosed() {
 		return u, false
 	}

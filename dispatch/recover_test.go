@@ -403,9 +403,7 @@ func waitDetached(t *testing.T, m *Manager, id string) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		m.mu.Lock()
-		_, live := m.runs[id]
-		m.mu.Unlock()
+		_, live := m.runs.get(id)
 		if !live {
 			return
 		}

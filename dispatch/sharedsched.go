@@ -137,7 +137,7 @@ func (m *Manager) dispatchShared(p *Pool, want string) *Assignment {
 // assigned starts a job the shared queue gave a slot (taken here, or
 // handed over by another gateway).
 func (m *Manager) assigned(p *Pool, a Assignment) {
-	r := m.runOf(a.JobID)
+	r, _ := m.runs.get(a.JobID)
 	if r == nil && a.Owner == "" {
 		r = m.adoptAssigned(a)
 	}
@@ -188,11 +188,11 @@ func (m *Manager) adoptAssigned(a Assignment) *run {
 	}
 	r, err := m.waitingRun(j)
 	if err != nil {
-		m.register(r)
+		m.runs.put(r)
 		r.fail(err.Error())
 		return nil
 	}
-	m.register(r)
+	m.runs.put(r)
 	m.logger.Info("took over a waiting job", zap.String("job", j.ID), zap.String("user", j.User))
 	return r
 }
@@ -266,12 +266,6 @@ func (m *Manager) sharedQueueView(ctx context.Context, p *Pool) (positions, runn
 		out[r.job.ID] = pos
 	}
 	return out, st.Running
-}
-
-func (m *Manager) runOf(id string) *run {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.runs[id]
 }
 
 func (r *run) isFinished() bool {

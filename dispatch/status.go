@@ -61,7 +61,7 @@ func (m *Manager) Status(ctx context.Context) []PoolStatus {
 				}
 			}
 		}
-		for _, n := range m.runningByUser(p) {
+		for _, n := range m.runs.runningByUser(p.Name) {
 			ps.Running += n
 		}
 		for _, u := range p.Upstreams {

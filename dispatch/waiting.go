@@ -97,7 +97,7 @@ type waiter struct {
 // noticeWaiting tells each waiting job of this gateway why it waits, if
 // that changed since it was last told.
 func (m *Manager) noticeWaiting(ctx context.Context, now time.Time) {
-	runs := m.runList()
+	runs := m.runs.list()
 	byPool := map[string][]waiter{}
 	for _, r := range runs {
 		r.mu.Lock()
@@ -227,7 +227,7 @@ func (m *Manager) queueView(ctx context.Context, p *Pool) (positions, running ma
 	if m.shared != nil {
 		return m.sharedQueueView(ctx, p)
 	}
-	running = m.runningByUser(p)
+	running = m.runs.runningByUser(p.Name)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	positions = map[string]int{}
