@@ -118,7 +118,7 @@ func (m *Manager) HealthChecks(ctx context.Context, interval time.Duration) {
 			}
 			for _, p := range m.pools.list() {
 				m.expireWaiting(p, time.Now())
-				if !all && (!anyDown(p) || !m.hasWaiting(ctx, p)) {
+				if !all && (!anyDown(p) || !m.queues.hasWaiting(ctx, p)) {
 					continue
 				}
 				var recovered *Upstream
@@ -181,7 +181,7 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 		return now.Sub(since) > timeout
 	}
 	var due []*run
-	if m.shared == nil {
+	if m.queues.shared == nil {
 		for _, rs := range p.queue().byUser {
 			for _, r := range rs {
 				if expired(r) {
@@ -212,7 +212,7 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 			r.mu.Unlock()
 			if waiting && expired(r) {
 				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-				if m.unqueue(ctx, p, r) {
+				if m.queues.unqueue(ctx, p, r) {
 					due = append(due, r)
 				}
 				cancel()
@@ -232,22 +232,6 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 // ProbeWhileWaiting is how often endpoints marked down are probed while
 // jobs wait for them.
 const ProbeWhileWaiting = 250 * time.Millisecond
-
-// hasWaiting reports whether jobs wait for the pool's endpoints: held for a
-// cold start, or queued (here, or in the shared queue). Probing only then
-// keeps a scaled-to-zero deployment that nobody needs asleep.
-func (m *Manager) hasWaiting(ctx context.Context, p *Pool) bool {
-	p.mu.Lock()
-	local := len(p.held) > 0 || p.queue().len() > 0
-	p.mu.Unlock()
-	if local || m.shared == nil {
-		return local
-	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	n, err := m.shared.PoolWaiting(ctx, p.Name)
-	return err != nil || n > 0 // unsure: probe
-}
 
 func anyDown(p *Pool) bool {
 	for _, u := range p.Upstreams {

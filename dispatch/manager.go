@@ -24,9 +24,7 @@ type Manager struct {
 	store  Store
 	events Events
 	logger *zap.Logger
-	// shared is the store's queue shared with other gateways (nil: each
-	// pool's queue lives in this process).
-	shared SharedQueue
+	queues *poolQueues
 
 	pools *poolSet
 
@@ -57,8 +55,9 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 		leases: newLeases(store, logger), waits: newWaitNotices(),
 		history: &jobHistory{store: store, logger: logger}, accounts: &accounts{logger: logger}}
 	m.accounts.outputs, _ = events.(OutputCounter)
+	m.queues = &poolQueues{runs: m.runs, logger: logger}
 	if sq, ok := store.(SharedQueue); ok {
-		m.shared = sq
+		m.queues.shared = sq
 	}
 	return m
 }
@@ -163,26 +162,6 @@ func (m *Manager) mayRun(p *Pool, user string) bool {
 	return p.MaxRunning <= 0 || m.runs.runningByUser(p.Name)[user] < p.MaxRunning
 }
 
-// Positions returns the place (1 = next) of each of the pool's waiting
-// jobs in the order the queue plans to run them.
-func (m *Manager) Positions(pool string) map[string]int {
-	p, ok := m.Pool(pool)
-	if !ok {
-		return nil
-	}
-	if m.shared != nil {
-		return m.sharedPositions(p)
-	}
-	running := m.runs.runningByUser(p.Name)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := map[string]int{}
-	for r, pos := range p.queue().positions(running) {
-		out[r.job.ID] = pos
-	}
-	return out
-}
-
 // ErrPromptIDTaken is returned for a client-supplied prompt_id that another
 // user's job already has.
 var ErrPromptIDTaken = errors.New("prompt_id already in use")
@@ -220,7 +199,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 		return SubmitResult{}, err
 	}
 	if pool.MaxQueued > 0 {
-		n, err := m.waitingCount(ctx, pool, req.User)
+		n, err := m.queues.waitingCount(ctx, pool, req.User)
 		if err != nil {
 			return SubmitResult{}, &StoreError{Err: err}
 		}
@@ -287,10 +266,10 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	}
 
 	var up *Upstream
-	if m.shared != nil {
+	if m.queues.shared != nil {
 		// Into the shared queue; if this very job is the next to run and
 		// an endpoint has room, it is sent now.
-		if err := m.shared.Enqueue(ctx, queued(r)); err != nil {
+		if err := m.queues.shared.Enqueue(ctx, queued(r)); err != nil {
 			m.drop(r)
 			m.leases.unclaim(id)
 			return SubmitResult{}, &StoreError{Err: err}
@@ -513,7 +492,7 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResul
 
 // dispatchWaiting sends waiting jobs of the pool while slots are free.
 func (m *Manager) dispatchWaiting(p *Pool) {
-	if m.shared != nil {
+	if m.queues.shared != nil {
 		m.dispatchShared(p, "")
 		return
 	}
@@ -686,7 +665,7 @@ func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
 		return false
 	}
 	// Still waiting for a slot here?
-	if pool != nil && m.unqueue(ctx, pool, r) {
+	if pool != nil && m.queues.unqueue(ctx, pool, r) {
 		m.cancelLocal(r)
 		return true
 	}

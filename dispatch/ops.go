@@ -113,7 +113,7 @@ func (m *Manager) waitingBriefs(ctx context.Context, pool string, jobs []*Job) [
 		}
 		return out
 	}
-	pos, running := m.queueView(ctx, p)
+	pos, running := m.queues.view(ctx, p)
 	type heldRun struct {
 		attempts int
 		firstTry time.Time

@@ -26,7 +26,7 @@ func (e *StoreError) Unwrap() error { return e.Err }
 // Renewal runs on a goroutine of its own: no amount of takeover work
 // (store reads, dials, history lookups) can delay it past a lease's end.
 func (m *Manager) Start(ctx context.Context) {
-	if m.shared != nil {
+	if m.queues.shared != nil {
 		go m.followAssignments(ctx)
 	}
 	go every(ctx, m.leases.ttl/3, func() { m.renew(ctx) })

@@ -46,16 +46,16 @@ func (m *Manager) Status(ctx context.Context) []PoolStatus {
 		ps := PoolStatus{Name: p.Name}
 		p.mu.Lock()
 		ps.Held = len(p.held)
-		if m.shared == nil {
+		if m.queues.shared == nil {
 			ps.Waiting = p.queue().len()
 		}
 		p.mu.Unlock()
-		if m.shared != nil {
+		if m.queues.shared != nil {
 			names := make([]string, 0, len(p.Upstreams))
 			for _, u := range p.Upstreams {
 				names = append(names, u.String())
 			}
-			if st, err := m.shared.QueueState(ctx, p.Name, names); err == nil {
+			if st, err := m.queues.shared.QueueState(ctx, p.Name, names); err == nil {
 				for _, u := range st.Users {
 					ps.Waiting += len(u.Jobs)
 				}

@@ -114,7 +114,7 @@ func (m *Manager) noticeWaiting(ctx context.Context, now time.Time) {
 		if !ok {
 			continue
 		}
-		positions, running := m.queueView(ctx, p)
+		positions, running := m.queues.view(ctx, p)
 		p.mu.Lock()
 		held := make(map[*run]bool, len(p.held))
 		for r := range p.held {
@@ -218,21 +218,4 @@ func inLine(pos int) string {
 		suffix = "rd"
 	}
 	return fmt.Sprintf("%d%s in line", pos, suffix)
-}
-
-// queueView returns the place (1 = next) of each of the pool's queued
-// jobs, and each user's jobs running on it — of every gateway when the
-// queue is shared. A store that does not answer gives no places.
-func (m *Manager) queueView(ctx context.Context, p *Pool) (positions, running map[string]int) {
-	if m.shared != nil {
-		return m.sharedQueueView(ctx, p)
-	}
-	running = m.runs.runningByUser(p.Name)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	positions = map[string]int{}
-	for r, pos := range p.queue().positions(running) {
-		positions[r.job.ID] = pos
-	}
-	return positions, running
 }
