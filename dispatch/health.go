@@ -276,7 +276,7 @@ func (m *Manager) retryLater(p *Pool, r *run, cause error) {
 	}
 	backoff := time.Duration(1<<min(attempts-1, 5)) * 250 * time.Millisecond // 0.25 s … 8 s
 	m.logger.Info("no endpoint took the job; retrying", zap.String("job", job.ID), zap.Int("attempt", attempts), zap.Duration("in", backoff), zap.Error(cause))
-	defer m.pokeWaiting() // tells the job why it waits (waiting.go)
+	defer m.waits.pokeWaiting() // tells the job why it waits (waiting.go)
 	// Held until the backoff ends, or until an endpoint of the pool is back
 	// (endpointBack), whichever comes first.
 	p.mu.Lock()
@@ -306,12 +306,12 @@ func (m *Manager) retryLater(p *Pool, r *run, cause error) {
 
 // notify shows a line of text on the job's output node in the browser (a
 // progress-text frame, which the unchanged frontend draws under the node).
-func (m *Manager) notify(j *Job, text string) {
+func notify(events Events, j *Job, text string) {
 	node := ""
 	if len(j.OutputsToExecute) > 0 {
 		node = j.OutputsToExecute[0]
 	}
-	m.events.Deliver(recipientOf(j), Event{Text: &comfy.TextFrame{PromptID: j.ID, NodeID: node, Text: []byte(text)}})
+	events.Deliver(recipientOf(j), Event{Text: &comfy.TextFrame{PromptID: j.ID, NodeID: node, Text: []byte(text)}})
 }
 
 // beforeAcceptance reports whether a send error means the endpoint never
@@ -415,7 +415,7 @@ func (m *Manager) runOnHome(r *run, job *Job, notice string) {
 		m.failUnsent(r, err)
 		return
 	}
-	m.notify(job, notice)
+	notify(m.events, job, notice)
 	r.mu.Lock()
 	req := r.req
 	req.Inputs = nil // the files are on home already

@@ -19,30 +19,29 @@ import (
 	"github.com/comfyume/comfyume/usage"
 )
 
-// Manager places jobs on upstreams and follows them to their end.
+// Manager places jobs on upstreams and follows them to their end. It is
+// the package's facade: it composes the parts below, each of which owns
+// its own state (see the package comment), and keeps to itself only what
+// ties them together — submitting, sending and cancelling a job, taking
+// the next waiting job to a free endpoint, ending a job, and taking jobs
+// over from other gateways.
 type Manager struct {
 	store  Store
 	events Events
 	logger *zap.Logger
-	queues *poolQueues
-
-	pools *poolSet
-
-	runs *runSet
-
+	// limits bound upstream frames and job queues (SetEventLimits).
+	limits atomic.Pointer[EventLimits]
+	// inputsFor finds the input files of jobs taken over (SetInputsFor).
 	inputsFor InputsFor
 
-	leases *leases
-	// adopted guards, with its lock, the event streams opened for jobs
-	// taken over, and the routes added to them.
-	adopted adoptedStreams
-	// limits bound upstream frames and job queues (SetEventLimits).
-	limits   atomic.Pointer[EventLimits]
-	accounts *accounts
-	// waits tells waiting jobs why they wait (waiting.go).
-	waits waitNotices
-
-	history *jobHistory
+	pools    *poolSet       // where jobs can go (pool.go)
+	runs     *runSet        // the jobs that live here (runs.go)
+	queues   *poolQueues    // where waiting jobs wait (poolqueues.go)
+	waits    *waitNotices   // telling waiting jobs why (waiting.go)
+	leases   *leases        // claims on jobs, jobs ended lately (leases.go)
+	adopted  adoptedStreams // streams of jobs taken over (leases.go)
+	accounts *accounts      // use and quotas (accounting.go)
+	history  *jobHistory    // what is kept of ended jobs (history.go)
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -51,14 +50,19 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	m := &Manager{store: store, events: events, logger: logger, pools: newPoolSet(), runs: newRunSet(),
-		leases: newLeases(store, logger), waits: newWaitNotices(),
-		history: &jobHistory{store: store, logger: logger}, accounts: &accounts{logger: logger}}
+	m := &Manager{store: store, events: events, logger: logger,
+		pools:    newPoolSet(),
+		runs:     newRunSet(),
+		leases:   newLeases(store, logger),
+		accounts: &accounts{logger: logger},
+		history:  &jobHistory{store: store, logger: logger},
+	}
 	m.accounts.outputs, _ = events.(OutputCounter)
 	m.queues = &poolQueues{runs: m.runs, logger: logger}
 	if sq, ok := store.(SharedQueue); ok {
 		m.queues.shared = sq
 	}
+	m.waits = newWaitNotices(m.runs, m.pools, m.queues, events)
 	return m
 }
 
@@ -307,7 +311,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	if up == nil {
 		accepted = true
 		m.events.QueueChanged(req.User)
-		m.pokeWaiting()
+		m.waits.pokeWaiting()
 		return SubmitResult{PromptID: id, Number: number, NodeErrors: json.RawMessage("{}")}, nil
 	}
 	res, err := m.send(ctx, r, up)
@@ -611,7 +615,7 @@ func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	pool, _ := m.pools.get(snap.Pool)
 	m.leases.unclaim(snap.ID)
 	m.events.QueueChanged(snap.User)
-	m.pokeWaiting() // the others move up
+	m.waits.pokeWaiting() // the others move up
 	if sendEnd {
 		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
 		m.events.Deliver(recipientOf(snap), jobMessage(end))

@@ -30,7 +30,7 @@ func (m *Manager) Start(ctx context.Context) {
 		go m.followAssignments(ctx)
 	}
 	go every(ctx, m.leases.ttl/3, func() { m.renew(ctx) })
-	go m.tellWaiting(ctx)
+	go m.waits.tellWaiting(ctx)
 	go func() {
 		m.Recover(ctx)
 		every(ctx, m.leases.ttl/3, func() {
