@@ -42,6 +42,7 @@ type Manager struct {
 	adopted  adoptedStreams // streams of jobs taken over (leases.go)
 	accounts *accounts      // use and quotas (accounting.go)
 	history  *jobHistory    // what is kept of ended jobs (history.go)
+	precheck *prechecker    // prompts against installs (precheck.go)
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -56,7 +57,9 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 		leases:   newLeases(store, logger),
 		accounts: &accounts{logger: logger},
 		history:  &jobHistory{store: store, logger: logger},
+		precheck: &prechecker{logger: logger},
 	}
+	m.precheck.store, _ = store.(InstallStore)
 	m.accounts.outputs, _ = events.(OutputCounter)
 	m.queues = &poolQueues{runs: m.runs, logger: logger}
 	if sq, ok := store.(SharedQueue); ok {
@@ -196,7 +199,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	if id == "" {
 		id = uuid.NewString()
 	}
-	if err := m.precheck(ctx, pool, pr); err != nil {
+	if err := m.precheck.check(ctx, pool, pr); err != nil {
 		return SubmitResult{}, err
 	}
 	if err := checkInputs(pr); err != nil {
