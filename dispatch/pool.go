@@ -1,12 +1,14 @@
 package dispatch
 
 import (
+	"context"
 	"maps"
 	"slices"
 	"sort"
 	"sync"
 	"time"
 
+	"github.com/google/uuid"
 	"go.uber.org/zap"
 
 	"github.com/comfyume/comfyume/usage"
@@ -183,6 +185,66 @@ func (p *Pool) acquire() (*Upstream, string) {
 		}
 	}
 	return nil, ""
+}
+
+// take reserves a slot on the endpoint for a job of user: here, and — when
+// gateways share the store — among all of them. The token names the shared
+// slot ("" when not shared). A store that cannot be asked does not block
+// the job.
+func (u *Upstream) take(user string) (string, bool) {
+	u.mu.Lock()
+	u.inflight++
+	shared, max := u.shared, u.MaxJobs
+	u.mu.Unlock()
+	if shared == nil || max <= 0 {
+		return "", true
+	}
+	token := uuid.NewString() + "|" + user
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	ok, err := shared.AcquireSlot(ctx, u.String(), max, token, u.slotTTL)
+	if err != nil {
+		u.logger.Warn("shared slot count unavailable; counting locally", zap.Error(err))
+		return "", true
+	}
+	if !ok {
+		u.release() // another gateway's jobs fill it
+		return "", false
+	}
+	return token, true
+}
+
+// giveBack returns a slot taken with take.
+func (u *Upstream) giveBack(token string) {
+	u.release()
+	ss := u.sharedSlots()
+	if token == "" || ss == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := ss.ReleaseSlot(ctx, u.String(), token); err != nil {
+		u.logger.Warn("releasing shared slot", zap.Error(err))
+	}
+}
+
+// sharedSlots returns the store that counts slots with other gateways.
+func (u *Upstream) sharedSlots() SharedSlots {
+	if u == nil {
+		return nil
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.shared
+}
+
+// release gives back the slot a job held.
+func (u *Upstream) release() {
+	u.mu.Lock()
+	if u.inflight > 0 {
+		u.inflight--
+	}
+	u.mu.Unlock()
 }
 
 // endpoint returns the pool's upstream with that address, or nil.
