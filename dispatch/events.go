@@ -33,13 +33,14 @@
 //     usage.Ledger and its quotas, the counters for metrics.
 //   - jobHistory (history.go): what is kept of ended jobs — history
 //     limits, outcome counts, the latest failures.
+//   - opsView (ops.go, status.go): what the operator's pages see (Board,
+//     Status). Reads the Store, runSet, poolSet and poolQueues.
 //
 // Parts point down only: each gets what it needs as a field, never the
 // Manager, and none points to another's owner. The pointers up are a
 // run's (run.m) and a pinned job's stream handler's (pinnedHandler.m): a
 // job's goroutine hands its events to the Manager's Events and ends the
-// job through the Manager, which involves most parts. The operator's
-// views (Board, Status) are Manager methods that read the parts.
+// job through the Manager, which involves most parts.
 //
 // # The path of one event
 //

@@ -43,6 +43,7 @@ type Manager struct {
 	accounts *accounts      // use and quotas (accounting.go)
 	history  *jobHistory    // what is kept of ended jobs (history.go)
 	precheck *prechecker    // prompts against installs (precheck.go)
+	ops      *opsView       // the operator's views (ops.go, status.go)
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -66,6 +67,7 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 		m.queues.shared = sq
 	}
 	m.waits = newWaitNotices(m.runs, m.pools, m.queues, events)
+	m.ops = &opsView{store: store, runs: m.runs, pools: m.pools, queues: m.queues}
 	return m
 }
 

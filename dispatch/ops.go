@@ -12,6 +12,16 @@ import (
 // What an operator sees of the jobs: who runs what where, who waits and
 // why, and the latest failures. Never a prompt or a workflow.
 
+// opsView owns what the operator's pages see of the pools and jobs (Board,
+// Status). It only reads: the store's active jobs, the runs, the pools and
+// their queues.
+type opsView struct {
+	store  Store
+	runs   *runSet
+	pools  *poolSet
+	queues *poolQueues
+}
+
 // JobBrief is a job as the operator's page lists it.
 type JobBrief struct {
 	ID   string `json:"id"`
@@ -51,10 +61,15 @@ type Board struct {
 // gateway's jobs; when it cannot answer, this gateway's own are listed and
 // the error returned with them.
 func (m *Manager) Board(ctx context.Context, limit int) (Board, error) {
-	jobs, err := m.store.ActiveJobs(ctx)
+	return m.ops.board(ctx, limit)
+}
+
+// board lists the running and the waiting jobs (see Manager.Board).
+func (o *opsView) board(ctx context.Context, limit int) (Board, error) {
+	jobs, err := o.store.ActiveJobs(ctx)
 	if err != nil {
 		jobs = nil
-		runs := m.runs.list()
+		runs := o.runs.list()
 		for _, r := range runs {
 			jobs = append(jobs, r.snapshot().Summary())
 		}
@@ -88,7 +103,7 @@ func (m *Manager) Board(ctx context.Context, limit int) (Board, error) {
 	}
 	sort.Strings(names)
 	for _, name := range names {
-		b.Waiting = append(b.Waiting, m.waitingBriefs(ctx, name, byPool[name])...)
+		b.Waiting = append(b.Waiting, o.waitingBriefs(ctx, name, byPool[name])...)
 	}
 	if limit > 0 {
 		if n := len(b.Running) - limit; n > 0 {
@@ -103,9 +118,9 @@ func (m *Manager) Board(ctx context.Context, limit int) (Board, error) {
 
 // waitingBriefs orders a pool's waiting jobs as its queue will run them and
 // says why each waits (see waitWhy).
-func (m *Manager) waitingBriefs(ctx context.Context, pool string, jobs []*Job) []JobBrief {
+func (o *opsView) waitingBriefs(ctx context.Context, pool string, jobs []*Job) []JobBrief {
 	out := make([]JobBrief, 0, len(jobs))
-	p, ok := m.Pool(pool)
+	p, ok := o.pools.get(pool)
 	if !ok {
 		for _, j := range jobs {
 			out = append(out, JobBrief{ID: j.ID, User: j.User, Pool: j.Pool, Status: j.Status, Created: j.CreateTime,
@@ -113,7 +128,7 @@ func (m *Manager) waitingBriefs(ctx context.Context, pool string, jobs []*Job) [
 		}
 		return out
 	}
-	pos, running := m.queues.view(ctx, p)
+	pos, running := o.queues.view(ctx, p)
 	type heldRun struct {
 		attempts int
 		firstTry time.Time

@@ -38,30 +38,33 @@ type EndpointStatus struct {
 // Status describes every pool, sorted by name. With a shared queue it
 // asks the store for the waiting count (a store that does not answer
 // leaves it at 0).
-func (m *Manager) Status(ctx context.Context) []PoolStatus {
-	pools := m.pools.list()
+func (m *Manager) Status(ctx context.Context) []PoolStatus { return m.ops.status(ctx) }
+
+// status describes every pool (see Manager.Status).
+func (o *opsView) status(ctx context.Context) []PoolStatus {
+	pools := o.pools.list()
 	sort.Slice(pools, func(a, b int) bool { return pools[a].Name < pools[b].Name })
 	out := make([]PoolStatus, 0, len(pools))
 	for _, p := range pools {
 		ps := PoolStatus{Name: p.Name}
 		p.mu.Lock()
 		ps.Held = len(p.held)
-		if m.queues.shared == nil {
+		if o.queues.shared == nil {
 			ps.Waiting = p.queue().len()
 		}
 		p.mu.Unlock()
-		if m.queues.shared != nil {
+		if o.queues.shared != nil {
 			names := make([]string, 0, len(p.Upstreams))
 			for _, u := range p.Upstreams {
 				names = append(names, u.String())
 			}
-			if st, err := m.queues.shared.QueueState(ctx, p.Name, names); err == nil {
+			if st, err := o.queues.shared.QueueState(ctx, p.Name, names); err == nil {
 				for _, u := range st.Users {
 					ps.Waiting += len(u.Jobs)
 				}
 			}
 		}
-		for _, n := range m.runs.runningByUser(p.Name) {
+		for _, n := range o.runs.runningByUser(p.Name) {
 			ps.Running += n
 		}
 		for _, u := range p.Upstreams {
