@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/url"
 	"strconv"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -19,49 +20,48 @@ type OutputCounter interface {
 	TakeOutputBytes(jobID string) int64
 }
 
+// accounts owns each user's use of the pools: the ledger that records it
+// and holds the daily quotas (admission of a prompt, the check of a
+// waiting job, the record of an ended one), and this gateway's counters
+// for metrics. It points down to the usage package and, for the bytes of
+// a job's outputs, to the OutputCounter the Events may be.
+type accounts struct {
+	logger  *zap.Logger
+	outputs OutputCounter // nil: outputs are not counted
+
+	mu       sync.Mutex
+	ledger   usage.Ledger // nil: none kept
+	counters usage.Counters
+}
+
 // SetUsage sets the ledger that records each user's use of the pools and
 // holds their quotas (nil: none kept). Call it before jobs run.
 func (m *Manager) SetUsage(l usage.Ledger) {
-	m.mu.Lock()
-	m.ledger = l
-	m.mu.Unlock()
+	m.accounts.mu.Lock()
+	m.accounts.ledger = l
+	m.accounts.mu.Unlock()
 }
 
 // Usage returns the usage ledger (nil when none is kept).
-func (m *Manager) Usage() usage.Ledger {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.ledger
-}
+func (m *Manager) Usage() usage.Ledger { return m.accounts.kept() }
 
 // UsageCounters returns this gateway's running totals of use per pool
 // (and per user, when turned on), for metrics.
-func (m *Manager) UsageCounters() *usage.Counters { return &m.counters }
+func (m *Manager) UsageCounters() *usage.Counters { return &m.accounts.counters }
 
-// Quota returns a pool's daily limits, as configured.
-func (m *Manager) Quota(pool string) (usage.Limits, bool) {
-	p, ok := m.Pool(pool)
-	if !ok {
-		return usage.Limits{}, false
-	}
-	return p.Quota, true
-}
-
-// PoolNames lists the configured pools.
-func (m *Manager) PoolNames() []string {
-	var out []string
-	for _, p := range m.poolsSnapshot() {
-		out = append(out, p.Name)
-	}
-	return out
+// kept returns the ledger (nil when none is kept).
+func (a *accounts) kept() usage.Ledger {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.ledger
 }
 
 // admit counts a prompt against the user's quota on the pool, and returns
 // the day it counted on ("" when no ledger is kept). Over the quota it
 // returns the *usage.ExceededError the user is shown. A ledger that cannot
 // be asked refuses the prompt only when a limit applies.
-func (m *Manager) admit(ctx context.Context, p *Pool, req SubmitRequest) (string, error) {
-	l := m.Usage()
+func (a *accounts) admit(ctx context.Context, p *Pool, req SubmitRequest) (string, error) {
+	l := a.kept()
 	if l == nil {
 		return "", nil
 	}
@@ -73,31 +73,32 @@ func (m *Manager) admit(ctx context.Context, p *Pool, req SubmitRequest) (string
 	case err == nil:
 		return day, nil
 	case errors.As(err, &ex):
-		m.counters.Refused(p.Name, req.User, ex.Kind)
+		a.counters.Refused(p.Name, req.User, ex.Kind)
 		return "", err
 	case lim.None():
-		m.logger.Warn("usage not recorded: the ledger did not answer", zap.String("user", req.User), zap.Error(err))
+		a.logger.Warn("usage not recorded: the ledger did not answer", zap.String("user", req.User), zap.Error(err))
 		return "", nil
 	default:
 		return "", &StoreError{Err: err}
 	}
 }
 
-// overQuota is checked when a waiting job leaves the queue: if the user's
-// jobs that ended meanwhile used up their GPU time for today, the job is
-// not sent and gets the refusal (nil: send it). Without it every prompt
-// admitted while the user was under the quota — max_queued of them —
-// would run, however far past it. A ledger that cannot be read lets the
-// job go (it was admitted). A job taken over from another gateway keeps
-// the pool's quota only (its site's override is not in its record).
-func (m *Manager) overQuota(ctx context.Context, p *Pool, r *run) error {
-	l := m.Usage()
-	if l == nil || p.Quota.Apply(r.req.Quota).GPU <= 0 {
+// overQuota is checked when a waiting job of user leaves the queue (quota
+// is its site's change of the pool's limits): if the user's jobs that
+// ended meanwhile used up their GPU time for today, the job is not sent
+// and gets the refusal (nil: send it). Without it every prompt admitted
+// while the user was under the quota — max_queued of them — would run,
+// however far past it. A ledger that cannot be read lets the job go (it
+// was admitted). A job taken over from another gateway keeps the pool's
+// quota only (its site's override is not in its record).
+func (a *accounts) overQuota(ctx context.Context, p *Pool, user string, quota usage.Override) error {
+	l := a.kept()
+	if l == nil || p.Quota.Apply(quota).GPU <= 0 {
 		return nil
 	}
 	now := time.Now()
 	day := usage.DayOf(now)
-	rows, err := l.Usage(ctx, usage.Query{Since: day, Until: day, User: r.job.User, Pool: p.Name})
+	rows, err := l.Usage(ctx, usage.Query{Since: day, Until: day, User: user, Pool: p.Name})
 	if err != nil || len(rows) != 1 {
 		return nil
 	}
@@ -106,30 +107,30 @@ func (m *Manager) overQuota(ctx context.Context, p *Pool, r *run) error {
 	if !ok || used < limit {
 		return nil
 	}
-	m.counters.Refused(p.Name, r.job.User, usage.KindGPU)
+	a.counters.Refused(p.Name, user, usage.KindGPU)
 	return &usage.ExceededError{Pool: p.Name, Kind: usage.KindGPU, Used: used.Milliseconds(),
 		Limit: limit.Milliseconds(), Resets: usage.ResetTime(now), Now: now}
 }
 
 // unadmit gives back an admission of a prompt that never ran.
-func (m *Manager) unadmit(day, pool, user string) {
-	l := m.Usage()
+func (a *accounts) unadmit(day, pool, user string) {
+	l := a.kept()
 	if l == nil || day == "" {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := l.Unadmit(ctx, day, pool, user); err != nil {
-		m.logger.Warn("giving back a prompt's admission", zap.String("user", user), zap.Error(err))
+		a.logger.Warn("giving back a prompt's admission", zap.String("user", user), zap.Error(err))
 	}
 }
 
 // account records what an ended job used, at its end (a lifecycle point,
 // never per event). A job that never started gives its admission back.
-func (m *Manager) account(snap *Job) {
+func (a *accounts) account(snap *Job) {
 	var bytes int64
-	if oc, ok := m.events.(OutputCounter); ok {
-		bytes = oc.TakeOutputBytes(snap.ID)
+	if a.outputs != nil {
+		bytes = a.outputs.TakeOutputBytes(snap.ID)
 	}
 	if snap.Pool == "" || !usage.ValidPool(snap.Pool) {
 		return
@@ -138,7 +139,7 @@ func (m *Manager) account(snap *Job) {
 		// Never ran, or ran on the user's own ComfyUI (a pool's
 		// fallback home): the pool's GPUs were not used.
 		if snap.CreateTime > 0 {
-			m.unadmit(usage.DayOf(time.UnixMilli(snap.CreateTime)), snap.Pool, snap.User)
+			a.unadmit(usage.DayOf(time.UnixMilli(snap.CreateTime)), snap.Pool, snap.User)
 		}
 		return
 	}
@@ -149,15 +150,15 @@ func (m *Manager) account(snap *Job) {
 	e := usage.JobEnd{JobID: snap.ID + "@" + strconv.FormatInt(snap.CreateTime, 10), Day: usage.DayOf(now), Pool: snap.Pool, User: snap.User,
 		Outcome: outcomeOf(snap), OutputBytes: bytes}
 	e.GPU, e.Wait = jobTimes(snap, now)
-	m.counters.Add(e)
-	l := m.Usage()
+	a.counters.Add(e)
+	l := a.kept()
 	if l == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := l.Record(ctx, e); err != nil {
-		m.logger.Warn("recording a job's usage", zap.String("job", snap.ID), zap.Error(err))
+		a.logger.Warn("recording a job's usage", zap.String("job", snap.ID), zap.Error(err))
 	}
 }
 

@@ -3,6 +3,45 @@
 // scheduler, input forwarding, submission under the gateway's prompt_id,
 // and each upstream's event stream.
 //
+// # The parts of the Manager
+//
+// Manager is the package's facade: its exported methods are what Caddy's
+// glue and relay call. It composes parts that each own one concept, with
+// their own fields and lock, and keeps only what ties them together:
+// submitting and sending a job (Submit, send, sendPinned), taking the
+// next waiting job to a free endpoint (dispatchWaiting, dispatchShared),
+// cold starts, failover, health checks and watchdogs (health.go), ending
+// a job (finish, detach), cancelling it, and taking jobs over from other
+// gateways (Recover, adopt).
+//
+//   - poolSet (pool.go): the configured pools, by name, and the users'
+//     homes a pool's fallback sends jobs to. A Pool holds its endpoints,
+//     its local queue, its cold-start holds and its cached install.
+//   - runSet (runs.go): the jobs that live in this process (their runs,
+//     by job id) and the queue numbers of new jobs.
+//   - poolQueues (poolqueues.go): where waiting jobs wait — each pool's
+//     local fair queue, or the SharedQueue of every gateway — and where
+//     each stands. Reads the runSet.
+//   - waitNotices (waiting.go): tells waiting jobs why they wait. Reads
+//     the poolSet, runSet and poolQueues; tells through the Events.
+//   - prechecker (precheck.go, install.go): refuses prompts that need what
+//     the pool lacks. Uses the store's InstallStore.
+//   - leases (leases.go): this gateway's claims on jobs in the Store and
+//     the jobs it ended lately; adoptedStreams: the event streams opened
+//     for jobs taken over.
+//   - accounts (accounting.go): each user's use of the pools — the
+//     usage.Ledger and its quotas, the counters for metrics.
+//   - jobHistory (history.go): what is kept of ended jobs — history
+//     limits, outcome counts, the latest failures.
+//   - opsView (ops.go, status.go): what the operator's pages see (Board,
+//     Status). Reads the Store, runSet, poolSet and poolQueues.
+//
+// Parts point down only: each gets what it needs as a field, never the
+// Manager, and none points to another's owner. The pointers up are a
+// run's (run.m) and a pinned job's stream handler's (pinnedHandler.m): a
+// job's goroutine hands its events to the Manager's Events and ends the
+// job through the Manager, which involves most parts.
+//
 // # The path of one event
 //
 // Every event of every job takes the same path, and it is kept cheap: an

@@ -116,9 +116,9 @@ func (m *Manager) HealthChecks(ctx context.Context, interval time.Duration) {
 				all = true
 			case <-fast.C:
 			}
-			for _, p := range m.poolsSnapshot() {
+			for _, p := range m.pools.list() {
 				m.expireWaiting(p, time.Now())
-				if !all && (!anyDown(p) || !m.hasWaiting(ctx, p)) {
+				if !all && (!anyDown(p) || !m.queues.hasWaiting(ctx, p)) {
 					continue
 				}
 				var recovered *Upstream
@@ -181,7 +181,7 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 		return now.Sub(since) > timeout
 	}
 	var due []*run
-	if m.shared == nil {
+	if m.queues.shared == nil {
 		for _, rs := range p.queue().byUser {
 			for _, r := range rs {
 				if expired(r) {
@@ -200,21 +200,19 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 		}
 		p.mu.Unlock()
 		// This gateway's jobs waiting in the shared queue.
-		m.mu.Lock()
 		var mine []*run
-		for _, r := range m.runs {
+		for _, r := range m.runs.list() {
 			if r.job.Pool == p.Name && !held[r] {
 				mine = append(mine, r)
 			}
 		}
-		m.mu.Unlock()
 		for _, r := range mine {
 			r.mu.Lock()
 			waiting := r.up == nil && r.slot == nil && !r.finished && r.job.Status == StatusPending
 			r.mu.Unlock()
 			if waiting && expired(r) {
 				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-				if m.unqueue(ctx, p, r) {
+				if m.queues.unqueue(ctx, p, r) {
 					due = append(due, r)
 				}
 				cancel()
@@ -234,22 +232,6 @@ func (m *Manager) expireWaiting(p *Pool, now time.Time) {
 // ProbeWhileWaiting is how often endpoints marked down are probed while
 // jobs wait for them.
 const ProbeWhileWaiting = 250 * time.Millisecond
-
-// hasWaiting reports whether jobs wait for the pool's endpoints: held for a
-// cold start, or queued (here, or in the shared queue). Probing only then
-// keeps a scaled-to-zero deployment that nobody needs asleep.
-func (m *Manager) hasWaiting(ctx context.Context, p *Pool) bool {
-	p.mu.Lock()
-	local := len(p.held) > 0 || p.queue().len() > 0
-	p.mu.Unlock()
-	if local || m.shared == nil {
-		return local
-	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	n, err := m.shared.PoolWaiting(ctx, p.Name)
-	return err != nil || n > 0 // unsure: probe
-}
 
 func anyDown(p *Pool) bool {
 	for _, u := range p.Upstreams {
@@ -294,7 +276,7 @@ func (m *Manager) retryLater(p *Pool, r *run, cause error) {
 	}
 	backoff := time.Duration(1<<min(attempts-1, 5)) * 250 * time.Millisecond // 0.25 s … 8 s
 	m.logger.Info("no endpoint took the job; retrying", zap.String("job", job.ID), zap.Int("attempt", attempts), zap.Duration("in", backoff), zap.Error(cause))
-	defer m.pokeWaiting() // tells the job why it waits (waiting.go)
+	defer m.waits.pokeWaiting() // tells the job why it waits (waiting.go)
 	// Held until the backoff ends, or until an endpoint of the pool is back
 	// (endpointBack), whichever comes first.
 	p.mu.Lock()
@@ -324,12 +306,12 @@ func (m *Manager) retryLater(p *Pool, r *run, cause error) {
 
 // notify shows a line of text on the job's output node in the browser (a
 // progress-text frame, which the unchanged frontend draws under the node).
-func (m *Manager) notify(j *Job, text string) {
+func notify(events Events, j *Job, text string) {
 	node := ""
 	if len(j.OutputsToExecute) > 0 {
 		node = j.OutputsToExecute[0]
 	}
-	m.events.Deliver(recipientOf(j), Event{Text: &comfy.TextFrame{PromptID: j.ID, NodeID: node, Text: []byte(text)}})
+	events.Deliver(recipientOf(j), Event{Text: &comfy.TextFrame{PromptID: j.ID, NodeID: node, Text: []byte(text)}})
 }
 
 // beforeAcceptance reports whether a send error means the endpoint never
@@ -388,14 +370,13 @@ func (m *Manager) Watchdogs(ctx context.Context, interval time.Duration) {
 }
 
 func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
-	m.mu.Lock()
 	type stale struct {
 		r    *run
 		idle time.Duration
 	}
 	var due []stale
-	for _, r := range m.runs {
-		p := m.pools[r.job.Pool]
+	for _, r := range m.runs.list() {
+		p, _ := m.pools.get(r.job.Pool)
 		if p == nil || p.Watchdog <= 0 {
 			continue
 		}
@@ -406,7 +387,6 @@ func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
 		}
 		r.mu.Unlock()
 	}
-	m.mu.Unlock()
 	for _, s := range due {
 		s.r.mu.Lock()
 		up, pid, stop := s.r.up, s.r.job.UpstreamID, s.r.cancelRun
@@ -430,12 +410,12 @@ func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
 // ComfyUI (a pool's `fallback home`). Its input files are there already;
 // its outputs are captured from there like any other.
 func (m *Manager) runOnHome(r *run, job *Job, notice string) {
-	home, err := m.homeUpstream(job.Home)
+	home, err := m.pools.home(job.Home, m.logger)
 	if err != nil {
 		m.failUnsent(r, err)
 		return
 	}
-	m.notify(job, notice)
+	notify(m.events, job, notice)
 	r.mu.Lock()
 	req := r.req
 	req.Inputs = nil // the files are on home already
@@ -448,22 +428,4 @@ func (m *Manager) runOnHome(r *run, job *Job, notice string) {
 			m.failUnsent(r, err)
 		}
 	}()
-}
-
-// homeUpstream returns the manager's upstream for a home URL (one per URL).
-func (m *Manager) homeUpstream(base string) (*Upstream, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if u, ok := m.homes[base]; ok {
-		return u, nil
-	}
-	u, err := NewUpstream(base, UpstreamOptions{Logger: m.logger})
-	if err != nil {
-		return nil, err
-	}
-	if m.homes == nil {
-		m.homes = map[string]*Upstream{}
-	}
-	m.homes[base] = u
-	return u, nil
 }

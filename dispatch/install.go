@@ -178,14 +178,14 @@ func decodeInstall(b []byte) (map[string]classInfo, error) {
 
 // keepInstall saves a pool's install just read from an endpoint in the
 // store (in the background: a prompt does not wait for it).
-func (m *Manager) keepInstall(pool string, classes map[string]classInfo) {
-	is, ok := m.store.(InstallStore)
-	if !ok {
+func (c *prechecker) keepInstall(pool string, classes map[string]classInfo) {
+	is := c.store
+	if is == nil {
 		return
 	}
 	b, err := encodeInstall(classes)
 	if err != nil {
-		m.logger.Warn("the pool's install is not kept for checking prompts while it is cold",
+		c.logger.Warn("the pool's install is not kept for checking prompts while it is cold",
 			zap.String("pool", pool), zap.Int("classes", len(classes)), zap.Int("limit", MaxStoredInstall), zap.Error(err))
 		return
 	}
@@ -193,16 +193,16 @@ func (m *Manager) keepInstall(pool string, classes map[string]classInfo) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*objectInfoFetchTimeout)
 		defer cancel()
 		if err := is.SaveInstall(ctx, pool, b); err != nil {
-			m.logger.Warn("keeping the pool's install", zap.String("pool", pool), zap.Error(err))
+			c.logger.Warn("keeping the pool's install", zap.String("pool", pool), zap.Error(err))
 		}
 	}()
 }
 
 // lastInstall reads a pool's install from the store (nil: none, or the
 // store does not keep installs or cannot be read).
-func (m *Manager) lastInstall(ctx context.Context, pool string) map[string]classInfo {
-	is, ok := m.store.(InstallStore)
-	if !ok {
+func (c *prechecker) lastInstall(ctx context.Context, pool string) map[string]classInfo {
+	is := c.store
+	if is == nil {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, objectInfoFetchTimeout)
@@ -210,13 +210,13 @@ func (m *Manager) lastInstall(ctx context.Context, pool string) map[string]class
 	b, err := is.Install(ctx, pool)
 	if err != nil {
 		if !errors.Is(err, ErrNotFound) {
-			m.logger.Warn("reading the pool's last known install", zap.String("pool", pool), zap.Error(err))
+			c.logger.Warn("reading the pool's last known install", zap.String("pool", pool), zap.Error(err))
 		}
 		return nil
 	}
 	classes, err := decodeInstall(b)
 	if err != nil {
-		m.logger.Warn("the pool's stored install is unreadable", zap.String("pool", pool), zap.Error(err))
+		c.logger.Warn("the pool's stored install is unreadable", zap.String("pool", pool), zap.Error(err))
 		return nil
 	}
 	return classes

@@ -6,12 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"net/http"
-	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -22,86 +19,31 @@ import (
 	"github.com/comfyume/comfyume/usage"
 )
 
-// Pool is a named set of upstream endpoints that run jobs.
-type Pool struct {
-	Name      string
-	Upstreams []*Upstream
-	// MaxQueued limits how many of one user's jobs may wait in this pool
-	// (0: no limit); more are refused with ErrQueueFull.
-	MaxQueued int
-	// MaxRunning limits how many of one user's jobs may run on the pool's
-	// endpoints at once (0: no limit).
-	MaxRunning int
-	// ColdStartTimeout is how long a job is retried while no endpoint
-	// accepts it (default DefaultColdStartTimeout); then it fails.
-	ColdStartTimeout time.Duration
-	// Watchdog ends a sent job that has had no event for this long
-	// (0: never).
-	Watchdog time.Duration
-	// FallbackHome sends a job that no endpoint took within
-	// ColdStartTimeout to the user's own ComfyUI instead of failing it.
-	FallbackHome bool
-	// Quota is each user's daily limit on the pool (zero: none); a site
-	// may change it per user (SubmitRequest.Quota).
-	Quota usage.Limits
-
-	mu      sync.Mutex
-	waiting *fairQueue
-	info    *installInfo
-	// held are jobs waiting out a cold-start backoff, with their timers.
-	held map[*run]*time.Timer
-	// downSince is when the pool last had no endpoint up (zero: one is).
-	downSince time.Time
-}
-
-// queue returns the pool's queue, made on first use. Call with p.mu held.
-func (p *Pool) queue() *fairQueue {
-	if p.waiting == nil {
-		p.waiting = newFairQueue()
-	}
-	return p.waiting
-}
-
-// Manager places jobs on upstreams and follows them to their end.
+// Manager places jobs on upstreams and follows them to their end. It is
+// the package's facade: it composes the parts below, each of which owns
+// its own state (see the package comment), and keeps to itself only what
+// ties them together — submitting, sending and cancelling a job, taking
+// the next waiting job to a free endpoint, ending a job, and taking jobs
+// over from other gateways.
 type Manager struct {
 	store  Store
 	events Events
 	logger *zap.Logger
-	// shared is the store's queue shared with other gateways (nil: each
-	// pool's queue lives in this process).
-	shared SharedQueue
-
-	mu     sync.Mutex
-	pools  map[string]*Pool
-	runs   map[string]*run // job id → live run
-	number float64
-
-	owner    string
-	leaseTTL time.Duration
-	outcomes jobOutcomes
-	failures failureRing // the latest failed jobs, for operators
-	// historyLimit is how many ended jobs each user keeps.
-	historyLimit atomic.Int64
-	// historyBytes bounds the bodies of each user's ended jobs (bytes).
-	historyBytes atomic.Int64
-	inputsFor    InputsFor
-	forget       func(ctx context.Context, ids []string)
-	homes        map[string]*Upstream // fallback targets, by URL
-	// ended are the jobs this gateway ended lately (see Recover).
-	ended map[string]endedJob
-
-	// adoptMu guards adopted: the event streams opened for jobs taken
-	// over, by upstream and sid, and the routes added to them.
-	adoptMu sync.Mutex
-	adopted map[streamKey]*Upstream
 	// limits bound upstream frames and job queues (SetEventLimits).
 	limits atomic.Pointer[EventLimits]
-	// ledger records each user's use and holds quotas (SetUsage);
-	// counters are this gateway's totals for metrics.
-	ledger   usage.Ledger
-	counters usage.Counters
-	// waits tells waiting jobs why they wait (waiting.go).
-	waits waitNotices
+	// inputsFor finds the input files of jobs taken over (SetInputsFor).
+	inputsFor InputsFor
+
+	pools    *poolSet       // where jobs can go (pool.go)
+	runs     *runSet        // the jobs that live here (runs.go)
+	queues   *poolQueues    // where waiting jobs wait (poolqueues.go)
+	waits    *waitNotices   // telling waiting jobs why (waiting.go)
+	leases   *leases        // claims on jobs, jobs ended lately (leases.go)
+	adopted  adoptedStreams // streams of jobs taken over (leases.go)
+	accounts *accounts      // use and quotas (accounting.go)
+	history  *jobHistory    // what is kept of ended jobs (history.go)
+	precheck *prechecker    // prompts against installs (precheck.go)
+	ops      *opsView       // the operator's views (ops.go, status.go)
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -110,11 +52,22 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	m := &Manager{store: store, events: events, logger: logger, pools: map[string]*Pool{}, runs: map[string]*run{},
-		owner: newOwner(), leaseTTL: DefaultLeaseTTL, waits: newWaitNotices()}
-	if sq, ok := store.(SharedQueue); ok {
-		m.shared = sq
+	m := &Manager{store: store, events: events, logger: logger,
+		pools:    newPoolSet(),
+		runs:     newRunSet(),
+		leases:   newLeases(store, logger),
+		accounts: &accounts{logger: logger},
+		history:  &jobHistory{store: store, logger: logger},
+		precheck: &prechecker{logger: logger},
 	}
+	m.precheck.store, _ = store.(InstallStore)
+	m.accounts.outputs, _ = events.(OutputCounter)
+	m.queues = &poolQueues{runs: m.runs, logger: logger}
+	if sq, ok := store.(SharedQueue); ok {
+		m.queues.shared = sq
+	}
+	m.waits = newWaitNotices(m.runs, m.pools, m.queues, events)
+	m.ops = &opsView{store: store, runs: m.runs, pools: m.pools, queues: m.queues}
 	return m
 }
 
@@ -131,14 +84,11 @@ func (m *Manager) SetPool(p *Pool) {
 	if ss, ok := m.store.(SharedSlots); ok {
 		for _, u := range p.Upstreams {
 			u.mu.Lock()
-			u.shared, u.slotTTL = ss, m.leaseTTL
+			u.shared, u.slotTTL = ss, m.leases.ttl
 			u.mu.Unlock()
 		}
 	}
-	m.mu.Lock()
-	old := m.pools[p.Name]
-	m.pools[p.Name] = p
-	m.mu.Unlock()
+	old := m.pools.put(p)
 	if old == nil || old == p {
 		return
 	}
@@ -154,14 +104,6 @@ func (m *Manager) SetPool(p *Pool) {
 		u.retire()
 	}
 	m.dispatchWaiting(p)
-}
-
-// Pool returns a pool by name.
-func (m *Manager) Pool(name string) (*Pool, bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	p, ok := m.pools[name]
-	return p, ok
 }
 
 // InputSource opens a file a prompt references (on the user's home, or a
@@ -226,46 +168,7 @@ func (e *QueueFullError) Error() string {
 
 // mayRun reports whether the user is under the pool's running cap.
 func (m *Manager) mayRun(p *Pool, user string) bool {
-	return p.MaxRunning <= 0 || m.runningByUser(p)[user] < p.MaxRunning
-}
-
-// runningByUser counts, per user, the pool's jobs that hold or are taking
-// an endpoint slot.
-func (m *Manager) runningByUser(p *Pool) map[string]int {
-	out := map[string]int{}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, r := range m.runs {
-		if r.job.Pool != p.Name {
-			continue
-		}
-		r.mu.Lock()
-		if r.slot != nil {
-			out[r.job.User]++
-		}
-		r.mu.Unlock()
-	}
-	return out
-}
-
-// Positions returns the place (1 = next) of each of the pool's waiting
-// jobs in the order the queue plans to run them.
-func (m *Manager) Positions(pool string) map[string]int {
-	p, ok := m.Pool(pool)
-	if !ok {
-		return nil
-	}
-	if m.shared != nil {
-		return m.sharedPositions(p)
-	}
-	running := m.runningByUser(p)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := map[string]int{}
-	for r, pos := range p.queue().positions(running) {
-		out[r.job.ID] = pos
-	}
-	return out
+	return p.MaxRunning <= 0 || m.runs.runningByUser(p.Name)[user] < p.MaxRunning
 }
 
 // ErrPromptIDTaken is returned for a client-supplied prompt_id that another
@@ -298,14 +201,14 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	if id == "" {
 		id = uuid.NewString()
 	}
-	if err := m.precheck(ctx, pool, pr); err != nil {
+	if err := m.precheck.check(ctx, pool, pr); err != nil {
 		return SubmitResult{}, err
 	}
 	if err := checkInputs(pr); err != nil {
 		return SubmitResult{}, err
 	}
 	if pool.MaxQueued > 0 {
-		n, err := m.waitingCount(ctx, pool, req.User)
+		n, err := m.queues.waitingCount(ctx, pool, req.User)
 		if err != nil {
 			return SubmitResult{}, &StoreError{Err: err}
 		}
@@ -315,20 +218,17 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	}
 	// Counted against the user's quota now; given back unless this very
 	// job is accepted (a duplicate or a refusal never counts).
-	admitDay, err := m.admit(ctx, pool, req)
+	admitDay, err := m.accounts.admit(ctx, pool, req)
 	if err != nil {
 		return SubmitResult{}, err
 	}
 	accepted := false
 	defer func() {
 		if !accepted {
-			m.unadmit(admitDay, pool.Name, req.User)
+			m.accounts.unadmit(admitDay, pool.Name, req.User)
 		}
 	}()
-	m.mu.Lock()
-	number := m.number
-	m.number++
-	m.mu.Unlock()
+	number := m.runs.nextNumber()
 	if pr.Number != nil {
 		number = *pr.Number
 	} else if pr.Front {
@@ -354,21 +254,15 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	r.req = req
 	// Registered and claimed before the record exists, so that no gateway
 	// (this one included) takes a job over that is being submitted.
-	m.mu.Lock()
-	if other, dup := m.runs[id]; dup {
-		m.mu.Unlock()
+	if other, added := m.runs.add(r); !added {
 		if other.job.User != req.User {
 			return SubmitResult{}, ErrPromptIDTaken
 		}
 		return SubmitResult{PromptID: id, Number: other.job.Number, NodeErrors: json.RawMessage("{}")}, nil
 	}
-	m.runs[id] = r
-	m.mu.Unlock()
-	m.claim(ctx, id)
+	m.leases.claim(ctx, id)
 	if err := m.store.Create(ctx, job); err != nil {
-		m.mu.Lock()
-		delete(m.runs, id)
-		m.mu.Unlock()
+		m.runs.remove(id)
 		if errors.Is(err, ErrExists) {
 			// The same client-supplied id arrived twice at once.
 			if old, err := m.store.Job(ctx, id); err == nil && old.User == req.User {
@@ -376,17 +270,17 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 			}
 			return SubmitResult{}, ErrPromptIDTaken
 		}
-		m.unclaim(id)
+		m.leases.unclaim(id)
 		return SubmitResult{}, &StoreError{Err: err}
 	}
 
 	var up *Upstream
-	if m.shared != nil {
+	if m.queues.shared != nil {
 		// Into the shared queue; if this very job is the next to run and
 		// an endpoint has room, it is sent now.
-		if err := m.shared.Enqueue(ctx, queued(r)); err != nil {
+		if err := m.queues.shared.Enqueue(ctx, queued(r)); err != nil {
 			m.drop(r)
-			m.unclaim(id)
+			m.leases.unclaim(id)
 			return SubmitResult{}, &StoreError{Err: err}
 		}
 		a := m.dispatchShared(pool, id)
@@ -422,7 +316,7 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	if up == nil {
 		accepted = true
 		m.events.QueueChanged(req.User)
-		m.pokeWaiting()
+		m.waits.pokeWaiting()
 		return SubmitResult{PromptID: id, Number: number, NodeErrors: json.RawMessage("{}")}, nil
 	}
 	res, err := m.send(ctx, r, up)
@@ -446,110 +340,6 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	accepted = true
 	m.events.QueueChanged(req.User)
 	return res, nil
-}
-
-// acquire takes a slot on the least busy endpoint, or returns nil.
-func (p *Pool) acquire() (*Upstream, string) {
-	type cand struct {
-		u    *Upstream
-		load int
-	}
-	var healthy []cand
-	var trial *Upstream
-	now := time.Now()
-	for _, u := range p.Upstreams {
-		u.mu.Lock()
-		load := u.inflight
-		free := u.MaxJobs <= 0 || load < u.MaxJobs
-		ok := u.failures < FailuresToOpen
-		due := !ok && !now.Before(u.openUntil)
-		u.mu.Unlock()
-		if !free {
-			continue
-		}
-		if ok {
-			healthy = append(healthy, cand{u, load})
-		} else if due && trial == nil {
-			trial = u
-		}
-	}
-	sort.SliceStable(healthy, func(a, b int) bool { return healthy[a].load < healthy[b].load })
-	for _, c := range healthy {
-		if token, ok := c.u.take(""); ok {
-			return c.u, token
-		}
-	}
-	if trial != nil {
-		// Every free endpoint is down: one whose backoff ran out gets a
-		// trial job (the circuit's half-open state).
-		if token, ok := trial.take(""); ok {
-			trial.mu.Lock()
-			trial.openUntil = now.Add(time.Hour) // one trial at a time
-			trial.mu.Unlock()
-			return trial, token
-		}
-	}
-	return nil, ""
-}
-
-// take reserves a slot on the endpoint for a job of user: here, and — when
-// gateways share the store — among all of them. The token names the shared
-// slot ("" when not shared). A store that cannot be asked does not block
-// the job.
-func (u *Upstream) take(user string) (string, bool) {
-	u.mu.Lock()
-	u.inflight++
-	shared, max := u.shared, u.MaxJobs
-	u.mu.Unlock()
-	if shared == nil || max <= 0 {
-		return "", true
-	}
-	token := uuid.NewString() + "|" + user
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	ok, err := shared.AcquireSlot(ctx, u.String(), max, token, u.slotTTL)
-	if err != nil {
-		u.logger.Warn("shared slot count unavailable; counting locally", zap.Error(err))
-		return "", true
-	}
-	if !ok {
-		u.release() // another gateway's jobs fill it
-		return "", false
-	}
-	return token, true
-}
-
-// giveBack returns a slot taken with take.
-func (u *Upstream) giveBack(token string) {
-	u.release()
-	ss := u.sharedSlots()
-	if token == "" || ss == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := ss.ReleaseSlot(ctx, u.String(), token); err != nil {
-		u.logger.Warn("releasing shared slot", zap.Error(err))
-	}
-}
-
-// sharedSlots returns the store that counts slots with other gateways.
-func (u *Upstream) sharedSlots() SharedSlots {
-	if u == nil {
-		return nil
-	}
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.shared
-}
-
-// release gives back the slot a job held.
-func (u *Upstream) release() {
-	u.mu.Lock()
-	if u.inflight > 0 {
-		u.inflight--
-	}
-	u.mu.Unlock()
 }
 
 // send forwards inputs and posts the prompt to up.
@@ -651,7 +441,7 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResul
 
 // dispatchWaiting sends waiting jobs of the pool while slots are free.
 func (m *Manager) dispatchWaiting(p *Pool) {
-	if m.shared != nil {
+	if m.queues.shared != nil {
 		m.dispatchShared(p, "")
 		return
 	}
@@ -666,7 +456,7 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 			p.mu.Unlock()
 			return
 		}
-		running := m.runningByUser(p)
+		running := m.runs.runningByUser(p.Name)
 		r := p.queue().next(func(user string) bool { return p.MaxRunning <= 0 || running[user] < p.MaxRunning }, running)
 		if r == nil {
 			up.giveBack(token)
@@ -693,7 +483,7 @@ func (m *Manager) dispatchWaiting(p *Pool) {
 func (m *Manager) sendQueued(p *Pool, r *run, up *Upstream) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if err := m.overQuota(ctx, p, r); err != nil {
+	if err := m.accounts.overQuota(ctx, p, r.job.User, r.req.Quota); err != nil {
 		r.releaseSlot()
 		m.failUnsent(r, err)
 		m.dispatchWaiting(p)
@@ -747,10 +537,8 @@ func (m *Manager) drop(r *run) {
 	if err := m.store.Delete(context.Background(), id); err != nil {
 		m.logger.Warn("deleting rejected job", zap.String("job", id), zap.Error(err))
 	}
-	m.rememberEnded(id, nil)
-	m.mu.Lock()
-	delete(m.runs, id)
-	m.mu.Unlock()
+	m.leases.rememberEnded(id, nil)
+	m.runs.remove(id)
 }
 
 func (m *Manager) save(j *Job) {
@@ -764,28 +552,22 @@ func (m *Manager) save(j *Job) {
 func (m *Manager) finish(r *run, snap *Job, sendEnd bool) {
 	// Remembered before it leaves m.runs: Recover never sees it as
 	// nobody's.
-	m.rememberEnded(snap.ID, snap.Summary())
+	m.leases.rememberEnded(snap.ID, snap.Summary())
 	if !m.detach(r) {
 		return
 	}
-	m.outcomes.count(snap.Status)
-	if snap.Status == StatusFailed {
-		m.recordFailure(snap)
-	}
-	go m.trimHistory(snap.User)
-	m.mu.Lock()
-	pool := m.pools[snap.Pool]
-	m.mu.Unlock()
-	m.unclaim(snap.ID)
+	m.history.ended(snap)
+	pool, _ := m.pools.get(snap.Pool)
+	m.leases.unclaim(snap.ID)
 	m.events.QueueChanged(snap.User)
-	m.pokeWaiting() // the others move up
+	m.waits.pokeWaiting() // the others move up
 	if sendEnd {
 		end := comfy.NewMessage(comfy.MsgExecuting, map[string]any{"node": nil, "prompt_id": snap.ID})
 		m.events.Deliver(recipientOf(snap), jobMessage(end))
 	}
 	// Accounted before the next job leaves the queue: a waiting job of the
 	// same user is checked against the GPU time this one used.
-	m.account(snap)
+	m.accounts.account(snap)
 	if pool != nil {
 		m.dispatchWaiting(pool)
 	}
@@ -806,9 +588,7 @@ func (m *Manager) detach(r *run) bool {
 	up, ids := r.up, r.routeIDs
 	r.mu.Unlock()
 	close(r.done)
-	m.mu.Lock()
-	delete(m.runs, r.job.ID)
-	m.mu.Unlock()
+	m.runs.remove(r.job.ID)
 	if up != nil {
 		for _, id := range ids {
 			up.unregister(id, r)
@@ -816,45 +596,25 @@ func (m *Manager) detach(r *run) bool {
 	}
 	r.releaseSlot()
 	if r.adopted && up != nil {
-		m.releaseStream(up)
+		m.adopted.release(up)
 	}
 	return true
-}
-
-// Active returns the user's jobs that wait or run in this process.
-func (m *Manager) Active(user string) []*Job {
-	m.mu.Lock()
-	runs := make([]*run, 0)
-	for _, r := range m.runs {
-		if r.job.User == user {
-			runs = append(runs, r)
-		}
-	}
-	m.mu.Unlock()
-	out := make([]*Job, 0, len(runs))
-	for _, r := range runs {
-		out = append(out, r.snapshot())
-	}
-	SortJobs(out)
-	return out
 }
 
 // Cancel stops one of the user's jobs: a waiting job leaves the queue, a job
 // queued upstream is deleted there, a running job is interrupted. It reports
 // false for ids that are not the user's live jobs.
 func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
-	m.mu.Lock()
-	r, ok := m.runs[id]
+	r, ok := m.runs.get(id)
 	pool := (*Pool)(nil)
 	if ok {
-		pool = m.pools[r.job.Pool]
+		pool, _ = m.pools.get(r.job.Pool)
 	}
-	m.mu.Unlock()
 	if !ok || r.job.User != user {
 		return false
 	}
 	// Still waiting for a slot here?
-	if pool != nil && m.unqueue(ctx, pool, r) {
+	if pool != nil && m.queues.unqueue(ctx, pool, r) {
 		m.cancelLocal(r)
 		return true
 	}
@@ -922,89 +682,22 @@ func (m *Manager) cancelLocal(r *run) {
 // leases, so that another gateway (or this one restarted) takes the running
 // jobs over at once rather than after the lease expires.
 func (m *Manager) Close() {
-	m.mu.Lock()
 	var ids []string
 	var ups []*Upstream
-	for id, r := range m.runs {
-		ids = append(ids, id)
+	for _, r := range m.runs.list() {
+		ids = append(ids, r.job.ID)
 		r.mu.Lock()
 		if r.up != nil {
 			ups = append(ups, r.up)
 		}
 		r.mu.Unlock()
 	}
-	for _, p := range m.pools {
-		ups = append(ups, p.Upstreams...)
-	}
-	for _, h := range m.homes {
-		ups = append(ups, h)
-	}
-	m.mu.Unlock()
+	ups = append(ups, m.pools.upstreams()...)
 	for _, u := range ups {
 		u.Close()
 	}
 	for _, id := range ids {
-		m.unclaim(id)
-	}
-}
-
-// DefaultHistoryLimit is how many ended jobs each user keeps by default.
-const DefaultHistoryLimit = 1000
-
-// SetHistoryLimit sets how many ended jobs each user keeps (0: the
-// default). When a job ends, the user's oldest ended jobs beyond the limit
-// are forgotten, as ComfyUI forgets the oldest history beyond its own.
-func (m *Manager) SetHistoryLimit(n int) {
-	if n <= 0 {
-		n = DefaultHistoryLimit
-	}
-	m.historyLimit.Store(int64(n))
-}
-
-// DefaultHistorySize is the default byte budget of each user's ended
-// jobs' bodies (prompts and UI workflows).
-const DefaultHistorySize = 256 << 20
-
-// SetHistorySize sets the byte budget of each user's ended jobs' bodies —
-// their prompts and UI workflows (0: DefaultHistorySize). When a job ends,
-// the user's oldest ended jobs beyond it are forgotten whole, as beyond
-// the history limit; the newest ended job is always kept.
-func (m *Manager) SetHistorySize(n int64) {
-	if n <= 0 {
-		n = DefaultHistorySize
-	}
-	m.historyBytes.Store(n)
-}
-
-func (m *Manager) trimHistory(user string) {
-	keep := int(m.historyLimit.Load())
-	if keep <= 0 {
-		keep = DefaultHistoryLimit
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	budget := m.historyBytes.Load()
-	if budget <= 0 {
-		budget = DefaultHistorySize
-	}
-	ids, err := m.store.Trim(ctx, user, keep, budget)
-	if err != nil {
-		m.logger.Warn("forgetting old jobs", zap.String("user", user), zap.Error(err))
-	}
-	if len(ids) > 0 && m.forget != nil {
-		m.forget(ctx, ids)
-	}
-}
-
-// OnForget sets what else goes with the jobs the history limit forgets
-// (their captured files). Call it before Start.
-func (m *Manager) OnForget(f func(ctx context.Context, ids []string)) { m.forget = f }
-
-// SetLeaseTTL changes how long job leases last (see DefaultLeaseTTL). Call
-// it before Start.
-func (m *Manager) SetLeaseTTL(d time.Duration) {
-	if d > 0 {
-		m.leaseTTL = d
+		m.leases.unclaim(id)
 	}
 }
 
@@ -1051,12 +744,4 @@ func workflowID(extra map[string]json.RawMessage) string {
 	var id string
 	_ = json.Unmarshal(raw, &id)
 	return id
-}
-
-// runList is a copy of the jobs this gateway follows, to walk without
-// holding the manager's lock.
-func (m *Manager) runList() []*run {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return slices.Collect(maps.Values(m.runs))
 }

@@ -7,12 +7,20 @@ import (
 	"sync"
 	"time"
 	"unicode/utf8"
-
-	"go.uber.org/zap"
 )
 
 // What an operator sees of the jobs: who runs what where, who waits and
 // why, and the latest failures. Never a prompt or a workflow.
+
+// opsView owns what the operator's pages see of the pools and jobs (Board,
+// Status). It only reads: the store's active jobs, the runs, the pools and
+// their queues.
+type opsView struct {
+	store  Store
+	runs   *runSet
+	pools  *poolSet
+	queues *poolQueues
+}
 
 // JobBrief is a job as the operator's page lists it.
 type JobBrief struct {
@@ -53,10 +61,15 @@ type Board struct {
 // gateway's jobs; when it cannot answer, this gateway's own are listed and
 // the error returned with them.
 func (m *Manager) Board(ctx context.Context, limit int) (Board, error) {
-	jobs, err := m.store.ActiveJobs(ctx)
+	return m.ops.board(ctx, limit)
+}
+
+// board lists the running and the waiting jobs (see Manager.Board).
+func (o *opsView) board(ctx context.Context, limit int) (Board, error) {
+	jobs, err := o.store.ActiveJobs(ctx)
 	if err != nil {
 		jobs = nil
-		runs := m.runList()
+		runs := o.runs.list()
 		for _, r := range runs {
 			jobs = append(jobs, r.snapshot().Summary())
 		}
@@ -90,7 +103,7 @@ func (m *Manager) Board(ctx context.Context, limit int) (Board, error) {
 	}
 	sort.Strings(names)
 	for _, name := range names {
-		b.Waiting = append(b.Waiting, m.waitingBriefs(ctx, name, byPool[name])...)
+		b.Waiting = append(b.Waiting, o.waitingBriefs(ctx, name, byPool[name])...)
 	}
 	if limit > 0 {
 		if n := len(b.Running) - limit; n > 0 {
@@ -105,9 +118,9 @@ func (m *Manager) Board(ctx context.Context, limit int) (Board, error) {
 
 // waitingBriefs orders a pool's waiting jobs as its queue will run them and
 // says why each waits (see waitWhy).
-func (m *Manager) waitingBriefs(ctx context.Context, pool string, jobs []*Job) []JobBrief {
+func (o *opsView) waitingBriefs(ctx context.Context, pool string, jobs []*Job) []JobBrief {
 	out := make([]JobBrief, 0, len(jobs))
-	p, ok := m.Pool(pool)
+	p, ok := o.pools.get(pool)
 	if !ok {
 		for _, j := range jobs {
 			out = append(out, JobBrief{ID: j.ID, User: j.User, Pool: j.Pool, Status: j.Status, Created: j.CreateTime,
@@ -115,7 +128,7 @@ func (m *Manager) waitingBriefs(ctx context.Context, pool string, jobs []*Job) [
 		}
 		return out
 	}
-	pos, running := m.queueView(ctx, p)
+	pos, running := o.queues.view(ctx, p)
 	type heldRun struct {
 		attempts int
 		firstTry time.Time
@@ -252,33 +265,4 @@ func clipText(s string, n int) string {
 		s = s[:len(s)-1]
 	}
 	return s + "…"
-}
-
-// recordFailure keeps a failed job in this gateway's ring and, with a
-// shared store, in the shared list.
-func (m *Manager) recordFailure(j *Job) {
-	f := failureOf(j)
-	m.failures.add(f)
-	if fl, ok := m.store.(FailureLog); ok {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		if err := fl.AddFailure(ctx, f); err != nil {
-			m.logger.Debug("failure not shared", zap.Error(err))
-		}
-	}
-}
-
-// Failures returns up to n of the latest failed jobs, newest first: of
-// every gateway when the store keeps a shared list (this gateway's own
-// when it cannot be read).
-func (m *Manager) Failures(ctx context.Context, n int) ([]Failure, error) {
-	n = min(max(n, 0), RecentFailures)
-	if fl, ok := m.store.(FailureLog); ok {
-		out, err := fl.Failures(ctx, n)
-		if err == nil {
-			return out, nil
-		}
-		return m.failures.latest(n), err
-	}
-	return m.failures.latest(n), nil
 }

@@ -198,7 +198,7 @@ func (h *pinnedHandler) progress(status string, elapsed time.Duration) {
 	if status == worker.AsyncCompleted {
 		return
 	}
-	h.m.notify(h.r.snapshot(), fmt.Sprintf("GPU job %s (%s)…", strings.ToLower(status), elapsed.Round(time.Second)))
+	notify(h.m.events, h.r.snapshot(), fmt.Sprintf("GPU job %s (%s)…", strings.ToLower(status), elapsed.Round(time.Second)))
 }
 
 // end is called when the stream is over.

@@ -10,6 +10,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"go.uber.org/zap"
+
 	"github.com/comfyume/comfyume/comfy"
 )
 
@@ -29,6 +31,17 @@ const installRecheck = 10 * time.Second
 // the pool's last known install from the store.
 const objectInfoFetchTimeout = 5 * time.Second
 
+// prechecker owns checking prompts against what their pool has installed
+// (its node classes and their COMBO options) before they are queued: the
+// install read from a pool's endpoints, cached on the Pool, and kept in
+// the store for the pool's cold spells. It points down to the store's
+// InstallStore only.
+type prechecker struct {
+	store  InstallStore // nil: installs are not kept
+	logger *zap.Logger
+}
+
+// installInfo is a pool's cached install.
 type installInfo struct {
 	mu      sync.Mutex
 	classes map[string]classInfo
@@ -75,7 +88,7 @@ func (c combo) has(v string) bool {
 // answers, it is the last one known here or, for a pool not seen warm by
 // this gateway (a restart, another replica), the last one kept in the
 // store. nil means unknown (never seen warm): no check.
-func (m *Manager) install(ctx context.Context, p *Pool) map[string]classInfo {
+func (c *prechecker) install(ctx context.Context, p *Pool) map[string]classInfo {
 	p.mu.Lock()
 	if p.info == nil {
 		p.info = &installInfo{}
@@ -98,12 +111,12 @@ func (m *Manager) install(ctx context.Context, p *Pool) map[string]classInfo {
 			continue
 		}
 		info.classes, info.fetched, info.stored = classes, time.Now(), false
-		m.keepInstall(p.Name, classes)
+		c.keepInstall(p.Name, classes)
 		return classes
 	}
 	if info.classes == nil && time.Since(info.loaded) >= installRecheck || info.stored && time.Since(info.loaded) >= objectInfoTTL {
 		// Another gateway may have seen the pool warm since.
-		if classes := m.lastInstall(ctx, p.Name); classes != nil {
+		if classes := c.lastInstall(ctx, p.Name); classes != nil {
 			info.classes, info.stored = classes, true
 		}
 		info.loaded = time.Now()
@@ -138,8 +151,8 @@ func comboOptions(spec json.RawMessage) ([]string, bool) {
 // inputs the gateway forwards (LoadImage...) are not checked: their files
 // are uploaded with the prompt. It takes time linear in the prompt's size,
 // and its answer is bounded (see nodeErrors).
-func (m *Manager) precheck(ctx context.Context, p *Pool, pr *comfy.PromptRequest) error {
-	classes := m.install(ctx, p)
+func (c *prechecker) check(ctx context.Context, p *Pool, pr *comfy.PromptRequest) error {
+	classes := c.install(ctx, p)
 	if classes == nil {
 		return nil
 	}

@@ -31,7 +31,7 @@ func BenchmarkPrecheck4000Nodes(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		err := m.precheck(context.Background(), p, pr)
+		err := m.precheck.check(context.Background(), p, pr)
 		var re *RejectedError
 		if !asRejected(err, &re) || len(re.Body) > 64<<10 {
 			b.Fatalf("%v", err)

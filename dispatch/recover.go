@@ -4,13 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"maps"
-	"os"
-	"slices"
-	"strings"
 	"time"
 
-	"github.com/google/uuid"
 	"go.uber.org/zap"
 
 	"github.com/comfyume/comfyume/comfy"
@@ -22,32 +17,6 @@ type StoreError struct{ Err error }
 func (e *StoreError) Error() string { return "job store unavailable: " + e.Err.Error() }
 func (e *StoreError) Unwrap() error { return e.Err }
 
-// DefaultLeaseTTL is how long a gateway's claim on a job lasts without
-// renewal. A gateway that dies stops renewing; after this another gateway
-// sharing the store takes its jobs over.
-const DefaultLeaseTTL = 15 * time.Second
-
-// owner names this gateway process in job leases.
-func newOwner() string {
-	host, _ := os.Hostname()
-	return host + "/" + strings.ReplaceAll(uuid.NewString(), "-", "")[:12]
-}
-
-func (m *Manager) claim(ctx context.Context, id string) bool {
-	ok, err := m.store.Claim(ctx, id, m.owner, m.leaseTTL)
-	if err != nil {
-		m.logger.Warn("claiming job", zap.String("job", id), zap.Error(err))
-	}
-	return ok && err == nil
-}
-
-// unclaim gives a lease up at once (by letting it expire now).
-func (m *Manager) unclaim(id string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	_, _ = m.store.Claim(ctx, id, m.owner, time.Millisecond)
-}
-
 // Start runs the manager's background work until ctx ends: renewing the
 // leases of the jobs this gateway follows, and taking over the active jobs
 // nobody follows — after a restart, or from a gateway that died. A job that
@@ -57,17 +26,17 @@ func (m *Manager) unclaim(id string) {
 // Renewal runs on a goroutine of its own: no amount of takeover work
 // (store reads, dials, history lookups) can delay it past a lease's end.
 func (m *Manager) Start(ctx context.Context) {
-	if m.shared != nil {
+	if m.queues.shared != nil {
 		go m.followAssignments(ctx)
 	}
-	go every(ctx, m.leaseTTL/3, func() { m.renew(ctx) })
-	go m.tellWaiting(ctx)
+	go every(ctx, m.leases.ttl/3, func() { m.renew(ctx) })
+	go m.waits.tellWaiting(ctx)
 	go func() {
 		m.Recover(ctx)
-		every(ctx, m.leaseTTL/3, func() {
+		every(ctx, m.leases.ttl/3, func() {
 			m.Recover(ctx)
 			// Slots freed by other gateways wake nobody here: look.
-			for _, p := range m.poolsSnapshot() {
+			for _, p := range m.pools.list() {
 				m.dispatchWaiting(p)
 			}
 		})
@@ -89,17 +58,17 @@ func every(ctx context.Context, d time.Duration, fn func()) {
 }
 
 func (m *Manager) renew(ctx context.Context) {
-	runs := m.runList()
+	runs := m.runs.list()
 	for _, r := range runs {
 		r.mu.Lock()
 		slot, token := r.slot, r.slotToken
 		r.mu.Unlock()
 		if ss := slot.sharedSlots(); ss != nil && token != "" {
-			if err := ss.RenewSlot(ctx, slot.String(), token, m.leaseTTL); err != nil {
+			if err := ss.RenewSlot(ctx, slot.String(), token, m.leases.ttl); err != nil {
 				m.logger.Warn("renewing shared slot", zap.Error(err))
 			}
 		}
-		ok, err := m.store.Claim(ctx, r.job.ID, m.owner, m.leaseTTL)
+		ok, err := m.leases.renew(ctx, r.job.ID)
 		if err != nil || ok {
 			continue // store down: keep following; nobody else can claim
 		}
@@ -120,18 +89,12 @@ func (m *Manager) abandon(r *run) {
 	}
 	// Out of the queues first, so that no dispatch hands it a slot after
 	// it let go.
-	for _, p := range m.poolsSnapshot() {
+	for _, p := range m.pools.list() {
 		p.mu.Lock()
 		p.queue().remove(r)
 		p.mu.Unlock()
 	}
 	m.detach(r)
-}
-
-func (m *Manager) poolsSnapshot() []*Pool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return slices.Collect(maps.Values(m.pools))
 }
 
 // Recover takes over active jobs that no live gateway follows. It never
@@ -144,27 +107,26 @@ func (m *Manager) Recover(ctx context.Context) {
 		m.logger.Warn("listing active jobs", zap.Error(err))
 		return
 	}
-	m.forgetEnded(time.Now())
+	m.leases.forgetEnded(time.Now())
 	for _, j := range jobs {
-		m.mu.Lock()
-		_, mine := m.runs[j.ID]
-		end, endedHere := m.ended[j.ID]
-		m.mu.Unlock()
+		// Its run first, then its end: a job leaves m.runs only once it
+		// is remembered as ended (finish, drop).
+		_, mine := m.runs.get(j.ID)
 		if mine {
 			continue
 		}
-		if endedHere {
-			m.repairEnded(ctx, j.ID, end)
+		if end, endedHere := m.leases.endedHere(j.ID); endedHere {
+			m.leases.repairEnded(ctx, j.ID, end)
 			continue
 		}
-		if !m.claim(ctx, j.ID) {
+		if !m.leases.claim(ctx, j.ID) {
 			continue
 		}
 		// The list may be older than the lease: a job that ended since
 		// has been saved as ended before its gateway let the lease go.
 		fresh, err := m.store.Job(ctx, j.ID)
 		if err != nil || !fresh.Active() {
-			m.unclaim(j.ID)
+			m.leases.unclaim(j.ID)
 			continue
 		}
 		m.adopt(ctx, fresh)
@@ -186,12 +148,12 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 		pool, ok := m.Pool(j.Pool)
 		if !ok {
 			log.Warn("cannot take over job: its pool is gone", zap.String("pool", j.Pool))
-			m.register(r)
+			m.runs.put(r)
 			r.fail("The GPU pool " + j.Pool + " is no longer configured.")
 			return
 		}
 		r, err := m.waitingRun(j)
-		m.register(r)
+		m.runs.put(r)
 		if err != nil {
 			r.fail(err.Error())
 			return
@@ -204,7 +166,7 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 	if j.Transport == TransportWorker {
 		// Its stream ended with the gateway that held it; the container
 		// interrupted the job when the stream broke.
-		m.register(r)
+		m.runs.put(r)
 		r.fail("The gateway restarted while this job ran on a pinned GPU endpoint; please queue it again.")
 		return
 	}
@@ -229,20 +191,17 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 	// So the job is followed on the stream that has its sid, if any; else
 	// on a stream of its own, shared with the other jobs taken over on
 	// that sid and closed with the last of them.
-	m.adoptMu.Lock()
+	m.adopted.mu.Lock()
 	up, own := m.streamWithSid(j.Upstream, j.UpstreamClient)
 	if up == nil {
 		var err error
 		if up, err = NewUpstream(j.Upstream, opts); err != nil {
-			m.adoptMu.Unlock()
-			m.register(r)
+			m.adopted.mu.Unlock()
+			m.runs.put(r)
 			r.fail(PublicMessage(j.Pool, "The job's GPU server address is not valid: "+err.Error()))
 			return
 		}
-		if m.adopted == nil {
-			m.adopted = map[streamKey]*Upstream{}
-		}
-		m.adopted[streamKey{up.String(), up.clientID}] = up
+		m.adopted.addLocked(up)
 	}
 	r.up, r.adopted = up, true
 	if slot != nil {
@@ -257,9 +216,9 @@ func (m *Manager) adopt(ctx context.Context, j *Job) {
 		r.holdSlot(slot, token)
 	}
 	r.routeIDs = []string{pid}
-	m.register(r)
+	m.runs.put(r)
 	up.register(pid, r)
-	m.adoptMu.Unlock()
+	m.adopted.mu.Unlock()
 	if own {
 		// Sent by this very process (sids are made per process), which
 		// then lost track of it: follow it again on its own stream.
@@ -302,50 +261,29 @@ func (m *Manager) waitingRun(j *Job) (*run, error) {
 	return r, nil
 }
 
-func (m *Manager) register(r *run) {
-	m.mu.Lock()
-	m.runs[r.job.ID] = r
-	m.mu.Unlock()
-}
-
-// streamKey names an event stream: an upstream and the sid it listens as.
-type streamKey struct{ upstream, sid string }
-
 // streamWithSid returns this process's stream toward upstream that listens
 // as sid: a pool endpoint's or a home's own stream (own), or one opened
-// for jobs taken over. Call with m.adoptMu held.
+// for jobs taken over. Call with m.adopted.mu held.
 func (m *Manager) streamWithSid(upstream, sid string) (_ *Upstream, own bool) {
 	if sid == "" {
 		return nil, false
 	}
-	m.mu.Lock()
-	for _, p := range m.pools {
-		for _, u := range p.Upstreams {
-			if u.listensAs(upstream, sid) {
-				m.mu.Unlock()
-				return u, true
-			}
-		}
-	}
-	for _, u := range m.homes {
+	for _, u := range m.pools.upstreams() {
 		if u.listensAs(upstream, sid) {
-			m.mu.Unlock()
 			return u, true
 		}
 	}
 	// An endpoint a config reload replaced keeps its stream while its jobs
 	// run.
-	for _, r := range m.runs {
+	for _, r := range m.runs.list() {
 		r.mu.Lock()
 		u, adopted := r.up, r.adopted
 		r.mu.Unlock()
 		if u != nil && !adopted && u.listensAs(upstream, sid) && !u.isClosed() {
-			m.mu.Unlock()
 			return u, true
 		}
 	}
-	m.mu.Unlock()
-	if u := m.adopted[streamKey{upstream, sid}]; u != nil && !u.isClosed() {
+	if u := m.adopted.byKey[streamKey{upstream, sid}]; u != nil && !u.isClosed() {
 		return u, false
 	}
 	return nil, false
@@ -362,69 +300,4 @@ func (u *Upstream) isClosed() bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	return u.closed
-}
-
-// releaseStream closes a stream opened for jobs taken over once no job
-// is routed on it. Streams the process uses otherwise are left alone.
-func (m *Manager) releaseStream(up *Upstream) {
-	m.adoptMu.Lock()
-	defer m.adoptMu.Unlock()
-	key := streamKey{up.String(), up.clientID}
-	if m.adopted[key] != up {
-		return
-	}
-	up.mu.Lock()
-	idle := len(up.routes) == 0
-	up.mu.Unlock()
-	if idle {
-		delete(m.adopted, key)
-		up.Close()
-	}
-}
-
-// endedMemory is how long this gateway remembers the jobs it ended, to
-// tell them from jobs nobody follows when their records lag behind.
-func (m *Manager) endedMemory() time.Duration { return 4 * m.leaseTTL }
-
-// endedJob is the final state of a job this gateway ended (nil: the job was
-// dropped, its record deleted).
-type endedJob struct {
-	at  time.Time
-	job *Job
-}
-
-// rememberEnded notes that this gateway ended a job (final is its last
-// state, without the prompt; nil for a job that was dropped).
-func (m *Manager) rememberEnded(id string, final *Job) {
-	m.mu.Lock()
-	if m.ended == nil {
-		m.ended = map[string]endedJob{}
-	}
-	m.ended[id] = endedJob{at: time.Now(), job: final}
-	m.mu.Unlock()
-}
-
-func (m *Manager) forgetEnded(now time.Time) {
-	keep := m.endedMemory()
-	m.mu.Lock()
-	for id, e := range m.ended {
-		if now.Sub(e.at) > keep {
-			delete(m.ended, id)
-		}
-	}
-	m.mu.Unlock()
-}
-
-// repairEnded writes again the end of a job this gateway ended but whose
-// record still says it waits or runs (the store missed the final write).
-func (m *Manager) repairEnded(ctx context.Context, id string, e endedJob) {
-	var err error
-	if e.job == nil {
-		err = m.store.Delete(ctx, id)
-	} else {
-		err = m.store.Save(ctx, e.job)
-	}
-	if err != nil {
-		m.logger.Warn("writing the end of a job again", zap.String("job", id), zap.Error(err))
-	}
 }

@@ -192,7 +192,7 @@ func TestOwnJobFollowedAgainOnItsOwnStream(t *testing.T) {
 	store.failEnds.Store(true)
 	id := runFirstJob(t, m, events)
 	store.failEnds.Store(false)
-	m.forgetEnded(time.Now().Add(time.Hour))
+	m.leases.forgetEnded(time.Now().Add(time.Hour))
 	m.Recover(context.Background())
 	if n := logs.FilterMessage("following again a job this gateway had lost track of").Len(); n != 1 {
 		t.Fatalf("own job followed again %d times, want 1", n)
@@ -250,7 +250,7 @@ func TestOwnJobFollowedAgainBeforeItsHistoryIsWritten(t *testing.T) {
 	store.failEnds.Store(true)
 	id := runFirstJob(t, m, events)
 	store.failEnds.Store(false)
-	m.forgetEnded(time.Now().Add(time.Hour))
+	m.leases.forgetEnded(time.Now().Add(time.Hour))
 	select {
 	case <-reads.done: // none is expected before the job is followed again
 	default:
@@ -385,9 +385,9 @@ func TestTakenOverJobsShareTheirSid(t *testing.T) {
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		m.adoptMu.Lock()
-		streams := len(m.adopted)
-		m.adoptMu.Unlock()
+		m.adopted.mu.Lock()
+		streams := len(m.adopted.byKey)
+		m.adopted.mu.Unlock()
 		if streams == 0 {
 			break
 		}
@@ -403,9 +403,7 @@ func waitDetached(t *testing.T, m *Manager, id string) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		m.mu.Lock()
-		_, live := m.runs[id]
-		m.mu.Unlock()
+		_, live := m.runs.get(id)
 		if !live {
 			return
 		}

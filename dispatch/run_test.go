@@ -71,7 +71,7 @@ func TestJobQueueBoundedWhileBusy(t *testing.T) {
 	m.SetEventLimits(EventLimits{MaxJobQueue: bound})
 	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusPending}
 	r := newRun(m, job)
-	m.runs[job.ID] = r
+	m.runs.put(r)
 	const pid = "gpu-own-id" // a server that made its own id
 
 	r.push(upstreamEvent(t, `{"type":"execution_start","data":{"prompt_id":"`+pid+`","timestamp":1}}`))
@@ -193,7 +193,7 @@ func TestEventsBeforeTheIDIsKnownReachTheBrowser(t *testing.T) {
 	}
 	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusPending}
 	r := newRun(m, job)
-	m.runs[job.ID] = r
+	m.runs.put(r)
 	const pid = "gpu-own-id"
 	up.mu.Lock()
 	up.routeLocked(pid, upstreamEvent(t, `{"type":"execution_start","data":{"prompt_id":"`+pid+`","timestamp":1}}`))

@@ -26,7 +26,7 @@ func queued(r *run) QueuedJob {
 // line. In the shared queue it keeps its original place there. A store
 // that cannot be reached is tried again shortly.
 func (m *Manager) requeue(p *Pool, r *run) {
-	if m.shared == nil {
+	if m.queues.shared == nil {
 		p.mu.Lock()
 		p.queue().pushFront(r)
 		p.mu.Unlock()
@@ -34,7 +34,7 @@ func (m *Manager) requeue(p *Pool, r *run) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := m.shared.Enqueue(ctx, queued(r)); err != nil {
+	if err := m.queues.shared.Enqueue(ctx, queued(r)); err != nil {
 		m.logger.Warn("putting a job back in the shared queue; trying again", zap.String("job", r.job.ID), zap.Error(err))
 		time.AfterFunc(time.Second, func() {
 			if !r.isFinished() {
@@ -45,35 +45,10 @@ func (m *Manager) requeue(p *Pool, r *run) {
 	}
 }
 
-// waitingCount counts a user's jobs waiting in a pool's queue.
-func (m *Manager) waitingCount(ctx context.Context, p *Pool, user string) (int, error) {
-	if m.shared != nil {
-		return m.shared.Waiting(ctx, p.Name, user)
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.queue().userLen(user), nil
-}
-
-// unqueue takes a cancelled job out of its pool's queue; false if it was
-// not waiting there.
-func (m *Manager) unqueue(ctx context.Context, p *Pool, r *run) bool {
-	if m.shared != nil {
-		ok, err := m.shared.Dequeue(ctx, p.Name, r.job.User, r.job.ID)
-		if err != nil {
-			m.logger.Warn("taking a cancelled job out of the shared queue", zap.String("job", r.job.ID), zap.Error(err))
-		}
-		return ok
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.queue().remove(r)
-}
-
 // takeRequest describes the pool's endpoints as this gateway sees them.
 // It returns false when none may take a job.
 func (m *Manager) takeRequest(p *Pool) (TakeRequest, bool) {
-	t := TakeRequest{Pool: p.Name, MaxRunning: p.MaxRunning, Token: uuid.NewString(), TTL: m.leaseTTL, Owner: m.owner}
+	t := TakeRequest{Pool: p.Name, MaxRunning: p.MaxRunning, Token: uuid.NewString(), TTL: m.leases.ttl, Owner: m.leases.owner}
 	now := time.Now()
 	for _, u := range p.Upstreams {
 		u.mu.Lock()
@@ -93,16 +68,6 @@ func (m *Manager) takeRequest(p *Pool) (TakeRequest, bool) {
 	return t, len(t.Endpoints)+len(t.Trial) > 0
 }
 
-// endpoint returns the pool's upstream with that address, or nil.
-func (p *Pool) endpoint(addr string) *Upstream {
-	for _, u := range p.Upstreams {
-		if u.String() == addr {
-			return u
-		}
-	}
-	return nil
-}
-
 // dispatchShared takes jobs from the shared queue while endpoints have
 // room. The job named want, when this gateway takes it for itself, is not
 // started but returned: its submitter sends it and answers with the
@@ -114,7 +79,7 @@ func (m *Manager) dispatchShared(p *Pool, want string) *Assignment {
 			return nil
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		a, err := m.shared.Take(ctx, t)
+		a, err := m.queues.shared.Take(ctx, t)
 		cancel()
 		if err != nil {
 			m.logger.Warn("taking the next job from the shared queue", zap.String("pool", p.Name), zap.Error(err))
@@ -133,9 +98,9 @@ func (m *Manager) dispatchShared(p *Pool, want string) *Assignment {
 			}
 		}
 		switch {
-		case a.JobID == want && a.Owner == m.owner:
+		case a.JobID == want && a.Owner == m.leases.owner:
 			return a
-		case a.Owner == m.owner || a.Owner == "":
+		case a.Owner == m.leases.owner || a.Owner == "":
 			m.assigned(p, *a)
 		default:
 			// In its holder's inbox now; it sends the job.
@@ -147,7 +112,7 @@ func (m *Manager) dispatchShared(p *Pool, want string) *Assignment {
 // assigned starts a job the shared queue gave a slot (taken here, or
 // handed over by another gateway).
 func (m *Manager) assigned(p *Pool, a Assignment) {
-	r := m.runOf(a.JobID)
+	r, _ := m.runs.get(a.JobID)
 	if r == nil && a.Owner == "" {
 		r = m.adoptAssigned(a)
 	}
@@ -178,7 +143,7 @@ func (m *Manager) holdAssigned(r *run, up *Upstream, token string) {
 func (m *Manager) releaseAssigned(a Assignment) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if err := m.shared.ReleaseSlot(ctx, a.Endpoint, a.Token); err != nil {
+	if err := m.queues.shared.ReleaseSlot(ctx, a.Endpoint, a.Token); err != nil {
 		m.logger.Warn("releasing an unused shared slot", zap.String("endpoint", a.Endpoint), zap.Error(err))
 	}
 }
@@ -188,21 +153,21 @@ func (m *Manager) releaseAssigned(a Assignment) {
 func (m *Manager) adoptAssigned(a Assignment) *run {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if !m.claim(ctx, a.JobID) {
+	if !m.leases.claim(ctx, a.JobID) {
 		return nil
 	}
 	j, err := m.store.Job(ctx, a.JobID)
 	if err != nil || j.Status != StatusPending || j.Upstream != "" {
-		m.unclaim(a.JobID)
+		m.leases.unclaim(a.JobID)
 		return nil
 	}
 	r, err := m.waitingRun(j)
 	if err != nil {
-		m.register(r)
+		m.runs.put(r)
 		r.fail(err.Error())
 		return nil
 	}
-	m.register(r)
+	m.runs.put(r)
 	m.logger.Info("took over a waiting job", zap.String("job", j.ID), zap.String("user", j.User))
 	return r
 }
@@ -212,7 +177,7 @@ func (m *Manager) adoptAssigned(a Assignment) *run {
 func (m *Manager) followAssignments(ctx context.Context) {
 	var lastErr time.Time
 	for ctx.Err() == nil {
-		as, err := m.shared.Assignments(ctx, m.owner, 5*time.Second)
+		as, err := m.queues.shared.Assignments(ctx, m.leases.owner, 5*time.Second)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -237,51 +202,6 @@ func (m *Manager) followAssignments(ctx context.Context) {
 			m.assigned(p, a)
 		}
 	}
-}
-
-// sharedPositions tells where each waiting job of the pool stands in the
-// shared queue's order.
-func (m *Manager) sharedPositions(p *Pool) map[string]int {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	pos, _ := m.sharedQueueView(ctx, p)
-	return pos
-}
-
-// sharedQueueView reads the pool's shared queue once: where each waiting
-// job stands, and how many jobs each user runs on the pool (every gateway's).
-func (m *Manager) sharedQueueView(ctx context.Context, p *Pool) (positions, running map[string]int) {
-	names := make([]string, 0, len(p.Upstreams))
-	for _, u := range p.Upstreams {
-		names = append(names, u.String())
-	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	st, err := m.shared.QueueState(ctx, p.Name, names)
-	if err != nil {
-		m.logger.Warn("reading the shared queue", zap.String("pool", p.Name), zap.Error(err))
-		return nil, nil
-	}
-	q := newFairQueue()
-	q.served = map[string]uint64{}
-	for _, u := range st.Users {
-		for _, id := range u.Jobs {
-			q.push(&run{job: &Job{ID: id, User: u.User, Priority: u.Priority}})
-		}
-		q.served[u.User] = u.Served
-		q.seq = max(q.seq, u.Served)
-	}
-	out := map[string]int{}
-	for r, pos := range q.positions(st.Running) {
-		out[r.job.ID] = pos
-	}
-	return out, st.Running
-}
-
-func (m *Manager) runOf(id string) *run {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.runs[id]
 }
 
 func (r *run) isFinished() bool {

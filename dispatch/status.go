@@ -3,7 +3,6 @@ package dispatch
 import (
 	"context"
 	"sort"
-	"sync/atomic"
 )
 
 // PoolStatus is a pool as an operator sees it, from this gateway.
@@ -39,30 +38,33 @@ type EndpointStatus struct {
 // Status describes every pool, sorted by name. With a shared queue it
 // asks the store for the waiting count (a store that does not answer
 // leaves it at 0).
-func (m *Manager) Status(ctx context.Context) []PoolStatus {
-	pools := m.poolsSnapshot()
+func (m *Manager) Status(ctx context.Context) []PoolStatus { return m.ops.status(ctx) }
+
+// status describes every pool (see Manager.Status).
+func (o *opsView) status(ctx context.Context) []PoolStatus {
+	pools := o.pools.list()
 	sort.Slice(pools, func(a, b int) bool { return pools[a].Name < pools[b].Name })
 	out := make([]PoolStatus, 0, len(pools))
 	for _, p := range pools {
 		ps := PoolStatus{Name: p.Name}
 		p.mu.Lock()
 		ps.Held = len(p.held)
-		if m.shared == nil {
+		if o.queues.shared == nil {
 			ps.Waiting = p.queue().len()
 		}
 		p.mu.Unlock()
-		if m.shared != nil {
+		if o.queues.shared != nil {
 			names := make([]string, 0, len(p.Upstreams))
 			for _, u := range p.Upstreams {
 				names = append(names, u.String())
 			}
-			if st, err := m.shared.QueueState(ctx, p.Name, names); err == nil {
+			if st, err := o.queues.shared.QueueState(ctx, p.Name, names); err == nil {
 				for _, u := range st.Users {
 					ps.Waiting += len(u.Jobs)
 				}
 			}
 		}
-		for _, n := range m.runningByUser(p) {
+		for _, n := range o.runs.runningByUser(p.Name) {
 			ps.Running += n
 		}
 		for _, u := range p.Upstreams {
@@ -80,30 +82,4 @@ func (m *Manager) Status(ctx context.Context) []PoolStatus {
 		out = append(out, ps)
 	}
 	return out
-}
-
-// jobOutcomes counts jobs that ended here, by their final status.
-type jobOutcomes struct {
-	completed, failed, cancelled atomic.Uint64
-}
-
-func (o *jobOutcomes) count(status string) {
-	switch status {
-	case StatusCompleted:
-		o.completed.Add(1)
-	case StatusFailed:
-		o.failed.Add(1)
-	case StatusCancelled:
-		o.cancelled.Add(1)
-	}
-}
-
-// Ended counts the jobs that ended on this gateway since it started, by
-// final status ("completed", "failed", "cancelled").
-func (m *Manager) Ended() map[string]uint64 {
-	return map[string]uint64{
-		StatusCompleted: m.outcomes.completed.Load(),
-		StatusFailed:    m.outcomes.failed.Load(),
-		StatusCancelled: m.outcomes.cancelled.Load(),
-	}
 }

@@ -41,8 +41,16 @@ const (
 	waitNoticeRepeat = 20 * time.Second
 )
 
-// waitNotices is the state of the waiting-notice goroutine.
+// waitNotices owns the waiting notices: the goroutine that tells this
+// gateway's waiting jobs why they wait, what it told each last, and the
+// pokes that make it look. It reads the runs, the pools and their queues,
+// and tells through the Events; it points to nothing else.
 type waitNotices struct {
+	runs   *runSet
+	pools  *poolSet
+	queues *poolQueues
+	events Events
+
 	poke chan struct{}
 	// told is what each waiting job was told last, and when (only the
 	// notice goroutine touches it; jobs that stopped waiting are dropped).
@@ -54,30 +62,31 @@ type toldNotice struct {
 	at  time.Time
 }
 
-func newWaitNotices() waitNotices {
-	return waitNotices{poke: make(chan struct{}, 1), told: map[string]toldNotice{}}
+func newWaitNotices(runs *runSet, pools *poolSet, queues *poolQueues, events Events) *waitNotices {
+	return &waitNotices{runs: runs, pools: pools, queues: queues, events: events,
+		poke: make(chan struct{}, 1), told: map[string]toldNotice{}}
 }
 
 // pokeWaiting asks for a look at the waiting jobs soon. It never blocks.
-func (m *Manager) pokeWaiting() {
+func (w *waitNotices) pokeWaiting() {
 	select {
-	case m.waits.poke <- struct{}{}:
+	case w.poke <- struct{}{}:
 	default:
 	}
 }
 
 // tellWaiting tells waiting jobs why they wait until ctx ends.
-func (m *Manager) tellWaiting(ctx context.Context) {
+func (w *waitNotices) tellWaiting(ctx context.Context) {
 	t := time.NewTicker(waitNoticeEvery)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-m.waits.poke:
+		case <-w.poke:
 		case <-t.C:
 		}
-		m.noticeWaiting(ctx, time.Now())
+		w.noticeWaiting(ctx, time.Now())
 		select {
 		case <-ctx.Done():
 			return
@@ -96,8 +105,8 @@ type waiter struct {
 
 // noticeWaiting tells each waiting job of this gateway why it waits, if
 // that changed since it was last told.
-func (m *Manager) noticeWaiting(ctx context.Context, now time.Time) {
-	runs := m.runList()
+func (w *waitNotices) noticeWaiting(ctx context.Context, now time.Time) {
+	runs := w.runs.list()
 	byPool := map[string][]waiter{}
 	for _, r := range runs {
 		r.mu.Lock()
@@ -108,13 +117,13 @@ func (m *Manager) noticeWaiting(ctx context.Context, now time.Time) {
 		}
 		r.mu.Unlock()
 	}
-	told := make(map[string]toldNotice, len(m.waits.told))
+	told := make(map[string]toldNotice, len(w.told))
 	for name, ws := range byPool {
-		p, ok := m.Pool(name)
+		p, ok := w.pools.get(name)
 		if !ok {
 			continue
 		}
-		positions, running := m.queueView(ctx, p)
+		positions, running := w.queues.view(ctx, p)
 		p.mu.Lock()
 		held := make(map[*run]bool, len(p.held))
 		for r := range p.held {
@@ -128,27 +137,27 @@ func (m *Manager) noticeWaiting(ctx context.Context, now time.Time) {
 				break
 			}
 		}
-		for _, w := range ws {
-			pos, queued := positions[w.job.ID]
-			why, ok := waitWhy(p, w.job.User, held[w.r], w.attempts, w.firstTry, pos, queued, up, running, now)
+		for _, wr := range ws {
+			pos, queued := positions[wr.job.ID]
+			why, ok := waitWhy(p, wr.job.User, held[wr.r], wr.attempts, wr.firstTry, pos, queued, up, running, now)
 			if !ok {
 				continue // being sent, handed over or put back: not waiting in a line
 			}
-			last := m.waits.told[w.job.ID]
+			last := w.told[wr.job.ID]
 			if last.why == why && now.Sub(last.at) < waitNoticeRepeat {
-				told[w.job.ID] = last
+				told[wr.job.ID] = last
 				continue
 			}
-			told[w.job.ID] = toldNotice{why, now}
-			w.r.mu.Lock()
-			still := w.r.waitingLocked()
-			w.r.mu.Unlock()
+			told[wr.job.ID] = toldNotice{why, now}
+			wr.r.mu.Lock()
+			still := wr.r.waitingLocked()
+			wr.r.mu.Unlock()
 			if still {
-				m.tellWaiter(&w.job, why)
+				w.tellWaiter(&wr.job, why)
 			}
 		}
 	}
-	m.waits.told = told
+	w.told = told
 }
 
 // waitWhy says why a job of user waits for pool p, in the words its user
@@ -196,10 +205,10 @@ func (r *run) waitingLocked() bool {
 // tellWaiter sends a waiting job's notice: "Waiting for <why>…" under its
 // output node, and the notification the current frontend takes as the
 // job's "initializing" state (it looks for "Waiting for a machine" in it).
-func (m *Manager) tellWaiter(j *Job, why string) {
-	m.notify(j, "Waiting for "+why+"…")
+func (w *waitNotices) tellWaiter(j *Job, why string) {
+	notify(w.events, j, "Waiting for "+why+"…")
 	n := comfy.NewMessage(comfy.MsgNotification, map[string]any{"value": "Waiting for a machine (" + why + ")…", "id": j.ID})
-	m.events.Deliver(recipientOf(j), jobMessage(n))
+	w.events.Deliver(recipientOf(j), jobMessage(n))
 }
 
 // inLine says a place in a queue in words: "next in line", "3rd in line".
@@ -218,21 +227,4 @@ func inLine(pos int) string {
 		suffix = "rd"
 	}
 	return fmt.Sprintf("%d%s in line", pos, suffix)
-}
-
-// queueView returns the place (1 = next) of each of the pool's queued
-// jobs, and each user's jobs running on it — of every gateway when the
-// queue is shared. A store that does not answer gives no places.
-func (m *Manager) queueView(ctx context.Context, p *Pool) (positions, running map[string]int) {
-	if m.shared != nil {
-		return m.sharedQueueView(ctx, p)
-	}
-	running = m.runningByUser(p)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	positions = map[string]int{}
-	for r, pos := range p.queue().positions(running) {
-		positions[r.job.ID] = pos
-	}
-	return positions, running
 }
