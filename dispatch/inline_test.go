@@ -114,9 +114,7 @@ func followJob(t *testing.T, m *Manager, u *Upstream) *run {
 	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusInProgress}
 	r := newRun(m, job)
 	r.up = u
-	m.mu.Lock()
-	m.runs[job.ID] = r
-	m.mu.Unlock()
+	m.runs.put(r)
 	u.register(job.ID, r)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
