@@ -45,20 +45,32 @@
 // # The path of one event
 //
 // Every event of every job takes the same path, and it is kept cheap: an
-// upstream frame is read into one buffer, routed by scanning a few of its
-// bytes, and forwarded as it came unless something in it must change.
+// upstream frame is read where it lies in the stream's read buffer,
+// routed by scanning a few of its bytes, and forwarded as it came unless
+// something in it must change.
 //
 //  1. Upstream.readStream (stream.go) reads each WebSocket frame of a GPU
-//     server with a size limit (EventLimits): a larger frame is discarded
-//     as it is read, logged once per job, and the job goes on.
+//     server itself (wsReader, frames.go; gorilla only dials and writes)
+//     with a size limit (EventLimits): a larger frame is discarded as it
+//     is read, logged once per job, and the job goes on. A frame that fits
+//     the read buffer is handed out there, without a copy.
 //  2. onText scans a JSON frame with comfy.ScanEvent (type, prompt_id,
-//     node; nothing is decoded); onBinary reads a preview's or progress
-//     text's header. Both route the frame by prompt_id (or, without one,
-//     to the job the server is running) to the job's run.
-//     A pinned job's stream (pinned.go) pushes its frames the same way.
-//  3. run.push (run.go) queues it for the job's goroutine. The queue is
-//     bounded by bytes: over its bound, progress and previews coalesce to
-//     the latest per node; lifecycle events are always kept.
+//     node; nothing is decoded), drops the server's own status frames, and
+//     copies the rest out of the buffer (small progress-like frames into
+//     a shared block, readBatch.own); onBinary reads a preview's or
+//     progress text's header. Both route the frame by prompt_id (or,
+//     without one, to the job the server is running) to the job's run.
+//     A pinned job's stream (pinned.go) pushes its frames to the run's
+//     queue.
+//  3. run.offer (run.go): an event that needs no I/O (progress,
+//     progress_state, executing, previews, progress text) and finds the
+//     job's goroutine idle is handled at once on the reader, with no
+//     hand-off between goroutines — when the Events say their delivery
+//     does no network I/O (InlineEvents; not with a Valkey bus). Anything
+//     else goes to run.push, which queues it for the job's goroutine. The
+//     queue is bounded by bytes: over its bound, progress and previews
+//     coalesce to the latest per node; lifecycle events are always kept.
+//     Whoever handles, one at a time, so the job's events keep their order.
 //  4. run.handle turns it into the job's Event in place: the original
 //     bytes, or a copy with the job's prompt_id for a server that made its
 //     own, or a type-1 preview given the job's metadata. Job state (node,
@@ -69,8 +81,11 @@
 //  5. Events.Deliver hands the Event to its Recipient (user, browser
 //     session, job); relay's Gateway.Deliver publishes it to the hub. With
 //     more events at hand, the job's goroutine hands them with
-//     BatchEvents.DeliverLater and the last with Deliver (or Flush), so
-//     that they reach the browser in one write.
+//     BatchEvents.DeliverLater and the last with Deliver (or Flush); the
+//     reader hands all of its events with DeliverLater and flushes them
+//     just before it next reads from the network (flushingConn). So the
+//     events of one read reach each browser in one write, and an event
+//     that came alone leaves at once.
 package dispatch
 
 import (

@@ -32,9 +32,11 @@
 //     a grace period, or over twice it, closes the socket with a reason:
 //     the browser reconnects and gets what it missed from the replay.
 //  4. Writer. Whoever finds the socket idle writes, everything queued,
-//     as one vectored write per batch. A job's goroutine hands the events
-//     it has at hand with DeliverLater (they are only queued) and the last
-//     with Deliver, and then writes the batch itself, but only what the
+//     as one vectored write per batch. A job's goroutine (or, for
+//     progress and previews without a bus, the GPU stream's reader
+//     itself: Gateway.Inline) hands the events it has at hand with
+//     DeliverLater (they are only queued) and the last with Deliver or
+//     Flush, and then writes the batch itself, but only what the
 //     connection takes at once: if the browser's socket buffer fills, a
 //     goroutine writes the rest and goes on with the queue until it is
 //     empty (an idle socket has none). Other publishers (the bus
