@@ -617,7 +617,10 @@ type browserConn struct {
 	net.Conn
 	s        *socket
 	upgraded bool
+	in       spareReader
 }
+
+func (c *browserConn) Read(p []byte) (int, error) { return c.in.read(c.Conn, p) }
 
 func (c *browserConn) Write(p []byte) (int, error) {
 	if !c.upgraded {
@@ -657,7 +660,7 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	h.conn = &browserConn{Conn: c, s: h.s}
+	h.conn = &browserConn{Conn: c, s: h.s, in: newSpareReader(c)}
 	h.s.out = c
 	_, h.s.vectored = c.(*net.TCPConn)
 	return h.conn, rw, nil

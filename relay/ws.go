@@ -24,15 +24,22 @@ var writeBuffers = &sync.Pool{}
 
 var upgrader = websocket.Upgrader{
 	HandshakeTimeout: 10 * time.Second,
-	// Small: browsers send one small frame; larger ones are read in parts.
-	ReadBufferSize:  1024,
+	// Browsers send one small frame; what comes is read through the
+	// connection's spareReader, which holds a buffer only while bytes wait.
+	ReadBufferSize:  frameHeadBuffer,
 	WriteBufferPool: writeBuffers,
 	CheckOrigin:     allowedOrigin, // the rule of origin.go
 }
 
-// homeDialer opens the per-browser socket to home with small buffers (one
-// per open tab adds up; write buffers are pooled).
-var homeDialer = &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 4 << 10, WriteBufferPool: writeBuffers}
+// homeDialer opens the per-browser socket to home with no buffers of its
+// own while idle (one per open tab adds up): write buffers are pooled, and
+// reads go through a spareReader.
+var homeDialer = &websocket.Dialer{
+	HandshakeTimeout: 10 * time.Second,
+	NetDialContext:   dialSpare,
+	ReadBufferSize:   frameHeadBuffer,
+	WriteBufferPool:  writeBuffers,
+}
 
 // hijackable unwraps Caddy's response writer wrappers down to one that can
 // hijack the connection (gorilla's Upgrade asserts http.Hijacker directly).
