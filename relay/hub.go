@@ -252,7 +252,8 @@ func (h *Hub) publishLocal(user, sid string, f frame, start writerStart) {
 	}
 	h.mu.Unlock()
 	for _, s := range targets {
-		s.push(queued{f: f}, start)
+		q := queued{f: f}
+		s.push(&q, start)
 	}
 }
 
@@ -334,17 +335,17 @@ func (s *socket) deliver(f frame, pos string, start writerStart) {
 		s.mu.Unlock()
 		return
 	}
-	ok, first, direct := false, queued{}, false
+	ok, direct, q := false, false, queued{f: f}
 	if pos == "" || s.mark(pos) { // else: had it already (a catch-up after a live delivery)
-		ok, first, direct = s.enqueueLocked(queued{f: f}, start != startLater)
+		ok, direct = s.enqueueLocked(&q, start != startLater)
 	}
 	s.mu.Unlock()
 	switch {
 	case !ok:
 	case start == startNow:
-		s.writeLoop(nil, first, direct, true)
+		s.writeLoop(nil, &q, direct, true)
 	default:
-		go s.writeLoop(nil, first, direct, false)
+		s.goWrite(q, direct)
 	}
 }
 
@@ -379,8 +380,9 @@ func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bo
 	s.mu.Lock()
 	start, first, direct := false, queued{}, false
 	add := func(f frame) {
-		if st, fi, d := s.enqueueLocked(queued{f: f}, true); st {
-			start, first, direct = true, fi, d
+		q := queued{f: f}
+		if st, d := s.enqueueLocked(&q, true); st {
+			start, first, direct = true, q, d
 		}
 	}
 	for _, m := range missed {
@@ -401,7 +403,7 @@ func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bo
 	s.holding = false
 	s.mu.Unlock()
 	if start {
-		s.writeLoop(nil, first, direct, false)
+		s.writeLoop(nil, &first, direct, false)
 	}
 }
 

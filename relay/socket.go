@@ -124,29 +124,47 @@ const (
 )
 
 // send queues a frame and returns at once; it never waits for the browser.
-func (s *socket) send(f frame) { s.push(queued{f: f}, startGoroutine) }
+func (s *socket) send(f frame) {
+	q := queued{f: f}
+	s.push(&q, startGoroutine)
+}
 
 // write queues a frame and, when the socket is idle, writes it (and
 // whatever else is queued) before returning. Only the socket's own
 // goroutines call it: it may wait for this browser, never for another.
-func (s *socket) write(f frame) { s.push(queued{f: f}, startInline) }
+func (s *socket) write(f frame) {
+	q := queued{f: f}
+	s.push(&q, startInline)
+}
 
 // sendRaw queues a complete WebSocket frame (a control frame).
-func (s *socket) sendRaw(b []byte) { s.push(queued{raw: b}, startGoroutine) }
+func (s *socket) sendRaw(b []byte) {
+	q := queued{raw: b}
+	s.push(&q, startGoroutine)
+}
 
 // push queues an entry and, when the socket was idle, starts its writer
-// as start says.
-func (s *socket) push(q queued, start writerStart) {
+// as start says. (Entries go by pointer down to the writer, and are
+// copied where they stay: a socket's own goroutines write inline, and
+// their stacks, which grow for the deepest write, are most of an idle
+// socket's memory.)
+func (s *socket) push(q *queued, start writerStart) {
 	s.mu.Lock()
-	ok, first, direct := s.enqueueLocked(q, start != startLater)
+	ok, direct := s.enqueueLocked(q, start != startLater)
 	s.mu.Unlock()
 	switch {
 	case !ok:
 	case start == startInline || start == startNow:
-		s.writeLoop(nil, first, direct, start == startNow)
+		s.writeLoop(nil, q, direct, start == startNow)
 	default:
-		go s.writeLoop(nil, first, direct, false)
+		s.goWrite(*q, direct)
 	}
+}
+
+// goWrite starts a writer on a goroutine of its own, with first as
+// writeLoop's.
+func (s *socket) goWrite(first queued, direct bool) {
+	go s.writeLoop(nil, &first, direct, false)
 }
 
 // kick writes, as startNow, the frames queued with startLater on a socket
@@ -159,25 +177,26 @@ func (s *socket) kick() {
 	}
 	s.mu.Unlock()
 	if start {
-		s.writeLoop(nil, queued{}, false, true)
+		s.writeLoop(nil, nil, false, true)
 	}
 }
 
 // enqueueLocked adds an entry to the queue, coalescing when the queue is
 // over its bound and closing the socket when that does not help. It
-// reports whether the caller must start a writer (writeLoop(first)): when
-// the socket was idle, the entry is not queued but handed to the writer as
-// first. Unless mayStart, it only queues (the caller kicks the socket).
-func (s *socket) enqueueLocked(q queued, mayStart bool) (start bool, first queued, direct bool) {
+// reports whether the caller must start a writer: when the socket was idle
+// (direct), the entry is not queued but handed to the writer
+// (writeLoop(q, direct)). Unless mayStart, it only queues (the caller
+// kicks the socket). It sets the entry's size and kind.
+func (s *socket) enqueueLocked(q *queued, mayStart bool) (start, direct bool) {
 	if s.dead || s.closing || !s.currentUI && isNotice(q.f.text) {
-		return false, q, false
+		return false, false
 	}
 	q.size, q.kind = classify(q)
 	if mayStart && !s.writing && s.queue.Len() == 0 {
 		s.writing = true
-		return true, q, true
+		return true, true
 	}
-	s.queue.Push(q)
+	s.queue.Push(*q)
 	s.bytes += q.size
 	if s.bytes > s.limit || s.latest != nil {
 		s.squeezeLocked()
@@ -193,10 +212,10 @@ func (s *socket) enqueueLocked(q queued, mayStart bool) (start bool, first queue
 		}
 	}
 	if !mayStart || s.writing || s.queue.Len() == 0 {
-		return false, q, false
+		return false, false
 	}
 	s.writing = true
-	return true, q, false
+	return true, false
 }
 
 // queueChunks holds the queue chunks of every socket.
@@ -211,7 +230,7 @@ func (s *socket) releaseLocked() {
 }
 
 // classify returns a queued entry's size and kind.
-func classify(q queued) (int, uint8) {
+func classify(q *queued) (int, uint8) {
 	f := q.f
 	switch {
 	case q.raw != nil:
@@ -364,7 +383,7 @@ func (s *socket) closeLocked(code int, reason string) {
 	}
 	if !s.writing {
 		s.writing = true
-		go s.writeLoop(nil, queued{}, false, false)
+		go s.writeLoop(nil, nil, false, false)
 	}
 }
 
@@ -405,7 +424,7 @@ func (s *socket) dieLocked() {
 // sc is the scratch of a batch begun (its rest written already by resume),
 // or nil. (One function for both: a socket's own goroutines write inline,
 // and their stacks are most of an idle socket's memory.)
-func (s *socket) writeLoop(sc *writeScratch, first queued, direct, nonblock bool) {
+func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock bool) {
 	if sc == nil {
 		sc = scratchPool.Get().(*writeScratch)
 	}
@@ -414,28 +433,11 @@ func (s *socket) writeLoop(sc *writeScratch, first queued, direct, nonblock bool
 	for !s.dead && (direct || s.queue.Len() > 0) {
 		// Take a batch off the front of the queue.
 		batch := sc.batch[:0]
-		size := 0
 		if direct {
-			batch = append(batch, first)
-			size, direct, first = first.size, false, queued{}
+			batch = append(batch, *first)
+			direct, first = false, nil
 		} else {
-			for s.queue.Len() > 0 && len(batch) < maxBatchFrames && (size == 0 || size+s.queue.At(0).size <= maxBatch) {
-				q, _ := s.queue.Pop()
-				s.base++
-				if q.dropped {
-					s.dropped--
-				} else {
-					batch = append(batch, q)
-					size += q.size
-				}
-			}
-			s.bytes -= size
-			if s.queue.Len() == 0 {
-				s.dropped, s.latest = 0, nil
-			}
-			if s.bytes <= s.limit {
-				s.overSince = time.Time{}
-			}
+			batch = s.takeLocked(batch)
 		}
 		meta, wait := s.previewMeta, writeWait
 		if s.closing {
@@ -444,8 +446,8 @@ func (s *socket) writeLoop(sc *writeScratch, first queued, direct, nonblock bool
 		s.mu.Unlock()
 
 		bufs, hdrs := sc.bufs[:0], sc.hdrs[:0]
-		for _, q := range batch {
-			bufs, hdrs = appendFrame(bufs, hdrs, q, meta)
+		for i := range batch {
+			bufs, hdrs = appendFrame(bufs, hdrs, &batch[i], meta)
 		}
 		sc.bufs, sc.hdrs, sc.batch = bufs, hdrs, batch
 		var err error
@@ -489,6 +491,33 @@ func (s *socket) writeLoop(sc *writeScratch, first queued, direct, nonblock bool
 	scratchPool.Put(sc) // (its batch and bufs are bounded by maxBatchFrames)
 }
 
+// takeLocked appends a batch off the front of the queue to batch. (A
+// function of its own, so that its locals are not on the stack under
+// writeLoop's writes.)
+//
+//go:noinline
+func (s *socket) takeLocked(batch []queued) []queued {
+	size := 0
+	for s.queue.Len() > 0 && len(batch) < maxBatchFrames && (size == 0 || size+s.queue.At(0).size <= maxBatch) {
+		q, _ := s.queue.Pop()
+		s.base++
+		if q.dropped {
+			s.dropped--
+		} else {
+			batch = append(batch, q)
+			size += q.size
+		}
+	}
+	s.bytes -= size
+	if s.queue.Len() == 0 {
+		s.dropped, s.latest = 0, nil
+	}
+	if s.bytes <= s.limit {
+		s.overSince = time.Time{}
+	}
+	return batch
+}
+
 // tryWrite writes sc.bufs as far as the connection takes them at once;
 // when it does not take them all, a goroutine writes the rest and goes on
 // with the queue (handed).
@@ -515,7 +544,7 @@ func (s *socket) resume(sc *writeScratch, wait time.Duration) {
 		s.dieLocked()
 		s.mu.Unlock()
 	}
-	s.writeLoop(sc, queued{}, false, false)
+	s.writeLoop(sc, nil, false, false)
 }
 
 // advance drops the first n bytes of b.
@@ -551,7 +580,7 @@ var scratchPool = sync.Pool{New: func() any { return new(writeScratch) }}
 
 // appendFrame adds one queued frame, with its WebSocket header (built in
 // hdrs), to bufs.
-func appendFrame(bufs net.Buffers, hdrs []byte, q queued, previewMeta bool) (net.Buffers, []byte) {
+func appendFrame(bufs net.Buffers, hdrs []byte, q *queued, previewMeta bool) (net.Buffers, []byte) {
 	if q.raw != nil {
 		return append(bufs, q.raw), hdrs
 	}
@@ -620,7 +649,10 @@ type browserConn struct {
 	net.Conn
 	s        *socket
 	upgraded bool
+	in       spareReader
 }
+
+func (c *browserConn) Read(p []byte) (int, error) { return c.in.read(c.Conn, p) }
 
 func (c *browserConn) Write(p []byte) (int, error) {
 	if !c.upgraded {
@@ -660,7 +692,7 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	h.conn = &browserConn{Conn: c, s: h.s}
+	h.conn = &browserConn{Conn: c, s: h.s, in: newSpareReader(c)}
 	h.s.out = c
 	_, h.s.vectored = c.(*net.TCPConn)
 	h.s.raw = rawConn(c)

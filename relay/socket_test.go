@@ -319,9 +319,11 @@ func TestJobGoroutineNeverWaitsForTheBrowser(t *testing.T) {
 		for i := 0; i < n; i++ {
 			f := frame{text: []byte(fmt.Sprintf(`{"type":"executed","data":{"i":%d,"pad":%q}}`, i, pad))}
 			if i%3 == 0 {
-				s.push(queued{f: f}, startLater) // a batch, written by the next startNow or kick
+				q := queued{f: f}
+				s.push(&q, startLater) // a batch, written by the next startNow or kick
 			} else {
-				s.push(queued{f: f}, startNow)
+				q := queued{f: f}
+				s.push(&q, startNow)
 			}
 		}
 		s.kick()

@@ -24,15 +24,22 @@ var writeBuffers = &sync.Pool{}
 
 var upgrader = websocket.Upgrader{
 	HandshakeTimeout: 10 * time.Second,
-	// Small: browsers send one small frame; larger ones are read in parts.
-	ReadBufferSize:  1024,
+	// Browsers send one small frame; what comes is read through the
+	// connection's spareReader, which holds a buffer only while bytes wait.
+	ReadBufferSize:  frameHeadBuffer,
 	WriteBufferPool: writeBuffers,
 	CheckOrigin:     allowedOrigin, // the rule of origin.go
 }
 
-// homeDialer opens the per-browser socket to home with small buffers (one
-// per open tab adds up; write buffers are pooled).
-var homeDialer = &websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 4 << 10, WriteBufferPool: writeBuffers}
+// homeDialer opens the per-browser socket to home with no buffers of its
+// own while idle (one per open tab adds up): write buffers are pooled, and
+// reads go through a spareReader.
+var homeDialer = &websocket.Dialer{
+	HandshakeTimeout: 10 * time.Second,
+	NetDialContext:   dialSpare,
+	ReadBufferSize:   frameHeadBuffer,
+	WriteBufferPool:  writeBuffers,
+}
 
 // hijackable unwraps Caddy's response writer wrappers down to one that can
 // hijack the connection (gorilla's Upgrade asserts http.Hijacker directly).
@@ -107,9 +114,9 @@ func refuse(s *socket, code int, reason string) {
 	s.kill()
 }
 
-// runSocket serves one browser socket until it closes.
+// runSocket greets a browser socket, attaches it to its user's events and
+// starts its reader (and its home link).
 func (g *Gateway) runSocket(s *socket, site Site, sid string) {
-	conn := s.conn
 	user := site.User
 	bg := context.Background()
 	s.onClose = func(reason string) {
@@ -145,51 +152,90 @@ func (g *Gateway) runSocket(s *socket, site Site, sid string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	hl := &homeLink{}
 	if site.Home != nil {
-		go g.relayHome(ctx, s, hl, site, sid)
+		go g.relayHome(ctx, s, hl, site, sid, minRedial, false)
 	}
-	defer func() {
-		cancel()
-		hl.close()
-		g.hub.detach(user, sid, s)
-		g.hub.track(s, false)
-		g.hub.release(user)
-		s.mu.Lock()
-		pos := s.lastPos
-		s.mu.Unlock()
-		s.finish()
-		if bus := g.hub.bus; bus != nil && pos != "" {
-			ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
-			if err := bus.Seen(ctx, user, sid, pos); err != nil {
-				g.logger.Warn("recording replay position", zap.String("sid", sid), zap.Error(err))
-			}
-			cancel()
-		}
-	}()
+	// The socket's reader goes on on a goroutine of its own: this one's
+	// stack has grown with the greeting (JSON, the store), and a parked
+	// goroutine's stack is most of what an idle socket costs.
+	go g.readBrowser(s, hl, cancel, site, sid)
+}
 
+// readBrowser reads the browser's frames until the socket closes, then
+// lets go of it. Its stack stays small: all it does itself is wait for a
+// frame; what it makes of one is done on a goroutine of its own (see
+// onFresh).
+func (g *Gateway) readBrowser(s *socket, hl *homeLink, cancel context.CancelFunc, site Site, sid string) {
+	defer g.endSocket(s, hl, cancel, site.User, sid)
 	first := true
 	for {
-		typ, b, err := conn.ReadMessage()
+		typ, b, err := s.conn.ReadMessage()
 		if err != nil {
 			return
 		}
-		in := readBrowserFrame(typ, b, first)
+		end, isFirst := false, first
+		onFresh(func() { end = g.onBrowserFrame(s, hl, site, sid, typ, b, isFirst) })
 		first = false
-		switch {
-		case in.closeCode != 0:
-			g.logger.Debug("closing browser socket", zap.String("sid", sid), zap.String("reason", in.reason))
-			s.mu.Lock()
-			s.closeLocked(in.closeCode, in.reason)
-			s.mu.Unlock()
+		if end {
 			return
-		case in.flags:
-			s.setPreviewMeta(in.previewMeta)
-			s.setCurrentUI(in.currentUI)
-			hl.setFlags(in.forward)
-			s.write(frame{text: comfy.NewMessage(comfy.MsgFeatureFlags, g.serverFeatures(site)).Encode()})
-		default:
-			hl.write(in.forward)
 		}
 	}
+}
+
+// onBrowserFrame handles one frame from the browser; end: the socket
+// closes.
+func (g *Gateway) onBrowserFrame(s *socket, hl *homeLink, site Site, sid string, typ int, b []byte, first bool) (end bool) {
+	in := readBrowserFrame(typ, b, first)
+	switch {
+	case in.closeCode != 0:
+		g.logger.Debug("closing browser socket", zap.String("sid", sid), zap.String("reason", in.reason))
+		s.mu.Lock()
+		s.closeLocked(in.closeCode, in.reason)
+		s.mu.Unlock()
+		return true
+	case in.flags:
+		s.setPreviewMeta(in.previewMeta)
+		s.setCurrentUI(in.currentUI)
+		hl.setFlags(in.forward)
+		s.write(frame{text: comfy.NewMessage(comfy.MsgFeatureFlags, g.serverFeatures(site)).Encode()})
+	default:
+		hl.write(in.forward)
+	}
+	return false
+}
+
+// endSocket lets go of a browser socket and its home link.
+func (g *Gateway) endSocket(s *socket, hl *homeLink, cancel context.CancelFunc, user, sid string) {
+	cancel()
+	hl.close()
+	g.hub.detach(user, sid, s)
+	g.hub.track(s, false)
+	g.hub.release(user)
+	s.mu.Lock()
+	pos := s.lastPos
+	s.mu.Unlock()
+	s.finish()
+	if bus := g.hub.bus; bus != nil && pos != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+		if err := bus.Seen(ctx, user, sid, pos); err != nil {
+			g.logger.Warn("recording replay position", zap.String("sid", sid), zap.Error(err))
+		}
+		cancel()
+	}
+}
+
+// onFresh runs f on a new goroutine and waits for it. A socket's reader
+// calls it for what needs a deep stack (JSON, the store, a request to
+// home), so that its own goroutine's stack stays at the starting size:
+// a goroutine's stack grows for its deepest call and, while it waits
+// in a read, seldom shrinks back. (Not for the frames that pass as they
+// are: those the reader writes itself.)
+func onFresh(f func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	<-done
 }
 
 // browserFrame is what the gateway makes of one frame from the browser.
@@ -299,10 +345,11 @@ func (h *homeLink) close() {
 }
 
 // relayHome keeps a socket to the user's home open for as long as the
-// browser's is, and relays what home sends. Home's own status frames are
-// rewritten to count the user's remote jobs too.
-func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site Site, sid string) {
-	backoff := minRedial
+// browser's is, and relays what home sends. It dials (first waiting
+// backoff, with waitFirst), and once linked, hands the link to readHome
+// on a goroutine of its own (a new, small stack: a dial's calls are deep)
+// and returns; readHome starts relayHome again when the link ends.
+func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site Site, sid string, backoff time.Duration, waitFirst bool) {
 	wait := func() bool {
 		select {
 		case <-ctx.Done():
@@ -311,6 +358,9 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 		}
 		backoff = min(2*backoff, maxRedial)
 		return true
+	}
+	if waitFirst && !wait() {
+		return
 	}
 	for ctx.Err() == nil {
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -323,58 +373,79 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 			}
 			continue
 		}
-		linked := time.Now()
 		conn.SetReadLimit(streamLimit)
 		if !hl.setConn(conn) {
 			conn.Close()
 			return
 		}
-		for {
-			typ, b, err := conn.ReadMessage()
-			if err != nil {
-				break
-			}
-			if typ == websocket.BinaryMessage {
-				s.write(frame{binary: b})
-				continue
-			}
+		go g.readHome(ctx, s, hl, site, sid, conn, backoff)
+		return
+	}
+}
+
+// readHome relays what home sends on one link until it ends, then has
+// relayHome re-dial. Home's own status frames are rewritten to count the
+// user's remote jobs too (on a goroutine of their own: see onFresh);
+// every other frame the reader writes as it is.
+func (g *Gateway) readHome(ctx context.Context, s *socket, hl *homeLink, site Site, sid string, conn *websocket.Conn, backoff time.Duration) {
+	linked := time.Now()
+	for {
+		typ, b, err := conn.ReadMessage()
+		if err != nil {
+			break
+		}
+		f := frame{binary: b}
+		if typ != websocket.BinaryMessage {
 			// Most frames pass unchanged: decode only those we rewrite.
-			if t, ok := comfy.PeekType(b); ok && t != comfy.MsgStatus && t != comfy.MsgFeatureFlags {
-				s.write(frame{text: b})
+			if t, ok := comfy.PeekType(b); !ok || t == comfy.MsgStatus || t == comfy.MsgFeatureFlags {
+				onFresh(func() { g.onHomeFrame(ctx, s, site, b) })
 				continue
 			}
-			m, err := comfy.ParseMessage(b)
-			if err != nil {
-				g.logger.Debug("skipping malformed home frame", zap.Error(err))
-				continue
-			}
-			switch m.Type {
-			case comfy.MsgFeatureFlags:
-				// Answered by the gateway already.
-			case comfy.MsgStatus:
-				st, err := comfy.ParseStatus(m)
-				if err != nil {
-					continue
-				}
-				s.setHomeRemaining(st.Status.ExecInfo.QueueRemaining)
-				remote := g.remoteCount(ctx, site.User)
-				s.write(frame{text: comfy.StatusMessage(st.Status.ExecInfo.QueueRemaining+remote, "").Encode()})
-			default:
-				s.write(frame{text: b})
-			}
+			f = frame{text: b}
 		}
-		hl.setConn(nil)
-		conn.Close()
-		// A link that died soon after it was made counts as a failed dial
-		// (a home that drops the socket, another tab on the same clientId):
-		// back off instead of re-dialing in a loop.
-		if time.Since(linked) < stableLink {
-			if !wait() {
-				return
-			}
-		} else {
-			backoff = minRedial
+		s.write(f)
+	}
+	g.homeLinkEnded(ctx, s, hl, site, sid, conn, backoff, linked)
+}
+
+// homeLinkEnded closes a link to home that ended at linked and has
+// relayHome dial again.
+func (g *Gateway) homeLinkEnded(ctx context.Context, s *socket, hl *homeLink, site Site, sid string, conn *websocket.Conn, backoff time.Duration, linked time.Time) {
+	hl.setConn(nil)
+	conn.Close()
+	if ctx.Err() != nil {
+		return
+	}
+	// A link that died soon after it was made counts as a failed dial
+	// (a home that drops the socket, another tab on the same clientId):
+	// back off instead of re-dialing in a loop.
+	if time.Since(linked) < stableLink {
+		go g.relayHome(ctx, s, hl, site, sid, backoff, true)
+	} else {
+		go g.relayHome(ctx, s, hl, site, sid, minRedial, false)
+	}
+}
+
+// onHomeFrame relays a frame from home that may need rewriting.
+func (g *Gateway) onHomeFrame(ctx context.Context, s *socket, site Site, b []byte) {
+	m, err := comfy.ParseMessage(b)
+	if err != nil {
+		g.logger.Debug("skipping malformed home frame", zap.Error(err))
+		return
+	}
+	switch m.Type {
+	case comfy.MsgFeatureFlags:
+		// Answered by the gateway already.
+	case comfy.MsgStatus:
+		st, err := comfy.ParseStatus(m)
+		if err != nil {
+			return
 		}
+		s.setHomeRemaining(st.Status.ExecInfo.QueueRemaining)
+		remote := g.remoteCount(ctx, site.User)
+		s.write(frame{text: comfy.StatusMessage(st.Status.ExecInfo.QueueRemaining+remote, "").Encode()})
+	default:
+		s.write(frame{text: b})
 	}
 }
 
