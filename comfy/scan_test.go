@@ -157,6 +157,9 @@ func traceFrames(t testing.TB) [][]byte {
 }
 
 func TestScanEventTraces(t *testing.T) {
+	for _, f := range eventFrames {
+		checkScan(t, []byte(f.frame))
+	}
 	frames := traceFrames(t)
 	for _, b := range frames {
 		checkScan(t, b)
@@ -165,6 +168,9 @@ func TestScanEventTraces(t *testing.T) {
 }
 
 func FuzzScanEvent(f *testing.F) {
+	for _, e := range eventFrames {
+		f.Add([]byte(e.frame))
+	}
 	for _, b := range traceFrames(f) {
 		f.Add(b)
 	}
@@ -211,5 +217,39 @@ func BenchmarkScanProgressState(b *testing.B) {
 		if _, ok := ScanEvent(frame); !ok {
 			b.Fatal("not ok")
 		}
+	}
+}
+
+// eventFrames are the events a GPU server sends most, as a 2026 ComfyUI
+// writes them (Python's json.dumps: ", " and ": "; see the wire traces):
+// per step a progress and a progress_state (here with three nodes
+// started), per node an executing, per output node an executed.
+var eventFrames = []struct{ name, frame string }{
+	{"progress", `{"type": "progress", "data": {"value": 17, "max": 20, "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "node": "3"}}`},
+	{"progress_state", `{"type": "progress_state", "data": {"prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "nodes": {` +
+		`"4": {"value": 1, "max": 1, "state": "finished", "node_id": "4", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "4", "parent_node_id": null, "real_node_id": "4"}, ` +
+		`"6": {"value": 1, "max": 1, "state": "finished", "node_id": "6", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "6", "parent_node_id": null, "real_node_id": "6"}, ` +
+		`"3": {"value": 17, "max": 20, "state": "running", "node_id": "3", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "3", "parent_node_id": null, "real_node_id": "3"}}}}`},
+	{"executing", `{"type": "executing", "data": {"node": "3", "display_node": "3", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10"}}`},
+	{"executed", `{"type": "executed", "data": {"node": "9", "display_node": "9", "output": {"images": [` +
+		`{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}, {"filename": "ComfyUI_00002_.png", "subfolder": "", "type": "output"}]}, ` +
+		`"prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10"}}`},
+}
+
+// BenchmarkScanFrames scans each of eventFrames the way the gateway's
+// stream reader does: knowing the prompt_id it saw last.
+func BenchmarkScanFrames(b *testing.B) {
+	const known = "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10"
+	for _, f := range eventFrames {
+		b.Run(f.name, func(b *testing.B) {
+			frame := []byte(f.frame)
+			b.SetBytes(int64(len(frame)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if h, ok := ScanEventKnown(frame, known); !ok || h.PromptID != known {
+					b.Fatal("not ok")
+				}
+			}
+		})
 	}
 }
