@@ -1,7 +1,9 @@
 package comfy
 
 import (
+	"encoding/binary"
 	"encoding/json"
+	"math/bits"
 	"sort"
 	"unicode/utf16"
 	"unicode/utf8"
@@ -151,7 +153,7 @@ func objectKey(b []byte, i int) (ke, at int) {
 	if i >= len(b) || b[i] != '"' {
 		return 0, -1
 	}
-	if ke = validString(b, i); ke < 0 {
+	if ke, _ = scanString(b, i); ke < 0 {
 		return 0, -1
 	}
 	at = skipSpace(b, ke)
@@ -194,12 +196,20 @@ func validNested(b []byte, i, depth int) int {
 	closers := stack[:0]
 	for {
 		// At the start of a value (i < len(b)), inside len(closers) levels.
-		switch b[i] {
-		case '{', '[':
+		switch c := b[i]; {
+		case c == '"':
+			if i, _ = scanString(b, i); i < 0 {
+				return -1
+			}
+		case '0' <= c && c <= '9' || c == '-':
+			if i = validNumber(b, i); i < 0 {
+				return -1
+			}
+		case c == '{' || c == '[':
 			if depth+len(closers) >= maxDepth {
 				return -1
 			}
-			closer := b[i] + 2 // '}' or ']'
+			closer := c + 2 // '}' or ']'
 			if i = skipSpace(b, i+1); i >= len(b) {
 				return -1
 			}
@@ -209,7 +219,7 @@ func validNested(b []byte, i, depth int) int {
 			}
 			closers = append(closers, closer)
 			if closer == '}' {
-				if _, i = objectKey(b, i); i < 0 {
+				if i = valueAfterKey(b, i); i < 0 {
 					return -1
 				}
 			}
@@ -224,8 +234,7 @@ func validNested(b []byte, i, depth int) int {
 			if len(closers) == 0 {
 				return i
 			}
-			i = skipSpace(b, i)
-			if i >= len(b) {
+			if i = skipSpace(b, i); i >= len(b) {
 				return -1
 			}
 			top := closers[len(closers)-1]
@@ -237,18 +246,35 @@ func validNested(b []byte, i, depth int) int {
 			if b[i] != ',' {
 				return -1
 			}
-			i = skipSpace(b, i+1)
+			if i = skipSpace(b, i+1); i >= len(b) {
+				return -1
+			}
 			if top == '}' {
-				if _, i = objectKey(b, i); i < 0 {
+				if i = valueAfterKey(b, i); i < 0 {
 					return -1
 				}
-			}
-			if i >= len(b) {
-				return -1
 			}
 			break
 		}
 	}
+}
+
+// valueAfterKey checks `"key" :` at b[i] and returns the start of its
+// value (< len(b)), or -1.
+func valueAfterKey(b []byte, i int) int {
+	if b[i] != '"' {
+		return -1
+	}
+	if i, _ = scanString(b, i); i < 0 {
+		return -1
+	}
+	if i = skipSpace(b, i); i >= len(b) || b[i] != ':' {
+		return -1
+	}
+	if i = skipSpace(b, i+1); i >= len(b) {
+		return -1
+	}
+	return i
 }
 
 // strPlain marks the bytes a JSON string may hold as they are: anything
@@ -262,8 +288,47 @@ var strPlain = func() (t [256]bool) {
 
 // validString checks the string starting at b[i] ('"').
 func validString(b []byte, i int) int {
+	e, _ := scanString(b, i)
+	return e
+}
+
+// scanString checks the string starting at b[i] ('"') and returns the
+// index just past it, or -1. plain reports that its content is ASCII
+// without escapes: it decodes to itself. Plain content is read 8 bytes
+// at a time.
+func scanString(b []byte, i int) (end int, plain bool) {
 	j := i + 1
+	for len(b)-j >= 8 {
+		if m := plainStops(binary.LittleEndian.Uint64(b[j:])); m != 0 {
+			j += bits.TrailingZeros64(m) >> 3
+			if b[j] == '"' {
+				return j + 1, true
+			}
+			return scanStringRest(b, j), false
+		}
+		j += 8
+	}
+	for ; j < len(b); j++ {
+		if c := b[j]; c == '"' {
+			return j + 1, true
+		} else if !strPlain[c] || c >= utf8.RuneSelf {
+			return scanStringRest(b, j), false
+		}
+	}
+	return -1, false
+}
+
+// scanStringRest checks the rest of a string from b[j] on, with escapes
+// or bytes that are not ASCII.
+func scanStringRest(b []byte, j int) int {
 	for {
+		for len(b)-j >= 8 {
+			if m := stringStops(binary.LittleEndian.Uint64(b[j:])); m != 0 {
+				j += bits.TrailingZeros64(m) >> 3
+				break
+			}
+			j += 8
+		}
 		for j < len(b) && strPlain[b[j]] {
 			j++
 		}
@@ -292,6 +357,29 @@ func validString(b []byte, i int) int {
 			return -1
 		}
 	}
+}
+
+// Word-wise string scanning: a byte of a little-endian uint64 w is marked
+// by its high bit. The first mark (in memory order) is exact; the marks
+// after it may be wrong (the subtractions borrow from them).
+const (
+	loBits = 0x0101010101010101
+	hiBits = 0x8080808080808080
+)
+
+// stringStops marks the first byte of w that ends a run of string content
+// as it may be sent: '"', '\\' or a control character; 0 if there is none.
+func stringStops(w uint64) uint64 {
+	q := w ^ (loBits * '"')
+	s := w ^ (loBits * '\\')
+	return ((q-loBits)&^q | (s-loBits)&^s | (w-loBits*0x20)&^w) & hiBits
+}
+
+// plainStops is stringStops that also stops at bytes that are not ASCII.
+func plainStops(w uint64) uint64 {
+	q := w ^ (loBits * '"')
+	s := w ^ (loBits * '\\')
+	return ((q - loBits) | (s - loBits) | (w - loBits*0x20) | w) & hiBits
 }
 
 // validNumber checks -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?.
@@ -343,11 +431,17 @@ func literal(b []byte, i int, lit string) int {
 }
 
 func skipSpace(b []byte, i int) int {
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+	for i < len(b) {
+		if c := b[i]; c > ' ' || jsonSpace>>c&1 == 0 {
+			break
+		}
 		i++
 	}
 	return i
 }
+
+// jsonSpace has bit c set for the bytes c JSON allows between tokens.
+const jsonSpace = 1<<' ' | 1<<'\t' | 1<<'\n' | 1<<'\r'
 
 // hex4 decodes the 4 hex digits at the start of b, or returns -1.
 func hex4(b []byte) rune {
