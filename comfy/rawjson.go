@@ -175,9 +175,11 @@ func validValue(b []byte, i, depth int) int {
 	switch c := b[i]; {
 	case c == '"':
 		return validString(b, i)
+	case '0' <= c && c <= '9':
+		return validInteger(b, i)
 	case c == '{' || c == '[':
 		return validNested(b, i, depth)
-	case c == '-' || '0' <= c && c <= '9':
+	case c == '-':
 		return validNumber(b, i)
 	case c == 't':
 		return literal(b, i, "true")
@@ -189,20 +191,71 @@ func validValue(b []byte, i, depth int) int {
 	return -1
 }
 
+// validInteger is validNumber for a number that starts with a digit,
+// quicker when it is an integer (as most are in events).
+func validInteger(b []byte, i int) int {
+	j := i + 1
+	if b[i] != '0' {
+		j = digits(b, j)
+	}
+	if j < len(b) && (b[j] == '.' || b[j]|0x20 == 'e') {
+		return validNumber(b, i)
+	}
+	return j
+}
+
 // validNested checks the array or object starting at b[i] without
-// recursion: closers holds, per open level, the byte that closes it.
+// recursion: closers holds, per open level, the byte that closes it. Keys
+// and string values are read here (not by a call to scanString): they are
+// most of the tokens of an event.
 func validNested(b []byte, i, depth int) int {
 	var stack [64]byte
 	closers := stack[:0]
+	key := false // b[i] starts an object's key, not a value
 	for {
-		// At the start of a value (i < len(b)), inside len(closers) levels.
+		// At the start of a key or value (i < len(b)), inside len(closers)
+		// levels.
 		switch c := b[i]; {
 		case c == '"':
-			if i, _ = scanString(b, i); i < 0 {
+			j := i + 1
+			for len(b)-j >= 8 {
+				if m := plainStops(binary.LittleEndian.Uint64(b[j:])); m != 0 {
+					j += bits.TrailingZeros64(m) >> 3
+					break
+				}
+				j += 8
+			}
+			if j < len(b) && b[j] == '"' {
+				i = j + 1
+			} else if i = scanStringRest(b, j); i < 0 {
 				return -1
 			}
-		case '0' <= c && c <= '9' || c == '-':
-			if i = validNumber(b, i); i < 0 {
+			if key {
+				if i = skipSpace(b, i); i >= len(b) || b[i] != ':' {
+					return -1
+				}
+				if i = skipSpace(b, i+1); i >= len(b) {
+					return -1
+				}
+				key = false
+				continue
+			}
+		case key:
+			return -1
+		case '0' <= c && c <= '9':
+			// validInteger, inlined.
+			j := i + 1
+			if c != '0' {
+				j = digits(b, j)
+			}
+			if j < len(b) && (b[j] == '.' || b[j]|0x20 == 'e') {
+				j = validNumber(b, i)
+			}
+			if i = j; i < 0 {
+				return -1
+			}
+		case c == 'n':
+			if i = literal(b, i, "null"); i < 0 {
 				return -1
 			}
 		case c == '{' || c == '[':
@@ -218,11 +271,7 @@ func validNested(b []byte, i, depth int) int {
 				break
 			}
 			closers = append(closers, closer)
-			if closer == '}' {
-				if i = valueAfterKey(b, i); i < 0 {
-					return -1
-				}
-			}
+			key = closer == '}'
 			continue
 		default:
 			if i = validValue(b, i, depth+len(closers)); i < 0 {
@@ -249,32 +298,10 @@ func validNested(b []byte, i, depth int) int {
 			if i = skipSpace(b, i+1); i >= len(b) {
 				return -1
 			}
-			if top == '}' {
-				if i = valueAfterKey(b, i); i < 0 {
-					return -1
-				}
-			}
+			key = top == '}'
 			break
 		}
 	}
-}
-
-// valueAfterKey checks `"key" :` at b[i] and returns the start of its
-// value (< len(b)), or -1.
-func valueAfterKey(b []byte, i int) int {
-	if b[i] != '"' {
-		return -1
-	}
-	if i, _ = scanString(b, i); i < 0 {
-		return -1
-	}
-	if i = skipSpace(b, i); i >= len(b) || b[i] != ':' {
-		return -1
-	}
-	if i = skipSpace(b, i+1); i >= len(b) {
-		return -1
-	}
-	return i
 }
 
 // strPlain marks the bytes a JSON string may hold as they are: anything
