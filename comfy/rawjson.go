@@ -231,10 +231,14 @@ func validNested(b []byte, i, depth int) int {
 				return -1
 			}
 			if key {
-				if i = skipSpace(b, i); i >= len(b) || b[i] != ':' {
+				if i < len(b) && b[i] == ':' {
+					i++
+				} else if i = skipSpace(b, i); i < len(b) && b[i] == ':' {
+					i++
+				} else {
 					return -1
 				}
-				if i = skipSpace(b, i+1); i >= len(b) {
+				if i = skipSep(b, i); i >= len(b) {
 					return -1
 				}
 				key = false
@@ -295,7 +299,7 @@ func validNested(b []byte, i, depth int) int {
 			if b[i] != ',' {
 				return -1
 			}
-			if i = skipSpace(b, i+1); i >= len(b) {
+			if i = skipSep(b, i+1); i >= len(b) {
 				return -1
 			}
 			key = top == '}'
@@ -463,6 +467,18 @@ func skipSpace(b []byte, i int) int {
 			break
 		}
 		i++
+	}
+	return i
+}
+
+// skipSep is skipSpace, quicker where there is at most one space (as
+// Python's json.dumps, and so ComfyUI, writes ": " and ", ").
+func skipSep(b []byte, i int) int {
+	if i < len(b) && b[i] == ' ' {
+		i++
+	}
+	if i < len(b) && b[i] <= ' ' {
+		return skipSpace(b, i)
 	}
 	return i
 }

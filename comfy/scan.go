@@ -1,7 +1,5 @@
 package comfy
 
-import "bytes"
-
 // A GPU server sends thousands of JSON events per job, and the gateway
 // needs only a handful of their fields to route them: the type, the
 // prompt_id and the node. ScanEvent reads those from the frame's bytes in
@@ -59,12 +57,12 @@ func ScanEventKnown(b []byte, known string) (Head, bool) {
 		i++
 	} else {
 		for {
-			k, at, plain := memberKey(b, i)
+			name, at := memberKey(b, i)
 			if at < 0 {
 				return h, false
 			}
 			var e int
-			switch memberName(b[i:k], plain) {
+			switch name {
 			case nameType:
 				e = typ.scan(b, at, 1)
 			case nameData:
@@ -92,7 +90,7 @@ func ScanEventKnown(b []byte, known string) (Head, bool) {
 			if b[i] != ',' {
 				return h, false
 			}
-			i = skipSpace(b, i+1)
+			i = skipSep(b, i+1)
 		}
 	}
 	if skipSpace(b, i) != len(b) {
@@ -182,12 +180,12 @@ func (f *dataFields) scan(b []byte, i int) int {
 		return i + 1
 	}
 	for {
-		k, at, plain := memberKey(b, i)
+		name, at := memberKey(b, i)
 		if at < 0 {
 			return -1
 		}
 		var e int
-		switch memberName(b[i:k], plain) {
+		switch name {
 		case namePromptID:
 			e = f.promptID.scan(b, at, 2)
 		case nameNode:
@@ -209,30 +207,57 @@ func (f *dataFields) scan(b []byte, i int) int {
 		if b[i] != ',' {
 			return -1
 		}
-		i = skipSpace(b, i+1)
+		i = skipSep(b, i+1)
 	}
 }
 
-// memberKey checks `"key" :` at b[i] and returns the end of the key, the
-// start of its value (< len(b)) or -1, and whether the key is plain.
-func memberKey(b []byte, i int) (ke, at int, plain bool) {
+// memberKey checks `"key" :` at b[i] and returns which of the names
+// ScanEvent reads the key is, and the start of its value (< len(b)) or -1.
+func memberKey(b []byte, i int) (name, at int) {
 	if i >= len(b) || b[i] != '"' {
-		return 0, -1, false
+		return 0, -1
 	}
-	if ke, plain = scanString(b, i); ke < 0 {
-		return 0, -1, false
+	// The names as ComfyUI sends them are compared in place; other keys
+	// are scanned, and decoded if they have escapes.
+	name, at = nameOther, 0
+	if n := len(b) - i; n > 1 {
+		switch b[i+1] {
+		case 't':
+			if n >= 6 && string(b[i:i+6]) == `"type"` {
+				name, at = nameType, i+6
+			}
+		case 'd':
+			if n >= 6 && string(b[i:i+6]) == `"data"` {
+				name, at = nameData, i+6
+			} else if n >= 14 && string(b[i:i+14]) == `"display_node"` {
+				name, at = nameDisplayNode, i+14
+			}
+		case 'p':
+			if n >= 11 && string(b[i:i+11]) == `"prompt_id"` {
+				name, at = namePromptID, i+11
+			}
+		case 'n':
+			if n >= 6 && string(b[i:i+6]) == `"node"` {
+				name, at = nameNode, i+6
+			}
+		}
 	}
-	at = ke
-	if at < len(b) && b[at] != ':' {
-		at = skipSpace(b, at)
+	if at == 0 {
+		var plain bool
+		if at, plain = scanString(b, i); at < 0 {
+			return 0, -1
+		}
+		if !plain {
+			name = memberName(unquote(b[i:at]))
+		}
 	}
-	if at >= len(b) || b[at] != ':' {
-		return 0, -1, false
+	if at = skipSpace(b, at); at >= len(b) || b[at] != ':' {
+		return 0, -1
 	}
-	if at = skipSpace(b, at+1); at >= len(b) {
-		return 0, -1, false
+	if at = skipSep(b, at+1); at >= len(b) {
+		return 0, -1
 	}
-	return ke, at, plain
+	return name, at
 }
 
 // The member names ScanEvent reads.
@@ -245,26 +270,18 @@ const (
 	nameDisplayNode
 )
 
-// memberName tells which of the names ScanEvent reads the quoted key q
-// is, plain as scanString found it.
-func memberName(q []byte, plain bool) int {
-	if !plain {
-		// Escapes to decode, or non-ASCII bytes: those name none of them.
-		if bytes.IndexByte(q, '\\') < 0 {
-			return nameOther
-		}
-		q = []byte(`"` + unquote(q) + `"`)
-	}
-	switch string(q) {
-	case `"type"`:
+// memberName tells which of the names ScanEvent reads a decoded key is.
+func memberName(key string) int {
+	switch key {
+	case "type":
 		return nameType
-	case `"data"`:
+	case "data":
 		return nameData
-	case `"prompt_id"`:
+	case "prompt_id":
 		return namePromptID
-	case `"node"`:
+	case "node":
 		return nameNode
-	case `"display_node"`:
+	case "display_node":
 		return nameDisplayNode
 	}
 	return nameOther
