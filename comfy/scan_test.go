@@ -253,3 +253,37 @@ func BenchmarkScanFrames(b *testing.B) {
 		})
 	}
 }
+
+// Strings are read 8 bytes at a time: every kind of byte that ends a run
+// of plain content, at every position of strings as long as a few words,
+// reads as encoding/json reads it — in a key, in the values ScanEvent
+// returns and nested in data.
+func TestScanEventStringBytes(t *testing.T) {
+	for _, special := range []string{`"`, `\"`, `\\`, `\/`, `\n`, `\u00e9`, `\ud83d\ude00`, `\ud83d`, "\x01", "\x1f", "\x7f", " ", "é", "\xff", "\xe2\x82", `\x`, `\u12`} {
+		for n := 0; n < 26; n++ {
+			for at := 0; at <= n; at++ {
+				s := strings.Repeat("a", at) + special + strings.Repeat("b", n-at)
+				for _, frame := range []string{
+					`{"type":"progress","data":{"prompt_id":"` + s + `","node":"` + s + `","display_node":"` + s + `"}}`,
+					`{"type":"` + s + `","data":{"` + s + `":1,"nodes":{"` + s + `":{"state":"` + s + `"}},"` + s + `":["` + s + `"]}}`,
+					`{"type":"x","data":{"v":"` + s, // cut short
+				} {
+					checkScan(t, []byte(frame))
+				}
+			}
+		}
+	}
+}
+
+// The gateway scans every frame of every job: scanning the events a GPU
+// server sends most allocates nothing when their prompt_id is the one the
+// reader knows.
+func TestScanEventAllocs(t *testing.T) {
+	const known = "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10"
+	for _, f := range eventFrames {
+		frame := []byte(f.frame)
+		if n := testing.AllocsPerRun(100, func() { ScanEventKnown(frame, known) }); n != 0 {
+			t.Errorf("%s: %v allocations", f.name, n)
+		}
+	}
+}
