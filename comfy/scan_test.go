@@ -2,6 +2,7 @@ package comfy
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -237,10 +238,20 @@ var eventFrames = []struct{ name, frame string }{
 }
 
 // BenchmarkScanFrames scans each of eventFrames the way the gateway's
-// stream reader does: knowing the prompt_id it saw last.
+// stream reader does: knowing the prompt_id it saw last. The -compact
+// cases are the same frames without spaces, as comfytest (the fake GPU of
+// the bench package) writes them.
 func BenchmarkScanFrames(b *testing.B) {
 	const known = "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10"
+	cases := eventFrames
 	for _, f := range eventFrames {
+		var c bytes.Buffer
+		if err := json.Compact(&c, []byte(f.frame)); err != nil {
+			b.Fatal(err)
+		}
+		cases = append(cases, struct{ name, frame string }{f.name + "-compact", c.String()})
+	}
+	for _, f := range cases {
 		b.Run(f.name, func(b *testing.B) {
 			frame := []byte(f.frame)
 			b.SetBytes(int64(len(frame)))
