@@ -204,17 +204,17 @@ func validInteger(b []byte, i int) int {
 	return j
 }
 
-// validNested checks the array or object starting at b[i] without
-// recursion: closers holds, per open level, the byte that closes it. Keys
+// validNested checks the array or object starting at b[i]: closers[:n]
+// holds, per open level, the byte that closes it (a level deeper than
+// those is checked by a call of its own). Keys
 // and string values are read here (not by a call to scanString): they are
 // most of the tokens of an event.
 func validNested(b []byte, i, depth int) int {
-	var stack [64]byte
-	closers := stack[:0]
+	var closers [64]byte
+	n := 0
 	key := false // b[i] starts an object's key, not a value
 	for {
-		// At the start of a key or value (i < len(b)), inside len(closers)
-		// levels.
+		// At the start of a key or value (i < len(b)), inside n levels.
 		switch c := b[i]; {
 		case c == '"':
 			j := i + 1
@@ -263,8 +263,14 @@ func validNested(b []byte, i, depth int) int {
 				return -1
 			}
 		case c == '{' || c == '[':
-			if depth+len(closers) >= maxDepth {
+			if depth+n >= maxDepth {
 				return -1
+			}
+			if n == len(closers) {
+				if i = validNested(b, i, depth+n); i < 0 {
+					return -1
+				}
+				break
 			}
 			closer := c + 2 // '}' or ']'
 			if i = skipSpace(b, i+1); i >= len(b) {
@@ -274,25 +280,26 @@ func validNested(b []byte, i, depth int) int {
 				i++ // empty: a value at this level
 				break
 			}
-			closers = append(closers, closer)
+			closers[n] = closer
+			n++
 			key = closer == '}'
 			continue
 		default:
-			if i = validValue(b, i, depth+len(closers)); i < 0 {
+			if i = validValue(b, i, depth+n); i < 0 {
 				return -1
 			}
 		}
 		// After a value: a separator, or the end of one or more levels.
 		for {
-			if len(closers) == 0 {
+			if n == 0 {
 				return i
 			}
 			if i = skipSpace(b, i); i >= len(b) {
 				return -1
 			}
-			top := closers[len(closers)-1]
+			top := closers[n-1]
 			if b[i] == top {
-				closers = closers[:len(closers)-1]
+				n--
 				i++
 				continue
 			}
