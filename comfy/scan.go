@@ -4,7 +4,9 @@ package comfy
 // needs only a handful of their fields to route them: the type, the
 // prompt_id and the node. ScanEvent reads those from the frame's bytes in
 // one pass, without decoding the rest into Go values, so that the frame
-// can be forwarded as it came.
+// can be forwarded as it came. The pass is the gateway's main cost per
+// event: it calls no function per member, compares the keys it reads in
+// place, and reads strings 8 bytes at a time (rawjson.go).
 
 // NodeKind says what an event's data.node is.
 type NodeKind uint8
