@@ -1,7 +1,9 @@
 package comfy
 
 import (
+	"encoding/binary"
 	"encoding/json"
+	"math/bits"
 	"sort"
 	"unicode/utf16"
 	"unicode/utf8"
@@ -151,7 +153,7 @@ func objectKey(b []byte, i int) (ke, at int) {
 	if i >= len(b) || b[i] != '"' {
 		return 0, -1
 	}
-	if ke = validString(b, i); ke < 0 {
+	if ke, _ = scanString(b, i); ke < 0 {
 		return 0, -1
 	}
 	at = skipSpace(b, ke)
@@ -173,9 +175,11 @@ func validValue(b []byte, i, depth int) int {
 	switch c := b[i]; {
 	case c == '"':
 		return validString(b, i)
+	case '0' <= c && c <= '9':
+		return validInteger(b, i)
 	case c == '{' || c == '[':
 		return validNested(b, i, depth)
-	case c == '-' || '0' <= c && c <= '9':
+	case c == '-':
 		return validNumber(b, i)
 	case c == 't':
 		return literal(b, i, "true")
@@ -187,19 +191,88 @@ func validValue(b []byte, i, depth int) int {
 	return -1
 }
 
-// validNested checks the array or object starting at b[i] without
-// recursion: closers holds, per open level, the byte that closes it.
+// validInteger is validNumber for a number that starts with a digit,
+// quicker when it is an integer (as most are in events).
+func validInteger(b []byte, i int) int {
+	j := i + 1
+	if b[i] != '0' {
+		j = digits(b, j)
+	}
+	if j < len(b) && (b[j] == '.' || b[j]|0x20 == 'e') {
+		return validNumber(b, i)
+	}
+	return j
+}
+
+// validNested checks the array or object starting at b[i]: closers[:n]
+// holds, per open level, the byte that closes it (a level deeper than
+// those is checked by a call of its own). Keys
+// and string values are read here (not by a call to scanString): they are
+// most of the tokens of an event.
 func validNested(b []byte, i, depth int) int {
-	var stack [64]byte
-	closers := stack[:0]
+	var closers [64]byte
+	n := 0
+	key := false // b[i] starts an object's key, not a value
 	for {
-		// At the start of a value (i < len(b)), inside len(closers) levels.
-		switch b[i] {
-		case '{', '[':
-			if depth+len(closers) >= maxDepth {
+		// At the start of a key or value (i < len(b)), inside n levels.
+		switch c := b[i]; {
+		case c == '"':
+			j := i + 1
+			for len(b)-j >= 8 {
+				if m := plainStops(binary.LittleEndian.Uint64(b[j:])); m != 0 {
+					j += bits.TrailingZeros64(m) >> 3
+					break
+				}
+				j += 8
+			}
+			if j < len(b) && b[j] == '"' {
+				i = j + 1
+			} else if i = scanStringRest(b, j); i < 0 {
 				return -1
 			}
-			closer := b[i] + 2 // '}' or ']'
+			if key {
+				if i < len(b) && b[i] == ':' {
+					i++
+				} else if i = skipSpace(b, i); i < len(b) && b[i] == ':' {
+					i++
+				} else {
+					return -1
+				}
+				if i = skipSep(b, i); i >= len(b) {
+					return -1
+				}
+				key = false
+				continue
+			}
+		case key:
+			return -1
+		case '0' <= c && c <= '9':
+			// validInteger, inlined.
+			j := i + 1
+			if c != '0' {
+				j = digits(b, j)
+			}
+			if j < len(b) && (b[j] == '.' || b[j]|0x20 == 'e') {
+				j = validNumber(b, i)
+			}
+			if i = j; i < 0 {
+				return -1
+			}
+		case c == 'n':
+			if i = literal(b, i, "null"); i < 0 {
+				return -1
+			}
+		case c == '{' || c == '[':
+			if depth+n >= maxDepth {
+				return -1
+			}
+			if n == len(closers) {
+				if i = validNested(b, i, depth+n); i < 0 {
+					return -1
+				}
+				break
+			}
+			closer := c + 2 // '}' or ']'
 			if i = skipSpace(b, i+1); i >= len(b) {
 				return -1
 			}
@@ -207,45 +280,36 @@ func validNested(b []byte, i, depth int) int {
 				i++ // empty: a value at this level
 				break
 			}
-			closers = append(closers, closer)
-			if closer == '}' {
-				if _, i = objectKey(b, i); i < 0 {
-					return -1
-				}
-			}
+			closers[n] = closer
+			n++
+			key = closer == '}'
 			continue
 		default:
-			if i = validValue(b, i, depth+len(closers)); i < 0 {
+			if i = validValue(b, i, depth+n); i < 0 {
 				return -1
 			}
 		}
 		// After a value: a separator, or the end of one or more levels.
 		for {
-			if len(closers) == 0 {
+			if n == 0 {
 				return i
 			}
-			i = skipSpace(b, i)
-			if i >= len(b) {
+			if i = skipSpace(b, i); i >= len(b) {
 				return -1
 			}
-			top := closers[len(closers)-1]
+			top := closers[n-1]
 			if b[i] == top {
-				closers = closers[:len(closers)-1]
+				n--
 				i++
 				continue
 			}
 			if b[i] != ',' {
 				return -1
 			}
-			i = skipSpace(b, i+1)
-			if top == '}' {
-				if _, i = objectKey(b, i); i < 0 {
-					return -1
-				}
-			}
-			if i >= len(b) {
+			if i = skipSep(b, i+1); i >= len(b) {
 				return -1
 			}
+			key = top == '}'
 			break
 		}
 	}
@@ -262,8 +326,47 @@ var strPlain = func() (t [256]bool) {
 
 // validString checks the string starting at b[i] ('"').
 func validString(b []byte, i int) int {
+	e, _ := scanString(b, i)
+	return e
+}
+
+// scanString checks the string starting at b[i] ('"') and returns the
+// index just past it, or -1. plain reports that its content is ASCII
+// without escapes: it decodes to itself. Plain content is read 8 bytes
+// at a time.
+func scanString(b []byte, i int) (end int, plain bool) {
 	j := i + 1
+	for len(b)-j >= 8 {
+		if m := plainStops(binary.LittleEndian.Uint64(b[j:])); m != 0 {
+			j += bits.TrailingZeros64(m) >> 3
+			if b[j] == '"' {
+				return j + 1, true
+			}
+			return scanStringRest(b, j), false
+		}
+		j += 8
+	}
+	for ; j < len(b); j++ {
+		if c := b[j]; c == '"' {
+			return j + 1, true
+		} else if !strPlain[c] || c >= utf8.RuneSelf {
+			return scanStringRest(b, j), false
+		}
+	}
+	return -1, false
+}
+
+// scanStringRest checks the rest of a string from b[j] on, with escapes
+// or bytes that are not ASCII.
+func scanStringRest(b []byte, j int) int {
 	for {
+		for len(b)-j >= 8 {
+			if m := stringStops(binary.LittleEndian.Uint64(b[j:])); m != 0 {
+				j += bits.TrailingZeros64(m) >> 3
+				break
+			}
+			j += 8
+		}
 		for j < len(b) && strPlain[b[j]] {
 			j++
 		}
@@ -292,6 +395,29 @@ func validString(b []byte, i int) int {
 			return -1
 		}
 	}
+}
+
+// Word-wise string scanning: a byte of a little-endian uint64 w is marked
+// by its high bit. The first mark (in memory order) is exact; the marks
+// after it may be wrong (the subtractions borrow from them).
+const (
+	loBits = 0x0101010101010101
+	hiBits = 0x8080808080808080
+)
+
+// stringStops marks the first byte of w that ends a run of string content
+// as it may be sent: '"', '\\' or a control character; 0 if there is none.
+func stringStops(w uint64) uint64 {
+	q := w ^ (loBits * '"')
+	s := w ^ (loBits * '\\')
+	return ((q-loBits)&^q | (s-loBits)&^s | (w-loBits*0x20)&^w) & hiBits
+}
+
+// plainStops is stringStops that also stops at bytes that are not ASCII.
+func plainStops(w uint64) uint64 {
+	q := w ^ (loBits * '"')
+	s := w ^ (loBits * '\\')
+	return ((q - loBits) | (s - loBits) | (w - loBits*0x20) | w) & hiBits
 }
 
 // validNumber checks -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?.
@@ -343,11 +469,29 @@ func literal(b []byte, i int, lit string) int {
 }
 
 func skipSpace(b []byte, i int) int {
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+	for i < len(b) {
+		if c := b[i]; c > ' ' || jsonSpace>>c&1 == 0 {
+			break
+		}
 		i++
 	}
 	return i
 }
+
+// skipSep is skipSpace, quicker where there is at most one space (as
+// Python's json.dumps, and so ComfyUI, writes ": " and ", ").
+func skipSep(b []byte, i int) int {
+	if i < len(b) && b[i] == ' ' {
+		i++
+	}
+	if i < len(b) && b[i] <= ' ' {
+		return skipSpace(b, i)
+	}
+	return i
+}
+
+// jsonSpace has bit c set for the bytes c JSON allows between tokens.
+const jsonSpace = 1<<' ' | 1<<'\t' | 1<<'\n' | 1<<'\r'
 
 // hex4 decodes the 4 hex digits at the start of b, or returns -1.
 func hex4(b []byte) rune {

@@ -2,6 +2,7 @@ package comfy
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -157,6 +158,9 @@ func traceFrames(t testing.TB) [][]byte {
 }
 
 func TestScanEventTraces(t *testing.T) {
+	for _, f := range eventFrames {
+		checkScan(t, []byte(f.frame))
+	}
 	frames := traceFrames(t)
 	for _, b := range frames {
 		checkScan(t, b)
@@ -165,6 +169,9 @@ func TestScanEventTraces(t *testing.T) {
 }
 
 func FuzzScanEvent(f *testing.F) {
+	for _, e := range eventFrames {
+		f.Add([]byte(e.frame))
+	}
 	for _, b := range traceFrames(f) {
 		f.Add(b)
 	}
@@ -210,6 +217,84 @@ func BenchmarkScanProgressState(b *testing.B) {
 	for b.Loop() {
 		if _, ok := ScanEvent(frame); !ok {
 			b.Fatal("not ok")
+		}
+	}
+}
+
+// eventFrames are the events a GPU server sends most, as a 2026 ComfyUI
+// writes them (Python's json.dumps: ", " and ": "; see the wire traces):
+// per step a progress and a progress_state (here with three nodes
+// started), per node an executing, per output node an executed.
+var eventFrames = []struct{ name, frame string }{
+	{"progress", `{"type": "progress", "data": {"value": 17, "max": 20, "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "node": "3"}}`},
+	{"progress_state", `{"type": "progress_state", "data": {"prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "nodes": {` +
+		`"4": {"value": 1, "max": 1, "state": "finished", "node_id": "4", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "4", "parent_node_id": null, "real_node_id": "4"}, ` +
+		`"6": {"value": 1, "max": 1, "state": "finished", "node_id": "6", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "6", "parent_node_id": null, "real_node_id": "6"}, ` +
+		`"3": {"value": 17, "max": 20, "state": "running", "node_id": "3", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "display_node_id": "3", "parent_node_id": null, "real_node_id": "3"}}}}`},
+	{"executing", `{"type": "executing", "data": {"node": "3", "display_node": "3", "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10"}}`},
+	{"executed", `{"type": "executed", "data": {"node": "9", "display_node": "9", "output": {"images": [` +
+		`{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}, {"filename": "ComfyUI_00002_.png", "subfolder": "", "type": "output"}]}, ` +
+		`"prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10"}}`},
+}
+
+// BenchmarkScanFrames scans each of eventFrames the way the gateway's
+// stream reader does: knowing the prompt_id it saw last. The -compact
+// cases are the same frames without spaces, as comfytest (the fake GPU of
+// the bench package) writes them.
+func BenchmarkScanFrames(b *testing.B) {
+	const known = "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10"
+	cases := eventFrames
+	for _, f := range eventFrames {
+		var c bytes.Buffer
+		if err := json.Compact(&c, []byte(f.frame)); err != nil {
+			b.Fatal(err)
+		}
+		cases = append(cases, struct{ name, frame string }{f.name + "-compact", c.String()})
+	}
+	for _, f := range cases {
+		b.Run(f.name, func(b *testing.B) {
+			frame := []byte(f.frame)
+			b.SetBytes(int64(len(frame)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if h, ok := ScanEventKnown(frame, known); !ok || h.PromptID != known {
+					b.Fatal("not ok")
+				}
+			}
+		})
+	}
+}
+
+// Strings are read 8 bytes at a time: every kind of byte that ends a run
+// of plain content, at every position of strings as long as a few words,
+// reads as encoding/json reads it — in a key, in the values ScanEvent
+// returns and nested in data.
+func TestScanEventStringBytes(t *testing.T) {
+	for _, special := range []string{`"`, `\"`, `\\`, `\/`, `\n`, `\u00e9`, `\ud83d\ude00`, `\ud83d`, "\x01", "\x1f", "\x7f", " ", "é", "\xff", "\xe2\x82", `\x`, `\u12`} {
+		for n := 0; n < 26; n++ {
+			for at := 0; at <= n; at++ {
+				s := strings.Repeat("a", at) + special + strings.Repeat("b", n-at)
+				for _, frame := range []string{
+					`{"type":"progress","data":{"prompt_id":"` + s + `","node":"` + s + `","display_node":"` + s + `"}}`,
+					`{"type":"` + s + `","data":{"` + s + `":1,"nodes":{"` + s + `":{"state":"` + s + `"}},"` + s + `":["` + s + `"]}}`,
+					`{"type":"x","data":{"v":"` + s, // cut short
+				} {
+					checkScan(t, []byte(frame))
+				}
+			}
+		}
+	}
+}
+
+// The gateway scans every frame of every job: scanning the events a GPU
+// server sends most allocates nothing when their prompt_id is the one the
+// reader knows.
+func TestScanEventAllocs(t *testing.T) {
+	const known = "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10"
+	for _, f := range eventFrames {
+		frame := []byte(f.frame)
+		if n := testing.AllocsPerRun(100, func() { ScanEventKnown(frame, known) }); n != 0 {
+			t.Errorf("%s: %v allocations", f.name, n)
 		}
 	}
 }
