@@ -381,3 +381,8 @@ func (g *gateway) waitStatus(user, id, status string, d time.Duration) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// dropIdleConnections forgets the test client's idle connections, e.g.
+// after a config reload: the old server closes them, and a request sent on
+// one as it does ends in EOF.
+func dropIdleConnections() { http.DefaultClient.CloseIdleConnections() }

@@ -74,6 +74,9 @@ func TestColdPoolRefusesUnknownNodesAfterReload(t *testing.T) {
 	if err := caddy.Load(cfg, false); err != nil {
 		t.Fatal(err)
 	}
+	// The old server closes its idle connections: a POST on one of
+	// them would end in EOF.
+	dropIdleConnections()
 	gpu.Kill()
 	refusedAtOnce(t, g, "alice")
 	ok := g.queue("alice", b.SID, samplerWorkflow("fine", 1))
