@@ -511,7 +511,7 @@ func (h *eventsHelper) prompts(spec eventsSpec) (string, error) {
 		return "", errors.New("prompt needs one open socket")
 	}
 	br := h.browsers[0]
-	body := promptBody(br.sid, uiWorkflow(1<<20))
+	body := promptBody(br.sid, comfytest.UIWorkflow(1<<20))
 	var res promptResult
 	for i := 0; i < spec.Jobs; i++ {
 		// A new colour each time, like the events jobs, so the GPU runs it.
