@@ -79,6 +79,15 @@ type App struct {
 	// over twice it, is closed (the browser reconnects and catches up).
 	MaxSocketQueue int `json:"max_socket_queue,omitempty"`
 
+	// MaxJobQueue is how many bytes of a GPU server's events may wait for
+	// one job while the gateway is still busy with earlier ones, e.g.
+	// storing an output (default 16 MiB). Past half of it, progress and
+	// previews are coalesced to the latest per node, and past it dropped;
+	// lifecycle events are kept up to twice it. A server that sends more
+	// while the job is busy is broken or hostile: the job ends with an
+	// execution_error that says so.
+	MaxJobQueue int64 `json:"max_job_queue,omitempty"`
+
 	// MetricsPerUser adds per-user series to the usage metrics (GPU and
 	// wait seconds, jobs, refusals by user and pool). Off by default: one
 	// series per user grows with the workshop; the admin API's
@@ -304,7 +313,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.gateway = val.(gatewayHolder).Gateway
-	a.gateway.Manager().SetEventLimits(dispatch.EventLimits{MaxBinary: a.MaxEventSize, MaxText: a.MaxTextEventSize})
+	a.gateway.Manager().SetEventLimits(dispatch.EventLimits{MaxBinary: a.MaxEventSize, MaxText: a.MaxTextEventSize, MaxJobQueue: a.MaxJobQueue})
 	for _, pc := range a.Pools {
 		maxQueued := pc.MaxQueued
 		switch {
@@ -360,8 +369,8 @@ func (a *App) Validate() error {
 	if a.HistorySize < 0 {
 		return fmt.Errorf("history_size %d: must not be negative", a.HistorySize)
 	}
-	if a.MaxSocketsPerUser < 0 || a.MaxSocketQueue < 0 {
-		return fmt.Errorf("max_sockets_per_user and max_socket_queue must not be negative")
+	if a.MaxSocketsPerUser < 0 || a.MaxSocketQueue < 0 || a.MaxJobQueue < 0 {
+		return fmt.Errorf("max_sockets_per_user, max_socket_queue and max_job_queue must not be negative")
 	}
 	seen := map[string]bool{}
 	for _, p := range a.Pools {

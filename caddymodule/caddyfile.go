@@ -44,6 +44,7 @@ func init() {
 //		max_event_size <size> [<text size>]
 //		max_sockets_per_user <n>
 //		max_socket_queue <size>
+//		max_job_queue <size>
 //		metrics_per_user
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
@@ -238,6 +239,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.MaxSocketQueue = int(n)
+		case "max_job_queue":
+			n, err := sizeArg(d, "max_job_queue", 1<<40)
+			if err != nil {
+				return err
+			}
+			a.MaxJobQueue = n
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()

@@ -20,6 +20,7 @@ func TestCaddyfileMistakesAreNamed(t *testing.T) {
 		{"history_limit none", "", `history_limit: "none" is not a positive number`},
 		{"history_size lots", "", `history_size: "lots" is not a size`},
 		{"max_event_size huge", "", `max_event_size: "huge" is not a size`},
+		{"max_job_queue endless", "", `max_job_queue: "endless" is not a size`},
 		{"", "shoe_size 42", `unrecognized comfyume subdirective "shoe_size"`},
 		{"", "max_body_size lots", `max_body_size: "lots" is not a size`},
 		{"pool gpu {\n quota 30m per week\n upstream http://x\n }", "", `quota: period "week": only "per day"`},

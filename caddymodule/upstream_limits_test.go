@@ -3,7 +3,13 @@ package caddymodule_test
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -48,5 +54,57 @@ func TestOversizedUpstreamFramesAreSkipped(t *testing.T) {
 	st, body, _ := g.do("alice", "GET", "/api/view?"+viewQuery(ref), nil)
 	if st != 200 || !bytes.HasPrefix(body, []byte("\x89PNG")) {
 		t.Fatalf("GET /api/view of the output: %d, %d bytes", st, len(body))
+	}
+}
+
+// A GPU server that floods a job with lifecycle events while the gateway
+// is still storing the job's output cannot make the gateway hold more
+// than twice max_job_queue for it: the job ends with an execution_error
+// that says why, the browser is not handed the flood, and the next job
+// runs.
+func TestLifecycleFloodIsBoundedByMaxJobQueue(t *testing.T) {
+	t.Setenv("COMFYUME_TEST_TOKEN", "s3cret")
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 20 * time.Millisecond})
+	// The GPU's /view answers only once the flood is sent: the job's
+	// goroutine is busy capturing the output meanwhile.
+	target, _ := url.Parse(gpu.URL())
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	viewing, flooded := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/view") {
+			once.Do(func() { close(viewing) })
+			<-flooded
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	defer slow.Close()
+	cf := strings.Replace(poolCaddyfile(home.URL(), slow.URL, ""), "outputs disk {DATA}",
+		"outputs disk {DATA}\n\t\tmax_job_queue 64KiB", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+
+	a := g.queue("alice", b.SID, samplerWorkflow("flood", 3))
+	select {
+	case <-viewing:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the gateway never fetched the output")
+	}
+	const n = 5000 // about 450 KiB of executing events, 7 times the bound
+	for i := 0; i < n; i++ {
+		gpu.SendRaw(false, []byte(fmt.Sprintf(`{"type":"executing","data":{"node":"%d","display_node":"%d","prompt_id":%q}}`, 1000+i, 1000+i, a.PromptID)))
+	}
+	close(flooded)
+	frames := b.untilJobEnd(a.PromptID, 60*time.Second)
+	if msg := exceptionMessage(frames); !strings.Contains(msg, "more than 128 KiB of events") {
+		t.Fatalf("the job ended with %v %q", types(frames), msg)
+	}
+	if executing := strings.Count(strings.Join(types(frames), " "), "executing"); executing > n/4 {
+		t.Fatalf("the browser was handed %d executing events of the flood", executing)
+	}
+	c := g.queue("alice", b.SID, samplerWorkflow("after", 2))
+	if frames := b.untilJobEnd(c.PromptID, 60*time.Second); indexOf(frames, "execution_success") < 0 {
+		t.Fatalf("the next job: %v %q", types(frames), exceptionMessage(frames))
 	}
 }

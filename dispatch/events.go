@@ -125,7 +125,9 @@ type EventLimits struct {
 	// it is busy (default 16 MiB). Past half of it, progress, previews and
 	// custom nodes' own events are coalesced to the latest per node; past
 	// it, they are dropped. Lifecycle events (execution_*, executing,
-	// executed) are always kept.
+	// executed) are kept up to twice it; a server that sends more while the
+	// job is busy is broken or hostile, and the job ends with an
+	// execution_error that says so.
 	MaxJobQueue int64
 }
 

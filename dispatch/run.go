@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"sync"
 	"time"
 
@@ -52,17 +53,20 @@ type run struct {
 	// stay in order): busy while the job's goroutine is handling or
 	// flushing, inline while the upstream's reader handles one itself
 	// (offer).
-	busy     bool
-	inline   bool
-	node     string // node the upstream is executing
-	display  string
-	finished bool
-	detached bool // see Manager.detach
-	replayed bool // its end was replayed from the upstream's history
-	done     chan struct{}
-	started  bool // goroutine running
-	routeIDs []string
-	req      SubmitRequest
+	busy   bool
+	inline bool
+	// overflowed: the upstream sent more than the queue holds; the job
+	// ends (overflowLocked).
+	overflowed bool
+	node       string // node the upstream is executing
+	display    string
+	finished   bool
+	detached   bool // see Manager.detach
+	replayed   bool // its end was replayed from the upstream's history
+	done       chan struct{}
+	started    bool // goroutine running
+	routeIDs   []string
+	req        SubmitRequest
 	// slot is the pool endpoint whose capacity the job holds, from the
 	// moment it is taken for the job until the job ends or is refused.
 	slot      *Upstream
@@ -125,8 +129,15 @@ func (r *run) poke() {
 func (r *run) enqueueLocked(ev event) {
 	size := ev.size()
 	next := r.queueSeq + int64(r.queue.Len())
+	if r.overflowed {
+		return // the job is ending: see overflowLocked
+	}
 	key, transient := ev.transient()
 	if !transient {
+		if bound := r.m.eventLimits().MaxJobQueue; r.qBytes+size > 2*bound {
+			r.overflowLocked(bound)
+			return
+		}
 		r.appendLocked(ev, size)
 		r.lastKept = next
 		return
@@ -173,6 +184,31 @@ func (r *run) enqueueLocked(ev event) {
 			zap.String("job", r.job.ID), zap.Int64("bound", bound))
 	}
 	r.dropped++
+}
+
+// overflowLocked ends a job whose upstream sent more lifecycle events than
+// its queue holds (twice EventLimits.MaxJobQueue, progress included) while
+// the job's goroutine was still busy with earlier ones. No ComfyUI does
+// that; holding them all would let a broken or hostile server take the
+// gateway's memory. The queued events are let go, the job ends with an
+// execution_error that says why, and the server's further events for it
+// are dropped.
+func (r *run) overflowLocked(bound int64) {
+	r.overflowed = true
+	for r.queue.Len() > 0 {
+		r.dequeueLocked()
+	}
+	r.m.logger.Warn("a GPU server sent more lifecycle events for a job than its queue holds; ending the job",
+		zap.String("job", r.job.ID), zap.Int64("bound", 2*bound))
+	held := fmt.Sprintf("%d KiB", 2*bound>>10)
+	if 2*bound >= 1<<20 {
+		held = fmt.Sprintf("%d MiB", 2*bound>>20)
+	}
+	ev, ok := r.failEvent(r.node, "The GPU server sent more than "+held+" of events for this job while earlier ones were still being passed on; the job was stopped.")
+	if ok {
+		r.lastKept = r.queueSeq
+		r.appendLocked(ev, ev.size())
+	}
 }
 
 // eventChunks holds the queue chunks of every job's queue.
@@ -547,6 +583,14 @@ func (r *run) fail(message string) {
 	}
 	node := r.node
 	r.mu.Unlock()
+	if ev, ok := r.failEvent(node, message); ok {
+		r.push(ev)
+	}
+}
+
+// failEvent is the execution_error that ends the job with message, at
+// node.
+func (r *run) failEvent(node, message string) (event, bool) {
 	data := map[string]any{
 		"prompt_id":         r.job.ID,
 		"node_id":           node,
@@ -559,7 +603,11 @@ func (r *run) fail(message string) {
 		"current_outputs":   map[string]any{},
 		"timestamp":         time.Now().UnixMilli(),
 	}
-	r.pushMessage(comfy.NewMessage(comfy.MsgExecutionError, data))
+	ev, ok := messageEvent(comfy.NewMessage(comfy.MsgExecutionError, data))
+	if !ok {
+		r.m.logger.Error("dropping a malformed event", zap.String("job", r.job.ID), zap.String("type", comfy.MsgExecutionError))
+	}
+	return ev, ok
 }
 
 // jobState is what an upstream says of a job whose events were missed.

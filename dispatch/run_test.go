@@ -150,6 +150,51 @@ func TestJobQueueBoundedWhileBusy(t *testing.T) {
 	t.Logf("queue peak %d bytes; browser got %d of %d progress events, %d of %d previews", peak, progress, n, previews, n/100)
 }
 
+// A GPU server that floods a job with lifecycle events (executing, over
+// and over) while the job's goroutine is stuck capturing an output cannot
+// grow the job's queue past twice its bound: the job ends with an
+// execution_error that says why, and nothing more of it is queued.
+func TestLifecycleFloodEndsTheJob(t *testing.T) {
+	const bound = 64 << 10
+	feed := &browserFeed{release: make(chan struct{}), ended: make(chan struct{})}
+	m := NewManager(NewMemoryStore(), feed, nil)
+	m.SetEventLimits(EventLimits{MaxJobQueue: bound})
+	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusPending}
+	r := newRun(m, job)
+	m.runs.put(r)
+	r.push(upstreamEvent(t, `{"type":"execution_start","data":{"prompt_id":"job-1","timestamp":1}}`))
+	r.push(upstreamEvent(t, `{"type":"executed","data":{"node":"1","display_node":"1","output":{"images":[]},"prompt_id":"job-1"}}`))
+	peak := int64(0)
+	const n = 20000 // about 1.7 MiB of executing events
+	for i := 0; i < n; i++ {
+		r.push(upstreamEvent(t, fmt.Sprintf(`{"type":"executing","data":{"node":"%d","display_node":"%d","prompt_id":"job-1"}}`, i, i)))
+		r.mu.Lock()
+		peak = max(peak, r.qBytes)
+		r.mu.Unlock()
+	}
+	if peak > 2*bound+1024 {
+		t.Fatalf("the job's queue grew to %d bytes (twice the bound: %d)", peak, 2*bound)
+	}
+	close(feed.release)
+	select {
+	case <-feed.ended:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the job never ended")
+	}
+	feed.mu.Lock()
+	defer feed.mu.Unlock()
+	last := feed.got[len(feed.got)-2] // (the end marker follows)
+	if last.Type != comfy.MsgExecutionError || !strings.Contains(string(last.JSON), "more than 128 KiB of events") {
+		t.Fatalf("the job ended with %s %s", last.Type, last.JSON)
+	}
+	if len(feed.got) > n/4 {
+		t.Fatalf("the browser was handed %d events of the flood", len(feed.got))
+	}
+	if s, err := m.Store().JobSummary(context.Background(), job.ID); err != nil || s.Status != StatusFailed {
+		t.Fatalf("the job's record: %+v %v", s, err)
+	}
+}
+
 type discardEvents struct{}
 
 func (discardEvents) Capture(context.Context, Recipient, *Upstream, *Event) error { return nil }
