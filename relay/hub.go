@@ -331,7 +331,7 @@ type heldFrame struct {
 func (s *socket) deliver(f frame, pos string, start writerStart) {
 	s.mu.Lock()
 	if s.holding {
-		s.held = append(s.held, heldFrame{f, pos})
+		s.holdLocked(f, pos)
 		s.mu.Unlock()
 		return
 	}
@@ -399,7 +399,7 @@ func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bo
 		}
 		add(h.f)
 	}
-	s.held = nil
+	s.held, s.heldBytes = nil, 0
 	s.holding = false
 	s.mu.Unlock()
 	if start {

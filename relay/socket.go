@@ -81,6 +81,7 @@ type socket struct {
 	recentOrder []string
 	holding     bool
 	held        []heldFrame
+	heldBytes   int
 
 	previewMeta   bool // browser declared supports_preview_metadata
 	currentUI     bool // browser declared the current frontend's features (see readBrowserFrame)
@@ -227,6 +228,28 @@ func (s *socket) releaseLocked() {
 	s.base += s.queue.Len()
 	s.queue.Reset()
 	s.dropped, s.latest = 0, nil
+}
+
+// holdLocked keeps a live frame while the socket's missed frames are read
+// (up to busTimeout), within the socket's queue bound as its queue would:
+// past the bound progress and previews are dropped (the next ones show the
+// state), and past twice it the socket is closed; the browser reconnects
+// and catches up from the replay.
+func (s *socket) holdLocked(f frame, pos string) {
+	if s.closing || s.dead {
+		return
+	}
+	q := queued{f: f}
+	size, kind := classify(&q)
+	switch {
+	case kind != kindKept && s.heldBytes+size > s.limit:
+	case s.heldBytes+size > 2*s.limit:
+		s.held, s.heldBytes = nil, 0
+		s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: too many events while catching up")
+	default:
+		s.held = append(s.held, heldFrame{f, pos})
+		s.heldBytes += size
+	}
 }
 
 // classify returns a queued entry's size and kind.

@@ -351,3 +351,66 @@ func TestJobGoroutineNeverWaitsForTheBrowser(t *testing.T) {
 		}
 	}
 }
+
+// While a reconnecting tab's missed frames are read from the bus, live
+// frames wait for it within the socket's bound: a blast of progress and
+// previews meanwhile keeps at most the bound (lifecycle frames all kept,
+// and all shown once the replay is done), and lifecycle frames past twice
+// the bound close the socket instead of growing without end.
+func TestHeldFramesAreBoundedWhileCatchingUp(t *testing.T) {
+	const limit = 64 << 10
+	s, browser := pipeSocket(t, limit)
+	s.mu.Lock()
+	s.holding = true
+	s.mu.Unlock()
+	s.deliver(frame{text: lifecycleText("execution_start", "p", "")}, "", startNow)
+	for i := 1; i <= 2000; i++ {
+		s.deliver(frame{text: progressText("p", "3", i)}, "", startNow)
+		if i%100 == 0 {
+			s.deliver(frame{preview: previewOf("p", "3", 16<<10, i)}, "", startNow)
+		}
+	}
+	s.deliver(frame{text: lifecycleText("execution_success", "p", "")}, "", startNow)
+	s.mu.Lock()
+	held, n := s.heldBytes, len(s.held)
+	s.mu.Unlock()
+	if held > limit+1024 {
+		t.Fatalf("%d bytes (%d frames) held while catching up; bound %d", held, n, limit)
+	}
+	frames := make(chan wireFrame, 4096)
+	go readWire(browser, frames)
+	s.replay(nil, busFrame)
+	var got []string
+	for f := range frames {
+		if f.op != websocket.TextMessage {
+			continue
+		}
+		var m struct{ Type string }
+		_ = json.Unmarshal(f.payload, &m)
+		if m.Type != comfy.MsgProgress {
+			got = append(got, m.Type)
+		}
+		if m.Type == comfy.MsgExecutionSuccess {
+			break
+		}
+	}
+	if len(got) != 2 || got[0] != comfy.MsgExecutionStart {
+		t.Fatalf("lifecycle frames shown after the replay: %v", got)
+	}
+
+	// Kept frames past twice the bound: the socket closes.
+	s2, _ := pipeSocket(t, 16<<10)
+	s2.mu.Lock()
+	s2.holding = true
+	s2.mu.Unlock()
+	big := lifecycleText("executed", "p", strings.Repeat("x", 4<<10))
+	for i := 0; i < 20; i++ {
+		s2.deliver(frame{text: big}, "", startNow)
+	}
+	s2.mu.Lock()
+	closing, held2 := s2.closing, s2.heldBytes
+	s2.mu.Unlock()
+	if !closing || held2 != 0 {
+		t.Fatalf("closing %v with %d bytes held", closing, held2)
+	}
+}
