@@ -23,6 +23,10 @@ const (
 	backlogFrames = 1000
 	backlogBytes  = 8 << 20
 	sessionIdle   = 10 * time.Minute
+	// userBacklogBytes bounds what all of one user's sessions without a
+	// socket keep: a user may send jobs to any number of made-up
+	// clientIds, and each would keep up to backlogBytes.
+	userBacklogBytes = 32 << 20
 )
 
 // sessionKey scopes a browser session id to its user: the same clientId
@@ -49,6 +53,7 @@ type Hub struct {
 	id       string // this gateway, as the Origin of its bus messages
 
 	perUser    map[string]int  // open sockets per user
+	backlog    map[string]int  // bytes kept by each user's sessions without a socket
 	refused    map[string]bool // users refused a socket since they were last under the limit (logged once)
 	maxPerUser int
 	maxQueue   int
@@ -63,6 +68,7 @@ func NewHub() *Hub {
 		sessions: map[sessionKey]*session{},
 		byUser:   map[string]map[*session]struct{}{},
 		perUser:  map[string]int{},
+		backlog:  map[string]int{},
 		refused:  map[string]bool{},
 		stop:     make(chan struct{}),
 	}
@@ -91,7 +97,7 @@ func (h *Hub) attach(user, sid string, s *socket) []frame {
 	se.sockets[s] = struct{}{}
 	se.lastSeen = time.Now()
 	missed := se.backlog
-	se.backlog, se.bytes = nil, 0
+	h.dropBacklogLocked(se)
 	return missed
 }
 
@@ -239,9 +245,11 @@ func (h *Hub) publishLocal(user, sid string, f frame, start writerStart) {
 		h.byUser[user][se] = struct{}{}
 	}
 	if len(se.sockets) == 0 {
-		if f.preview == nil && len(se.backlog) < backlogFrames && se.bytes+len(f.text)+len(f.binary) <= backlogBytes {
+		n := len(f.text) + len(f.binary)
+		if f.preview == nil && len(se.backlog) < backlogFrames && se.bytes+n <= backlogBytes && h.backlog[user]+n <= userBacklogBytes {
 			se.backlog = append(se.backlog, f)
-			se.bytes += len(f.text) + len(f.binary)
+			se.bytes += n
+			h.backlog[user] += n
 		}
 		h.mu.Unlock()
 		return
@@ -255,6 +263,16 @@ func (h *Hub) publishLocal(user, sid string, f frame, start writerStart) {
 		q := queued{f: f}
 		s.push(&q, start)
 	}
+}
+
+// dropBacklogLocked lets go of what a session kept for its reconnect.
+func (h *Hub) dropBacklogLocked(se *session) {
+	if se.bytes > 0 {
+		if h.backlog[se.key.user] -= se.bytes; h.backlog[se.key.user] <= 0 {
+			delete(h.backlog, se.key.user)
+		}
+	}
+	se.backlog, se.bytes = nil, 0
 }
 
 // userSockets returns every open socket of a user.
@@ -296,6 +314,7 @@ func (h *Hub) housekeeping() {
 			h.mu.Lock()
 			for k, se := range h.sessions {
 				if len(se.sockets) == 0 && now.Sub(se.lastSeen) > sessionIdle {
+					h.dropBacklogLocked(se)
 					delete(h.sessions, k)
 					if us := h.byUser[k.user]; us != nil {
 						delete(us, se)
