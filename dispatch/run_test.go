@@ -60,18 +60,25 @@ func previewEvent(t testing.TB, pid, node string, n int) event {
 	return ev
 }
 
+// capturingJob is job-1 of alice with a job queue bound, whose output
+// capture blocks until feed.release is closed.
+func capturingJob(bound int64) (*Manager, *browserFeed, *run) {
+	feed := &browserFeed{release: make(chan struct{}), ended: make(chan struct{})}
+	m := NewManager(NewMemoryStore(), feed, nil)
+	m.SetEventLimits(EventLimits{MaxJobQueue: bound})
+	r := newRun(m, &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusPending})
+	m.runs.put(r)
+	return m, feed, r
+}
+
 // While a job's goroutine is stuck (capturing an output), an endless
 // stream of progress and previews does not grow its queue past the bound;
 // once it is free, the browser gets every lifecycle event in order and the
 // latest progress and preview.
 func TestJobQueueBoundedWhileBusy(t *testing.T) {
 	const bound = 256 << 10
-	feed := &browserFeed{release: make(chan struct{}), ended: make(chan struct{})}
-	m := NewManager(NewMemoryStore(), feed, nil)
-	m.SetEventLimits(EventLimits{MaxJobQueue: bound})
-	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusPending}
-	r := newRun(m, job)
-	m.runs.put(r)
+	_, feed, r := capturingJob(bound)
+	job := r.job
 	const pid = "gpu-own-id" // a server that made its own id
 
 	r.push(upstreamEvent(t, `{"type":"execution_start","data":{"prompt_id":"`+pid+`","timestamp":1}}`))
@@ -156,12 +163,8 @@ func TestJobQueueBoundedWhileBusy(t *testing.T) {
 // execution_error that says why, and nothing more of it is queued.
 func TestLifecycleFloodEndsTheJob(t *testing.T) {
 	const bound = 64 << 10
-	feed := &browserFeed{release: make(chan struct{}), ended: make(chan struct{})}
-	m := NewManager(NewMemoryStore(), feed, nil)
-	m.SetEventLimits(EventLimits{MaxJobQueue: bound})
-	job := &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusPending}
-	r := newRun(m, job)
-	m.runs.put(r)
+	m, feed, r := capturingJob(bound)
+	job := r.job
 	r.push(upstreamEvent(t, `{"type":"execution_start","data":{"prompt_id":"job-1","timestamp":1}}`))
 	r.push(upstreamEvent(t, `{"type":"executed","data":{"node":"1","display_node":"1","output":{"images":[]},"prompt_id":"job-1"}}`))
 	peak := int64(0)
