@@ -47,6 +47,15 @@ func ScanEvent(b []byte) (Head, bool) { return ScanEventKnown(b, "") }
 // a prompt_id equal to known is returned as known itself, not a copy (a
 // GPU server's stream names the same job thousands of times).
 func ScanEventKnown(b []byte, known string) (Head, bool) {
+	return ScanEventLike(b, &Head{PromptID: known})
+}
+
+// ScanEventLike is ScanEvent for a reader that keeps the Head of the
+// stream's last event: a prompt_id, node or display_node equal to last's
+// is returned as last's own string, not a copy (a GPU server's stream
+// names the same job and node over and over; a node id of more than one
+// byte would otherwise cost an allocation per frame).
+func ScanEventLike(b []byte, last *Head) (Head, bool) {
 	var h Head
 	// One pass: the members of data are picked while it is validated.
 	var typ, data span
@@ -111,11 +120,7 @@ func ScanEventKnown(b []byte, known string) (Head, bool) {
 	if pid := f.promptID; pid.end != 0 {
 		switch b[pid.at] {
 		case '"':
-			if raw := b[pid.at+1 : pid.end-1]; pid.plain && string(raw) == known {
-				h.PromptID = known
-			} else {
-				h.PromptID = pid.str(b)
-			}
+			h.PromptID = pid.strLike(b, last.PromptID)
 			h.PromptIDStart, h.PromptIDEnd = pid.at, pid.end
 		case 'n':
 		default:
@@ -125,7 +130,7 @@ func ScanEventKnown(b []byte, known string) (Head, bool) {
 	if disp := f.displayNode; disp.end != 0 {
 		switch b[disp.at] {
 		case '"':
-			h.DisplayNode = disp.str(b)
+			h.DisplayNode = disp.strLike(b, last.DisplayNode)
 		case 'n':
 		default:
 			return h, false
@@ -134,7 +139,7 @@ func ScanEventKnown(b []byte, known string) (Head, bool) {
 	if node := f.node; node.end != 0 {
 		switch b[node.at] {
 		case '"':
-			h.NodeKind, h.Node = NodeString, node.str(b)
+			h.NodeKind, h.Node = NodeString, node.strLike(b, last.Node)
 		case 'n':
 			h.NodeKind = NodeNull
 		default:
@@ -166,6 +171,14 @@ func (s *span) scan(b []byte, at, depth int) int {
 }
 
 // str decodes the string value s spans.
+// strLike is str, returning prev itself when the string equals it.
+func (s span) strLike(b []byte, prev string) string {
+	if s.plain && string(b[s.at+1:s.end-1]) == prev {
+		return prev
+	}
+	return s.str(b)
+}
+
 func (s span) str(b []byte) string {
 	if s.plain {
 		return string(b[s.at+1 : s.end-1])

@@ -82,6 +82,18 @@ func checkScan(t *testing.T, b []byte) {
 			t.Fatalf("%q known %q:\nScanEventKnown %+v\nencoding/json  %+v", b, known, k, want)
 		}
 	}
+	// So does the last event's Head, for every string it may return.
+	for _, last := range []Head{
+		{PromptID: want.PromptID, Node: want.Node, DisplayNode: want.DisplayNode},
+		{PromptID: `\u0041`, Node: "A", DisplayNode: `a\nb`},
+		{Node: want.DisplayNode, DisplayNode: want.Node},
+	} {
+		k, _ := ScanEventLike(b, &last)
+		k.PromptIDStart, k.PromptIDEnd = 0, 0
+		if k != want {
+			t.Fatalf("%q last %+v:\nScanEventLike %+v\nencoding/json %+v", b, last, k, want)
+		}
+	}
 	if !span {
 		return
 	}
@@ -283,6 +295,24 @@ func TestScanEventStringBytes(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// The gateway scans every frame of every job: scanning the events a GPU
+// server sends most allocates nothing when their prompt_id is the one the
+// reader knows, nor, with ScanEventLike, when their node ids (of any
+// length) are the last event's.
+func TestScanEventLikeAllocs(t *testing.T) {
+	frame := []byte(`{"type": "progress", "data": {"value": 7, "max": 20, "prompt_id": "0b6c3f6e-8d4f-4c1e-9f3a-2f1d5c7e9a10", "node": "45:12", "display_node": "45"}}`)
+	first, ok := ScanEvent(frame)
+	if !ok {
+		t.Fatal("bad frame")
+	}
+	if n := testing.AllocsPerRun(100, func() { ScanEventLike(frame, &first) }); n != 0 {
+		t.Errorf("%v allocations", n)
+	}
+	if n := testing.AllocsPerRun(100, func() { ScanEventKnown(frame, first.PromptID) }); n == 0 {
+		t.Errorf("ScanEventKnown made no copy of the node ids: the test shows nothing")
 	}
 }
 

@@ -68,9 +68,10 @@ type Upstream struct {
 	maxText, maxBinary atomic.Int64
 	oversizeJob        string
 	oversizeLogged     bool
-	// lastPromptID is the prompt_id of the stream's last event (used and
-	// set only by the stream's reader: comfy.ScanEventKnown).
-	lastPromptID string
+	// last holds the prompt_id, node and display_node the stream's events
+	// named last (used and set only by the stream's reader:
+	// comfy.ScanEventLike).
+	last comfy.Head
 	// health (see health.go)
 	failures  int
 	openUntil time.Time
