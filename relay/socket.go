@@ -718,6 +718,6 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	h.conn = &browserConn{Conn: c, s: h.s, in: newSpareReader(c)}
 	h.s.out = c
 	_, h.s.vectored = c.(*net.TCPConn)
-	h.s.raw = rawConn(c)
+	h.s.raw = h.conn.in.rc // (one RawConn for the socket's reads and writes)
 	return h.conn, rw, nil
 }

@@ -21,8 +21,7 @@ import (
 // straight into the caller's buffer (a TLS connection buffers a record on
 // its own).
 type spareReader struct {
-	tcp     *net.TCPConn    // the connection, when plain TCP
-	rc      syscall.RawConn // tcp's descriptor, once read through
+	rc      syscall.RawConn // the connection's descriptor, when plain TCP (rawConn)
 	readFD  func(fd uintptr) bool
 	chunk   *[]byte // from readChunks, while pending is not empty
 	pending []byte  // bytes read and not yet taken, in chunk
@@ -39,18 +38,12 @@ const readChunk = 16 << 10
 
 var readChunks = sync.Pool{New: func() any { b := make([]byte, readChunk); return &b }}
 
-func newSpareReader(c net.Conn) spareReader {
-	tcp, _ := c.(*net.TCPConn)
-	if !canWaitFD {
-		tcp = nil
-	}
-	return spareReader{tcp: tcp}
-}
+func newSpareReader(c net.Conn) spareReader { return spareReader{rc: rawConn(c)} }
 
 // read reads from c (the connection the reader was made for) into p.
 func (r *spareReader) read(c net.Conn, p []byte) (int, error) {
 	if len(r.pending) == 0 {
-		if r.tcp == nil || len(p) >= readChunk {
+		if r.rc == nil || len(p) >= readChunk {
 			return c.Read(p)
 		}
 		if err := r.fill(); err != nil {
@@ -69,12 +62,8 @@ func (r *spareReader) read(c net.Conn, p []byte) (int, error) {
 // fill waits until the connection has bytes (or an error) and reads them
 // into a chunk of their own.
 func (r *spareReader) fill() error {
-	if r.rc == nil {
-		rc, err := r.tcp.SyscallConn()
-		if err != nil {
-			return err
-		}
-		r.rc, r.readFD = rc, r.readFromFD
+	if r.readFD == nil {
+		r.readFD = r.readFromFD
 	}
 	// Read deadlines and Close apply to the wait as to any Read.
 	if err := r.rc.Read(r.readFD); err != nil {

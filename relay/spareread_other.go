@@ -4,10 +4,8 @@ package relay
 
 import "errors"
 
-// canWaitFD: here a spareReader reads every connection straight into the
-// caller's buffer.
-const canWaitFD = false
-
+// readFromFD is never called here: rawConn is nil, so a spareReader reads
+// every connection straight into the caller's buffer.
 func (r *spareReader) readFromFD(fd uintptr) bool {
 	r.err = errors.ErrUnsupported
 	return true

@@ -9,9 +9,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// canWaitFD: a spareReader waits on the descriptor of a TCP connection.
-const canWaitFD = true
-
 // readFromFD is the spareReader's raw read: it takes a chunk and reads
 // what is there into it, or, when nothing is, gives the chunk back and
 // has the connection wait for readability (false).
