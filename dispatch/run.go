@@ -315,17 +315,25 @@ func (r *run) offer(ev event, rb *readBatch) {
 	r.lastEvent = time.Now()
 	r.mu.Unlock()
 	r.handleAt(ev, true)
+	if r.endInline() {
+		rb.add(r)
+	}
+}
+
+// endInline hands the job's events back after the upstream's reader
+// handled one or flushed, waking the job's goroutine if more are queued or
+// the job is over. It reports whether events delivered later wait for a
+// flush.
+func (r *run) endInline() (batched bool) {
 	r.mu.Lock()
 	r.inline = false
 	wake := r.queue.Len() > 0 || r.finished
-	batched := r.batched > 0
+	batched = r.batched > 0
 	r.mu.Unlock()
-	if batched {
-		rb.add(r)
-	}
 	if wake {
 		r.poke()
 	}
+	return batched
 }
 
 // inlineEvents reports whether the job's events may be handed over on the
@@ -347,13 +355,7 @@ func (r *run) flushInline() {
 	r.inline = true
 	r.mu.Unlock()
 	r.flush()
-	r.mu.Lock()
-	r.inline = false
-	wake := r.queue.Len() > 0 || r.finished
-	r.mu.Unlock()
-	if wake {
-		r.poke()
-	}
+	r.endInline()
 }
 
 // readBatch is the state of an upstream's reader goroutine: what it

@@ -39,6 +39,17 @@ func (f *browserFeed) Deliver(to Recipient, ev Event) {
 
 func (f *browserFeed) QueueChanged(string) {}
 
+// releaseUntilEnd lets the capture go and waits for the job's end.
+func (f *browserFeed) releaseUntilEnd(t *testing.T) {
+	t.Helper()
+	close(f.release)
+	select {
+	case <-f.ended:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the job never ended")
+	}
+}
+
 // upstreamEvent is a JSON frame as an upstream sends it, routed.
 func upstreamEvent(t testing.TB, frame string) event {
 	h, ok := comfy.ScanEvent([]byte(frame))
@@ -101,12 +112,7 @@ func TestJobQueueBoundedWhileBusy(t *testing.T) {
 	if peak > bound {
 		t.Fatalf("the job's queue grew to %d bytes (bound %d)", peak, bound)
 	}
-	close(feed.release)
-	select {
-	case <-feed.ended:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the job never ended")
-	}
+	feed.releaseUntilEnd(t)
 
 	feed.mu.Lock()
 	defer feed.mu.Unlock()
@@ -178,12 +184,7 @@ func TestLifecycleFloodEndsTheJob(t *testing.T) {
 	if peak > 2*bound+1024 {
 		t.Fatalf("the job's queue grew to %d bytes (twice the bound: %d)", peak, 2*bound)
 	}
-	close(feed.release)
-	select {
-	case <-feed.ended:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the job never ended")
-	}
+	feed.releaseUntilEnd(t)
 	feed.mu.Lock()
 	defer feed.mu.Unlock()
 	last := feed.got[len(feed.got)-2] // (the end marker follows)
