@@ -52,22 +52,25 @@
 //  1. Upstream.readStream (stream.go) reads each WebSocket frame of a GPU
 //     server itself (wsReader, frames.go; gorilla only dials and writes)
 //     with a size limit (EventLimits): a larger frame is discarded as it
-//     is read, logged once per job, and the job goes on. A frame that fits
-//     the read buffer is handed out there, without a copy.
+//     is read, logged once per job, and the job goes on. A frame is lent
+//     where it lies — in the read buffer, or for a preview larger than
+//     it, in the reader's memory for large frames — until the reader
+//     calls its release hook, which it does before it reads from its
+//     connection again (readBatch.flush).
 //  2. onText scans a JSON frame with comfy.ScanEvent (type, prompt_id,
-//     node; nothing is decoded), drops the server's own status frames, and
-//     copies the rest out of the buffer (small progress-like frames into
-//     a shared block, readBatch.own); onBinary reads a preview's or
-//     progress text's header. Both route the frame by prompt_id (or,
-//     without one, to the job the server is running) to the job's run.
-//     A pinned job's stream (pinned.go) pushes its frames to the run's
-//     queue.
+//     node; nothing is decoded) and drops the server's own status
+//     frames; onBinary reads a preview's or progress text's header. Both
+//     route the frame by prompt_id (or, without one, to the job the
+//     server is running) to the job's run. A pinned job's stream
+//     (pinned.go) pushes its frames to the run's queue.
 //  3. run.offer (run.go): an event that needs no I/O (progress,
 //     progress_state, executing, previews, progress text) and finds the
 //     job's goroutine idle is handled at once on the reader, with no
-//     hand-off between goroutines — when the Events say their delivery
-//     does no network I/O (InlineEvents; not with a Valkey bus). Anything
-//     else goes to run.push, which queues it for the job's goroutine. The
+//     hand-off between goroutines and without a copy — when the Events say
+//     their delivery does no network I/O (InlineEvents; not with a Valkey
+//     bus). Anything else is copied out of the reader's memory
+//     (event.own: small progress-like frames into a shared block) and goes
+//     to run.push, which queues it for the job's goroutine. The
 //     queue is bounded by bytes: over its bound, progress and previews
 //     coalesce to the latest per node; lifecycle events are always kept.
 //     Whoever handles, one at a time, so the job's events keep their order.
@@ -82,13 +85,19 @@
 //     session, job); relay's Gateway.Deliver publishes it to the hub. With
 //     more events at hand, the job's goroutine hands them with
 //     BatchEvents.DeliverLater and the last with Deliver (or Flush); the
-//     reader hands all of its events with DeliverLater and flushes them
-//     just before it next reads from the network (flushingConn). So the
-//     events of one read reach each browser in one write, and an event
-//     that came alone leaves at once.
+//     reader hands all of its events with DeliverLater and, just before
+//     it next reads from the network, releases them
+//     (InlineEvents.Release): each browser socket writes what its
+//     connection takes at once from where the frames lie, and copies only
+//     what must wait for a browser that is behind. So the events of one
+//     read reach each browser in one write, an event that came alone
+//     leaves at once, and a progress event or a preview is not copied on
+//     its way.
 package dispatch
 
 import (
+	"bytes"
+
 	"github.com/comfyume/comfyume/comfy"
 )
 
@@ -170,9 +179,17 @@ type BatchEvents interface {
 // hand-off between goroutines (run.offer). Events that publish on a shared
 // bus say no: the reader must never wait for the network on a job's
 // behalf.
+//
+// The events the reader hands over may be lent (Event.Lent): their bytes
+// are the reader's memory. Before the reader reuses it, it calls Release
+// for every recipient it handed lent events to, which must show them (as
+// Flush does) or copy what it keeps of them, and return at once, without
+// waiting for a browser. Release may run while the job's own goroutine
+// delivers other events to the same recipient.
 type InlineEvents interface {
 	BatchEvents
 	Inline() bool
+	Release(to Recipient)
 }
 
 // recipientOf returns who sees j's events.
@@ -193,6 +210,10 @@ type Event struct {
 	Preview *comfy.Preview
 	// Text is a progress-text frame of the job's running node.
 	Text *comfy.TextFrame
+	// Lent says that JSON, Preview.Image and Text.Text may be the
+	// upstream reader's memory, valid until InlineEvents.Release for the
+	// recipient: whatever keeps the event longer copies them.
+	Lent bool
 }
 
 // jobMessage makes a job event of a message built by the gateway.
@@ -206,6 +227,36 @@ type event struct {
 	head    comfy.Head // what ScanEvent read of json
 	preview *comfy.Preview
 	text    *comfy.TextFrame
+	// lent: json, preview.Image or text.Text are the stream reader's
+	// memory, valid until it next calls its release hook (wsReader); the
+	// event is own()ed before it is kept any longer.
+	lent bool
+}
+
+// own makes a lent event's bytes its own: a small quick JSON frame goes
+// into the reader's slab when rb is given (short-lived: queued for a busy
+// job), anything else gets a copy of its own.
+func (ev *event) own(rb *readBatch) {
+	if !ev.lent {
+		return
+	}
+	ev.lent = false
+	switch {
+	case ev.json != nil:
+		if rb != nil && ev.quick() {
+			ev.json = rb.slab.copy(ev.json)
+		} else {
+			ev.json = bytes.Clone(ev.json)
+		}
+	case ev.preview != nil:
+		p := *ev.preview
+		p.Image = bytes.Clone(p.Image)
+		ev.preview = &p
+	case ev.text != nil:
+		t := *ev.text
+		t.Text = bytes.Clone(t.Text)
+		ev.text = &t
+	}
 }
 
 // messageEvent makes an upstream event of a message built by the gateway.

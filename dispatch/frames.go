@@ -17,9 +17,10 @@ import (
 // An upstream's event stream is dialed with gorilla (the handshake, and
 // every write: the feature flags, pongs, the close), but its frames are
 // read here. Gorilla's reader allocates per message and copies every
-// payload out of its buffer; this one hands a frame out where it lies in
-// the read buffer, and the stream copies only what it keeps
-// (readBatch.own). RFC 6455 §5, as a client reads it: frames from the
+// payload out of its buffer; this one lends each frame where it lies in
+// its memory until it calls its release hook, which it does before it
+// reuses that memory, and the stream copies only what it keeps longer
+// (event.own). RFC 6455 §5, as a client reads it: frames from the
 // server are never masked, no extension is negotiated (so the reserved
 // bits are 0), control frames are at most 125 bytes and never fragmented,
 // and a message may come in fragments with control frames between them.
@@ -44,33 +45,41 @@ type errProtocol string
 
 func (e errProtocol) Error() string { return "websocket protocol error: " + string(e) }
 
+// maxLent is the largest frame over the read buffer's size that is read
+// into memory the reader keeps and lends (a preview); a larger one is read
+// into a slice of its own.
+const maxLent = 1 << 20
+
 // wsReader reads the frames of one upstream connection (see above).
 type wsReader struct {
 	br *bufio.Reader
 	// control answers a ping, a pong or a close (payload valid during the
 	// call); an error ends the stream (a close's is a *websocket.CloseError).
 	control func(op int, payload []byte) error
+	// release is called before the reader reads from its connection, which
+	// is when it may reuse the memory of the payloads it lent: until then
+	// they stay as they were. (nil: nothing to call.)
+	release func()
 	// skip is the size of the frame handed out last from br's buffer,
 	// discarded on the next call.
 	skip int
 	// msg assembles a fragmented message.
 	msg []byte
+	// big holds the latest frame larger than br's buffer (up to maxLent).
+	big []byte
 }
 
 // next returns the next message: its type (opText or opBinary) and its
-// payload, valid until the next call (owned: b is a new slice of its own,
-// which the caller may keep). A message over limit(typ) bytes is read to
-// its end and discarded: over is true and b holds at most its first 256
-// bytes.
+// payload, lent until the reader next calls release (owned: b is a new
+// slice of its own, which the caller may keep). A message over limit(typ)
+// bytes is read to its end and discarded: over is true and b holds at
+// most its first 256 bytes.
 func (r *wsReader) next(limit func(typ int) int64) (typ int, b []byte, owned, over bool, err error) {
 	if r.skip > 0 {
 		if _, err := r.br.Discard(r.skip); err != nil {
 			return 0, nil, false, false, err
 		}
 		r.skip = 0
-	}
-	if cap(r.msg) > 1<<20 {
-		r.msg = nil // a big fragmented message is not kept around
 	}
 	r.msg = r.msg[:0]
 	var max, size int64 // the message's limit, and its bytes so far
@@ -120,6 +129,7 @@ func (r *wsReader) next(limit func(typ int) int64) (typ int, b []byte, owned, ov
 		case fin && len(r.msg) == 0 && n <= int64(r.br.Size()):
 			// The common case: the frame is the message, and it fits the
 			// buffer.
+			r.need(n)
 			p, err := r.br.Peek(int(n))
 			if err != nil {
 				return 0, nil, false, false, unexpected(err)
@@ -128,26 +138,49 @@ func (r *wsReader) next(limit func(typ int) int64) (typ int, b []byte, owned, ov
 			return typ, p, false, false, nil
 		case fin && len(r.msg) == 0:
 			// A frame larger than the buffer (a preview): straight into
-			// a slice of its own.
-			p := make([]byte, n)
+			// the reader's own memory for large frames (lent as the
+			// buffer is), or, past maxLent, a slice of its own.
+			r.need(n)
+			owned := n > maxLent
+			var p []byte
+			if owned {
+				p = make([]byte, n)
+			} else {
+				if int64(cap(r.big)) < n {
+					r.big = make([]byte, n, min(maxLent, 2*n))
+				}
+				p = r.big[:n]
+			}
 			if _, err := io.ReadFull(r.br, p); err != nil {
 				return 0, nil, false, false, unexpected(err)
 			}
-			return typ, p, true, false, nil
+			return typ, p, owned, false, nil
 		}
 		start := len(r.msg)
 		r.msg = append(r.msg, make([]byte, n)...)
+		r.need(n)
 		if _, err := io.ReadFull(r.br, r.msg[start:]); err != nil {
 			return 0, nil, false, false, unexpected(err)
 		}
 		if fin {
-			return typ, r.msg, false, false, nil
+			// A fragmented message (rare): its own slice.
+			b, r.msg = r.msg, nil
+			return typ, b, true, false, nil
 		}
+	}
+}
+
+// need releases what the reader lent when reading n more bytes needs its
+// connection: its buffer holds fewer.
+func (r *wsReader) need(n int64) {
+	if int64(r.br.Buffered()) < n && r.release != nil {
+		r.release()
 	}
 }
 
 // header reads a frame's header: fin, opcode and payload length.
 func (r *wsReader) header() (fin bool, op int, n int64, err error) {
+	r.need(2)
 	h, err := r.br.Peek(2)
 	if err != nil {
 		if len(h) > 0 {
@@ -171,6 +204,7 @@ func (r *wsReader) header() (fin bool, op int, n int64, err error) {
 		hl = 10
 	}
 	if hl > 2 {
+		r.need(int64(hl))
 		if h, err = r.br.Peek(hl); err != nil {
 			return false, 0, 0, unexpected(err)
 		}
@@ -201,6 +235,7 @@ func (r *wsReader) controlFrame(op int, n int64) error {
 	if op > opPong {
 		return errProtocol("unknown control opcode")
 	}
+	r.need(n)
 	p, err := r.br.Peek(int(n))
 	if err != nil {
 		return unexpected(err)
@@ -216,6 +251,7 @@ func (r *wsReader) controlFrame(op int, n int64) error {
 
 // discard skips n bytes of payload.
 func (r *wsReader) discard(n int64) error {
+	r.need(n)
 	for n > 0 {
 		k, err := r.br.Discard(int(min(n, 1<<30)))
 		n -= int64(k)
@@ -265,18 +301,13 @@ func answerControl(conn *websocket.Conn) func(op int, payload []byte) error {
 	}
 }
 
-// flushingConn is an upstream's event connection as the stream reads it.
+// handshakeConn is an upstream's event connection as the stream reads it.
 // Until its handshake is over it hands out no byte past the end of the
 // HTTP response's head, so gorilla's handshake reader keeps nothing the
-// stream's own frame reader would miss. After that it flushes what the
-// reader delivered later before every read from the network: the frame
-// reader reads the connection only once its buffer is drained, so the
-// events of one read leave in one write per browser socket, and an event
-// read alone leaves before the reader waits for the next. Only the
-// stream's goroutine reads it.
-type flushingConn struct {
+// stream's own frame reader would miss. Only the stream's goroutine reads
+// it.
+type handshakeConn struct {
 	net.Conn
-	batch *readBatch
 	// During the handshake: the bytes read from the network and not yet
 	// handed out (pre), how many of them belong to the head (headEnd,
 	// 0 while the head's end is not seen), and handshake itself.
@@ -285,7 +316,7 @@ type flushingConn struct {
 	headEnd   int
 }
 
-func (c *flushingConn) Read(p []byte) (int, error) {
+func (c *handshakeConn) Read(p []byte) (int, error) {
 	if c.handshake {
 		return c.readHandshake(p)
 	}
@@ -297,14 +328,11 @@ func (c *flushingConn) Read(p []byte) (int, error) {
 		}
 		return n, nil
 	}
-	if len(c.batch.runs) > 0 {
-		c.batch.flush()
-	}
 	return c.Conn.Read(p)
 }
 
 // readHandshake hands out the response's head and nothing after it.
-func (c *flushingConn) readHandshake(p []byte) (int, error) {
+func (c *handshakeConn) readHandshake(p []byte) (int, error) {
 	for c.headEnd == 0 {
 		if i := bytes.Index(c.pre, []byte("\r\n\r\n")); i >= 0 {
 			c.headEnd = i + 4
@@ -339,14 +367,14 @@ func (c *flushingConn) readHandshake(p []byte) (int, error) {
 }
 
 // streamDialer returns a dialer for the upstream's event stream whose
-// connections are flushingConns, and the latest connection it made.
-func (u *Upstream) streamDialer(rb *readBatch) (*websocket.Dialer, func() *flushingConn) {
-	var last *flushingConn
+// connections are handshakeConns, and the latest connection it made.
+func (u *Upstream) streamDialer() (*websocket.Dialer, func() *handshakeConn) {
+	var last *handshakeConn
 	d := *u.dialer
 	// Gorilla's reader reads only the handshake's response.
 	d.ReadBufferSize = 4 << 10
 	wrap := func(c net.Conn) net.Conn {
-		last = &flushingConn{Conn: c, batch: rb, handshake: true}
+		last = &handshakeConn{Conn: c, handshake: true}
 		return last
 	}
 	d.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -378,5 +406,5 @@ func (u *Upstream) streamDialer(rb *readBatch) (*websocket.Dialer, func() *flush
 		}
 		return wrap(tc), nil
 	}
-	return &d, func() *flushingConn { return last }
+	return &d, func() *handshakeConn { return last }
 }

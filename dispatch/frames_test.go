@@ -262,3 +262,120 @@ func TestGreetingInTheHandshakeWriteIsRead(t *testing.T) {
 		}
 	}
 }
+
+// The reader lends what it hands out: a payload it does not say it owns
+// stays as it was until the reader calls its release hook, which it does
+// before it reads the connection again (and so before its buffer or its
+// memory for large frames is reused) — across frames that fit the buffer,
+// larger ones, fragmented ones and pings, read in small pieces.
+func TestFrameReaderLendsUntilRelease(t *testing.T) {
+	var stream []byte
+	var msgs [][]byte
+	var ends []int // where messages end in stream
+	for i := 0; i < 300; i++ {
+		n := []int{10, 100, 1000, 3000, 5000, 20000}[i%6]
+		if i%7 == 0 {
+			n = maxLent + 1 // owned
+		}
+		msg := fmt.Appendf(nil, "%d:", i)
+		msg = append(msg, bytes.Repeat([]byte{byte('a' + i%26)}, n-len(msg))...)
+		msgs = append(msgs, msg)
+		if i%11 == 0 {
+			stream = append(stream, fragments(opBinary, msg, 700)...)
+		} else {
+			stream = append(stream, frame(true, opBinary, msg)...)
+		}
+		ends = append(ends, len(stream))
+		if i%5 == 1 {
+			stream = append(stream, frame(true, opText, make([]byte, 40000))...) // over the limit: skipped
+			ends = append(ends, len(stream))
+		}
+		if i%2 == 0 {
+			stream = append(stream, frame(true, opPing, []byte("p"))...)
+			ends = append(ends, len(stream))
+		}
+	}
+	limit := func(typ int) int64 {
+		if typ == opText {
+			return 30000
+		}
+		return 2 << 20
+	}
+	type lent struct {
+		b    []byte
+		want []byte
+	}
+	var out []lent
+	check := func(when string) {
+		for _, l := range out {
+			if !bytes.Equal(l.b, l.want) {
+				t.Fatalf("%s: a lent payload changed before it was released: starts %q, want %q", when, l.b[:min(8, len(l.b))], l.want[:8])
+			}
+		}
+	}
+	conn := &pieces{b: stream, ends: ends, before: func() {
+		if len(out) > 0 {
+			t.Fatalf("the reader reads its connection with %d payloads lent", len(out))
+		}
+	}}
+	r := &wsReader{br: bufio.NewReaderSize(conn, 4096)}
+	releases := 0
+	r.release = func() {
+		check("at a release")
+		out = out[:0]
+		releases++
+	}
+	for i := range msgs {
+		_, b, owned, over, err := r.next(limit)
+		if err != nil || over {
+			t.Fatalf("message %d: %v (over %v)", i, err, over)
+		}
+		if !bytes.Equal(b, msgs[i]) {
+			t.Fatalf("message %d: read %q…", i, b[:min(8, len(b))])
+		}
+		if owned != (len(b) > maxLent || i%11 == 0 && len(b) > 700) {
+			t.Fatalf("message %d of %d bytes: owned %v", i, len(b), owned)
+		}
+		if !owned {
+			out = append(out, lent{b, msgs[i]})
+		}
+		check("after a read")
+		if i%5 == 1 {
+			if _, _, _, over, err := r.next(limit); !over || err != nil {
+				t.Fatalf("after message %d: over %v, %v", i, over, err)
+			}
+			check("after a skipped frame")
+		}
+	}
+	if releases < 100 {
+		t.Fatalf("only %d releases", releases)
+	}
+}
+
+// pieces is a connection that reads b in pieces of 1 to about 2000 bytes,
+// many of them short, and most of them up to the next end of a message
+// (as a server's writes often arrive) or a byte or two past it.
+type pieces struct {
+	b      []byte
+	ends   []int // offsets in b where messages end
+	off, i int
+	before func() // called before each read
+}
+
+func (p *pieces) Read(q []byte) (int, error) {
+	p.before()
+	if len(p.b) == 0 {
+		return 0, io.EOF
+	}
+	p.i++
+	size := []int{1, 2, 3, 7, 100, 1000, 1999}[p.i*7919%7]
+	for len(p.ends) > 0 && p.ends[0] <= p.off {
+		p.ends = p.ends[1:]
+	}
+	if k := p.i % 4; k < 3 && len(p.ends) > 0 {
+		size = p.ends[0] - p.off + k // (k bytes into the next frame's header)
+	}
+	n := copy(q[:min(len(q), size)], p.b)
+	p.b, p.off = p.b[n:], p.off+n
+	return n, nil
+}

@@ -1,6 +1,7 @@
 package dispatch
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -50,9 +51,27 @@ func (f *inlineFeed) Flush(Recipient) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, ev := range f.held {
-		f.shown <- ev
+		f.shown <- owned(ev)
 	}
 	f.held = f.held[:0]
+}
+
+// Release shows what is held: the test reads it after the reader has
+// reused its memory, so lent events are copied.
+func (f *inlineFeed) Release(to Recipient) { f.Flush(to) }
+
+// owned is ev with bytes of its own.
+func owned(ev Event) Event {
+	if ev.Lent {
+		ev.Lent = false
+		ev.JSON = bytes.Clone(ev.JSON)
+		if ev.Preview != nil {
+			p := *ev.Preview
+			p.Image = bytes.Clone(p.Image)
+			ev.Preview = &p
+		}
+	}
+	return ev
 }
 
 func (f *inlineFeed) QueueChanged(string) {}
@@ -232,7 +251,7 @@ func TestFrameSlabCopiesStayApart(t *testing.T) {
 		if i%97 == 0 {
 			frame = append(frame, make([]byte, slabFrame)...)
 		}
-		c := rb.own(frame, true)
+		c := rb.slab.copy(frame)
 		frame[0] = 'X' // the reader's scratch is reused
 		kept = append(kept, c)
 		want = append(want, string(c))

@@ -294,20 +294,24 @@ func (r *run) idleAfterDone() bool {
 // offer hands an event from the upstream's reader to the job. An event
 // that needs no I/O to handle (progress, progress_state, executing,
 // previews, progress text) and finds the job's goroutine idle is handled
-// at once on the reader itself, without a hand-off: a frame that finds
-// the path idle goes out at once. It is delivered later (BatchEvents) and
-// the reader flushes before it next waits for its connection (readBatch),
-// so the events of one read reach the browser in one write. Anything else,
-// or while the job's goroutine has events queued, is queued (push). With
-// an Events that is not InlineEvents, or says no, every event is queued.
+// at once on the reader itself, without a hand-off and without a copy: a
+// frame that finds the path idle goes out at once, from where the reader
+// read it. It is delivered later (BatchEvents), and before the reader next
+// reads from its connection it flushes and releases what it lent
+// (readBatch.flush), so the events of one read reach the browser in one
+// write. Anything else, or while the job's goroutine has events queued, is
+// copied out of the reader's memory and queued (push). With an Events that
+// is not InlineEvents, or says no, every event is queued.
 func (r *run) offer(ev event, rb *readBatch) {
 	if rb == nil || !ev.quick() || !r.inlineEvents() {
+		ev.own(rb)
 		r.push(ev)
 		return
 	}
 	r.mu.Lock()
 	if r.finished || r.busy || r.inline || r.queue.Len() > 0 {
 		r.mu.Unlock()
+		ev.own(rb)
 		r.push(ev)
 		return
 	}
@@ -315,7 +319,7 @@ func (r *run) offer(ev event, rb *readBatch) {
 	r.lastEvent = time.Now()
 	r.mu.Unlock()
 	r.handleAt(ev, true)
-	if r.endInline() {
+	if r.endInline() || ev.lent {
 		rb.add(r)
 	}
 }
@@ -343,25 +347,33 @@ func (r *run) inlineEvents() bool {
 	return ok && ie.Inline()
 }
 
-// flushInline writes what the upstream's reader delivered later, unless
-// the job's goroutine is handling events (its next Deliver or Flush
-// writes them).
-func (r *run) flushInline() {
+// releaseInline shows what the upstream's reader delivered later and lets
+// go of what it lent the job's Events (InlineEvents.Release). While the
+// job's goroutine handles events, its next Deliver or Flush shows them,
+// but the Events still copy whatever they keep of the reader's memory.
+func (r *run) releaseInline() {
 	r.mu.Lock()
-	if r.busy || r.inline {
-		r.mu.Unlock()
-		return
+	idle := !r.busy && !r.inline
+	if idle {
+		r.inline = true
 	}
-	r.inline = true
+	to := recipientOf(r.job)
 	r.mu.Unlock()
-	r.flush()
-	r.endInline()
+	if idle {
+		r.batched = 0 // (Release shows them)
+	}
+	if ie, ok := r.m.events.(InlineEvents); ok {
+		ie.Release(to)
+	}
+	if idle {
+		r.endInline()
+	}
 }
 
-// readBatch is the state of an upstream's reader goroutine: what it
-// delivered later since it last read from its connection (the runs to
-// flush before it waits again), and the block its small frames are copied
-// into.
+// readBatch is the state of an upstream's reader goroutine: the jobs it
+// delivered events to later, or lent its memory to, since it last read
+// from its connection (flushed and released before it reads again), and
+// the block its small frames are copied into when they are queued.
 type readBatch struct {
 	runs []*run
 	slab frameSlab
@@ -374,16 +386,6 @@ func (b *readBatch) add(r *run) {
 		}
 	}
 	b.runs = append(b.runs, r)
-}
-
-// own returns a copy of a frame read into the reader's scratch: a small
-// one that needs no I/O (quick: progress and the like, short-lived) from
-// the reader's slab, anything else on its own.
-func (b *readBatch) own(frame []byte, quick bool) []byte {
-	if b == nil || !quick {
-		return bytes.Clone(frame)
-	}
-	return b.slab.copy(frame)
 }
 
 // frameSlab hands out copies of small frames from shared blocks: one
@@ -412,10 +414,11 @@ func (s *frameSlab) copy(b []byte) []byte {
 	return s.block[n:len(s.block):len(s.block)]
 }
 
-// flush writes every batch the reader left.
+// flush shows and releases what the reader delivered (the wsReader's
+// release hook: it runs before the reader reads its connection again).
 func (b *readBatch) flush() {
 	for i, r := range b.runs {
-		r.flushInline()
+		r.releaseInline()
 		b.runs[i] = nil
 	}
 	b.runs = b.runs[:0]
@@ -440,7 +443,7 @@ func (r *run) handleAt(raw event, more bool) {
 	job := r.job
 	to := recipientOf(job)
 	more = more || r.queue.Len() > 0
-	var ev Event
+	ev := Event{Lent: raw.lent}
 	switch {
 	case raw.json != nil:
 		h := &raw.head

@@ -2,7 +2,6 @@ package dispatch
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -68,17 +67,17 @@ func (u *Upstream) streamLoop(ready chan struct{}) {
 			close(ready)
 		}
 	}
-	// What the reader handled itself and delivered later; flushed before
-	// each read from the connection (flushingConn).
+	// What the reader handled itself and delivered later, or lent; flushed
+	// and released before each read from the connection (wsReader.release).
 	rb := &readBatch{}
-	dialer, lastConn := u.streamDialer(rb)
+	dialer, lastConn := u.streamDialer()
 	for attempt := 0; ; attempt++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		conn, err := u.DialWebSocketWith(ctx, dialer, "/ws?clientId="+u.clientID)
 		cancel()
 		var fr *wsReader
 		if err == nil {
-			fr = &wsReader{br: bufio.NewReaderSize(lastConn(), streamReadBuffer), control: answerControl(conn)}
+			fr = &wsReader{br: bufio.NewReaderSize(lastConn(), streamReadBuffer), control: answerControl(conn), release: rb.flush}
 			// Ask for type-4 previews (with node and prompt ids).
 			err = conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true}}`))
 		}
@@ -206,9 +205,10 @@ func (u *Upstream) giveUp(since time.Time, err error) bool {
 // frame over its limit is discarded as it is read (never buffered whole)
 // and logged once per job; the connection and its other jobs go on.
 //
-// Events the reader handled itself (run.offer) are flushed to the browser
-// before it next reads from the connection, so one read's events go out in
-// one write, and a lone event at once (see flushingConn).
+// Events the reader handled itself (run.offer) are flushed to the browser,
+// and what it lent of its memory released, before it next reads from the
+// connection (wsReader.release), so one read's events go out in one write,
+// and a lone event at once.
 func (u *Upstream) readStream(fr *wsReader, rb *readBatch) error {
 	defer rb.flush()
 	for {
@@ -282,7 +282,7 @@ func (u *Upstream) remember(h *comfy.Head) {
 }
 
 // onText routes a JSON event by what comfy.ScanEvent reads of it.
-// b is the reader's (valid until its next read) unless owned.
+// b is lent by the reader (valid until it releases) unless owned.
 func (u *Upstream) onText(b []byte, owned bool, rb *readBatch) {
 	h, ok := comfy.ScanEventLike(b, &u.last)
 	if !ok {
@@ -305,10 +305,7 @@ func (u *Upstream) onText(b []byte, owned bool, rb *readBatch) {
 	case comfy.IsTerminal(h.Type) && u.running == pid:
 		u.running = ""
 	}
-	ev := event{json: b, head: h}
-	if !owned {
-		ev.json = rb.own(b, ev.quick())
-	}
+	ev := event{json: b, head: h, lent: !owned}
 	r := u.routeLocked(pid, ev)
 	u.mu.Unlock()
 	if r != nil {
@@ -320,14 +317,12 @@ func (u *Upstream) onBinary(b []byte, owned bool, rb *readBatch) {
 	if t, ok := comfy.BinaryType(b); ok && t != comfy.BinaryPreviewImage && t != comfy.BinaryText && t != comfy.BinaryPreviewImageWithMetadata {
 		return // a type the frontend does not know either
 	}
-	if !owned {
-		b = bytes.Clone(b)
-	}
 	ev, pid, ok := binaryEvent(b)
 	if !ok {
 		u.logger.Warn("skipping malformed binary frame", zap.ByteString("start", truncate(b, 16)))
 		return
 	}
+	ev.lent = !owned
 	u.mu.Lock()
 	if pid == "" {
 		pid = u.running
@@ -394,9 +389,7 @@ func (u *Upstream) routeLocked(pid string, ev event) *run {
 		}
 	}
 	if size := ev.size(); u.orphanBytes+size <= maxOrphanBytes {
-		if ev.json != nil {
-			ev.json = bytes.Clone(ev.json) // (out of the reader's slab: kept long)
-		}
+		ev.own(nil) // (kept long: not in the reader's slab)
 		u.orphans[pid] = append(q, ev)
 		u.orphanBytes += size
 	}

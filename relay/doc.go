@@ -43,9 +43,19 @@
 //     subscription, queue counts) start such a goroutine at once; the
 //     socket's own goroutines (its home relay, its read loop) write inline.
 //     So a frame that finds the socket idle goes out at once, with no
-//     hand-off. Frames are framed by the gateway itself on the hijacked
-//     connection; gorilla's own control frames (pongs, close replies) are
-//     routed into the same queue, so exactly one writer ever writes.
+//     hand-off. A connection that cannot be written without waiting (TLS)
+//     is written by a goroutine of its own from the start. Frames are
+//     framed by the gateway itself on the hijacked connection; gorilla's
+//     own control frames (pongs, close replies) are routed into the same
+//     queue, so exactly one writer ever writes.
+//  5. Lent frames. The GPU stream's reader lends its progress and
+//     previews (frame.lent: the bytes are its read buffer) and calls
+//     Gateway.Release before it reads over them. Until then only it
+//     writes them from where they lie; at Release each socket writes
+//     what its connection takes at once, and whatever must wait — in a
+//     queue behind a slow browser, in the rest of a half-done write, on
+//     another writer's batch, in a session's backlog — is copied first.
+//     A browser that keeps up costs no copy.
 //
 // The home relay of a socket reads the user's home ComfyUI stream and
 // writes its frames the same way; it re-dials home with backoff, also when

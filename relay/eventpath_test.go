@@ -2,9 +2,11 @@ package relay_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -104,13 +106,14 @@ func (g *blastGPU) run(c *gpuConn, id string) {
 	text := func(s string) { c.send(websocket.TextMessage, []byte(s)) }
 	text(`{"type": "execution_start", "data": {"prompt_id": "` + id + `", "timestamp": 1}}`)
 	text(`{"type": "executing", "data": {"node": "1", "display_node": "1", "prompt_id": "` + id + `"}}`)
-	var preview []byte
-	if g.Previews > 0 {
+	// Preview k (from 1) is PreviewBytes of the byte k, so that a browser
+	// can tell one from another and a mixed-up one from both.
+	preview := func(k int) []byte {
 		md := `{"node_id": "1", "prompt_id": "` + id + `", "display_node_id": "1", "parent_node_id": null, "real_node_id": "1", "image_type": "image/jpeg"}`
-		preview = binary.BigEndian.AppendUint32(nil, 4)
-		preview = binary.BigEndian.AppendUint32(preview, uint32(len(md)))
-		preview = append(preview, md...)
-		preview = append(preview, bytes.Repeat([]byte{0xab}, g.PreviewBytes)...)
+		b := binary.BigEndian.AppendUint32(nil, 4)
+		b = binary.BigEndian.AppendUint32(b, uint32(len(md)))
+		b = append(b, md...)
+		return append(b, bytes.Repeat([]byte{byte(k)}, g.PreviewBytes)...)
 	}
 	every := 0
 	if g.Previews > 0 {
@@ -119,7 +122,7 @@ func (g *blastGPU) run(c *gpuConn, id string) {
 	for i := 1; i <= g.Progress; i++ {
 		text(fmt.Sprintf(`{"type": "progress", "data": {"value": %d, "max": %d, "prompt_id": "%s", "node": "1"}}`, i, g.Progress, id))
 		if every > 0 && i%every == 0 {
-			c.send(websocket.BinaryMessage, preview)
+			c.send(websocket.BinaryMessage, preview(i/every))
 		}
 	}
 	text(`{"type": "executed", "data": {"node": "1", "display_node": "1", "output": {"text": ["done"]}, "prompt_id": "` + id + `"}}`)
@@ -130,6 +133,12 @@ func (g *blastGPU) run(c *gpuConn, id string) {
 // eventGateway is a relay.Gateway with one pool on gpu, served over HTTP
 // as user alice.
 func eventGateway(t testing.TB, gpu string, limits dispatch.EventLimits) string {
+	return eventGatewaySendBuffer(t, gpu, limits, 0)
+}
+
+// eventGatewaySendBuffer is eventGateway whose connections to browsers
+// have a socket send buffer of sndbuf bytes (0: the system's).
+func eventGatewaySendBuffer(t testing.TB, gpu string, limits dispatch.EventLimits, sndbuf int) string {
 	blobs, err := relay.NewDiskBlobs(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -144,17 +153,26 @@ func eventGateway(t testing.TB, gpu string, limits dispatch.EventLimits) string 
 		t.Fatal(err)
 	}
 	g.Manager().SetPool(&dispatch.Pool{Name: "gpu", Upstreams: []*dispatch.Upstream{up}})
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !g.ServeHTTP(w, r, relay.Site{User: "alice", RunOn: "gpu"}) {
 			http.NotFound(w, r)
 		}
 	}))
+	if sndbuf > 0 {
+		srv.Config.ConnState = func(c net.Conn, s http.ConnState) {
+			if tc, ok := c.(*net.TCPConn); ok && s == http.StateNew {
+				_ = tc.SetWriteBuffer(sndbuf)
+			}
+		}
+	}
+	srv.Start()
 	t.Cleanup(srv.Close)
 	return srv.URL
 }
 
 // jobSeen is what a browser saw of one job.
 type jobSeen struct {
+	id       string   // the job's prompt_id
 	types    []string // JSON event types, in order
 	progress int
 	previews int
@@ -162,8 +180,8 @@ type jobSeen struct {
 	ids      map[string]bool
 }
 
-// runBrowserJob opens a browser socket, queues a prompt and reads until
-// the job's executing{node:null}.
+// runBrowserJob queues a prompt for the browser session sid and reads
+// conn until the job's executing{node:null} (readJob).
 func runBrowserJob(t testing.TB, base string, conn *websocket.Conn, sid string) jobSeen {
 	body := `{"client_id": "` + sid + `", "prompt": {"1": {"class_type": "Blast", "inputs": {}}}}`
 	resp, err := http.Post(base+"/prompt", "application/json", strings.NewReader(body))
@@ -178,7 +196,15 @@ func runBrowserJob(t testing.TB, base string, conn *websocket.Conn, sid string) 
 	if err != nil || a.PromptID == "" {
 		t.Fatalf("POST /prompt: %d %v", resp.StatusCode, err)
 	}
-	seen := jobSeen{ids: map[string]bool{}}
+	return readJob(t, conn, a.PromptID)
+}
+
+// readJob reads a browser socket until job id's executing{node:null}. It
+// checks that every progress event and every preview is exactly what the
+// blastGPU sent, in order (progress values and preview numbers count up
+// by one) and under the job's prompt_id.
+func readJob(t testing.TB, conn *websocket.Conn, id string) jobSeen {
+	seen := jobSeen{id: id, ids: map[string]bool{}}
 	_ = conn.SetReadDeadline(time.Now().Add(60 * time.Second))
 	for {
 		typ, b, err := conn.ReadMessage()
@@ -186,15 +212,11 @@ func runBrowserJob(t testing.TB, base string, conn *websocket.Conn, sid string) 
 			t.Fatalf("reading the browser socket: %v (saw %v)", err, seen.types)
 		}
 		if typ == websocket.BinaryMessage {
-			seen.previews++
+			seen.checkPreview(t, b)
 			continue
 		}
 		if bytes.Contains(b[:min(len(b), 24)], []byte(`"progress"`)) {
-			if !bytes.Contains(b, []byte(a.PromptID)) {
-				t.Fatalf("progress %s does not carry the job's prompt_id %s", b, a.PromptID)
-			}
-			seen.progress++
-			seen.lastRaw = b
+			seen.checkProgress(t, b)
 			continue
 		}
 		var m struct {
@@ -211,15 +233,59 @@ func runBrowserJob(t testing.TB, base string, conn *websocket.Conn, sid string) 
 			seen.ids[id] = true
 		}
 		seen.types = append(seen.types, m.Type)
-		if m.Type == "executing" && m.Data["node"] == nil && m.Data["prompt_id"] == a.PromptID {
+		if m.Type == "executing" && m.Data["node"] == nil && m.Data["prompt_id"] == id {
 			return seen
 		}
 	}
 }
 
+// checkProgress checks a progress frame: the job's, and the next value.
+func (seen *jobSeen) checkProgress(t testing.TB, b []byte) {
+	t.Helper()
+	var m struct {
+		Type string `json:"type"`
+		Data struct {
+			Value    int    `json:"value"`
+			PromptID string `json:"prompt_id"`
+		} `json:"data"`
+	}
+	if err := json.Unmarshal(b, &m); err != nil || m.Type != "progress" || m.Data.PromptID != seen.id || m.Data.Value != seen.progress+1 {
+		t.Fatalf("progress frame %q after value %d of job %s (%v)", b, seen.progress, seen.id, err)
+	}
+	seen.progress++
+	seen.lastRaw = b
+}
+
+// checkPreview checks a type-4 preview: the job's, and the next preview,
+// every byte of its image the preview's number.
+func (seen *jobSeen) checkPreview(t testing.TB, b []byte) {
+	t.Helper()
+	if len(b) < 8 || binary.BigEndian.Uint32(b) != 4 || uint64(binary.BigEndian.Uint32(b[4:])) > uint64(len(b)-8) {
+		t.Fatalf("preview frame of %d bytes starts %x", len(b), b[:min(len(b), 16)])
+	}
+	n := binary.BigEndian.Uint32(b[4:])
+	var md struct {
+		PromptID string `json:"prompt_id"`
+	}
+	img := b[8+n:]
+	if err := json.Unmarshal(b[8:8+n], &md); err != nil || md.PromptID != seen.id {
+		t.Fatalf("preview metadata %q of job %s (%v)", b[8:8+n], seen.id, err)
+	}
+	k := byte(seen.previews + 1)
+	if len(img) == 0 || bytes.Count(img, []byte{k}) != len(img) {
+		t.Fatalf("preview %d of job %s: %d bytes, %d of them %d (starts %x)", k, seen.id, len(img), bytes.Count(img, []byte{k}), k, img[:min(len(img), 16)])
+	}
+	seen.previews++
+}
+
 func openBrowser(t testing.TB, base string) (*websocket.Conn, string) {
 	sid := "tab-" + uuid.NewString()[:8]
-	conn, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(base, "http")+"/ws?clientId="+sid, nil)
+	return openTab(t, base, sid, websocket.DefaultDialer), sid
+}
+
+// openTab opens a browser socket of session sid with d.
+func openTab(t testing.TB, base, sid string, d *websocket.Dialer) *websocket.Conn {
+	conn, _, err := d.Dial("ws"+strings.TrimPrefix(base, "http")+"/ws?clientId="+sid, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,7 +293,7 @@ func openBrowser(t testing.TB, base string) (*websocket.Conn, string) {
 	if err := conn.WriteMessage(websocket.TextMessage, []byte(`{"type":"feature_flags","data":{"supports_preview_metadata":true}}`)); err != nil {
 		t.Fatal(err)
 	}
-	return conn, sid
+	return conn
 }
 
 func cpuTime() time.Duration {
@@ -283,5 +349,37 @@ func TestFastBrowserGetsEveryEvent(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// The GPU stream's reader lends its memory to the event path instead of
+// copying each event: what every tab gets must still be exactly what the
+// GPU sent. Here a second tab of the session reads nothing until the job
+// is over for the first, through a small receive buffer, so its frames
+// wait in its queue — written from where they lie while its connection
+// takes them, then copied, then written by another goroutine — while the
+// reader goes on reading over the memory they were lent from.
+func TestLentFramesReachEveryTabIntact(t *testing.T) {
+	const progress, previews = 2000, 20
+	gpu := startBlastGPU(t, &blastGPU{Progress: progress, Previews: previews, PreviewBytes: 64 << 10})
+	base := eventGatewaySendBuffer(t, gpu.srv.URL, dispatch.EventLimits{}, 32<<10)
+	conn, sid := openBrowser(t, base)
+	small := *websocket.DefaultDialer
+	small.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		if tc, ok := c.(*net.TCPConn); ok {
+			_ = tc.SetReadBuffer(64 << 10)
+		}
+		return c, err
+	}
+	behind := openTab(t, base, sid, &small)
+	for job := 0; job < 3; job++ {
+		seen := runBrowserJob(t, base, conn, sid)
+		late := readJob(t, behind, seen.id)
+		for _, s := range []jobSeen{seen, late} {
+			if s.progress != progress || s.previews != previews {
+				t.Fatalf("job %d: a tab got %d of %d progress events and %d of %d previews", job, s.progress, progress, s.previews, previews)
+			}
+		}
 	}
 }

@@ -638,13 +638,21 @@ func (g *Gateway) Inline() bool { return g.hub.bus == nil }
 // Flush implements dispatch.BatchEvents.
 func (g *Gateway) Flush(to dispatch.Recipient) { g.hub.flush(to.User, to.ClientID) }
 
+// Release implements dispatch.InlineEvents: the upstream's reader is done
+// lending the frames it delivered to the session. Each of this gateway's
+// sockets of it writes what its connection takes at once, from where the
+// frames lie, and copies what is left (a browser that is behind).
+func (g *Gateway) Release(to dispatch.Recipient) { g.hub.releaseLent(to.User, to.ClientID) }
+
+var _ dispatch.InlineEvents = (*Gateway)(nil)
+
 func (g *Gateway) deliver(to dispatch.Recipient, ev dispatch.Event, start writerStart) {
 	var f frame
 	switch {
 	case ev.JSON != nil:
-		f.text = ev.JSON
+		f.text, f.lent = ev.JSON, ev.Lent
 	case ev.Preview != nil:
-		f.preview = ev.Preview
+		f.preview, f.lent = ev.Preview, ev.Lent
 	case ev.Text != nil:
 		f.binary = ev.Text.Encode(false)
 	default:

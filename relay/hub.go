@@ -16,6 +16,30 @@ type frame struct {
 	text    []byte         // a JSON text frame
 	binary  []byte         // a binary frame sent as is
 	preview *comfy.Preview // a preview, encoded per socket (type 1 or 4)
+	// lent: text, binary or preview.Image are an upstream reader's memory
+	// (dispatch.Event.Lent), valid until it calls Gateway.Release. Only
+	// that reader writes such a frame from where it lies; whatever keeps
+	// it longer or takes it elsewhere copies it first (own).
+	lent bool
+}
+
+// own returns f with bytes of its own.
+func (f frame) own() frame {
+	if !f.lent {
+		return f
+	}
+	f.lent = false
+	switch {
+	case f.text != nil:
+		f.text = bytes.Clone(f.text)
+	case f.binary != nil:
+		f.binary = bytes.Clone(f.binary)
+	case f.preview != nil:
+		p := *f.preview
+		p.Image = bytes.Clone(p.Image)
+		f.preview = &p
+	}
+	return f
 }
 
 // Limits of what a session keeps for a browser that is reconnecting.
@@ -135,24 +159,34 @@ func (h *Hub) publish(user, sid string, f frame, start writerStart) {
 // flush starts the writers of this gateway's sockets of a session that
 // hold frames published with startLater.
 func (h *Hub) flush(user, sid string) {
-	for _, s := range h.sessionSockets(user, sid) {
+	var buf [4]*socket
+	for _, s := range h.sessionSockets(user, sid, buf[:0]) {
 		s.kick()
 	}
 }
 
-// sessionSockets returns this gateway's sockets of a session.
-func (h *Hub) sessionSockets(user, sid string) []*socket {
+// releaseLent is flush by the upstream reader that lent the session's
+// frames: each socket writes what its connection takes at once and copies
+// the rest (socket.releaseLent).
+func (h *Hub) releaseLent(user, sid string) {
+	var buf [4]*socket
+	for _, s := range h.sessionSockets(user, sid, buf[:0]) {
+		s.releaseLent()
+	}
+}
+
+// sessionSockets appends this gateway's sockets of a session to buf.
+func (h *Hub) sessionSockets(user, sid string, buf []*socket) []*socket {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	se := h.sessions[sessionKey{user, sid}]
-	if se == nil || len(se.sockets) == 0 {
-		return nil
+	if se == nil {
+		return buf
 	}
-	targets := make([]*socket, 0, len(se.sockets))
 	for s := range se.sockets {
-		targets = append(targets, s)
+		buf = append(buf, s)
 	}
-	return targets
+	return buf
 }
 
 // catchUp writes to every socket of this gateway the kept frames it has not
@@ -206,7 +240,8 @@ func (h *Hub) deliverBus(m BusMessage) {
 // deliverFrame writes a frame with its replay position to this gateway's
 // sockets of a session.
 func (h *Hub) deliverFrame(user, sid string, f frame, pos string, start writerStart) {
-	for _, s := range h.sessionSockets(user, sid) {
+	var buf [4]*socket
+	for _, s := range h.sessionSockets(user, sid, buf[:0]) {
 		s.deliver(f, pos, start)
 	}
 }
@@ -247,14 +282,15 @@ func (h *Hub) publishLocal(user, sid string, f frame, start writerStart) {
 	if len(se.sockets) == 0 {
 		n := len(f.text) + len(f.binary)
 		if f.preview == nil && len(se.backlog) < backlogFrames && se.bytes+n <= backlogBytes && h.backlog[user]+n <= userBacklogBytes {
-			se.backlog = append(se.backlog, f)
+			se.backlog = append(se.backlog, f.own())
 			se.bytes += n
 			h.backlog[user] += n
 		}
 		h.mu.Unlock()
 		return
 	}
-	targets := make([]*socket, 0, len(se.sockets))
+	var buf [4]*socket
+	targets := buf[:0]
 	for s := range se.sockets {
 		targets = append(targets, s)
 	}
@@ -362,7 +398,7 @@ func (s *socket) deliver(f frame, pos string, start writerStart) {
 	switch {
 	case !ok:
 	case start == startNow:
-		s.writeLoop(nil, &q, direct, true)
+		s.writeLoop(nil, &q, direct, true, q.f.lent)
 	default:
 		s.goWrite(q, direct)
 	}
@@ -422,7 +458,7 @@ func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bo
 	s.holding = false
 	s.mu.Unlock()
 	if start {
-		s.writeLoop(nil, &first, direct, false)
+		s.writeLoop(nil, &first, direct, false, false)
 	}
 }
 

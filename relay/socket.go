@@ -71,6 +71,7 @@ type socket struct {
 	latest    map[string]int // while over the bound: coalescing key → position
 	overSince time.Time      // when the queue went over its bound (zero: it isn't)
 	writing   bool           // a writer is at work
+	lent      bool           // queue may hold lent frames (frame.lent)
 	closing   bool           // no more frames: the socket closes once its queue is written
 	dead      bool
 
@@ -148,7 +149,8 @@ func (s *socket) sendRaw(b []byte) {
 // as start says. (Entries go by pointer down to the writer, and are
 // copied where they stay: a socket's own goroutines write inline, and
 // their stacks, which grow for the deepest write, are most of an idle
-// socket's memory.)
+// socket's memory.) A lent frame comes from the reader that lent it, who
+// may write it from where it lies (writeLoop's lender).
 func (s *socket) push(q *queued, start writerStart) {
 	s.mu.Lock()
 	ok, direct := s.enqueueLocked(q, start != startLater)
@@ -156,7 +158,7 @@ func (s *socket) push(q *queued, start writerStart) {
 	switch {
 	case !ok:
 	case start == startInline || start == startNow:
-		s.writeLoop(nil, q, direct, start == startNow)
+		s.writeLoop(nil, q, direct, start == startNow, q.f.lent)
 	default:
 		s.goWrite(*q, direct)
 	}
@@ -165,7 +167,8 @@ func (s *socket) push(q *queued, start writerStart) {
 // goWrite starts a writer on a goroutine of its own, with first as
 // writeLoop's.
 func (s *socket) goWrite(first queued, direct bool) {
-	go s.writeLoop(nil, &first, direct, false)
+	first.f = first.f.own()
+	go s.writeLoop(nil, &first, direct, false, false)
 }
 
 // kick writes, as startNow, the frames queued with startLater on a socket
@@ -178,8 +181,37 @@ func (s *socket) kick() {
 	}
 	s.mu.Unlock()
 	if start {
-		s.writeLoop(nil, nil, false, true)
+		s.writeLoop(nil, nil, false, true, false)
 	}
+}
+
+// releaseLent is kick by the upstream reader that lent the queued frames,
+// before it reuses their memory: it writes what the connection takes at
+// once from where the frames lie, and copies what is left (as it does
+// when another writer is at work).
+func (s *socket) releaseLent() {
+	s.mu.Lock()
+	if s.writing || s.dead || s.queue.Len() == 0 {
+		s.ownLocked()
+		s.mu.Unlock()
+		return
+	}
+	s.writing = true
+	s.mu.Unlock()
+	s.writeLoop(nil, nil, false, true, true)
+}
+
+// ownLocked copies the queued lent frames.
+func (s *socket) ownLocked() {
+	if !s.lent {
+		return
+	}
+	for i := range s.queue.Len() {
+		if q := s.queue.At(i); q.f.lent {
+			q.f = q.f.own()
+		}
+	}
+	s.lent = false
 }
 
 // enqueueLocked adds an entry to the queue, coalescing when the queue is
@@ -199,6 +231,7 @@ func (s *socket) enqueueLocked(q *queued, mayStart bool) (start, direct bool) {
 	}
 	s.queue.Push(*q)
 	s.bytes += q.size
+	s.lent = s.lent || q.f.lent
 	if s.bytes > s.limit || s.latest != nil {
 		s.squeezeLocked()
 		switch {
@@ -227,7 +260,7 @@ var queueChunks fifo.Pool[queued]
 func (s *socket) releaseLocked() {
 	s.base += s.queue.Len()
 	s.queue.Reset()
-	s.dropped, s.latest = 0, nil
+	s.dropped, s.latest, s.lent = 0, nil, false
 }
 
 // holdLocked keeps a live frame while the socket's missed frames are read
@@ -247,7 +280,7 @@ func (s *socket) holdLocked(f frame, pos string) {
 		s.held, s.heldBytes = nil, 0
 		s.closeLocked(websocket.ClosePolicyViolation, "browser too slow: too many events while catching up")
 	default:
-		s.held = append(s.held, heldFrame{f, pos})
+		s.held = append(s.held, heldFrame{f.own(), pos})
 		s.heldBytes += size
 	}
 }
@@ -406,7 +439,7 @@ func (s *socket) closeLocked(code int, reason string) {
 	}
 	if !s.writing {
 		s.writing = true
-		go s.writeLoop(nil, nil, false, false)
+		go s.writeLoop(nil, nil, false, false, false)
 	}
 }
 
@@ -443,16 +476,24 @@ func (s *socket) dieLocked() {
 // writeLoop writes first (if direct), then the queue until it is empty.
 // The caller has set s.writing. With nonblock, the caller writes only what
 // the connection takes at once: when the browser's socket buffer is full,
-// a goroutine writes the rest and goes on, so the caller never waits.
+// a goroutine writes the rest and goes on, so the caller never waits; a
+// connection that cannot be written without waiting (TLS) is written by a
+// goroutine of its own from the start. lender says that the caller is the
+// upstream reader that lent the queued lent frames: it writes them from
+// where they lie, and copies them before a goroutine takes over; any
+// other writer copies each lent frame as it takes it off the queue.
 // sc is the scratch of a batch begun (its rest written already by resume),
 // or nil. (One function for both: a socket's own goroutines write inline,
 // and their stacks are most of an idle socket's memory.)
-func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock bool) {
+func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock, lender bool) {
+	if nonblock && !s.vectored {
+		s.handOff(first, direct)
+		return
+	}
 	if sc == nil {
 		sc = scratchPool.Get().(*writeScratch)
 	}
 	s.mu.Lock()
-	nonblock = nonblock && s.vectored
 	for !s.dead && (direct || s.queue.Len() > 0) {
 		// Take a batch off the front of the queue.
 		batch := sc.batch[:0]
@@ -460,7 +501,7 @@ func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock boo
 			batch = append(batch, *first)
 			direct, first = false, nil
 		} else {
-			batch = s.takeLocked(batch)
+			batch = s.takeLocked(batch, lender)
 		}
 		meta, wait := s.previewMeta, writeWait
 		if s.closing {
@@ -477,7 +518,7 @@ func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock boo
 		switch {
 		case nonblock:
 			var handed bool
-			if handed, err = s.tryWrite(sc, wait); handed {
+			if handed, err = s.tryWrite(sc, wait, lender); handed {
 				return
 			}
 		case s.vectored:
@@ -514,12 +555,13 @@ func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock boo
 	scratchPool.Put(sc) // (its batch and bufs are bounded by maxBatchFrames)
 }
 
-// takeLocked appends a batch off the front of the queue to batch. (A
+// takeLocked appends a batch off the front of the queue to batch, with
+// copies of the lent frames unless the caller is their lender. (A
 // function of its own, so that its locals are not on the stack under
 // writeLoop's writes.)
 //
 //go:noinline
-func (s *socket) takeLocked(batch []queued) []queued {
+func (s *socket) takeLocked(batch []queued, lender bool) []queued {
 	size := 0
 	for s.queue.Len() > 0 && len(batch) < maxBatchFrames && (size == 0 || size+s.queue.At(0).size <= maxBatch) {
 		q, _ := s.queue.Pop()
@@ -527,13 +569,16 @@ func (s *socket) takeLocked(batch []queued) []queued {
 		if q.dropped {
 			s.dropped--
 		} else {
+			if q.f.lent && !lender {
+				q.f = q.f.own()
+			}
 			batch = append(batch, q)
 			size += q.size
 		}
 	}
 	s.bytes -= size
 	if s.queue.Len() == 0 {
-		s.dropped, s.latest = 0, nil
+		s.dropped, s.latest, s.lent = 0, nil, false
 	}
 	if s.bytes <= s.limit {
 		s.overSince = time.Time{}
@@ -543,17 +588,61 @@ func (s *socket) takeLocked(batch []queued) []queued {
 
 // tryWrite writes sc.bufs as far as the connection takes them at once;
 // when it does not take them all, a goroutine writes the rest and goes on
-// with the queue (handed).
+// with the queue (handed). A lender first copies what it lent: the rest
+// of the batch, and what is queued.
 //
 //go:noinline
-func (s *socket) tryWrite(sc *writeScratch, wait time.Duration) (handed bool, err error) {
+func (s *socket) tryWrite(sc *writeScratch, wait time.Duration, lender bool) (handed bool, err error) {
 	rest, err := tryWritev(s.raw, &sc.wv, sc.bufs)
 	if err == nil && len(rest) > 0 {
+		if lender {
+			rest = ownRest(sc.batch, rest)
+			s.mu.Lock()
+			s.ownLocked()
+			s.mu.Unlock()
+		}
 		sc.w = rest
 		go s.resume(sc, wait)
 		return true, nil
 	}
 	return false, err
+}
+
+// ownRest returns the unwritten rest of a batch as one buffer of its own
+// when the batch holds lent frames, else rest itself.
+func ownRest(batch []queued, rest net.Buffers) net.Buffers {
+	for i := range batch {
+		if batch[i].f.lent {
+			n := 0
+			for _, b := range rest {
+				n += len(b)
+			}
+			flat := make([]byte, 0, n)
+			for _, b := range rest {
+				flat = append(flat, b...)
+			}
+			return net.Buffers{flat}
+		}
+	}
+	return rest
+}
+
+// handOff starts a writer on a goroutine of its own for a caller that must
+// not wait (nonblock) on a connection that cannot be written without
+// waiting: first (if direct) and the lent frames queued are copied for it.
+// The caller has set s.writing.
+//
+//go:noinline
+func (s *socket) handOff(first *queued, direct bool) {
+	s.mu.Lock()
+	s.ownLocked()
+	s.mu.Unlock()
+	var q queued
+	if direct {
+		q = *first
+		q.f = q.f.own()
+	}
+	go s.writeLoop(nil, &q, direct, false, false)
 }
 
 // resume writes the rest of a batch that did not fit the browser's socket
@@ -567,7 +656,7 @@ func (s *socket) resume(sc *writeScratch, wait time.Duration) {
 		s.dieLocked()
 		s.mu.Unlock()
 	}
-	s.writeLoop(sc, nil, false, false)
+	s.writeLoop(sc, nil, false, false, false)
 }
 
 // advance drops the first n bytes of b.

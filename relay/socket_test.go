@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -412,5 +413,93 @@ func TestHeldFramesAreBoundedWhileCatchingUp(t *testing.T) {
 	s2.mu.Unlock()
 	if !closing || held2 != 0 {
 		t.Fatalf("closing %v with %d bytes held", closing, held2)
+	}
+}
+
+// tcpSocket is a socket on a loopback TCP connection with small socket
+// buffers (the kernel holds some tens of KiB of it), written as a
+// browser's is (non-blocking writev), and the browser's end.
+func tcpSocket(t *testing.T, limit int) (*socket, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 8<<10) })
+	}}
+	browser, err := d.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = server.(*net.TCPConn).SetWriteBuffer(8 << 10)
+	s := newSocket(limit)
+	s.out, s.vectored, s.raw = server, true, rawConn(server)
+	t.Cleanup(func() { s.kill(); browser.Close() })
+	return s, browser
+}
+
+// Frames an upstream reader lends (written from its read buffer, without
+// a copy) reach the browser as they were, although the reader reads over
+// that buffer as soon as it has released them — also when the browser is
+// behind: when another writer (a job's goroutine) took them off the queue
+// and its write is not done, when the reader's own write of them is not
+// done, and when they wait behind a write that is not done.
+func TestLentFramesOutliveTheirLender(t *testing.T) {
+	const n = 16
+	pad := strings.Repeat("p", 16<<10) // n of them are far more than the kernel holds
+	filler := []byte(`{"type":"executed","data":{"pad":"` + strings.Repeat("f", 256<<10) + `"}}`)
+	for _, c := range []struct {
+		name string
+		// before runs after the lent frames are queued; release is how
+		// the reader releases them.
+		before  func(s *socket)
+		release func(s *socket)
+		filler  bool
+	}{
+		{"taken by another writer", func(s *socket) { s.kick() }, (*socket).releaseLent, false},
+		{"half written by the reader", func(s *socket) {}, (*socket).releaseLent, false},
+		{"queued behind a write", func(s *socket) {}, (*socket).releaseLent, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s, browser := tcpSocket(t, 1<<30) // nothing coalesces
+			if c.filler {
+				q := queued{f: frame{text: filler}}
+				s.push(&q, startNow) // half written; a goroutine goes on
+			}
+			buf := make([]byte, 0, n*(len(pad)+64)) // the reader's buffer
+			for k := 0; k < n; k++ {
+				start := len(buf)
+				buf = fmt.Appendf(buf, `{"type":"progress","data":{"value":%d,"pad":%q}}`, k, pad)
+				q := queued{f: frame{text: buf[start:len(buf):len(buf)], lent: true}}
+				s.push(&q, startLater)
+			}
+			c.before(s)
+			c.release(s)
+			for i := range buf {
+				buf[i] = 'X' // the reader reads over it
+			}
+			frames := make(chan wireFrame, n+1)
+			go readWire(browser, frames)
+			if c.filler {
+				if f := <-frames; !bytes.Equal(f.payload, filler) {
+					t.Fatalf("the first frame is not the one written before: %.80q", f.payload)
+				}
+			}
+			for k := 0; k < n; k++ {
+				f, ok := <-frames
+				if !ok {
+					t.Fatalf("the connection ended after %d frames", k)
+				}
+				if want := fmt.Sprintf(`{"type":"progress","data":{"value":%d,"pad":%q}}`, k, pad); string(f.payload) != want {
+					t.Fatalf("frame %d: got %.80q…", k, f.payload)
+				}
+			}
+		})
 	}
 }
