@@ -129,6 +129,24 @@ func TestStuckSocketsStallNobody(t *testing.T) {
 	stallCheck(t, g, g, gl)
 }
 
+// The same with the site served over HTTPS: the gateway writes to the
+// browsers through TLS, which it cannot do without blocking, so whatever
+// must not wait (the GPU's event reader, a job) hands those writes on.
+func TestStuckTLSSocketsStallNobody(t *testing.T) {
+	home, gpu, gl := stallServers(t)
+	g := startCaddyTLS(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	stallCheck(t, g, g, gl)
+}
+
+// The same over HTTPS with a bus (Valkey): the gateway publishes each event
+// on it and hands it to its own sockets itself.
+func TestStuckTLSSocketsStallNobodyWithBus(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home, gpu, gl := stallServers(t)
+	g := startCaddyTLS(t, sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), ""))
+	stallCheck(t, g, g, gl)
+}
+
 // The same across two replicas sharing Valkey: the stuck sockets and bob's
 // browser are on one replica, the jobs run on the other, so every frame
 // crosses the bus into the first replica's subscription.

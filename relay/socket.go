@@ -120,7 +120,7 @@ type writerStart uint8
 const (
 	startGoroutine writerStart = iota // a goroutine of its own, now
 	startInline                       // the caller writes before it returns
-	startNow                          // the caller writes what the connection takes at once, a goroutine the rest
+	startNow                          // the caller writes what the connection takes at once, a goroutine the rest (TLS: all)
 	startLater                        // none yet: the caller kicks the socket when done queuing
 )
 
@@ -443,16 +443,21 @@ func (s *socket) dieLocked() {
 // writeLoop writes first (if direct), then the queue until it is empty.
 // The caller has set s.writing. With nonblock, the caller writes only what
 // the connection takes at once: when the browser's socket buffer is full,
-// a goroutine writes the rest and goes on, so the caller never waits.
-// sc is the scratch of a batch begun (its rest written already by resume),
-// or nil. (One function for both: a socket's own goroutines write inline,
-// and their stacks are most of an idle socket's memory.)
+// a goroutine writes the rest and goes on, so the caller never waits. A
+// connection that cannot be written without blocking (TLS) is written by
+// that goroutine alone. sc is the scratch of a batch begun (its rest
+// written already by resume), or nil. (One function for both: a socket's
+// own goroutines write inline, and their stacks are most of an idle
+// socket's memory.)
 func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock bool) {
+	if nonblock && !s.vectored {
+		s.handOff(first, direct)
+		return
+	}
 	if sc == nil {
 		sc = scratchPool.Get().(*writeScratch)
 	}
 	s.mu.Lock()
-	nonblock = nonblock && s.vectored
 	for !s.dead && (direct || s.queue.Len() > 0) {
 		// Take a batch off the front of the queue.
 		batch := sc.batch[:0]
@@ -512,6 +517,20 @@ func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock boo
 		sc.hdrs = nil // (preview heads of a batch of previews)
 	}
 	scratchPool.Put(sc) // (its batch and bufs are bounded by maxBatchFrames)
+}
+
+// handOff starts a writer on a goroutine of its own for a caller that must
+// not wait, where any write may block: a TLS connection is written record
+// by record, and a browser that does not read stops the writer. (nonblock
+// callers pass no scratch.)
+//
+//go:noinline
+func (s *socket) handOff(first *queued, direct bool) {
+	if direct {
+		s.goWrite(*first, true)
+		return
+	}
+	go s.writeLoop(nil, nil, false, false)
 }
 
 // takeLocked appends a batch off the front of the queue to batch. (A
