@@ -2,6 +2,7 @@ package caddymodule_test
 
 import (
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -76,7 +77,28 @@ func ephemeralLow() int {
 // gateway is a running Caddy with comfyume, loaded from a Caddyfile.
 type gateway struct {
 	t    testing.TB
-	Base string // http://127.0.0.1:port
+	Base string // http://127.0.0.1:port (https:// when served over TLS)
+	// With TLS: the settings of the test's clients, and its HTTP client.
+	tls    *tls.Config
+	client *http.Client
+}
+
+// httpClient is the client for the gateway's requests.
+func (g *gateway) httpClient() *http.Client {
+	if g.client == nil {
+		return http.DefaultClient
+	}
+	return g.client
+}
+
+// dialer is a WebSocket dialer for the gateway's sockets.
+func (g *gateway) dialer() *websocket.Dialer {
+	return &websocket.Dialer{Proxy: http.ProxyFromEnvironment, HandshakeTimeout: 45 * time.Second, TLSClientConfig: g.tls}
+}
+
+// wsURL is the gateway's WebSocket address for path.
+func (g *gateway) wsURL(path string) string {
+	return "ws" + strings.TrimPrefix(g.Base, "http") + path
 }
 
 // startCaddy adapts the Caddyfile and runs it in this process until the
@@ -110,6 +132,35 @@ func startCaddy(t testing.TB, caddyfile string) *gateway {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	return g
+}
+
+// startCaddyTLS runs the Caddyfile as startCaddy does, with its site
+// ":{PORT}" served over HTTPS instead (a certificate from Caddy's own
+// internal CA; the test's clients do not verify it).
+func startCaddyTLS(t testing.TB, caddyfile string) *gateway {
+	t.Helper()
+	caddyfile = strings.Replace(caddyfile, "admin off\n",
+		"admin off\n\tlocal_certs\n\tskip_install_trust\n\tauto_https disable_redirects\n\tstorage file_system {DATA}/caddy\n", 1)
+	caddyfile = strings.Replace(caddyfile, "\n:{PORT} {\n", "\nhttps://127.0.0.1:{PORT} {\n", 1)
+	g := startCaddy(t, caddyfile)
+	g.Base = strings.Replace(g.Base, "http://", "https://", 1)
+	g.tls = &tls.Config{InsecureSkipVerify: true}
+	tr := &http.Transport{TLSClientConfig: g.tls}
+	t.Cleanup(tr.CloseIdleConnections)
+	g.client = &http.Client{Transport: tr}
+	// Wait until it has its certificate.
+	for i := 0; ; i++ {
+		c, err := tls.Dial("tcp", strings.TrimPrefix(g.Base, "https://"), g.tls)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if i == 100 {
+			t.Fatalf("no TLS handshake with %s: %v", g.Base, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	return g
 }
@@ -169,7 +220,7 @@ func (g *gateway) do(user, method, path string, body any, hdr ...string) (int, [
 	for i := 0; i+1 < len(hdr); i += 2 {
 		req.Header.Set(hdr[i], hdr[i+1])
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := g.httpClient().Do(req)
 	if err != nil {
 		g.t.Fatalf("%s %s: %v", method, path, err)
 	}
@@ -228,7 +279,7 @@ func (g *gateway) openBrowser(user, clientID string, previewMeta bool) *browser 
 // object; "" sends no feature_flags frame).
 func (g *gateway) openBrowserFlags(user, clientID, flags string) *browser {
 	g.t.Helper()
-	u := "ws" + strings.TrimPrefix(g.Base, "http") + "/ws"
+	u := g.wsURL("/ws")
 	if clientID != "" {
 		u += "?clientId=" + clientID
 	}
@@ -236,7 +287,7 @@ func (g *gateway) openBrowserFlags(user, clientID, flags string) *browser {
 	if user != "" {
 		h.Set("X-User", user)
 	}
-	conn, _, err := websocket.DefaultDialer.Dial(u, h)
+	conn, _, err := g.dialer().Dial(u, h)
 	if err != nil {
 		g.t.Fatalf("dial %s: %v", u, err)
 	}

@@ -63,17 +63,16 @@ func (l *gpuLog) at(t *testing.T, what string, d time.Duration) time.Time {
 // a few MiB are in flight.
 func openStuck(t *testing.T, g *gateway, user, clientID string, n int) []*websocket.Conn {
 	t.Helper()
-	d := websocket.Dialer{
-		HandshakeTimeout: 5 * time.Second,
-		NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-			if tc, ok := c.(*net.TCPConn); ok {
-				_ = tc.SetReadBuffer(256 << 10)
-			}
-			return c, err
-		},
+	d := g.dialer()
+	d.HandshakeTimeout = 5 * time.Second
+	d.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		if tc, ok := c.(*net.TCPConn); ok {
+			_ = tc.SetReadBuffer(256 << 10)
+		}
+		return c, err
 	}
-	u := "ws" + strings.TrimPrefix(g.Base, "http") + "/ws?clientId=" + clientID
+	u := g.wsURL("/ws?clientId=" + clientID)
 	var out []*websocket.Conn
 	for i := 0; i < n; i++ {
 		c, _, err := d.Dial(u, http.Header{"X-User": {user}})
@@ -113,13 +112,38 @@ func stallCheck(t *testing.T, sockets, submit *gateway, gl *gpuLog) {
 	}
 }
 
+// stallServers starts the home server and the GPU (1 MiB previews, a step
+// every 20 ms) of the stall tests.
+func stallServers(t *testing.T) (home, gpu *comfytest.Server, gl *gpuLog) {
+	home = comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gl = newGPULog()
+	gpu = comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", PreviewBytes: 1 << 20, StepDelay: 20 * time.Millisecond, Logf: gl.logf})
+	return home, gpu, gl
+}
+
 // Twenty sockets of one user that never read hold up nobody: not that
 // user's own job (its GPU slot frees at once), not another user's events.
 func TestStuckSocketsStallNobody(t *testing.T) {
-	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
-	gl := newGPULog()
-	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", PreviewBytes: 1 << 20, StepDelay: 20 * time.Millisecond, Logf: gl.logf})
+	home, gpu, gl := stallServers(t)
 	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	stallCheck(t, g, g, gl)
+}
+
+// The same with the site served over HTTPS: the gateway writes to the
+// browsers through TLS, which it cannot do without blocking, so whatever
+// must not wait (the GPU's event reader, a job) hands those writes on.
+func TestStuckTLSSocketsStallNobody(t *testing.T) {
+	home, gpu, gl := stallServers(t)
+	g := startCaddyTLS(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	stallCheck(t, g, g, gl)
+}
+
+// The same over HTTPS with a bus (Valkey): the gateway publishes each event
+// on it and hands it to its own sockets itself.
+func TestStuckTLSSocketsStallNobodyWithBus(t *testing.T) {
+	valkeyAddr, s3 := sharedEnv(t)
+	home, gpu, gl := stallServers(t)
+	g := startCaddyTLS(t, sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), ""))
 	stallCheck(t, g, g, gl)
 }
 
@@ -128,9 +152,7 @@ func TestStuckSocketsStallNobody(t *testing.T) {
 // crosses the bus into the first replica's subscription.
 func TestStuckSocketsStallNobodyAcrossReplicas(t *testing.T) {
 	valkeyAddr, s3 := sharedEnv(t)
-	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
-	gl := newGPULog()
-	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", PreviewBytes: 1 << 20, StepDelay: 20 * time.Millisecond, Logf: gl.logf})
+	home, gpu, gl := stallServers(t)
 	cf := sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), "")
 	a := startCaddy(t, cf)
 	b := startReplica(t, cf)

@@ -2,10 +2,16 @@ package relay
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"strings"
 	"syscall"
@@ -292,25 +298,71 @@ func FuzzBusEncoding(f *testing.F) {
 // connection takes at once: to a browser that has stopped reading, 32 MiB
 // of frames (far more than the kernel buffers) are handed over without the
 // job's goroutine ever waiting, and once the browser reads it gets every
-// frame, whole and in order.
+// frame, whole and in order. Over TLS, which cannot be written without
+// blocking, the job's goroutine hands every write to a writer goroutine.
 func TestJobGoroutineNeverWaitsForTheBrowser(t *testing.T) {
+	for _, overTLS := range []bool{false, true} {
+		t.Run(map[bool]string{false: "tcp", true: "tls"}[overTLS], func(t *testing.T) {
+			jobNeverWaits(t, overTLS)
+		})
+	}
+}
+
+// browserPair connects a socket to a browser over loopback TCP, or TLS on
+// it; the browser reads nothing unless the test does.
+func browserPair(t *testing.T, overTLS bool) (s *socket, browser net.Conn) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	browser, err := net.Dial("tcp", ln.Addr().String())
+	browser, err = net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer browser.Close()
+	t.Cleanup(func() { browser.Close() })
 	server, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newSocket(1 << 30) // nothing coalesces
-	s.out, s.vectored = server, true
+	s = newSocket(1 << 30) // nothing coalesces
 	t.Cleanup(s.kill)
+	if !overTLS {
+		s.out, s.vectored = server, true
+		return s, browser
+	}
+	ts := tls.Server(server, &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
+	tb := tls.Client(browser, &tls.Config{InsecureSkipVerify: true})
+	done := make(chan error, 1)
+	go func() { done <- ts.Handshake() }()
+	if err := tb.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	s.out = ts
+	return s, tb
+}
+
+// selfSigned makes a certificate for a test's TLS server.
+func selfSigned(t *testing.T) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+func jobNeverWaits(t *testing.T, overTLS bool) {
+	s, browser := browserPair(t, overTLS)
 
 	const n = 2048
 	pad := strings.Repeat("x", 16<<10)
