@@ -3,6 +3,7 @@ package relay
 import (
 	"bytes"
 	"context"
+	"slices"
 	"sync"
 	"time"
 
@@ -61,7 +62,7 @@ type sessionKey struct{ user, sid string }
 // sockets so that a reconnecting tab keeps its jobs' events.
 type session struct {
 	key      sessionKey
-	sockets  map[*socket]struct{}
+	sockets  []*socket // (a slice: a session has a socket or two)
 	backlog  []frame
 	bytes    int
 	lastSeen time.Time
@@ -111,14 +112,16 @@ func (h *Hub) attach(user, sid string, s *socket) []frame {
 	k := sessionKey{user, sid}
 	se := h.sessions[k]
 	if se == nil {
-		se = &session{key: k, sockets: map[*socket]struct{}{}}
+		se = &session{key: k}
 		h.sessions[k] = se
 		if h.byUser[user] == nil {
 			h.byUser[user] = map[*session]struct{}{}
 		}
 		h.byUser[user][se] = struct{}{}
 	}
-	se.sockets[s] = struct{}{}
+	if !slices.Contains(se.sockets, s) {
+		se.sockets = append(se.sockets, s)
+	}
 	se.lastSeen = time.Now()
 	missed := se.backlog
 	h.dropBacklogLocked(se)
@@ -129,7 +132,9 @@ func (h *Hub) detach(user, sid string, s *socket) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if se := h.sessions[sessionKey{user, sid}]; se != nil {
-		delete(se.sockets, s)
+		if i := slices.Index(se.sockets, s); i >= 0 {
+			se.sockets = slices.Delete(se.sockets, i, i+1)
+		}
 		se.lastSeen = time.Now()
 	}
 }
@@ -183,10 +188,7 @@ func (h *Hub) sessionSockets(user, sid string, buf []*socket) []*socket {
 	if se == nil {
 		return buf
 	}
-	for s := range se.sockets {
-		buf = append(buf, s)
-	}
-	return buf
+	return append(buf, se.sockets...)
 }
 
 // catchUp writes to every socket of this gateway the kept frames it has not
@@ -203,7 +205,7 @@ func (h *Hub) catchUp() {
 	}
 	var all []target
 	for k, se := range h.sessions {
-		for s := range se.sockets {
+		for _, s := range se.sockets {
 			all = append(all, target{k, s})
 		}
 	}
@@ -272,7 +274,7 @@ func (h *Hub) publishLocal(user, sid string, f frame, start writerStart) {
 	h.mu.Lock()
 	se := h.sessions[sessionKey{user, sid}]
 	if se == nil {
-		se = &session{key: sessionKey{user, sid}, sockets: map[*socket]struct{}{}, lastSeen: time.Now()}
+		se = &session{key: sessionKey{user, sid}, lastSeen: time.Now()}
 		h.sessions[se.key] = se
 		if h.byUser[user] == nil {
 			h.byUser[user] = map[*session]struct{}{}
@@ -290,10 +292,7 @@ func (h *Hub) publishLocal(user, sid string, f frame, start writerStart) {
 		return
 	}
 	var buf [4]*socket
-	targets := buf[:0]
-	for s := range se.sockets {
-		targets = append(targets, s)
-	}
+	targets := append(buf[:0], se.sockets...)
 	h.mu.Unlock()
 	for _, s := range targets {
 		q := queued{f: f}
@@ -317,7 +316,7 @@ func (h *Hub) userSockets(user string) []*socket {
 	defer h.mu.Unlock()
 	var out []*socket
 	for se := range h.byUser[user] {
-		for s := range se.sockets {
+		for _, s := range se.sockets {
 			out = append(out, s)
 		}
 	}
@@ -360,7 +359,7 @@ func (h *Hub) housekeeping() {
 					}
 					continue
 				}
-				for s := range se.sockets {
+				for _, s := range se.sockets {
 					all = append(all, s)
 				}
 			}
