@@ -191,8 +191,11 @@ func FuzzFrameReader(f *testing.F) {
 			}
 		}
 		// Round trip: the stream's bytes as messages of up to 300 bytes.
+		// It is read in pieces, and what the reader lends stays as it was
+		// until it releases it (lendingReader).
 		var enc []byte
 		var msgs [][]byte
+		var ends []int
 		for rest := stream; len(rest) > 0; {
 			n := min(len(rest), 1+int(rest[0])%300)
 			msgs = append(msgs, rest[:n])
@@ -201,14 +204,16 @@ func FuzzFrameReader(f *testing.F) {
 			} else {
 				enc = append(enc, fragments(opBinary, rest[:n], int(part))...)
 			}
+			ends = append(ends, len(enc))
 			rest = rest[n:]
 		}
-		r, _ = newFrameReader(enc, 64)
+		r, lc := lendingReader(t, enc, ends, 64)
 		for i, m := range msgs {
-			_, b, _, over, err := r.next(func(int) int64 { return 300 })
+			_, b, owned, over, err := r.next(func(int) int64 { return 300 })
 			if err != nil || over || !bytes.Equal(b, m) {
 				t.Fatalf("message %d of %d: %q over=%v err=%v, want %q", i, len(msgs), b, over, err, m)
 			}
+			lc.keep(b, owned)
 		}
 	})
 }
@@ -301,30 +306,7 @@ func TestFrameReaderLendsUntilRelease(t *testing.T) {
 		}
 		return 2 << 20
 	}
-	type lent struct {
-		b    []byte
-		want []byte
-	}
-	var out []lent
-	check := func(when string) {
-		for _, l := range out {
-			if !bytes.Equal(l.b, l.want) {
-				t.Fatalf("%s: a lent payload changed before it was released: starts %q, want %q", when, l.b[:min(8, len(l.b))], l.want[:8])
-			}
-		}
-	}
-	conn := &pieces{b: stream, ends: ends, before: func() {
-		if len(out) > 0 {
-			t.Fatalf("the reader reads its connection with %d payloads lent", len(out))
-		}
-	}}
-	r := &wsReader{br: bufio.NewReaderSize(conn, 4096)}
-	releases := 0
-	r.release = func() {
-		check("at a release")
-		out = out[:0]
-		releases++
-	}
+	r, lc := lendingReader(t, stream, ends, 4096)
 	for i := range msgs {
 		_, b, owned, over, err := r.next(limit)
 		if err != nil || over {
@@ -336,19 +318,60 @@ func TestFrameReaderLendsUntilRelease(t *testing.T) {
 		if owned != (len(b) > maxLent || i%11 == 0 && len(b) > 700) {
 			t.Fatalf("message %d of %d bytes: owned %v", i, len(b), owned)
 		}
-		if !owned {
-			out = append(out, lent{b, msgs[i]})
-		}
-		check("after a read")
+		lc.keep(b, owned)
 		if i%5 == 1 {
 			if _, _, _, over, err := r.next(limit); !over || err != nil {
 				t.Fatalf("after message %d: over %v, %v", i, over, err)
 			}
-			check("after a skipped frame")
+			lc.check("after a skipped frame")
 		}
 	}
-	if releases < 100 {
-		t.Fatalf("only %d releases", releases)
+	if lc.releases < 100 {
+		t.Fatalf("only %d releases", lc.releases)
+	}
+}
+
+// lendCheck checks the frame reader's lending: a payload it lends stays
+// as it was until it calls release, and it calls release before it reads
+// its connection (a pieces).
+type lendCheck struct {
+	t        testing.TB
+	out      [][2][]byte // lent payloads and copies of what they were
+	releases int
+}
+
+// lendingReader is a frame reader of stream, read in pieces (ends: where
+// messages end) through a buffer of bufSize, whose lending is checked.
+func lendingReader(t testing.TB, stream []byte, ends []int, bufSize int) (*wsReader, *lendCheck) {
+	lc := &lendCheck{t: t}
+	conn := &pieces{b: stream, ends: ends, before: func() {
+		if len(lc.out) > 0 {
+			t.Fatalf("the reader reads its connection with %d payloads lent", len(lc.out))
+		}
+	}}
+	r := &wsReader{br: bufio.NewReaderSize(conn, bufSize)}
+	r.release = func() {
+		lc.check("at a release")
+		lc.out = lc.out[:0]
+		lc.releases++
+	}
+	return r, lc
+}
+
+// keep records a payload the reader handed out, unless it is owned.
+func (lc *lendCheck) keep(b []byte, owned bool) {
+	if !owned {
+		lc.out = append(lc.out, [2][]byte{b, bytes.Clone(b)})
+	}
+	lc.check("after a read")
+}
+
+func (lc *lendCheck) check(when string) {
+	lc.t.Helper()
+	for _, l := range lc.out {
+		if !bytes.Equal(l[0], l[1]) {
+			lc.t.Fatalf("%s: a lent payload changed before it was released: %q, was %q", when, l[0][:min(8, len(l[0]))], l[1][:min(8, len(l[1]))])
+		}
 	}
 }
 
