@@ -182,15 +182,7 @@ func (pr *PromptRequest) Body(promptID, clientID string, dropExtra ...string) ([
 	if err != nil {
 		return nil, err
 	}
-	n := 0
-	for _, p := range parts {
-		n += len(p)
-	}
-	out := make([]byte, 0, n)
-	for _, p := range parts {
-		out = append(out, p...)
-	}
-	return out, nil
+	return bytes.Join(parts, nil), nil
 }
 
 // sharedPart is the size from which BodyParts hands on a value of the

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"net"
@@ -613,15 +614,7 @@ func (s *socket) tryWrite(sc *writeScratch, wait time.Duration, lender bool) (ha
 func ownRest(batch []queued, rest net.Buffers) net.Buffers {
 	for i := range batch {
 		if batch[i].f.lent {
-			n := 0
-			for _, b := range rest {
-				n += len(b)
-			}
-			flat := make([]byte, 0, n)
-			for _, b := range rest {
-				flat = append(flat, b...)
-			}
-			return net.Buffers{flat}
+			return net.Buffers{bytes.Join(rest, nil)}
 		}
 	}
 	return rest
