@@ -128,6 +128,9 @@ func (h *Hub) attach(user, sid string, s *socket) []frame {
 	return missed
 }
 
+// detach unregisters a socket. The frames it holds that an upstream
+// reader lent are copied before the reader can miss it in its release
+// (the socket may still write them while it closes).
 func (h *Hub) detach(user, sid string, s *socket) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -137,6 +140,9 @@ func (h *Hub) detach(user, sid string, s *socket) {
 		}
 		se.lastSeen = time.Now()
 	}
+	s.mu.Lock() // (the order: h.mu, then a socket's)
+	s.ownLocked()
+	s.mu.Unlock()
 }
 
 // publish sends a frame to every socket of one session, on whichever

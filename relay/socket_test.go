@@ -555,3 +555,30 @@ func TestLentFramesOutliveTheirLender(t *testing.T) {
 		})
 	}
 }
+
+// A socket that leaves its session (its browser went away) while it holds
+// frames a reader lent, behind a write under way, keeps copies: the
+// reader's release no longer reaches it, and it may still write them
+// while it closes.
+func TestLeavingSocketKeepsCopiesOfLentFrames(t *testing.T) {
+	h := NewHub()
+	defer h.Close()
+	s, _ := tcpSocket(t, 1<<30)
+	h.attach("alice", "tab", s)
+	s.mu.Lock()
+	s.writing = true // a write under way: frames only queue
+	s.mu.Unlock()
+	buf := progressText("p", "1", 7)
+	want := string(buf)
+	h.publishLocal("alice", "tab", frame{text: buf, lent: true}, startLater)
+	h.detach("alice", "tab", s)
+	h.releaseLent("alice", "tab") // the reader's release: the socket is gone from it
+	for i := range buf {
+		buf[i] = 'X'
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.queue.Len() != 1 || string(s.queue.At(0).f.text) != want {
+		t.Fatalf("the leaving socket holds %d frames, the first %q", s.queue.Len(), s.queue.At(0).f.text)
+	}
+}
