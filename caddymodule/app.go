@@ -157,7 +157,8 @@ type PoolConfig struct {
 	ColdStartTimeout caddy.Duration `json:"cold_start_timeout,omitempty"`
 	// Watchdog ends a job that has had no event from its GPU server for
 	// this long (the server is asked to interrupt it and the UI shows an
-	// error), so a stuck job never holds a slot forever. 0 = off.
+	// error), so a stuck job never holds a slot forever. Jobs are checked
+	// every second, so the end comes up to two seconds after. 0 = off.
 	Watchdog caddy.Duration `json:"watchdog,omitempty"`
 	// Quota is the GPU time each user may use on the pool per day (UTC),
 	// e.g. "30m"; MaxJobsPerDay how many prompts each user may have

@@ -381,6 +381,9 @@ func (m *Manager) checkWatchdogs(ctx context.Context, now time.Time) {
 			continue
 		}
 		r.mu.Lock()
+		if r.events != r.watched {
+			r.watched, r.lastEvent = r.events, now // it said something since the last check
+		}
 		if r.up != nil && !r.finished && !r.lastEvent.IsZero() && now.Sub(r.lastEvent) > p.Watchdog {
 			due = append(due, stale{r, p.Watchdog})
 			r.lastEvent = now // one interrupt per period
