@@ -65,7 +65,11 @@ func newFrameReader(stream []byte, bufSize int) (*wsReader, *[]string) {
 	r.control = func(op int, p []byte) error {
 		controls = append(controls, fmt.Sprintf("%d:%s", op, p))
 		if op == opClose {
-			return &websocket.CloseError{Code: int(binary.BigEndian.Uint16(p))}
+			code := websocket.CloseNoStatusReceived
+			if len(p) >= 2 {
+				code = int(binary.BigEndian.Uint16(p))
+			}
+			return &websocket.CloseError{Code: code}
 		}
 		return nil
 	}

@@ -28,6 +28,10 @@ import (
 type Manager struct {
 	store  Store
 	events Events
+	// batch and inline are events as BatchEvents and InlineEvents, or nil
+	// (asked once: a job's every event uses them).
+	batch  BatchEvents
+	inline InlineEvents
 	logger *zap.Logger
 	// limits bound upstream frames and job queues (SetEventLimits).
 	limits atomic.Pointer[EventLimits]
@@ -60,6 +64,8 @@ func NewManager(store Store, events Events, logger *zap.Logger) *Manager {
 		history:  &jobHistory{store: store, logger: logger},
 		precheck: &prechecker{logger: logger},
 	}
+	m.batch, _ = events.(BatchEvents)
+	m.inline, _ = events.(InlineEvents)
 	m.precheck.store, _ = store.(InstallStore)
 	m.accounts.outputs, _ = events.(OutputCounter)
 	m.queues = &poolQueues{runs: m.runs, logger: logger}

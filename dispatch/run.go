@@ -349,8 +349,7 @@ func (r *run) endInline() (batched bool) {
 // inlineEvents reports whether the job's events may be handed over on the
 // upstream's reader (InlineEvents).
 func (r *run) inlineEvents() bool {
-	ie, ok := r.m.events.(InlineEvents)
-	return ok && ie.Inline()
+	return r.m.inline != nil && r.m.inline.Inline()
 }
 
 // releaseInline shows what the upstream's reader delivered later and lets
@@ -368,8 +367,8 @@ func (r *run) releaseInline() {
 	if idle {
 		r.batched = 0 // (Release shows them)
 	}
-	if ie, ok := r.m.events.(InlineEvents); ok {
-		ie.Release(to)
+	if r.m.inline != nil {
+		r.m.inline.Release(to)
 	}
 	if idle {
 		r.endInline()
@@ -552,7 +551,7 @@ const maxBatched = 64
 // (more), to a BatchEvents with DeliverLater, so that they reach the
 // browser in one write.
 func (r *run) deliver(to Recipient, ev Event, more bool) {
-	if b, ok := r.m.events.(BatchEvents); ok && more && r.batched < maxBatched {
+	if b := r.m.batch; b != nil && more && r.batched < maxBatched {
 		b.DeliverLater(to, ev)
 		r.batched++
 		r.batchTo = to
@@ -568,7 +567,7 @@ func (r *run) flush() {
 		return
 	}
 	r.batched = 0
-	if b, ok := r.m.events.(BatchEvents); ok {
+	if b := r.m.batch; b != nil {
 		b.Flush(r.batchTo)
 	}
 }
