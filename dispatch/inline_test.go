@@ -265,3 +265,69 @@ func TestFrameSlabCopiesStayApart(t *testing.T) {
 		}
 	}
 }
+
+// progressEvent is a progress frame of job-1 as the reader hands it over,
+// lent from buf (which the test then reads over).
+func progressEvent(t *testing.T, v int, buf []byte) event {
+	t.Helper()
+	b := append(buf[:0], fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":9,"prompt_id":"job-1","node":"3"}}`, v)...)
+	h, ok := comfy.ScanEvent(b)
+	if !ok {
+		t.Fatal("bad frame")
+	}
+	return event{json: b, head: h, lent: true}
+}
+
+// Events queued for a job that its goroutine has not taken yet go before
+// the reader's next one: those at the head that need no I/O the reader
+// handles itself, in order; behind one that needs I/O its event waits its
+// turn in the queue. Lent events reach the browser as they were, although
+// the reader reads over its memory after it released them.
+func TestReaderTakesQueuedEventsFirst(t *testing.T) {
+	feed := newInlineFeed()
+	m := NewManager(NewMemoryStore(), feed, nil)
+	r := newRun(m, &Job{ID: "job-1", User: "alice", ClientID: "tab", Status: StatusInProgress})
+	buf := make([]byte, 0, 256)
+	r.mu.Lock()
+	r.started = true // (its goroutine has not run yet)
+	for i := 1; i <= 3; i++ {
+		ev := progressEvent(t, i, nil)
+		ev.lent = false
+		r.enqueueLocked(ev)
+	}
+	r.mu.Unlock()
+	rb := &readBatch{}
+	r.offer(progressEvent(t, 4, buf), rb)
+	rb.flush()
+	copy(buf[:cap(buf)], bytes.Repeat([]byte{'X'}, cap(buf)))
+	for i := 1; i <= 4; i++ {
+		if v := progressValue(t, feed.next(t)); v != i {
+			t.Fatalf("shown progress %d, want %d", v, i)
+		}
+	}
+	end, ok := messageEvent(comfy.NewMessage(comfy.MsgExecutionSuccess, map[string]any{"prompt_id": "job-1"}))
+	if !ok {
+		t.Fatal("bad frame")
+	}
+	r.mu.Lock()
+	r.enqueueLocked(end)
+	r.mu.Unlock()
+	r.offer(progressEvent(t, 5, buf), rb)
+	rb.flush()
+	copy(buf[:cap(buf)], bytes.Repeat([]byte{'X'}, cap(buf)))
+	r.mu.Lock()
+	queued := r.queue.Len()
+	var last event
+	if queued == 2 {
+		last = *r.queue.At(1)
+	}
+	r.mu.Unlock()
+	if queued != 2 || !bytes.Contains(last.json, []byte(`"value":5`)) {
+		t.Fatalf("behind execution_success: %d queued, the last %q", queued, last.json)
+	}
+	select {
+	case ev := <-feed.shown:
+		t.Fatalf("shown %s before the event ahead of it", ev.JSON)
+	default:
+	}
+}

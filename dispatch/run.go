@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"runtime"
 	"sync"
 	"time"
 
@@ -305,26 +306,50 @@ func (r *run) idleAfterDone() bool {
 // read it. It is delivered later (BatchEvents), and before the reader next
 // reads from its connection it flushes and releases what it lent
 // (readBatch.flush), so the events of one read reach the browser in one
-// write. Anything else, or while the job's goroutine has events queued, is
-// copied out of the reader's memory and queued (push). With an Events that
-// is not InlineEvents, or says no, every event is queued.
+// write. Events queued while the job's goroutine was busy, which it has
+// not taken yet, go first: the reader handles those at the head that need
+// no I/O too, in order. Anything else, or while the job's goroutine is at
+// work, is copied out of the reader's memory and queued (push). With an
+// Events that is not InlineEvents, or says no, every event is queued.
 func (r *run) offer(ev event, rb *readBatch) {
 	if rb == nil || !ev.quick() || !r.inlineEvents() {
 		ev.own(rb)
 		r.push(ev)
+		if rb != nil {
+			// A lifecycle event (its handling may save the job, capture
+			// outputs): the job's goroutine, just woken, takes it now
+			// rather than when the reader has read all there is, which
+			// in a burst is a whole time slice of events queued behind it.
+			runtime.Gosched()
+		}
 		return
 	}
 	r.mu.Lock()
-	if r.finished || r.busy || r.inline || r.queue.Len() > 0 {
+	if r.finished || r.busy || r.inline {
 		r.mu.Unlock()
 		ev.own(rb)
 		r.push(ev)
 		return
 	}
 	r.inline = true
-	r.events++
+	for r.queue.Len() > 0 && !r.finished && r.queue.At(0).quick() {
+		q, _ := r.dequeueLocked()
+		r.mu.Unlock()
+		r.handleAt(q, true)
+		r.mu.Lock()
+	}
+	now := r.queue.Len() == 0 && !r.finished
+	if now {
+		r.events++
+	}
 	r.mu.Unlock()
-	r.handleAt(ev, true)
+	if now {
+		r.handleAt(ev, true)
+	} else {
+		// Behind an event that needs I/O: the job's goroutine takes both.
+		ev.own(rb)
+		r.push(ev)
+	}
 	if r.endInline() || ev.lent {
 		rb.add(r)
 	}
