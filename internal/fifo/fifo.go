@@ -88,13 +88,19 @@ func (q *Queue[T]) Pop() (v T, ok bool) {
 	return v, true
 }
 
-// Reset empties the queue and gives its chunks back.
+// Reset empties the queue and gives its chunks back. It keeps its list of
+// chunks when that is short (a queue that fills and drains with every
+// event would make one each time).
 func (q *Queue[T]) Reset() {
 	for _, c := range q.chunks {
 		clear(c[:])
 		q.release(c)
 	}
-	q.chunks, q.head, q.n = nil, 0, 0
+	clear(q.chunks)
+	if cap(q.chunks) > 4 {
+		q.chunks = nil
+	}
+	q.chunks, q.head, q.n = q.chunks[:0], 0, 0
 }
 
 func (q *Queue[T]) release(c *chunk[T]) {

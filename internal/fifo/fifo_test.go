@@ -42,7 +42,7 @@ func TestQueueOrder(t *testing.T) {
 		}
 		want++
 	}
-	if want != next || q.Len() != 0 || q.chunks != nil {
+	if want != next || q.Len() != 0 || len(q.chunks) != 0 {
 		t.Fatalf("popped %d of %d; Len %d, %d chunks held", want, next, q.Len(), len(q.chunks))
 	}
 }
@@ -70,5 +70,28 @@ func TestQueueLetsGo(t *testing.T) {
 		if p != nil {
 			t.Fatalf("entry %d of a reset chunk still set", i)
 		}
+	}
+}
+
+// A queue that fills and drains with every entry (a browser socket that
+// keeps up) makes no new list of chunks each time (one allocation per
+// event otherwise), and holds no chunk when empty.
+func TestQueueDrainedEachTimeKeepsItsList(t *testing.T) {
+	var pool Pool[int]
+	q := Queue[int]{Pool: &pool}
+	q.Push(1)
+	q.Pop()
+	if cap(q.chunks) == 0 {
+		t.Fatal("the drained queue let its list of chunks go")
+	}
+	list := &q.chunks[:1][0]
+	for i := 0; i < 100; i++ {
+		q.Push(i)
+		if v, _ := q.Pop(); v != i {
+			t.Fatalf("popped %d, want %d", v, i)
+		}
+	}
+	if len(q.chunks) != 0 || &q.chunks[:1][0] != list {
+		t.Fatalf("an empty queue holds %d chunks, or made a new list", len(q.chunks))
 	}
 }
