@@ -93,6 +93,8 @@ async function main() {
   api.on("connected", () => {
     wsConnected = true;
   });
+  const ended = new Set(); // prompt_ids whose execution_success came
+  api.on("execution_success", (ev) => ended.add(ev.detail?.prompt_id));
   api.on("log", (ev) => {
     const d = ev.detail;
     if (d.fnName === "on" || d.fnName === "off") return; // listener bookkeeping
@@ -152,7 +154,11 @@ async function main() {
   }
 
   // A finished job is in the history, as CallWrapper's own recovery path
-  // (after a reconnect) expects.
+  // (after a reconnect) expects. CallWrapper resolves on the output node's
+  // executed event, before the job's end; like ComfyUI, the gateway
+  // records the job as completed with its execution_success, which the SDK
+  // reads the history after.
+  while (!ended.has(promptId)) await new Promise((r) => setTimeout(r, 20));
   const hist = await api.getHistory(promptId);
   if (!hist?.status?.completed) fail(`history of ${promptId} is not completed`, hist);
 
