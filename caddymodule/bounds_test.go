@@ -283,3 +283,41 @@ func TestHistorySizeBoundsStoredJobs(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// A client_id is kept with its job for as long as the job is (and is not
+// counted in history_size), and names the session the job's events go to:
+// one of megabytes is refused, in POST /prompt as in the socket's
+// clientId, with ComfyUI's error shape. (A user could make the gateway
+// keep a 90 MiB client_id with each of their 1000 jobs.)
+func TestHugeClientIDRefused(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	huge := strings.Repeat("c", 8<<20)
+	st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("cid", 2), "client_id": huge})
+	var pe struct {
+		Error struct {
+			Type    string `json:"type"`
+			Message string `json:"message"`
+		} `json:"error"`
+		NodeErrors map[string]any `json:"node_errors"`
+	}
+	if st != 400 || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" || pe.NodeErrors == nil {
+		t.Fatalf("POST /prompt with an 8 MiB client_id: %d %.300s", st, body)
+	}
+	var jobs struct {
+		Jobs []any `json:"jobs"`
+	}
+	g.getJSON("alice", "/api/jobs", &jobs)
+	if len(jobs.Jobs) != 0 {
+		t.Fatalf("%d jobs after the refused prompt", len(jobs.Jobs))
+	}
+	// A normal one still goes.
+	g.queue("alice", strings.Repeat("c", 32), samplerWorkflow("cid", 2))
+
+	st, body, _ = g.do("alice", "GET", "/ws?clientId="+strings.Repeat("c", 16<<10), nil,
+		"Connection", "Upgrade", "Upgrade", "websocket", "Sec-WebSocket-Version", "13", "Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	if st != 400 || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" {
+		t.Fatalf("socket with a 16 KiB clientId: %d %.300s", st, body)
+	}
+}

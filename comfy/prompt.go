@@ -3,6 +3,7 @@ package comfy
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"slices"
 	"sort"
 	"strings"
@@ -37,6 +38,12 @@ type Node struct {
 	// Other keys of the node object.
 	Extra map[string]json.RawMessage `json:"-"`
 }
+
+// MaxClientID is the longest client_id (a browser's WebSocket sid) taken,
+// in bytes. ComfyUI's frontend sends 32 hex digits and API clients a UUID;
+// a job keeps its client_id for as long as the job is kept, and sessions
+// are looked up by it.
+const MaxClientID = 256
 
 // BodyError says why a POST /prompt body was refused. Status is the HTTP
 // status ComfyUI would use and Body is what it would send.
@@ -89,6 +96,10 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 	}
 	if v, ok := raw["client_id"]; ok {
 		_ = json.Unmarshal(v, &pr.ClientID)
+		if len(pr.ClientID) > MaxClientID {
+			return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_prompt",
+				"client_id is too long", fmt.Sprintf("client_id has %d bytes; the limit is %d", len(pr.ClientID), MaxClientID))}
+		}
 	}
 	if v, ok := raw["prompt_id"]; ok && !isNull(v) {
 		var s string
