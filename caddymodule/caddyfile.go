@@ -45,6 +45,7 @@ func init() {
 //		max_sockets_per_user <n>
 //		max_socket_queue <size>
 //		max_job_queue <size>
+//		max_output_size <size>
 //		metrics_per_user
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
@@ -245,6 +246,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.MaxJobQueue = n
+		case "max_output_size":
+			n, err := sizeArg(d, "max_output_size", 1<<50)
+			if err != nil {
+				return err
+			}
+			a.MaxOutputSize = n
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()

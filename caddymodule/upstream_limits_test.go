@@ -4,12 +4,15 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -106,5 +109,52 @@ func TestLifecycleFloodIsBoundedByMaxJobQueue(t *testing.T) {
 	c := g.queue("alice", b.SID, samplerWorkflow("after", 2))
 	if frames := b.untilJobEnd(c.PromptID, 60*time.Second); indexOf(frames, "execution_success") < 0 {
 		t.Fatalf("the next job: %v %q", types(frames), exceptionMessage(frames))
+	}
+}
+
+// A GPU server whose output file does not end is read only up to
+// max_output_size: the gateway stops reading it, keeps nothing of it, and
+// the job still ends. (The gateway copied whatever the server sent into
+// the outputs store, retrying for up to 3×5 minutes: one server could
+// fill the disk everyone's outputs share.)
+func TestEndlessOutputIsCut(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := newScriptedGPU(t)
+	var sent atomic.Int64
+	chunk := bytes.Repeat([]byte{0x89}, 64<<10)
+	gpu.view = func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "image/png")
+		for sent.Load() < 64<<20 { // "endless" within what a test may cost
+			n, err := w.Write(chunk)
+			sent.Add(int64(n))
+			if err != nil {
+				return
+			}
+		}
+	}
+	dir := t.TempDir()
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL, ""), "outputs disk {DATA}",
+		"outputs disk "+dir+"\n\t\tmax_output_size 1MiB", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("s", 1))
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	if indexOf(frames, "execution_success") < 0 && indexOf(frames, "execution_error") < 0 {
+		t.Fatalf("the job did not end: %v", types(frames))
+	}
+	if n := sent.Load(); n > 32<<20 {
+		t.Fatalf("the gateway read %d MiB of an output, with max_output_size 1MiB", n>>20)
+	}
+	var stored int64
+	_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if fi, err := d.Info(); err == nil {
+				stored += fi.Size()
+			}
+		}
+		return nil
+	})
+	if stored > 1<<20 {
+		t.Fatalf("%d bytes stored for the job, with max_output_size 1MiB", stored)
 	}
 }

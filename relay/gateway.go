@@ -567,8 +567,9 @@ func (g *Gateway) StoreOutput(ctx context.Context, j *dispatch.Job, ref comfy.Fi
 // putOutput stores one of a job's outputs in the blob store and counts its
 // bytes for the job's usage.
 func (g *Gateway) putOutput(ctx context.Context, jobID, key, contentType string, body io.Reader) error {
-	counted := &countingReader{r: body}
+	counted := &countingReader{r: &boundedOutput{r: body, t: &g.outBytes, jobID: jobID}}
 	if err := g.blobs.Put(ctx, key, counted, BlobInfo{ContentType: contentType}); err != nil {
+		g.outBytes.take(jobID, -counted.n) // not stored: a retry may take them again
 		return err
 	}
 	g.outBytes.add(jobID, counted.n)
@@ -600,7 +601,8 @@ func (g *Gateway) captureOne(ctx context.Context, jobID string, up *dispatch.Ups
 			return nil
 		}
 		var he *dispatch.HTTPError
-		if errors.As(err, &he) && he.Status == 404 {
+		var big errOutputsTooLarge
+		if errors.As(err, &he) && he.Status == 404 || errors.As(err, &big) {
 			break
 		}
 	}
