@@ -321,3 +321,60 @@ func TestHugeClientIDRefused(t *testing.T) {
 		t.Fatalf("socket with a 16 KiB clientId: %d %.300s", st, body)
 	}
 }
+
+// Requests that name jobs to act on (POST /queue, /history, /interrupt,
+// /api/jobs/cancel) are small in ComfyUI's UI; their bodies are bounded
+// to 1 MiB (413 in ComfyUI's shape), and a cancel of many jobs asks home
+// for its queue once. (A 30 MiB list of ids was decoded, looked up one by
+// one and passed on to home: about a gigabyte of memory for one request;
+// each id cancelled through /api/jobs/cancel read home's whole queue
+// again — a shared home was asked thousands of times for one request.)
+func TestJobListsInRequestsAreBounded(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+
+	var big bytes.Buffer
+	big.WriteString(`{"delete":[`)
+	for i := 0; big.Len() < 30<<20; i++ {
+		if i > 0 {
+			big.WriteByte(',')
+		}
+		big.WriteString(`""`)
+	}
+	big.WriteString(`]}`)
+	for _, path := range []string{"/api/queue", "/api/history", "/api/interrupt", "/api/jobs/cancel"} {
+		st, body, _ := g.do("alice", "POST", path, big.Bytes())
+		var pe struct {
+			Error struct {
+				Message string `json:"message"`
+			} `json:"error"`
+		}
+		if st != 413 || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" {
+			t.Fatalf("POST %s with 30 MiB of ids: %d %.200s", path, st, body)
+		}
+	}
+
+	ids := make([]string, 300)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("00000000-0000-4000-8000-%012d", i)
+	}
+	before := queueReads(home)
+	if st, body, _ := g.do("alice", "POST", "/api/jobs/cancel", map[string]any{"job_ids": ids}); st != 200 {
+		t.Fatalf("POST /api/jobs/cancel of 300 ids: %d %s", st, body)
+	}
+	if n := queueReads(home) - before; n > 1 {
+		t.Fatalf("cancelling 300 jobs asked home for its queue %d times", n)
+	}
+}
+
+// queueReads counts the GET /queue requests home received.
+func queueReads(home *comfytest.Server) int {
+	n := 0
+	for _, r := range home.Requests() {
+		if r.Method == "GET" && strings.TrimPrefix(r.Path, "/api") == "/queue" {
+			n++
+		}
+	}
+	return n
+}

@@ -282,6 +282,28 @@ func readBody(w http.ResponseWriter, r *http.Request, site Site) ([]byte, bool) 
 	if limit <= 0 {
 		limit = DefaultMaxBody
 	}
+	return readBodyWithin(w, r, limit)
+}
+
+// maxControlBody bounds the body of a request that names jobs to act on
+// (POST /queue, /history, /interrupt, /api/jobs/cancel): ComfyUI's UI sends
+// a few ids at most, and each id named costs a look-up (and the list is
+// passed on to home).
+const maxControlBody = 1 << 20
+
+// readControlBody reads the body of a request that names jobs, within
+// maxControlBody (or the site's limit if smaller).
+func readControlBody(w http.ResponseWriter, r *http.Request, site Site) ([]byte, bool) {
+	limit := int64(maxControlBody)
+	if site.MaxBody > 0 && site.MaxBody < limit {
+		limit = site.MaxBody
+	}
+	return readBodyWithin(w, r, limit)
+}
+
+// readBodyWithin reads a request body of at most limit bytes (see
+// readBody).
+func readBodyWithin(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
 	var b []byte
 	var err error
 	if n := r.ContentLength; n > 0 && n <= limit {

@@ -182,7 +182,7 @@ type queueBody struct {
 func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) {
 	ctx := r.Context()
 	if r.Method == http.MethodPost {
-		body, ok := readBody(w, r, site)
+		body, ok := readControlBody(w, r, site)
 		if !ok {
 			return
 		}
@@ -393,7 +393,7 @@ func lastTimestamp(entry json.RawMessage) int64 {
 func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site, id string) {
 	ctx := r.Context()
 	if r.Method == http.MethodPost {
-		body, ok := readBody(w, r, site)
+		body, ok := readControlBody(w, r, site)
 		if !ok {
 			return
 		}
@@ -496,7 +496,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 // it runs (only if it is the user's); without a prompt_id, the user's running
 // remote jobs and whatever runs on home (unless home is shared).
 func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Site) {
-	body, ok := readBody(w, r, site)
+	body, ok := readControlBody(w, r, site)
 	if !ok {
 		return
 	}
