@@ -318,3 +318,33 @@ func errString(err error, def string) string {
 	}
 	return def
 }
+
+// LinkSource reads an input value that links another node's output —
+// ["<node id>", <slot>] — and returns the node id. Nothing is decoded but
+// that id: a list value of millions of items (a user's to send) costs one
+// scan, where decoding it cost a copy of each item.
+func LinkSource(raw []byte) (string, bool) {
+	i := skipSpace(raw, 0)
+	if i >= len(raw) || raw[i] != '[' {
+		return "", false
+	}
+	i = skipSpace(raw, i+1)
+	if i >= len(raw) || raw[i] != '"' {
+		return "", false
+	}
+	e := validString(raw, i)
+	if e < 0 {
+		return "", false
+	}
+	src := raw[i:e]
+	if i = skipSpace(raw, e); i >= len(raw) || raw[i] != ',' {
+		return "", false
+	}
+	if e = validValue(raw, skipSpace(raw, i+1), 1); e < 0 {
+		return "", false
+	}
+	if i = skipSpace(raw, e); i >= len(raw) || raw[i] != ']' || skipSpace(raw, i+1) != len(raw) {
+		return "", false
+	}
+	return unquote(src), true
+}

@@ -707,12 +707,8 @@ func sinkNodes(prompt map[string]comfy.Node) []string {
 	used := map[string]bool{}
 	for _, n := range prompt {
 		for _, v := range n.Inputs {
-			var link []json.RawMessage
-			if json.Unmarshal(v, &link) == nil && len(link) == 2 {
-				var src string
-				if json.Unmarshal(link[0], &src) == nil {
-					used[src] = true
-				}
+			if src, ok := comfy.LinkSource(v); ok {
+				used[src] = true
 			}
 		}
 	}
