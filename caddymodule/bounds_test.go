@@ -378,3 +378,55 @@ func queueReads(home *comfytest.Server) int {
 	}
 	return n
 }
+
+// A prompt of more nodes, inputs and keys than any real workflow is
+// refused before it is decoded, with ComfyUI's error shape. (Decoded, a
+// key costs many times its bytes: 20 MiB of tiny nodes took 360 MiB of
+// the gateway's memory and 4 s of CPU before any check, and the 100 MiB a
+// body may have, about 1.8 GiB — for one request of one user.)
+func TestPromptOfTooManyKeysRefused(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	for _, c := range []struct {
+		name string
+		body func(*bytes.Buffer)
+	}{
+		{"nodes", func(b *bytes.Buffer) {
+			b.WriteString(`{"prompt":{`)
+			for i := 0; i < 250_000; i++ {
+				fmt.Fprintf(b, `"%d":{"class_type":"EmptyImage","inputs":{}},`, i)
+			}
+			b.WriteString(`"x":{"class_type":"EmptyImage","inputs":{}}}}`)
+		}},
+		{"inputs of one node", func(b *bytes.Buffer) {
+			b.WriteString(`{"prompt":{"1":{"class_type":"EmptyImage","inputs":{`)
+			for i := 0; i < 250_000; i++ {
+				fmt.Fprintf(b, `"i%d":0,`, i)
+			}
+			b.WriteString(`"x":0}}}}`)
+		}},
+		{"extra_data keys", func(b *bytes.Buffer) {
+			b.WriteString(`{"prompt":{"1":{"class_type":"EmptyImage","inputs":{}}},"extra_data":{`)
+			for i := 0; i < 250_000; i++ {
+				fmt.Fprintf(b, `"k%d":0,`, i)
+			}
+			b.WriteString(`"x":0}}`)
+		}},
+	} {
+		var b bytes.Buffer
+		c.body(&b)
+		st, body, _ := g.do("alice", "POST", "/api/prompt", b.Bytes())
+		var pe struct {
+			Error struct {
+				Message string `json:"message"`
+			} `json:"error"`
+			NodeErrors map[string]any `json:"node_errors"`
+		}
+		if st != 400 || json.Unmarshal(body, &pe) != nil || pe.Error.Message != "The prompt is too large" || pe.NodeErrors == nil {
+			t.Fatalf("%s: %d %.300s", c.name, st, body)
+		}
+	}
+	// A prompt of ordinary size still goes.
+	g.queue("alice", "", samplerWorkflow("keys", 2))
+}

@@ -45,6 +45,18 @@ type Node struct {
 // are looked up by it.
 const MaxClientID = 256
 
+// MaxPromptKeys bounds the keys of a POST /prompt body that the gateway
+// decodes: the body's own, extra_data's, the prompt's nodes, each node's
+// and each node's inputs'. Decoded, a key costs many times its bytes in the
+// body (20 MiB of tiny nodes took 360 MiB); the largest real workflows
+// have some tens of thousands.
+const MaxPromptKeys = 200_000
+
+func tooManyKeys() *BodyError {
+	return &BodyError{Status: 400, Body: NewPromptError("invalid_prompt", "The prompt is too large",
+		fmt.Sprintf("more than %d nodes, inputs and keys; the gateway takes at most %d", MaxPromptKeys, MaxPromptKeys))}
+}
+
 // BodyError says why a POST /prompt body was refused. Status is the HTTP
 // status ComfyUI would use and Body is what it would send.
 type BodyError struct {
@@ -59,7 +71,10 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 	// One validating pass that splits the body as it goes, without
 	// decoding the values (extra_data holds the UI workflow: often
 	// megabytes). Only a refused body is looked at again, for the error.
-	raw, extra, ok := splitPromptBody(body)
+	raw, extra, keys, ok := splitPromptBody(body, MaxPromptKeys)
+	if keys > MaxPromptKeys {
+		return nil, tooManyKeys()
+	}
 	if !ok {
 		if !json.Valid(body) {
 			var v any
@@ -75,6 +90,9 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 	if !ok || isNull(p) {
 		pe := NewPromptError("no_prompt", "No prompt provided", "")
 		return nil, &BodyError{Status: 400, Body: pe}
+	}
+	if promptKeys(p, MaxPromptKeys-keys) > MaxPromptKeys-keys {
+		return nil, tooManyKeys()
 	}
 	nodes, ok := ObjectMembers(p)
 	if !ok {
