@@ -49,8 +49,8 @@ const MaxClientID = 256
 // decodes: the body's own, extra_data's, the prompt's nodes, each node's
 // and each node's inputs'. Decoded, a key costs many times its bytes in the
 // body (20 MiB of tiny nodes took 360 MiB); the largest real workflows
-// have some tens of thousands.
-const MaxPromptKeys = 200_000
+// have a few thousand.
+const MaxPromptKeys = 100_000
 
 func tooManyKeys() *BodyError {
 	return &BodyError{Status: 400, Body: NewPromptError("invalid_prompt", "The prompt is too large",
