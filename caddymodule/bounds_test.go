@@ -430,3 +430,44 @@ func TestPromptOfTooManyKeysRefused(t *testing.T) {
 	// A prompt of ordinary size still goes.
 	g.queue("alice", "", samplerWorkflow("keys", 2))
 }
+
+// What one user's waiting and running jobs keep of their prompts in the
+// gateway's memory is bounded (max_queued_size): past it the user's next
+// prompt is refused with 429 in ComfyUI's shape, and other users are not.
+// (max_queued prompts of max_body_size each were kept whole: 100 × 100 MiB
+// for one user.)
+func TestQueuedPromptBytesBoundedPerUser(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 100 * time.Millisecond})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}",
+		"outputs disk {DATA}\n\t\tmax_queued_size 3MiB", 1)
+	g := startCaddy(t, cf)
+	pad := strings.Repeat("w", 1<<20)
+	submit := func(user string, i int) (int, []byte) {
+		st, body, _ := g.do(user, "POST", "/api/prompt", map[string]any{
+			"prompt":     samplerWorkflow(fmt.Sprintf("%s%d", user, i), 200),
+			"extra_data": map[string]any{"extra_pnginfo": map[string]any{"workflow": map[string]any{"pad": pad}}},
+		})
+		return st, body
+	}
+	for i := 0; i < 2; i++ {
+		if st, body := submit("alice", i); st != 200 {
+			t.Fatalf("alice's prompt %d: %d %.300s", i, st, body)
+		}
+	}
+	st, body := submit("alice", 2)
+	var pe struct {
+		Error struct {
+			Type    string `json:"type"`
+			Message string `json:"message"`
+			Details string `json:"details"`
+		} `json:"error"`
+		NodeErrors map[string]any `json:"node_errors"`
+	}
+	if st != 429 || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" || pe.NodeErrors == nil {
+		t.Fatalf("alice's third 1 MiB prompt with max_queued_size 3MiB: %d %.300s", st, body)
+	}
+	if st, body := submit("bob", 0); st != 200 {
+		t.Fatalf("bob's prompt: %d %.300s", st, body)
+	}
+}

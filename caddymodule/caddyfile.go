@@ -46,6 +46,7 @@ func init() {
 //		max_socket_queue <size>
 //		max_job_queue <size>
 //		max_output_size <size>
+//		max_queued_size <size>
 //		metrics_per_user
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
@@ -252,6 +253,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.MaxOutputSize = n
+		case "max_queued_size":
+			n, err := sizeArg(d, "max_queued_size", 1<<50)
+			if err != nil {
+				return err
+			}
+			a.MaxQueuedSize = n
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()
