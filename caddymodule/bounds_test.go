@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -469,5 +470,44 @@ func TestQueuedPromptBytesBoundedPerUser(t *testing.T) {
 	}
 	if st, body := submit("bob", 0); st != 200 {
 		t.Fatalf("bob's prompt: %d %.300s", st, body)
+	}
+}
+
+// GET /queue, which the legacy frontend asks on every status, reads the
+// prompts of the user's waiting and running jobs only: it read every job
+// the user keeps with its prompt and UI workflow (up to history_size,
+// 256 MiB, per request) from the store and decoded it, to list none of
+// them.
+func TestQueueReadsOnlyActivePrompts(t *testing.T) {
+	valkeyAddr, _ := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	prefix := fmt.Sprintf("queueread-%d:", time.Now().UnixNano())
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}",
+		"outputs disk {DATA}\n\t\tstore valkey {\n\t\t\taddress "+valkeyAddr+"\n\t\t\tprefix "+prefix+"\n\t\t}", 1)
+	g := startCaddy(t, cf)
+	pad := strings.Repeat("w", 1<<20)
+	var last string
+	for i := 0; i < 16; i++ {
+		st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{
+			"prompt":     samplerWorkflow(fmt.Sprintf("q%d", i), 1),
+			"extra_data": map[string]any{"extra_pnginfo": map[string]any{"workflow": map[string]any{"pad": pad}}},
+		})
+		var a promptAnswer
+		if st != 200 || json.Unmarshal(body, &a) != nil {
+			t.Fatalf("prompt %d: %d %.200s", i, st, body)
+		}
+		last = a.PromptID
+	}
+	g.waitStatus("alice", last, "completed", 60*time.Second)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	st, body, _ := g.do("alice", "GET", "/api/queue", nil)
+	runtime.ReadMemStats(&after)
+	if st != 200 || !strings.Contains(string(body), `"queue_running"`) {
+		t.Fatalf("GET /api/queue: %d %.200s", st, body)
+	}
+	if n := after.TotalAlloc - before.TotalAlloc; n > 8<<20 {
+		t.Fatalf("GET /queue of no waiting job allocated %d MiB (16 ended jobs of 1 MiB kept)", n>>20)
 	}
 }
