@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"image"
 	"image/png"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -510,4 +511,34 @@ func TestQueueReadsOnlyActivePrompts(t *testing.T) {
 	if n := after.TotalAlloc - before.TotalAlloc; n > 8<<20 {
 		t.Fatalf("GET /queue of no waiting job allocated %d MiB (16 ended jobs of 1 MiB kept)", n>>20)
 	}
+}
+
+// A POST /prompt that announces a large body costs the gateway memory as
+// the bytes come, not as announced: 8 connections that each announce
+// 100 MiB and send nothing hold a few MiB. (The gateway made a buffer of
+// the announced size at once: 800 MiB for 8 idle connections of one user,
+// and as many more as connections opened.)
+func TestAnnouncedBodyCostsOnlyWhatIsSent(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := 0; i < 8; i++ {
+		c, err := net.Dial("tcp", strings.TrimPrefix(g.Base, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "POST /api/prompt HTTP/1.1\r\nHost: x\r\nX-User: alice\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"prompt\":", 100<<20)
+	}
+	// Long enough for the handlers to start reading (they did at once).
+	time.Sleep(time.Second)
+	runtime.ReadMemStats(&after)
+	if n := after.TotalAlloc - before.TotalAlloc; n > 64<<20 {
+		t.Fatalf("8 connections announcing 100 MiB and sending 10 bytes: %d MiB allocated", n>>20)
+	}
+	// A prompt of another user goes on.
+	g.queue("bob", "", samplerWorkflow("announced", 1))
 }

@@ -307,10 +307,7 @@ func readBodyWithin(w http.ResponseWriter, r *http.Request, limit int64) ([]byte
 	var b []byte
 	var err error
 	if n := r.ContentLength; n > 0 && n <= limit {
-		// One buffer of the announced size (the server ends the body
-		// there): no doubling and copying of a megabytes workflow.
-		b = make([]byte, n)
-		_, err = io.ReadFull(r.Body, b)
+		b, err = readAnnounced(r.Body, n)
 	} else {
 		b, err = io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 	}
@@ -325,6 +322,35 @@ func readBodyWithin(w http.ResponseWriter, r *http.Request, limit int64) ([]byte
 		return nil, false
 	}
 	return b, true
+}
+
+// firstBodyBuffer is the buffer a body of announced size is read into
+// first (then doubled as the bytes come).
+const firstBodyBuffer = 64 << 10
+
+// readAnnounced reads a body of announced length n (the server ends the
+// body there) into a buffer of n bytes at most, grown (doubling) as the
+// bytes come rather than made whole at once: an announced length costs
+// nothing until it is sent. (A client could announce 100 MiB on each of
+// many connections and send nothing.)
+func readAnnounced(body io.Reader, n int64) ([]byte, error) {
+	b := make([]byte, 0, min(n, firstBodyBuffer))
+	var err error
+	for int64(len(b)) < n && err == nil {
+		if len(b) == cap(b) {
+			b = append(make([]byte, 0, min(2*int64(cap(b)), n)), b...)
+		}
+		var m int
+		m, err = body.Read(b[len(b):cap(b)])
+		b = b[:len(b)+m]
+	}
+	if int64(len(b)) == n {
+		return b, nil
+	}
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return b, err
 }
 
 // DefaultMaxBody is the default request body limit: ComfyUI's own default
