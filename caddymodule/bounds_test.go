@@ -542,3 +542,35 @@ func TestAnnouncedBodyCostsOnlyWhatIsSent(t *testing.T) {
 	// A prompt of another user goes on.
 	g.queue("bob", "", samplerWorkflow("announced", 1))
 }
+
+// One user's POST /prompt bodies are read two at a time: a user who opens
+// a dozen connections, each sending nearly all of a max_body_size body
+// and then stalling, holds two bodies in the gateway's memory, not a
+// dozen; another user's prompt goes on meanwhile.
+func TestOneUsersPromptBodiesReadFewAtATime(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), "max_body_size 8MiB"))
+	const size = 8 << 20
+	chunk := bytes.Repeat([]byte(" "), size-16)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := 0; i < 12; i++ {
+		c, err := net.Dial("tcp", strings.TrimPrefix(g.Base, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		go func() {
+			fmt.Fprintf(c, "POST /api/prompt HTTP/1.1\r\nHost: x\r\nX-User: alice\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"prompt\":", size)
+			_, _ = c.Write(chunk) // and the last bytes never come
+		}()
+	}
+	g.queue("bob", "", samplerWorkflow("slots", 1))
+	time.Sleep(2 * time.Second) // long enough for every body to be read as far as it goes
+	runtime.ReadMemStats(&after)
+	if n := after.TotalAlloc - before.TotalAlloc; n > 80<<20 {
+		t.Fatalf("12 stalled 8 MiB bodies of one user: %d MiB allocated", n>>20)
+	}
+}

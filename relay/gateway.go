@@ -82,6 +82,8 @@ type Gateway struct {
 	ops      *Ops // the operator's page
 	// outBytes counts each running job's stored outputs (usage).
 	outBytes outputTally
+	// prompts bounds the POST /prompt requests of one user handled at once.
+	prompts userSlots
 }
 
 // New builds a gateway.
@@ -367,13 +369,8 @@ func formatBytes(n int64) string {
 
 // servePrompt runs POST /prompt on the site's pool.
 func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site) {
-	body, ok := readBody(w, r, site)
+	pr, ok := g.readPrompt(w, r, site)
 	if !ok {
-		return
-	}
-	pr, berr := comfy.ParsePromptRequest(body)
-	if berr != nil {
-		writeJSON(w, berr.Status, berr.Body)
 		return
 	}
 	if err := g.freshID(r.Context(), pr.PromptID); err != nil {
@@ -420,6 +417,26 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 		g.logger.Error("prompt failed", zap.Error(err))
 		writeJSON(w, http.StatusInternalServerError, comfy.NewPromptError("server_error", "The gateway could not queue the prompt", dispatch.PublicMessage(site.RunOn, err.Error())))
 	}
+}
+
+// readPrompt reads and checks a POST /prompt body, in one of the user's
+// few slots for it (see promptsAtOnce). On failure it has answered
+// already.
+func (g *Gateway) readPrompt(w http.ResponseWriter, r *http.Request, site Site) (*comfy.PromptRequest, bool) {
+	if !g.prompts.acquire(r.Context(), site.User) {
+		return nil, false // the client went away while it waited
+	}
+	defer g.prompts.release(site.User)
+	body, ok := readBody(w, r, site)
+	if !ok {
+		return nil, false
+	}
+	pr, berr := comfy.ParsePromptRequest(body)
+	if berr != nil {
+		writeJSON(w, berr.Status, berr.Body)
+		return nil, false
+	}
+	return pr, true
 }
 
 // removeFiles removes the captured files of jobs that are forgotten.
