@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/comfyume/comfyume/comfytest"
+	"github.com/comfyume/comfyume/dispatch"
+	"github.com/comfyume/comfyume/worker"
 )
 
 // A GPU server that sends an oversized JSON event and an oversized preview
@@ -156,5 +158,31 @@ func TestEndlessOutputIsCut(t *testing.T) {
 	})
 	if stored > 1<<20 {
 		t.Fatalf("%d bytes stored for the job, with max_output_size 1MiB", stored)
+	}
+}
+
+// On a worker endpoint, whose outputs come in the job's stream, an output
+// past max_output_size ends the job with an execution_error that says why.
+func TestWorkerOutputPastBoundEndsJob(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	ws := worker.NewServer(gpu.URL(), worker.Options{Heartbeat: time.Second})
+	mux := http.NewServeMux()
+	mux.Handle(dispatch.WorkerPath, ws)
+	mux.Handle("/", gpu.Handler())
+	w := httptest.NewServer(mux)
+	defer w.Close()
+	cf := strings.Replace(poolCaddyfile(home.URL(), w.URL, ""), "max_jobs 1", "max_jobs 1\n\t\t\t\ttransport worker", 1)
+	cf = strings.Replace(cf, "outputs disk {DATA}", "outputs disk {DATA}\n\t\tmax_output_size 100B", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("bound", 1))
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	i := indexOf(frames, "execution_error")
+	if i < 0 {
+		t.Fatalf("the job did not fail: %v", types(frames))
+	}
+	if msg := frames[i].str("exception_message"); !strings.Contains(msg, "larger than the gateway keeps") {
+		t.Fatalf("execution_error %q does not say the outputs are too large", msg)
 	}
 }
