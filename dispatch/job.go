@@ -176,7 +176,7 @@ func (j *Job) Apply(m comfy.Message) {
 	}
 	switch m.Type {
 	case comfy.MsgExecutionStart, comfy.MsgExecutionCached:
-		if len(j.Messages) >= MaxRecordedMessages {
+		if len(j.Messages) >= MaxRecordedMessages || messagesSize(j.Messages)+len(m.Data) > MaxRecordedOutputs {
 			break
 		}
 		fallthrough
@@ -189,11 +189,22 @@ func (j *Job) Apply(m comfy.Message) {
 // server is semi-trusted; a real job has a few outputs per node and a few
 // messages): outputs past MaxRecordedOutputs bytes are shown live but not
 // kept for its history, and only the first MaxRecordedMessages start and
-// cached messages are kept (the end's always is).
+// cached messages are kept, MaxRecordedOutputs bytes of them at most (the
+// end's always is).
 const (
 	MaxRecordedOutputs  = 1 << 20
 	MaxRecordedMessages = 64
 )
+
+// messagesSize is the bytes of recorded messages' data (at most
+// MaxRecordedMessages of them are added up).
+func messagesSize(ms []HistoryMessage) int {
+	n := 0
+	for _, m := range ms {
+		n += len(m.Data)
+	}
+	return n
+}
 
 // outputsSize is the bytes of the job's recorded outputs (their keys and
 // values), counted once and then kept up to date.

@@ -62,7 +62,7 @@ func FuzzMergeOutput(f *testing.F) {
 // MaxRecordedOutputs, nor make each event cost a decoding of everything
 // recorded so far (5000 events on one node took 35 s of CPU and 4 GiB of
 // allocations); its start and cached messages are kept up to
-// MaxRecordedMessages, its end always.
+// MaxRecordedMessages and MaxRecordedOutputs bytes, its end always.
 func TestJobRecordBoundsServerEvents(t *testing.T) {
 	pad := strings.Repeat("p", 200)
 	j := &Job{}
@@ -78,6 +78,15 @@ func TestJobRecordBoundsServerEvents(t *testing.T) {
 		j.Apply(m)
 		cached, _ := comfy.ParseMessage([]byte(`{"type":"execution_cached","data":{"nodes":[],"prompt_id":"p"}}`))
 		j.Apply(cached)
+	}
+	big := `{"type":"execution_cached","data":{"nodes":["` + strings.Repeat("n", 300<<10) + `"],"prompt_id":"p"}}`
+	k := &Job{}
+	for i := 0; i < 10; i++ {
+		m, _ := comfy.ParseMessage([]byte(big))
+		k.Apply(m)
+	}
+	if n := messagesSize(k.Messages); n > MaxRecordedOutputs {
+		t.Fatalf("%d bytes of cached messages kept", n)
 	}
 	end, _ := comfy.ParseMessage([]byte(`{"type":"execution_success","data":{"prompt_id":"p"}}`))
 	j.Apply(end)
