@@ -297,16 +297,7 @@ func TestHugeClientIDRefused(t *testing.T) {
 	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
 	huge := strings.Repeat("c", 8<<20)
 	st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("cid", 2), "client_id": huge})
-	var pe struct {
-		Error struct {
-			Type    string `json:"type"`
-			Message string `json:"message"`
-		} `json:"error"`
-		NodeErrors map[string]any `json:"node_errors"`
-	}
-	if st != 400 || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" || pe.NodeErrors == nil {
-		t.Fatalf("POST /prompt with an 8 MiB client_id: %d %.300s", st, body)
-	}
+	promptError(t, "POST /prompt with an 8 MiB client_id", 400, st, body)
 	var jobs struct {
 		Jobs []any `json:"jobs"`
 	}
@@ -319,9 +310,7 @@ func TestHugeClientIDRefused(t *testing.T) {
 
 	st, body, _ = g.do("alice", "GET", "/ws?clientId="+strings.Repeat("c", 16<<10), nil,
 		"Connection", "Upgrade", "Upgrade", "websocket", "Sec-WebSocket-Version", "13", "Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-	if st != 400 || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" {
-		t.Fatalf("socket with a 16 KiB clientId: %d %.300s", st, body)
-	}
+	promptError(t, "socket with a 16 KiB clientId", 400, st, body)
 }
 
 // Requests that name jobs to act on (POST /queue, /history, /interrupt,
@@ -347,14 +336,7 @@ func TestJobListsInRequestsAreBounded(t *testing.T) {
 	big.WriteString(`]}`)
 	for _, path := range []string{"/api/queue", "/api/history", "/api/interrupt", "/api/jobs/cancel"} {
 		st, body, _ := g.do("alice", "POST", path, big.Bytes())
-		var pe struct {
-			Error struct {
-				Message string `json:"message"`
-			} `json:"error"`
-		}
-		if st != 413 || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" {
-			t.Fatalf("POST %s with 30 MiB of ids: %d %.200s", path, st, body)
-		}
+		promptError(t, "POST "+path+" with 30 MiB of ids", 413, st, body)
 	}
 
 	ids := make([]string, 300)
@@ -419,14 +401,8 @@ func TestPromptOfTooManyKeysRefused(t *testing.T) {
 		var b bytes.Buffer
 		c.body(&b)
 		st, body, _ := g.do("alice", "POST", "/api/prompt", b.Bytes())
-		var pe struct {
-			Error struct {
-				Message string `json:"message"`
-			} `json:"error"`
-			NodeErrors map[string]any `json:"node_errors"`
-		}
-		if st != 400 || json.Unmarshal(body, &pe) != nil || pe.Error.Message != "The prompt is too large" || pe.NodeErrors == nil {
-			t.Fatalf("%s: %d %.300s", c.name, st, body)
+		if msg := promptError(t, c.name, 400, st, body); msg != "The prompt is too large" {
+			t.Fatalf("%s: refused with %q", c.name, msg)
 		}
 	}
 	// A prompt of ordinary size still goes.
@@ -458,17 +434,7 @@ func TestQueuedPromptBytesBoundedPerUser(t *testing.T) {
 		}
 	}
 	st, body := submit("alice", 2)
-	var pe struct {
-		Error struct {
-			Type    string `json:"type"`
-			Message string `json:"message"`
-			Details string `json:"details"`
-		} `json:"error"`
-		NodeErrors map[string]any `json:"node_errors"`
-	}
-	if st != 429 || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" || pe.NodeErrors == nil {
-		t.Fatalf("alice's third 1 MiB prompt with max_queued_size 3MiB: %d %.300s", st, body)
-	}
+	promptError(t, "alice's third 1 MiB prompt with max_queued_size 3MiB", 429, st, body)
 	if st, body := submit("bob", 0); st != 200 {
 		t.Fatalf("bob's prompt: %d %.300s", st, body)
 	}
@@ -526,12 +492,7 @@ func TestAnnouncedBodyCostsOnlyWhatIsSent(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&before)
 	for i := 0; i < 8; i++ {
-		c, err := net.Dial("tcp", strings.TrimPrefix(g.Base, "http://"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		fmt.Fprintf(c, "POST /api/prompt HTTP/1.1\r\nHost: x\r\nX-User: alice\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"prompt\":", 100<<20)
+		openStalledPrompt(t, g, "alice", 100<<20, nil)
 	}
 	// Long enough for the handlers to start reading (they did at once).
 	time.Sleep(time.Second)
@@ -557,15 +518,7 @@ func TestOneUsersPromptBodiesReadFewAtATime(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&before)
 	for i := 0; i < 12; i++ {
-		c, err := net.Dial("tcp", strings.TrimPrefix(g.Base, "http://"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		go func() {
-			fmt.Fprintf(c, "POST /api/prompt HTTP/1.1\r\nHost: x\r\nX-User: alice\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"prompt\":", size)
-			_, _ = c.Write(chunk) // and the last bytes never come
-		}()
+		openStalledPrompt(t, g, "alice", size, chunk) // the last bytes never come
 	}
 	g.queue("bob", "", samplerWorkflow("slots", 1))
 	time.Sleep(2 * time.Second) // long enough for every body to be read as far as it goes
@@ -573,4 +526,36 @@ func TestOneUsersPromptBodiesReadFewAtATime(t *testing.T) {
 	if n := after.TotalAlloc - before.TotalAlloc; n > 80<<20 {
 		t.Fatalf("12 stalled 8 MiB bodies of one user: %d MiB allocated", n>>20)
 	}
+}
+
+// promptError checks an answer of status want in ComfyUI's error shape
+// (error.message, node_errors) and returns its message.
+func promptError(t *testing.T, what string, want, st int, body []byte) string {
+	t.Helper()
+	var pe struct {
+		Error struct {
+			Message string `json:"message"`
+		} `json:"error"`
+		NodeErrors map[string]any `json:"node_errors"`
+	}
+	if st != want || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" || pe.NodeErrors == nil {
+		t.Fatalf("%s: %d %.300s, want %d in ComfyUI's error shape", what, st, body, want)
+	}
+	return pe.Error.Message
+}
+
+// openStalledPrompt opens a connection that posts a prompt of announced
+// size as user and sends its first 10 bytes and part, then nothing (until
+// the test ends).
+func openStalledPrompt(t *testing.T, g *gateway, user string, size int, part []byte) {
+	t.Helper()
+	c, err := net.Dial("tcp", strings.TrimPrefix(g.Base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	go func() {
+		fmt.Fprintf(c, "POST /api/prompt HTTP/1.1\r\nHost: x\r\nX-User: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"prompt\":", user, size)
+		_, _ = c.Write(part)
+	}()
 }

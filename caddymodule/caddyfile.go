@@ -247,18 +247,13 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.MaxJobQueue = n
-		case "max_output_size":
-			n, err := sizeArg(d, "max_output_size", 1<<50)
+		case "max_output_size", "max_queued_size":
+			key := d.Val()
+			n, err := sizeArg(d, key, 1<<50)
 			if err != nil {
 				return err
 			}
-			a.MaxOutputSize = n
-		case "max_queued_size":
-			n, err := sizeArg(d, "max_queued_size", 1<<50)
-			if err != nil {
-				return err
-			}
-			a.MaxQueuedSize = n
+			*map[string]*int64{"max_output_size": &a.MaxOutputSize, "max_queued_size": &a.MaxQueuedSize}[key] = n
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()

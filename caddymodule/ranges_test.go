@@ -34,15 +34,7 @@ func TestManyRangesServeWholeOutput(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
 	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
 	prefix := fmt.Sprintf("ranges-%d/", time.Now().UnixNano())
-	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}", `outputs s3 {
-			endpoint `+counting.URL+`
-			bucket `+s3[3]+`
-			prefix `+prefix+`
-			access_key `+s3[1]+`
-			secret_key `+s3[2]+`
-			region us-east-1
-			spool {DATA}/spool
-		}`, 1)
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}", s3Outputs(counting.URL, prefix, s3), 1)
 	g := startCaddy(t, cf)
 	b := g.openBrowser("alice", "", true)
 	a := g.queue("alice", b.SID, samplerWorkflow("ranges", 2))
