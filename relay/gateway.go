@@ -632,9 +632,14 @@ func (g *Gateway) StoreOutput(ctx context.Context, j *dispatch.Job, ref comfy.Fi
 // putOutput stores one of a job's outputs in the blob store and counts its
 // bytes for the job's usage.
 func (g *Gateway) putOutput(ctx context.Context, jobID, key, contentType string, body io.Reader) error {
+	if !g.outBytes.takeFile(jobID, 1) {
+		return errOutputsTooLarge{}
+	}
 	counted := &countingReader{r: &boundedOutput{r: body, t: &g.outBytes, jobID: jobID}}
 	if err := g.blobs.Put(ctx, key, counted, BlobInfo{ContentType: contentType}); err != nil {
-		g.outBytes.take(jobID, -counted.n) // not stored: a retry may take them again
+		// Not stored: a retry may take them again.
+		g.outBytes.take(jobID, -counted.n)
+		g.outBytes.takeFile(jobID, -1)
 		return err
 	}
 	g.outBytes.add(jobID, counted.n)

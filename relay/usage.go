@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 
@@ -22,6 +23,30 @@ type outputTally struct {
 	// stored (see take); max bounds it (0: DefaultMaxOutputSize).
 	read map[string]int64
 	max  atomic.Int64
+	// files counts each job's stored outputs (see takeFile).
+	files map[string]int
+}
+
+// MaxOutputFiles is how many output files one job may store: each is a
+// file (or object) of its own in the outputs store, whatever its size.
+const MaxOutputFiles = 10000
+
+// takeFile counts one more output file of the job; false (not counted)
+// past MaxOutputFiles. A negative n gives files back.
+func (t *outputTally) takeFile(jobID string, n int) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.files == nil {
+		t.files = map[string]int{}
+	}
+	if _, ok := t.files[jobID]; !ok && len(t.files) >= maxTallied {
+		clear(t.files)
+	}
+	if t.files[jobID]+n > MaxOutputFiles {
+		return false
+	}
+	t.files[jobID] += n
+	return true
 }
 
 // take counts n more bytes read for one of the job's outputs; false (and
@@ -69,6 +94,7 @@ func (g *Gateway) TakeOutputBytes(jobID string) int64 {
 	n := t.m[jobID]
 	delete(t.m, jobID)
 	delete(t.read, jobID)
+	delete(t.files, jobID)
 	return n
 }
 
@@ -87,6 +113,9 @@ func (g *Gateway) SetMaxOutputSize(n int64) { g.outBytes.max.Store(n) }
 type errOutputsTooLarge struct{ limit int64 }
 
 func (e errOutputsTooLarge) Error() string {
+	if e.limit == 0 {
+		return "the job has more outputs than the gateway keeps (" + strconv.Itoa(MaxOutputFiles) + " files)"
+	}
 	return "the job's outputs are larger than the gateway keeps (" + formatBytes(e.limit) + ")"
 }
 
