@@ -24,7 +24,7 @@ type outputTally struct {
 	read map[string]int64
 	max  atomic.Int64
 	// files counts each job's stored outputs (see takeFile).
-	files map[string]int
+	files map[string]int64
 }
 
 // MaxOutputFiles is how many output files one job may store: each is a
@@ -33,20 +33,10 @@ const MaxOutputFiles = 10000
 
 // takeFile counts one more output file of the job; false (not counted)
 // past MaxOutputFiles. A negative n gives files back.
-func (t *outputTally) takeFile(jobID string, n int) bool {
+func (t *outputTally) takeFile(jobID string, n int64) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.files == nil {
-		t.files = map[string]int{}
-	}
-	if _, ok := t.files[jobID]; !ok && len(t.files) >= maxTallied {
-		clear(t.files)
-	}
-	if t.files[jobID]+n > MaxOutputFiles {
-		return false
-	}
-	t.files[jobID] += n
-	return true
+	return within(&t.files, jobID, n, MaxOutputFiles)
 }
 
 // take counts n more bytes read for one of the job's outputs; false (and
@@ -59,16 +49,23 @@ func (t *outputTally) take(jobID string, n int64) bool {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.read == nil {
-		t.read = map[string]int64{}
+	return within(&t.read, jobID, n, limit)
+}
+
+// within adds n to the job's count in *m unless that takes it past limit
+// (t.mu held). Jobs that ended elsewhere leave counts behind: past
+// maxTallied jobs, the counts start again.
+func within(m *map[string]int64, jobID string, n, limit int64) bool {
+	if *m == nil {
+		*m = map[string]int64{}
 	}
-	if _, ok := t.read[jobID]; !ok && len(t.read) >= maxTallied {
-		clear(t.read)
+	if _, ok := (*m)[jobID]; !ok && len(*m) >= maxTallied {
+		clear(*m)
 	}
-	if t.read[jobID]+n > limit {
+	if (*m)[jobID]+n > limit {
 		return false
 	}
-	t.read[jobID] += n
+	(*m)[jobID] += n
 	return true
 }
 
