@@ -88,6 +88,21 @@ type App struct {
 	// execution_error that says so.
 	MaxJobQueue int64 `json:"max_job_queue,omitempty"`
 
+	// MaxOutputSize bounds, in bytes, the outputs one job may store
+	// (default 4 GiB): what the gateway copies from a GPU server into the
+	// outputs store. A server that announces more (or a file that does not
+	// end) is read no further: the output past the bound is not stored,
+	// and a job on a worker endpoint ends with an execution_error saying
+	// so.
+	MaxOutputSize int64 `json:"max_output_size,omitempty"`
+
+	// MaxQueuedSize bounds, in bytes, the prompts and UI workflows one
+	// user's waiting and running jobs keep in this Caddy's memory (default
+	// 512 MiB; a user's only job is always taken). A prompt past it is
+	// refused with 429 until some of the user's jobs end: max_queued
+	// prompts of max_body_size each would otherwise be kept whole.
+	MaxQueuedSize int64 `json:"max_queued_size,omitempty"`
+
 	// MetricsPerUser adds per-user series to the usage metrics (GPU and
 	// wait seconds, jobs, refusals by user and pool). Off by default: one
 	// series per user grows with the workshop; the admin API's
@@ -349,6 +364,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.gateway.Manager().SetHistoryLimit(a.HistoryLimit)
 	a.gateway.Manager().SetHistorySize(a.HistorySize)
 	a.gateway.Hub().SetLimits(a.MaxSocketsPerUser, a.MaxSocketQueue)
+	a.gateway.SetMaxOutputSize(a.MaxOutputSize)
+	a.gateway.Manager().SetMaxQueuedSize(a.MaxQueuedSize)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		for _, c := range []prometheus.Collector{metrics{app: a}, usageMetrics{app: a}} {
 			if err := reg.Register(c); err != nil {
@@ -370,8 +387,8 @@ func (a *App) Validate() error {
 	if a.HistorySize < 0 {
 		return fmt.Errorf("history_size %d: must not be negative", a.HistorySize)
 	}
-	if a.MaxSocketsPerUser < 0 || a.MaxSocketQueue < 0 || a.MaxJobQueue < 0 {
-		return fmt.Errorf("max_sockets_per_user, max_socket_queue and max_job_queue must not be negative")
+	if a.MaxSocketsPerUser < 0 || a.MaxSocketQueue < 0 || a.MaxJobQueue < 0 || a.MaxOutputSize < 0 || a.MaxQueuedSize < 0 {
+		return fmt.Errorf("max_sockets_per_user, max_socket_queue, max_job_queue, max_output_size and max_queued_size must not be negative")
 	}
 	seen := map[string]bool{}
 	for _, p := range a.Pools {

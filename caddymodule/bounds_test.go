@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"image"
 	"image/png"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -282,4 +284,278 @@ func TestHistorySizeBoundsStoredJobs(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// A client_id is kept with its job for as long as the job is (and is not
+// counted in history_size), and names the session the job's events go to:
+// one of megabytes is refused, in POST /prompt as in the socket's
+// clientId, with ComfyUI's error shape. (A user could make the gateway
+// keep a 90 MiB client_id with each of their 1000 jobs.)
+func TestHugeClientIDRefused(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	huge := strings.Repeat("c", 8<<20)
+	st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{"prompt": samplerWorkflow("cid", 2), "client_id": huge})
+	promptError(t, "POST /prompt with an 8 MiB client_id", 400, st, body)
+	var jobs struct {
+		Jobs []any `json:"jobs"`
+	}
+	g.getJSON("alice", "/api/jobs", &jobs)
+	if len(jobs.Jobs) != 0 {
+		t.Fatalf("%d jobs after the refused prompt", len(jobs.Jobs))
+	}
+	// A normal one still goes.
+	g.queue("alice", strings.Repeat("c", 32), samplerWorkflow("cid", 2))
+
+	st, body, _ = g.do("alice", "GET", "/ws?clientId="+strings.Repeat("c", 16<<10), nil,
+		"Connection", "Upgrade", "Upgrade", "websocket", "Sec-WebSocket-Version", "13", "Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	promptError(t, "socket with a 16 KiB clientId", 400, st, body)
+}
+
+// Requests that name jobs to act on (POST /queue, /history, /interrupt,
+// /api/jobs/cancel) are small in ComfyUI's UI; their bodies are bounded
+// to 1 MiB (413 in ComfyUI's shape), and a cancel of many jobs asks home
+// for its queue once. (A 30 MiB list of ids was decoded, looked up one by
+// one and passed on to home: about a gigabyte of memory for one request;
+// each id cancelled through /api/jobs/cancel read home's whole queue
+// again — a shared home was asked thousands of times for one request.)
+func TestJobListsInRequestsAreBounded(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+
+	var big bytes.Buffer
+	big.WriteString(`{"delete":[`)
+	for i := 0; big.Len() < 30<<20; i++ {
+		if i > 0 {
+			big.WriteByte(',')
+		}
+		big.WriteString(`""`)
+	}
+	big.WriteString(`]}`)
+	for _, path := range []string{"/api/queue", "/api/history", "/api/interrupt", "/api/jobs/cancel"} {
+		st, body, _ := g.do("alice", "POST", path, big.Bytes())
+		promptError(t, "POST "+path+" with 30 MiB of ids", 413, st, body)
+	}
+
+	ids := make([]string, 300)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("00000000-0000-4000-8000-%012d", i)
+	}
+	before := queueReads(home)
+	if st, body, _ := g.do("alice", "POST", "/api/jobs/cancel", map[string]any{"job_ids": ids}); st != 200 {
+		t.Fatalf("POST /api/jobs/cancel of 300 ids: %d %s", st, body)
+	}
+	if n := queueReads(home) - before; n > 1 {
+		t.Fatalf("cancelling 300 jobs asked home for its queue %d times", n)
+	}
+}
+
+// queueReads counts the GET /queue requests home received.
+func queueReads(home *comfytest.Server) int {
+	n := 0
+	for _, r := range home.Requests() {
+		if r.Method == "GET" && strings.TrimPrefix(r.Path, "/api") == "/queue" {
+			n++
+		}
+	}
+	return n
+}
+
+// A prompt of more nodes, inputs and keys than any real workflow is
+// refused before it is decoded, with ComfyUI's error shape. (Decoded, a
+// key costs many times its bytes: 20 MiB of tiny nodes took 360 MiB of
+// the gateway's memory and 4 s of CPU before any check, and the 100 MiB a
+// body may have, about 1.8 GiB — for one request of one user.)
+func TestPromptOfTooManyKeysRefused(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	for _, c := range []struct {
+		name string
+		body func(*bytes.Buffer)
+	}{
+		{"nodes", func(b *bytes.Buffer) {
+			b.WriteString(`{"prompt":{`)
+			for i := 0; i < 250_000; i++ {
+				fmt.Fprintf(b, `"%d":{"class_type":"EmptyImage","inputs":{}},`, i)
+			}
+			b.WriteString(`"x":{"class_type":"EmptyImage","inputs":{}}}}`)
+		}},
+		{"inputs of one node", func(b *bytes.Buffer) {
+			b.WriteString(`{"prompt":{"1":{"class_type":"EmptyImage","inputs":{`)
+			for i := 0; i < 250_000; i++ {
+				fmt.Fprintf(b, `"i%d":0,`, i)
+			}
+			b.WriteString(`"x":0}}}}`)
+		}},
+		{"extra_data keys", func(b *bytes.Buffer) {
+			b.WriteString(`{"prompt":{"1":{"class_type":"EmptyImage","inputs":{}}},"extra_data":{`)
+			for i := 0; i < 250_000; i++ {
+				fmt.Fprintf(b, `"k%d":0,`, i)
+			}
+			b.WriteString(`"x":0}}`)
+		}},
+	} {
+		var b bytes.Buffer
+		c.body(&b)
+		st, body, _ := g.do("alice", "POST", "/api/prompt", b.Bytes())
+		if msg := promptError(t, c.name, 400, st, body); msg != "The prompt is too large" {
+			t.Fatalf("%s: refused with %q", c.name, msg)
+		}
+	}
+	// A prompt of ordinary size still goes.
+	g.queue("alice", "", samplerWorkflow("keys", 2))
+}
+
+// What one user's waiting and running jobs keep of their prompts in the
+// gateway's memory is bounded (max_queued_size): past it the user's next
+// prompt is refused with 429 in ComfyUI's shape, and other users are not.
+// (max_queued prompts of max_body_size each were kept whole: 100 × 100 MiB
+// for one user.)
+func TestQueuedPromptBytesBoundedPerUser(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 100 * time.Millisecond})
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}",
+		"outputs disk {DATA}\n\t\tmax_queued_size 3MiB", 1)
+	g := startCaddy(t, cf)
+	pad := strings.Repeat("w", 1<<20)
+	submit := func(user string, i int) (int, []byte) {
+		st, body, _ := g.do(user, "POST", "/api/prompt", map[string]any{
+			"prompt":     samplerWorkflow(fmt.Sprintf("%s%d", user, i), 200),
+			"extra_data": map[string]any{"extra_pnginfo": map[string]any{"workflow": map[string]any{"pad": pad}}},
+		})
+		return st, body
+	}
+	for i := 0; i < 2; i++ {
+		if st, body := submit("alice", i); st != 200 {
+			t.Fatalf("alice's prompt %d: %d %.300s", i, st, body)
+		}
+	}
+	st, body := submit("alice", 2)
+	promptError(t, "alice's third 1 MiB prompt with max_queued_size 3MiB", 429, st, body)
+	if st, body := submit("bob", 0); st != 200 {
+		t.Fatalf("bob's prompt: %d %.300s", st, body)
+	}
+}
+
+// GET /queue, which the legacy frontend asks on every status, reads the
+// prompts of the user's waiting and running jobs only: it read every job
+// the user keeps with its prompt and UI workflow (up to history_size,
+// 256 MiB, per request) from the store and decoded it, to list none of
+// them.
+func TestQueueReadsOnlyActivePrompts(t *testing.T) {
+	valkeyAddr, _ := sharedEnv(t)
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	prefix := fmt.Sprintf("queueread-%d:", time.Now().UnixNano())
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "outputs disk {DATA}",
+		"outputs disk {DATA}\n\t\tstore valkey {\n\t\t\taddress "+valkeyAddr+"\n\t\t\tprefix "+prefix+"\n\t\t}", 1)
+	g := startCaddy(t, cf)
+	pad := strings.Repeat("w", 1<<20)
+	var last string
+	for i := 0; i < 16; i++ {
+		st, body, _ := g.do("alice", "POST", "/api/prompt", map[string]any{
+			"prompt":     samplerWorkflow(fmt.Sprintf("q%d", i), 1),
+			"extra_data": map[string]any{"extra_pnginfo": map[string]any{"workflow": map[string]any{"pad": pad}}},
+		})
+		var a promptAnswer
+		if st != 200 || json.Unmarshal(body, &a) != nil {
+			t.Fatalf("prompt %d: %d %.200s", i, st, body)
+		}
+		last = a.PromptID
+	}
+	g.waitStatus("alice", last, "completed", 60*time.Second)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	st, body, _ := g.do("alice", "GET", "/api/queue", nil)
+	runtime.ReadMemStats(&after)
+	if st != 200 || !strings.Contains(string(body), `"queue_running"`) {
+		t.Fatalf("GET /api/queue: %d %.200s", st, body)
+	}
+	if n := after.TotalAlloc - before.TotalAlloc; n > 8<<20 {
+		t.Fatalf("GET /queue of no waiting job allocated %d MiB (16 ended jobs of 1 MiB kept)", n>>20)
+	}
+}
+
+// A POST /prompt that announces a large body costs the gateway memory as
+// the bytes come, not as announced: 8 connections that each announce
+// 100 MiB and send nothing hold a few MiB. (The gateway made a buffer of
+// the announced size at once: 800 MiB for 8 idle connections of one user,
+// and as many more as connections opened.)
+func TestAnnouncedBodyCostsOnlyWhatIsSent(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := 0; i < 8; i++ {
+		openStalledPrompt(t, g, "alice", 100<<20, nil)
+	}
+	// Long enough for the handlers to start reading (they did at once).
+	time.Sleep(time.Second)
+	runtime.ReadMemStats(&after)
+	if n := after.TotalAlloc - before.TotalAlloc; n > 64<<20 {
+		t.Fatalf("8 connections announcing 100 MiB and sending 10 bytes: %d MiB allocated", n>>20)
+	}
+	// A prompt of another user goes on.
+	g.queue("bob", "", samplerWorkflow("announced", 1))
+}
+
+// One user's POST /prompt bodies are read two at a time: a user who opens
+// a dozen connections, each sending nearly all of a max_body_size body
+// and then stalling, holds two bodies in the gateway's memory, not a
+// dozen; another user's prompt goes on meanwhile.
+func TestOneUsersPromptBodiesReadFewAtATime(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), "max_body_size 8MiB"))
+	const size = 8 << 20
+	chunk := bytes.Repeat([]byte(" "), size-16)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := 0; i < 12; i++ {
+		openStalledPrompt(t, g, "alice", size, chunk) // the last bytes never come
+	}
+	g.queue("bob", "", samplerWorkflow("slots", 1))
+	time.Sleep(2 * time.Second) // long enough for every body to be read as far as it goes
+	runtime.ReadMemStats(&after)
+	if n := after.TotalAlloc - before.TotalAlloc; n > 80<<20 {
+		t.Fatalf("12 stalled 8 MiB bodies of one user: %d MiB allocated", n>>20)
+	}
+}
+
+// promptError checks an answer of status want in ComfyUI's error shape
+// (error.message, node_errors) and returns its message.
+func promptError(t *testing.T, what string, want, st int, body []byte) string {
+	t.Helper()
+	var pe struct {
+		Error struct {
+			Message string `json:"message"`
+		} `json:"error"`
+		NodeErrors map[string]any `json:"node_errors"`
+	}
+	if st != want || json.Unmarshal(body, &pe) != nil || pe.Error.Message == "" || pe.NodeErrors == nil {
+		t.Fatalf("%s: %d %.300s, want %d in ComfyUI's error shape", what, st, body, want)
+	}
+	return pe.Error.Message
+}
+
+// openStalledPrompt opens a connection that posts a prompt of announced
+// size as user and sends its first 10 bytes and part, then nothing (until
+// the test ends).
+func openStalledPrompt(t *testing.T, g *gateway, user string, size int, part []byte) {
+	t.Helper()
+	c, err := net.Dial("tcp", strings.TrimPrefix(g.Base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	go func() {
+		fmt.Fprintf(c, "POST /api/prompt HTTP/1.1\r\nHost: x\r\nX-User: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"prompt\":", user, size)
+		_, _ = c.Write(part)
+	}()
 }

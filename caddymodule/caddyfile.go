@@ -45,6 +45,8 @@ func init() {
 //		max_sockets_per_user <n>
 //		max_socket_queue <size>
 //		max_job_queue <size>
+//		max_output_size <size>
+//		max_queued_size <size>
 //		metrics_per_user
 //		store memory | valkey {
 //			address <host:port | valkey:// or rediss:// URL>
@@ -245,6 +247,13 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.MaxJobQueue = n
+		case "max_output_size", "max_queued_size":
+			key := d.Val()
+			n, err := sizeArg(d, key, 1<<50)
+			if err != nil {
+				return err
+			}
+			*map[string]*int64{"max_output_size": &a.MaxOutputSize, "max_queued_size": &a.MaxQueuedSize}[key] = n
 		case "store":
 			if !d.NextArg() {
 				return d.ArgErr()

@@ -56,15 +56,7 @@ func sharedCaddyfile(prefix, valkeyAddr string, s3 [4]string, home, gpu, extraGl
 			prefix ` + prefix + `
 			lease_ttl 1s
 		}
-		outputs s3 {
-			endpoint http://` + s3[0] + `
-			bucket ` + s3[3] + `
-			prefix ` + prefix + `
-			access_key ` + s3[1] + `
-			secret_key ` + s3[2] + `
-			region us-east-1
-			spool {DATA}/spool
-		}
+		` + s3Outputs("http://"+s3[0], prefix, s3) + `
 		` + extraGlobal + `
 	}
 }
@@ -79,6 +71,20 @@ func sharedCaddyfile(prefix, valkeyAddr string, s3 [4]string, home, gpu, extraGl
 	reverse_proxy ` + strings.TrimPrefix(home, "http://") + `
 }
 `
+}
+
+// s3Outputs is the outputs option for the test S3 (s3 as sharedEnv gives
+// it) at endpoint, under prefix.
+func s3Outputs(endpoint, prefix string, s3 [4]string) string {
+	return `outputs s3 {
+			endpoint ` + endpoint + `
+			bucket ` + s3[3] + `
+			prefix ` + prefix + `
+			access_key ` + s3[1] + `
+			secret_key ` + s3[2] + `
+			region us-east-1
+			spool {DATA}/spool
+		}`
 }
 
 // replica is a second Caddy, in its own process.

@@ -88,6 +88,9 @@ type scriptedGPU struct {
 	mu    sync.Mutex
 	conns []*websocket.Conn
 	png   []byte
+	// view, if set, answers /view instead of the PNG (set it before the
+	// first job).
+	view http.HandlerFunc
 }
 
 func newScriptedGPU(t *testing.T) *scriptedGPU {
@@ -119,6 +122,10 @@ func newScriptedGPU(t *testing.T) *scriptedGPU {
 		go s.run(body.PromptID)
 	})
 	mux.HandleFunc("/view", func(w http.ResponseWriter, r *http.Request) {
+		if s.view != nil {
+			s.view(w, r)
+			return
+		}
 		w.Header().Set("Content-Type", "image/png")
 		_, _ = w.Write(s.png)
 	})

@@ -4,16 +4,21 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/comfyume/comfyume/comfytest"
+	"github.com/comfyume/comfyume/dispatch"
+	"github.com/comfyume/comfyume/worker"
 )
 
 // A GPU server that sends an oversized JSON event and an oversized preview
@@ -106,5 +111,78 @@ func TestLifecycleFloodIsBoundedByMaxJobQueue(t *testing.T) {
 	c := g.queue("alice", b.SID, samplerWorkflow("after", 2))
 	if frames := b.untilJobEnd(c.PromptID, 60*time.Second); indexOf(frames, "execution_success") < 0 {
 		t.Fatalf("the next job: %v %q", types(frames), exceptionMessage(frames))
+	}
+}
+
+// A GPU server whose output file does not end is read only up to
+// max_output_size: the gateway stops reading it, keeps nothing of it, and
+// the job still ends. (The gateway copied whatever the server sent into
+// the outputs store, retrying for up to 3×5 minutes: one server could
+// fill the disk everyone's outputs share.)
+func TestEndlessOutputIsCut(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := newScriptedGPU(t)
+	var sent atomic.Int64
+	chunk := bytes.Repeat([]byte{0x89}, 64<<10)
+	gpu.view = func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "image/png")
+		for sent.Load() < 64<<20 { // "endless" within what a test may cost
+			n, err := w.Write(chunk)
+			sent.Add(int64(n))
+			if err != nil {
+				return
+			}
+		}
+	}
+	dir := t.TempDir()
+	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL, ""), "outputs disk {DATA}",
+		"outputs disk "+dir+"\n\t\tmax_output_size 1MiB", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("s", 1))
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	if indexOf(frames, "execution_success") < 0 && indexOf(frames, "execution_error") < 0 {
+		t.Fatalf("the job did not end: %v", types(frames))
+	}
+	if n := sent.Load(); n > 32<<20 {
+		t.Fatalf("the gateway read %d MiB of an output, with max_output_size 1MiB", n>>20)
+	}
+	var stored int64
+	_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if fi, err := d.Info(); err == nil {
+				stored += fi.Size()
+			}
+		}
+		return nil
+	})
+	if stored > 1<<20 {
+		t.Fatalf("%d bytes stored for the job, with max_output_size 1MiB", stored)
+	}
+}
+
+// On a worker endpoint, whose outputs come in the job's stream, an output
+// past max_output_size ends the job with an execution_error that says why.
+func TestWorkerOutputPastBoundEndsJob(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	ws := worker.NewServer(gpu.URL(), worker.Options{Heartbeat: time.Second})
+	mux := http.NewServeMux()
+	mux.Handle(dispatch.WorkerPath, ws)
+	mux.Handle("/", gpu.Handler())
+	w := httptest.NewServer(mux)
+	defer w.Close()
+	cf := strings.Replace(poolCaddyfile(home.URL(), w.URL, ""), "max_jobs 1", "max_jobs 1\n\t\t\t\ttransport worker", 1)
+	cf = strings.Replace(cf, "outputs disk {DATA}", "outputs disk {DATA}\n\t\tmax_output_size 100B", 1)
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("bound", 1))
+	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	i := indexOf(frames, "execution_error")
+	if i < 0 {
+		t.Fatalf("the job did not fail: %v", types(frames))
+	}
+	if msg := frames[i].str("exception_message"); !strings.Contains(msg, "larger than the gateway keeps") {
+		t.Fatalf("execution_error %q does not say the outputs are too large", msg)
 	}
 }

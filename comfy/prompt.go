@@ -3,6 +3,7 @@ package comfy
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"slices"
 	"sort"
 	"strings"
@@ -38,6 +39,24 @@ type Node struct {
 	Extra map[string]json.RawMessage `json:"-"`
 }
 
+// MaxClientID is the longest client_id (a browser's WebSocket sid) taken,
+// in bytes. ComfyUI's frontend sends 32 hex digits and API clients a UUID;
+// a job keeps its client_id for as long as the job is kept, and sessions
+// are looked up by it.
+const MaxClientID = 256
+
+// MaxPromptKeys bounds the keys of a POST /prompt body that the gateway
+// decodes: the body's own, extra_data's, the prompt's nodes, each node's
+// and each node's inputs'. Decoded, a key costs many times its bytes in the
+// body (20 MiB of tiny nodes took 360 MiB); the largest real workflows
+// have a few thousand.
+const MaxPromptKeys = 100_000
+
+func tooManyKeys() *BodyError {
+	return &BodyError{Status: 400, Body: NewPromptError("invalid_prompt", "The prompt is too large",
+		fmt.Sprintf("more than %d nodes, inputs and keys; the gateway takes at most %d", MaxPromptKeys, MaxPromptKeys))}
+}
+
 // BodyError says why a POST /prompt body was refused. Status is the HTTP
 // status ComfyUI would use and Body is what it would send.
 type BodyError struct {
@@ -52,7 +71,10 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 	// One validating pass that splits the body as it goes, without
 	// decoding the values (extra_data holds the UI workflow: often
 	// megabytes). Only a refused body is looked at again, for the error.
-	raw, extra, ok := splitPromptBody(body)
+	raw, extra, keys, ok := splitPromptBody(body, MaxPromptKeys)
+	if keys > MaxPromptKeys {
+		return nil, tooManyKeys()
+	}
 	if !ok {
 		if !json.Valid(body) {
 			var v any
@@ -68,6 +90,9 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 	if !ok || isNull(p) {
 		pe := NewPromptError("no_prompt", "No prompt provided", "")
 		return nil, &BodyError{Status: 400, Body: pe}
+	}
+	if promptKeys(p, MaxPromptKeys-keys) > MaxPromptKeys-keys {
+		return nil, tooManyKeys()
 	}
 	nodes, ok := ObjectMembers(p)
 	if !ok {
@@ -89,6 +114,10 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 	}
 	if v, ok := raw["client_id"]; ok {
 		_ = json.Unmarshal(v, &pr.ClientID)
+		if len(pr.ClientID) > MaxClientID {
+			return nil, &BodyError{Status: 400, Body: NewPromptError("invalid_prompt",
+				"client_id is too long", fmt.Sprintf("client_id has %d bytes; the limit is %d", len(pr.ClientID), MaxClientID))}
+		}
 	}
 	if v, ok := raw["prompt_id"]; ok && !isNull(v) {
 		var s string
@@ -298,4 +327,34 @@ func errString(err error, def string) string {
 		return err.Error()
 	}
 	return def
+}
+
+// LinkSource reads an input value that links another node's output —
+// ["<node id>", <slot>] — and returns the node id. Nothing is decoded but
+// that id: a list value of millions of items (a user's to send) costs one
+// scan, where decoding it cost a copy of each item.
+func LinkSource(raw []byte) (string, bool) {
+	i := skipSpace(raw, 0)
+	if i >= len(raw) || raw[i] != '[' {
+		return "", false
+	}
+	i = skipSpace(raw, i+1)
+	if i >= len(raw) || raw[i] != '"' {
+		return "", false
+	}
+	e := validString(raw, i)
+	if e < 0 {
+		return "", false
+	}
+	src := raw[i:e]
+	if i = skipSpace(raw, e); i >= len(raw) || raw[i] != ',' {
+		return "", false
+	}
+	if e = validValue(raw, skipSpace(raw, i+1), 1); e < 0 {
+		return "", false
+	}
+	if i = skipSpace(raw, e); i >= len(raw) || raw[i] != ']' || skipSpace(raw, i+1) != len(raw) {
+		return "", false
+	}
+	return unquote(src), true
 }

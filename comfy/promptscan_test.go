@@ -17,7 +17,7 @@ func checkSplit(t *testing.T, in []byte) {
 	if want := json.Valid(in); ours != want {
 		t.Fatalf("%q: valid = %v, json.Valid = %v", in, ours, want)
 	}
-	raw, extra, ok := splitPromptBody(in)
+	raw, extra, _, ok := splitPromptBody(in, MaxPromptKeys)
 	var want map[string]json.RawMessage
 	isObject := json.Unmarshal(in, &want) == nil && want != nil
 	if ok != isObject {

@@ -48,6 +48,24 @@ type Manager struct {
 	history  *jobHistory    // what is kept of ended jobs (history.go)
 	precheck *prechecker    // prompts against installs (precheck.go)
 	ops      *opsView       // the operator's views (ops.go, status.go)
+	// maxHeld bounds the prompt bytes one user's live jobs keep here
+	// (SetMaxQueuedSize).
+	maxHeld atomic.Int64
+}
+
+// DefaultMaxQueuedSize is the default bound of the bytes of prompts and UI
+// workflows one user's waiting and running jobs keep on a gateway.
+const DefaultMaxQueuedSize = 512 << 20
+
+// SetMaxQueuedSize bounds the bytes of prompts and UI workflows one user's
+// waiting and running jobs keep in this gateway's memory (0:
+// DefaultMaxQueuedSize). A prompt past it is refused (QueueFullError) until
+// some of the user's jobs end.
+func (m *Manager) SetMaxQueuedSize(n int64) {
+	if n <= 0 {
+		n = DefaultMaxQueuedSize
+	}
+	m.maxHeld.Store(n)
 }
 
 // NewManager returns a manager that records jobs in store and reports to
@@ -166,9 +184,16 @@ func (e *UnavailableError) Unwrap() error { return e.Err }
 type QueueFullError struct {
 	Pool  string
 	Limit int
+	// Held, when > 0, is the bytes of prompts the user's waiting and
+	// running jobs keep, and HeldLimit the bound this prompt would pass.
+	Held, HeldLimit int64
 }
 
 func (e *QueueFullError) Error() string {
+	if e.Held > 0 {
+		return fmt.Sprintf("your waiting and running prompts already take %d MiB of the gateway's memory (limit %d MiB); wait for one to end",
+			e.Held>>20, e.HeldLimit>>20)
+	}
 	return fmt.Sprintf("you already have %d prompts waiting for the GPU pool %q; wait for one to start", e.Limit, e.Pool)
 }
 
@@ -260,7 +285,14 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	r.req = req
 	// Registered and claimed before the record exists, so that no gateway
 	// (this one included) takes a job over that is being submitted.
-	if other, added := m.runs.add(r); !added {
+	limit := m.maxHeld.Load()
+	if limit <= 0 {
+		limit = DefaultMaxQueuedSize
+	}
+	if other, added, held := m.runs.addWithin(r, limit); !added {
+		if other == nil {
+			return SubmitResult{}, &QueueFullError{Pool: pool.Name, Held: held, HeldLimit: limit}
+		}
 		if other.job.User != req.User {
 			return SubmitResult{}, ErrPromptIDTaken
 		}
@@ -713,12 +745,8 @@ func sinkNodes(prompt map[string]comfy.Node) []string {
 	used := map[string]bool{}
 	for _, n := range prompt {
 		for _, v := range n.Inputs {
-			var link []json.RawMessage
-			if json.Unmarshal(v, &link) == nil && len(link) == 2 {
-				var src string
-				if json.Unmarshal(link[0], &src) == nil {
-					used[src] = true
-				}
+			if src, ok := comfy.LinkSource(v); ok {
+				used[src] = true
 			}
 		}
 	}

@@ -294,7 +294,7 @@ func (e *nodeErrors) dependentOutputs(id string) []string {
 		e.users = map[string][]string{}
 		for uid, n := range e.prompt {
 			for _, raw := range n.Inputs {
-				if src, ok := linkSource(raw); ok {
+				if src, ok := comfy.LinkSource(raw); ok {
 					e.users[src] = append(e.users[src], uid)
 				}
 			}
@@ -320,23 +320,6 @@ func (e *nodeErrors) dependentOutputs(id string) []string {
 	}
 	sort.Strings(out)
 	return out
-}
-
-// linkSource reads an input that links another node's output:
-// ["<node id>", <slot>].
-func linkSource(raw json.RawMessage) (string, bool) {
-	if len(raw) == 0 || raw[0] != '[' {
-		return "", false
-	}
-	var link []json.RawMessage
-	if json.Unmarshal(raw, &link) != nil || len(link) != 2 {
-		return "", false
-	}
-	var src string
-	if json.Unmarshal(link[0], &src) != nil {
-		return "", false
-	}
-	return src, true
 }
 
 // shown shortens a user-supplied string an error message repeats.

@@ -39,6 +39,46 @@ func (s *runSet) add(r *run) (other *run, added bool) {
 	return r, true
 }
 
+// addWithin is add, unless the prompts the user's runs keep here, with
+// r's, would take more than limit bytes (limit > 0; a user's only job is
+// always taken): then r is not added, other is nil and held is what the
+// user's runs keep.
+func (s *runSet) addWithin(r *run, limit int64) (other *run, added bool, held int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if other, dup := s.byID[r.job.ID]; dup {
+		return other, false, 0
+	}
+	if limit > 0 {
+		for _, o := range s.byID {
+			if o.job.User == r.job.User {
+				held += promptBytes(o)
+			}
+		}
+		if held > 0 && held+promptBytes(r) > limit {
+			return nil, false, held
+		}
+	}
+	s.byID[r.job.ID] = r
+	return r, true, 0
+}
+
+// promptBytes is what a run keeps of its prompt: the request as it came
+// (every top-level value, the UI workflow among them, which the record's
+// extra_data shares) and the prompt as recorded; or, for a job taken over,
+// its record's.
+func promptBytes(r *run) int64 {
+	pr := r.req.Request
+	if pr == nil {
+		return BodySize(r.job)
+	}
+	n := int64(len(r.job.Prompt))
+	for k, v := range pr.Raw {
+		n += int64(len(k) + len(v))
+	}
+	return n
+}
+
 // put puts r in the set, in place of any run of the same job.
 func (s *runSet) put(r *run) {
 	s.mu.Lock()

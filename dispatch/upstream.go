@@ -187,8 +187,13 @@ func (u *Upstream) Do(req *http.Request) (*http.Response, error) {
 	return u.client.Do(req)
 }
 
-// GetJSON fetches a path and decodes its JSON body into v. A non-2xx status
-// is an *HTTPError.
+// MaxAnswer bounds what GetJSON reads of one answer (a GPU server's
+// /history entry, /queue or status, a home's /features): servers are
+// semi-trusted, and an answer is decoded in memory.
+const MaxAnswer = 64 << 20
+
+// GetJSON fetches a path and decodes its JSON body into v, reading at most
+// MaxAnswer bytes of it. A non-2xx status is an *HTTPError.
 func (u *Upstream) GetJSON(ctx context.Context, pathAndQuery string, v any) error {
 	req, err := u.NewRequest(ctx, http.MethodGet, pathAndQuery, nil)
 	if err != nil {
@@ -203,7 +208,20 @@ func (u *Upstream) GetJSON(ctx context.Context, pathAndQuery string, v any) erro
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		return &HTTPError{Status: resp.StatusCode, Body: b}
 	}
-	return json.NewDecoder(resp.Body).Decode(v)
+	lr := &io.LimitedReader{R: resp.Body, N: MaxAnswer + 1}
+	if err := json.NewDecoder(lr).Decode(v); err != nil {
+		if lr.N <= 0 {
+			return fmt.Errorf("%s answer is larger than %d MiB", pathOnly(pathAndQuery), MaxAnswer>>20)
+		}
+		return err
+	}
+	return nil
+}
+
+// pathOnly is a request's path without its query, for errors.
+func pathOnly(pathAndQuery string) string {
+	p, _, _ := strings.Cut(pathAndQuery, "?")
+	return p
 }
 
 // PostJSON posts v as JSON and returns the status and body (up to 16 MiB).

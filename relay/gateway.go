@@ -82,6 +82,8 @@ type Gateway struct {
 	ops      *Ops // the operator's page
 	// outBytes counts each running job's stored outputs (usage).
 	outBytes outputTally
+	// prompts bounds the POST /prompt requests of one user handled at once.
+	prompts userSlots
 }
 
 // New builds a gateway.
@@ -282,13 +284,32 @@ func readBody(w http.ResponseWriter, r *http.Request, site Site) ([]byte, bool) 
 	if limit <= 0 {
 		limit = DefaultMaxBody
 	}
+	return readBodyWithin(w, r, limit)
+}
+
+// maxControlBody bounds the body of a request that names jobs to act on
+// (POST /queue, /history, /interrupt, /api/jobs/cancel): ComfyUI's UI sends
+// a few ids at most, and each id named costs a look-up (and the list is
+// passed on to home).
+const maxControlBody = 1 << 20
+
+// readControlBody reads the body of a request that names jobs, within
+// maxControlBody (or the site's limit if smaller).
+func readControlBody(w http.ResponseWriter, r *http.Request, site Site) ([]byte, bool) {
+	limit := int64(maxControlBody)
+	if site.MaxBody > 0 && site.MaxBody < limit {
+		limit = site.MaxBody
+	}
+	return readBodyWithin(w, r, limit)
+}
+
+// readBodyWithin reads a request body of at most limit bytes (see
+// readBody).
+func readBodyWithin(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
 	var b []byte
 	var err error
 	if n := r.ContentLength; n > 0 && n <= limit {
-		// One buffer of the announced size (the server ends the body
-		// there): no doubling and copying of a megabytes workflow.
-		b = make([]byte, n)
-		_, err = io.ReadFull(r.Body, b)
+		b, err = readAnnounced(r.Body, n)
 	} else {
 		b, err = io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 	}
@@ -305,6 +326,35 @@ func readBody(w http.ResponseWriter, r *http.Request, site Site) ([]byte, bool) 
 	return b, true
 }
 
+// firstBodyBuffer is the buffer a body of announced size is read into
+// first (then doubled as the bytes come).
+const firstBodyBuffer = 64 << 10
+
+// readAnnounced reads a body of announced length n (the server ends the
+// body there) into a buffer of n bytes at most, grown (doubling) as the
+// bytes come rather than made whole at once: an announced length costs
+// nothing until it is sent. (A client could announce 100 MiB on each of
+// many connections and send nothing.)
+func readAnnounced(body io.Reader, n int64) ([]byte, error) {
+	b := make([]byte, 0, min(n, firstBodyBuffer))
+	var err error
+	for int64(len(b)) < n && err == nil {
+		if len(b) == cap(b) {
+			b = append(make([]byte, 0, min(2*int64(cap(b)), n)), b...)
+		}
+		var m int
+		m, err = body.Read(b[len(b):cap(b)])
+		b = b[:len(b)+m]
+	}
+	if int64(len(b)) == n {
+		return b, nil
+	}
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return b, err
+}
+
 // DefaultMaxBody is the default request body limit: ComfyUI's own default
 // --max-upload-size of 100 MB.
 const DefaultMaxBody = 100 << 20
@@ -319,13 +369,8 @@ func formatBytes(n int64) string {
 
 // servePrompt runs POST /prompt on the site's pool.
 func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site) {
-	body, ok := readBody(w, r, site)
+	pr, ok := g.readPrompt(w, r, site)
 	if !ok {
-		return
-	}
-	pr, berr := comfy.ParsePromptRequest(body)
-	if berr != nil {
-		writeJSON(w, berr.Status, berr.Body)
 		return
 	}
 	if err := g.freshID(r.Context(), pr.PromptID); err != nil {
@@ -372,6 +417,26 @@ func (g *Gateway) servePrompt(w http.ResponseWriter, r *http.Request, site Site)
 		g.logger.Error("prompt failed", zap.Error(err))
 		writeJSON(w, http.StatusInternalServerError, comfy.NewPromptError("server_error", "The gateway could not queue the prompt", dispatch.PublicMessage(site.RunOn, err.Error())))
 	}
+}
+
+// readPrompt reads and checks a POST /prompt body, in one of the user's
+// few slots for it (see promptsAtOnce). On failure it has answered
+// already.
+func (g *Gateway) readPrompt(w http.ResponseWriter, r *http.Request, site Site) (*comfy.PromptRequest, bool) {
+	if !g.prompts.acquire(r.Context(), site.User) {
+		return nil, false // the client went away while it waited
+	}
+	defer g.prompts.release(site.User)
+	body, ok := readBody(w, r, site)
+	if !ok {
+		return nil, false
+	}
+	pr, berr := comfy.ParsePromptRequest(body)
+	if berr != nil {
+		writeJSON(w, berr.Status, berr.Body)
+		return nil, false
+	}
+	return pr, true
 }
 
 // removeFiles removes the captured files of jobs that are forgotten.
@@ -567,8 +632,14 @@ func (g *Gateway) StoreOutput(ctx context.Context, j *dispatch.Job, ref comfy.Fi
 // putOutput stores one of a job's outputs in the blob store and counts its
 // bytes for the job's usage.
 func (g *Gateway) putOutput(ctx context.Context, jobID, key, contentType string, body io.Reader) error {
-	counted := &countingReader{r: body}
+	if !g.outBytes.takeFile(jobID, 1) {
+		return errOutputsTooLarge{}
+	}
+	counted := &countingReader{r: &boundedOutput{r: body, t: &g.outBytes, jobID: jobID}}
 	if err := g.blobs.Put(ctx, key, counted, BlobInfo{ContentType: contentType}); err != nil {
+		// Not stored: a retry may take them again.
+		g.outBytes.take(jobID, -counted.n)
+		g.outBytes.takeFile(jobID, -1)
 		return err
 	}
 	g.outBytes.add(jobID, counted.n)
@@ -600,7 +671,8 @@ func (g *Gateway) captureOne(ctx context.Context, jobID string, up *dispatch.Ups
 			return nil
 		}
 		var he *dispatch.HTTPError
-		if errors.As(err, &he) && he.Status == 404 {
+		var big errOutputsTooLarge
+		if errors.As(err, &he) && he.Status == 404 || errors.As(err, &big) {
 			break
 		}
 	}

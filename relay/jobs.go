@@ -398,7 +398,7 @@ func (g *Gateway) serveJobs(w http.ResponseWriter, r *http.Request, site Site, r
 	case rest == "" && r.Method == http.MethodGet:
 		g.listJobs(w, r, site)
 	case rest == "cancel" && r.Method == http.MethodPost:
-		body, ok := readBody(w, r, site)
+		body, ok := readControlBody(w, r, site)
 		if !ok {
 			return
 		}
@@ -409,13 +409,14 @@ func (g *Gateway) serveJobs(w http.ResponseWriter, r *http.Request, site Site, r
 			writeJSON(w, http.StatusBadRequest, comfy.JobsError{Error: "Invalid JSON body"})
 			return
 		}
+		hq := &homeQueue{}
 		for _, id := range req.JobIDs {
-			g.cancelJob(ctx, site, id)
+			g.cancelJob(ctx, site, id, hq)
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"cancelled": req.JobIDs})
 	case strings.HasSuffix(rest, "/cancel") && r.Method == http.MethodPost:
 		id := strings.TrimSuffix(rest, "/cancel")
-		g.cancelJob(ctx, site, id)
+		g.cancelJob(ctx, site, id, &homeQueue{})
 		writeJSON(w, http.StatusOK, map[string]any{"cancelled": []string{id}})
 	case rest != "" && !strings.Contains(rest, "/") && r.Method == http.MethodGet:
 		g.jobDetail(w, r, site, rest)
@@ -426,29 +427,55 @@ func (g *Gateway) serveJobs(w http.ResponseWriter, r *http.Request, site Site, r
 
 // cancelJob cancels one job where it is: the user's remote job through the
 // dispatcher, otherwise on home (interrupt if running, delete if queued).
-func (g *Gateway) cancelJob(ctx context.Context, site Site, id string) {
+func (g *Gateway) cancelJob(ctx context.Context, site Site, id string, hq *homeQueue) {
 	if j := g.userJob(ctx, site.User, id, false); j != nil {
 		g.cancel(ctx, site.User, id)
 		return
 	}
-	var q queueBody
-	if err := g.homeGet(ctx, site, "/queue", &q); err != nil {
-		return
+	switch hq.stateOf(ctx, g, site, id) {
+	case homeRunning:
+		b, _ := json.Marshal(map[string]string{"prompt_id": id})
+		g.homePost(ctx, site, "/interrupt", b)
+	case homePending:
+		b, _ := json.Marshal(map[string]any{"delete": []string{id}})
+		g.homePost(ctx, site, "/queue", b)
 	}
-	for _, raw := range q.Running {
-		if t, ok := parseQueueTuple(raw); ok && t.id == id {
-			b, _ := json.Marshal(map[string]string{"prompt_id": id})
-			g.homePost(ctx, site, "/interrupt", b)
-			return
+}
+
+// homeQueue is home's queue as one request read it: a request cancelling
+// many jobs asks home once, not once per job.
+type homeQueue struct {
+	read  bool
+	state map[string]int // prompt_id → homeRunning or homePending
+}
+
+const (
+	homeRunning = 1 + iota
+	homePending
+)
+
+// stateOf says whether home runs the job, has it waiting, or neither (0, also
+// when home cannot be asked).
+func (h *homeQueue) stateOf(ctx context.Context, g *Gateway, site Site, id string) int {
+	if !h.read {
+		h.read = true
+		var q queueBody
+		if g.homeGet(ctx, site, "/queue", &q) == nil {
+			h.state = make(map[string]int, len(q.Running)+len(q.Pending))
+			// Pending first: a job listed in both counts as running.
+			for _, raw := range q.Pending {
+				if t, ok := parseQueueTuple(raw); ok {
+					h.state[t.id] = homePending
+				}
+			}
+			for _, raw := range q.Running {
+				if t, ok := parseQueueTuple(raw); ok {
+					h.state[t.id] = homeRunning
+				}
+			}
 		}
 	}
-	for _, raw := range q.Pending {
-		if t, ok := parseQueueTuple(raw); ok && t.id == id {
-			b, _ := json.Marshal(map[string]any{"delete": []string{id}})
-			g.homePost(ctx, site, "/queue", b)
-			return
-		}
-	}
+	return h.state[id]
 }
 
 func (g *Gateway) listJobs(w http.ResponseWriter, r *http.Request, site Site) {

@@ -88,9 +88,19 @@ func (g *Gateway) serveView(w http.ResponseWriter, r *http.Request, site Site) b
 	}
 	w.Header().Set("Content-Type", ct)
 	w.Header().Set("X-Content-Type-Options", "nosniff")
+	if rg := r.Header.Get("Range"); strings.Count(rg, ",") >= maxRanges {
+		// Each range is a read of its own (with S3, a request to the
+		// bucket): a request of more is answered with the whole file, as
+		// RFC 9110 lets a server ignore Range.
+		r.Header.Del("Range")
+	}
 	http.ServeContent(w, r, vr.Filename, info.ModTime, b)
 	return true
 }
+
+// maxRanges is the most byte ranges one /view request is answered with
+// (browsers and players ask for one).
+const maxRanges = 16
 
 // servedInline reports whether a stored output of this content type is
 // shown by the browser: images (not SVG, which runs scripts), video, audio,

@@ -182,7 +182,7 @@ type queueBody struct {
 func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) {
 	ctx := r.Context()
 	if r.Method == http.MethodPost {
-		body, ok := readBody(w, r, site)
+		body, ok := readControlBody(w, r, site)
 		if !ok {
 			return
 		}
@@ -229,14 +229,20 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 	if err := g.homeGet(ctx, site, "/queue", &q); err != nil {
 		g.logger.Debug("home queue unavailable", zap.Error(err))
 	}
-	active := g.activeJobs(ctx, site.User, true)
+	// Summaries first: the prompts (with the UI workflow) are read for the
+	// waiting and running jobs only, not for every job the user keeps.
+	active := g.activeJobs(ctx, site.User, false)
 	mine := jobIDs(active)
 	// A job that fell back to home is listed once, from the gateway.
 	q.Running = withoutJobs(q.Running, mine)
 	q.Pending = withoutJobs(q.Pending, mine)
 	for _, j := range active {
+		running := j.Status == dispatch.StatusInProgress
+		if full := g.userJob(ctx, site.User, j.ID, true); full != nil {
+			j = full
+		}
 		b, _ := json.Marshal(queueItem(j))
-		if j.Status == dispatch.StatusInProgress {
+		if running {
 			q.Running = append(q.Running, b)
 		} else {
 			q.Pending = append(q.Pending, b)
@@ -393,7 +399,7 @@ func lastTimestamp(entry json.RawMessage) int64 {
 func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site, id string) {
 	ctx := r.Context()
 	if r.Method == http.MethodPost {
-		body, ok := readBody(w, r, site)
+		body, ok := readControlBody(w, r, site)
 		if !ok {
 			return
 		}
@@ -496,7 +502,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 // it runs (only if it is the user's); without a prompt_id, the user's running
 // remote jobs and whatever runs on home (unless home is shared).
 func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Site) {
-	body, ok := readBody(w, r, site)
+	body, ok := readControlBody(w, r, site)
 	if !ok {
 		return
 	}

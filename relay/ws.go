@@ -65,6 +65,11 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request, site Site) {
 		return
 	}
 	sid := r.URL.Query().Get("clientId")
+	if len(sid) > comfy.MaxClientID {
+		writeJSON(w, http.StatusBadRequest, comfy.NewPromptError("invalid_client_id", "clientId is too long",
+			fmt.Sprintf("clientId has %d bytes; the limit is %d", len(sid), comfy.MaxClientID)))
+		return
+	}
 	if sid == "" {
 		sid = strings.ReplaceAll(uuid.NewString(), "-", "")
 	}
