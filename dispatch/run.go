@@ -83,6 +83,10 @@ type run struct {
 	lastEvent time.Time
 	events    uint64
 	watched   uint64
+	// saves counts the job's records saved at lifecycle points before its
+	// end, lastSave the latest: past eagerSaves, at most one a second.
+	saves    int
+	lastSave time.Time
 	// cancelRun ends a pinned job's stream (the worker then interrupts
 	// it); cancelled records that the user asked for it.
 	cancelRun func()
@@ -551,8 +555,10 @@ func (r *run) handleAt(raw event, more bool) {
 		if terminal {
 			r.finished = true
 		}
-		if m.Type != comfy.MsgExecutionCached {
+		if m.Type != comfy.MsgExecutionCached && (terminal || r.saves < eagerSaves || time.Since(r.lastSave) >= time.Second) {
 			snap = r.job.Clone()
+			r.saves++
+			r.lastSave = time.Now()
 		}
 		r.mu.Unlock()
 		if snap != nil {
@@ -567,6 +573,14 @@ func (r *run) handleAt(raw event, more bool) {
 		r.m.finish(r, snap, true)
 	}
 }
+
+// eagerSaves is how many times a job's record is saved at once at its
+// lifecycle points (start, each output node's executed) before saves are
+// spaced a second apart: a workflow has tens of output nodes at most, and
+// a server that sends thousands of executed events would otherwise make
+// as many writes to the store (with Valkey, a round trip and up to a
+// megabyte each). The end is always saved, with everything.
+const eagerSaves = 64
 
 // maxBatched bounds the events a job's goroutine hands over with
 // DeliverLater before one goes out with Deliver.
