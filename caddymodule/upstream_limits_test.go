@@ -186,3 +186,53 @@ func TestWorkerOutputPastBoundEndsJob(t *testing.T) {
 		t.Fatalf("execution_error %q does not say the outputs are too large", msg)
 	}
 }
+
+// A GPU server that trickles an output (a byte now and then, within every
+// read timeout) does not hold a job the user cancelled: capturing that
+// output is let go, the job ends for the browser at once, and the server's
+// /view request is closed.
+func TestCancelLetsGoOfATricklingOutput(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+	gpu := newScriptedGPU(t)
+	capturing := make(chan struct{}, 1)
+	let := make(chan struct{})
+	gpu.view = func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "image/png")
+		select {
+		case capturing <- struct{}{}:
+		default:
+		}
+		for {
+			select {
+			case <-r.Context().Done():
+				close(let)
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			if _, err := w.Write([]byte{0x89}); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+		}
+	}
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL, ""))
+	b := g.openBrowser("alice", "", true)
+	a := g.queue("alice", b.SID, samplerWorkflow("s", 1))
+	select {
+	case <-capturing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the output was never fetched")
+	}
+	if st, _, _ := g.do("alice", "POST", "/api/interrupt", map[string]any{"prompt_id": a.PromptID}); st != 200 {
+		t.Fatalf("interrupt: %d", st)
+	}
+	frames := b.untilJobEnd(a.PromptID, 10*time.Second)
+	if indexOf(frames, "execution_success") < 0 && indexOf(frames, "execution_error") < 0 && indexOf(frames, "execution_interrupted") < 0 {
+		t.Fatalf("the job did not end: %v", types(frames))
+	}
+	select {
+	case <-let:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the gateway still reads the output of the cancelled job")
+	}
+}

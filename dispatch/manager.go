@@ -626,6 +626,7 @@ func (m *Manager) detach(r *run) bool {
 	up, ids := r.up, r.routeIDs
 	r.mu.Unlock()
 	close(r.done)
+	r.stopCapture()
 	m.runs.remove(r.job.ID)
 	if up != nil {
 		for _, id := range ids {
@@ -683,6 +684,7 @@ func (m *Manager) Cancel(ctx context.Context, user, id string) bool {
 		return true
 	}
 	if started || up.isRunning(pid) {
+		r.stopCapture() // an output being captured is let go
 		if _, _, err := up.PostJSON(ctx, "/interrupt", map[string]string{"prompt_id": pid}); err != nil {
 			m.logger.Warn("interrupt", zap.String("job", id), zap.Error(err))
 		}

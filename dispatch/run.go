@@ -87,6 +87,12 @@ type run struct {
 	// end, lastSave the latest: past eagerSaves, at most one a second.
 	saves    int
 	lastSave time.Time
+	// captureCtx is what capturing the job's outputs runs under;
+	// stopCapture ends it when the user cancels the job or it ends (a
+	// server that trickles an output would otherwise hold a cancelled
+	// job, and its slot, for as long as capturing may take).
+	captureCtx  context.Context
+	stopCapture context.CancelFunc
 	// cancelRun ends a pinned job's stream (the worker then interrupts
 	// it); cancelled records that the user asked for it.
 	cancelRun func()
@@ -97,7 +103,9 @@ type run struct {
 }
 
 func newRun(m *Manager, j *Job) *run {
-	return &run{m: m, job: j, queue: fifo.Queue[event]{Pool: &eventChunks}, wake: make(chan struct{}, 1), done: make(chan struct{}), lastKept: -1}
+	r := &run{m: m, job: j, queue: fifo.Queue[event]{Pool: &eventChunks}, wake: make(chan struct{}, 1), done: make(chan struct{}), lastKept: -1}
+	r.captureCtx, r.stopCapture = context.WithCancel(context.Background())
+	return r
 }
 
 // snapshot returns a copy of the job record.
@@ -535,7 +543,7 @@ func (r *run) handleAt(raw event, more bool) {
 	if ev.Type == comfy.MsgExecuted {
 		// Capture gets a copy: &ev itself would put every event on the heap.
 		captured := ev
-		if err := r.m.events.Capture(context.Background(), to, r.up, &captured); err != nil {
+		if err := r.m.events.Capture(r.captureCtx, to, r.up, &captured); err != nil {
 			r.m.logger.Warn("capture failed", zap.String("job", to.JobID), zap.Error(err))
 		}
 		ev = captured
