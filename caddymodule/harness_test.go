@@ -266,6 +266,14 @@ const currentFlags = `{"supports_preview_metadata":true,"supports_manager_v4_ui"
 
 // openBrowser opens a socket as the current frontend (previewMeta: it
 // declares its feature flags) or as one that declares none.
+// aliceQueues starts Caddy with cf, opens alice's browser and queues a
+// sampler workflow of steps steps for it.
+func aliceQueues(t testing.TB, cf, name string, steps int) (*gateway, *browser, promptAnswer) {
+	g := startCaddy(t, cf)
+	b := g.openBrowser("alice", "", true)
+	return g, b, g.queue("alice", b.SID, samplerWorkflow(name, steps))
+}
+
 func (g *gateway) openBrowser(user, clientID string, previewMeta bool) *browser {
 	g.t.Helper()
 	flags := ""

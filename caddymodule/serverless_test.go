@@ -44,9 +44,7 @@ func TestWatchdogSparesTalkingJobs(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
 	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu", StepDelay: 100 * time.Millisecond})
 	cf := strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""), "pool gpu {", "pool gpu {\n\t\t\twatchdog 500ms", 1)
-	g := startCaddy(t, cf)
-	b := g.openBrowser("alice", "", true)
-	long := g.queue("alice", b.SID, samplerWorkflow("long", 20))
+	_, b, long := aliceQueues(t, cf, "long", 20)
 	frames := b.untilJobEnd(long.PromptID, 30*time.Second)
 	if indexOf(frames, "execution_success") < 0 {
 		t.Fatalf("a job that kept sending events was cut: %v", types(frames))

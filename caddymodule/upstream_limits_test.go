@@ -215,9 +215,7 @@ func TestCancelLetsGoOfATricklingOutput(t *testing.T) {
 			w.(http.Flusher).Flush()
 		}
 	}
-	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL, ""))
-	b := g.openBrowser("alice", "", true)
-	a := g.queue("alice", b.SID, samplerWorkflow("s", 1))
+	g, b, a := aliceQueues(t, poolCaddyfile(home.URL(), gpu.URL, ""), "s", 1)
 	select {
 	case <-capturing:
 	case <-time.After(10 * time.Second):
