@@ -468,7 +468,13 @@ func (s *socket) dieLocked() {
 	s.closing = true
 	if !s.dead {
 		s.dead = true
-		s.out.Close()
+		if s.vectored {
+			s.out.Close()
+		} else {
+			// TLS first sends a close alert, which may wait up to 5 s for
+			// a browser that does not read: not under the socket's lock.
+			go s.out.Close()
+		}
 	}
 	s.releaseLocked()
 	s.bytes = 0

@@ -582,3 +582,33 @@ func TestLeavingSocketKeepsCopiesOfLentFrames(t *testing.T) {
 		t.Fatalf("the leaving socket holds %d frames, the first %q", s.queue.Len(), s.queue.At(0).f.text)
 	}
 }
+
+// Closing a socket over TLS whose browser reads nothing does not wait for
+// the browser: TLS sends a close alert first, which can wait up to 5 s for
+// a full connection, and the socket's lock (which the GPU stream's reader
+// takes to queue a frame) is held while it closes. (net.Pipe: every write
+// waits for the reader, as a full connection does.)
+func TestTLSSocketClosesWithoutWaitingForTheBrowser(t *testing.T) {
+	server, browser := net.Pipe()
+	t.Cleanup(func() { server.Close(); browser.Close() })
+	ts := tls.Server(server, &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
+	tb := tls.Client(browser, &tls.Config{InsecureSkipVerify: true})
+	done := make(chan error, 1)
+	go func() { done <- ts.Handshake() }()
+	if err := tb.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	s := newSocket(1 << 20)
+	s.out = ts
+	// The browser reads nothing from now on.
+	start := time.Now()
+	s.kill()
+	if waited := time.Since(start); waited > time.Second {
+		t.Fatalf("closing the socket waited %v for a browser that does not read", waited)
+	}
+	q := queued{f: frame{text: []byte(`{"type":"progress","data":{}}`)}}
+	s.push(&q, startNow) // a dead socket takes nothing, at once
+}
