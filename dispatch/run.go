@@ -327,11 +327,12 @@ func (r *run) offer(ev event, rb *readBatch) {
 	if rb == nil || !ev.quick() || !r.inlineEvents() {
 		ev.own(rb)
 		r.push(ev)
-		if rb != nil {
+		if rb != nil && !ev.quick() {
 			// A lifecycle event (its handling may save the job, capture
 			// outputs): the job's goroutine, just woken, takes it now
 			// rather than when the reader has read all there is, which
 			// in a burst is a whole time slice of events queued behind it.
+			// (Not after each event when every one is queued: a bus.)
 			runtime.Gosched()
 		}
 		return
