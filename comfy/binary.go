@@ -1,6 +1,7 @@
 package comfy
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 )
@@ -45,6 +46,14 @@ type Preview struct {
 	ImageType string
 	// Image holds the encoded image bytes; it aliases the frame.
 	Image []byte
+}
+
+// Clone returns a copy of p with an image of its own (Image no longer
+// aliases the frame it was read from).
+func (p *Preview) Clone() *Preview {
+	c := *p
+	c.Image = bytes.Clone(p.Image)
+	return &c
 }
 
 // ParsePreview decodes a type-1 or type-4 preview frame.

@@ -249,9 +249,7 @@ func (ev *event) own(rb *readBatch) {
 			ev.json = bytes.Clone(ev.json)
 		}
 	case ev.preview != nil:
-		p := *ev.preview
-		p.Image = bytes.Clone(p.Image)
-		ev.preview = &p
+		ev.preview = ev.preview.Clone()
 	case ev.text != nil:
 		t := *ev.text
 		t.Text = bytes.Clone(t.Text)

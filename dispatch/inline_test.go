@@ -66,9 +66,7 @@ func owned(ev Event) Event {
 		ev.Lent = false
 		ev.JSON = bytes.Clone(ev.JSON)
 		if ev.Preview != nil {
-			p := *ev.Preview
-			p.Image = bytes.Clone(p.Image)
-			ev.Preview = &p
+			ev.Preview = ev.Preview.Clone()
 		}
 	}
 	return ev
@@ -266,16 +264,15 @@ func TestFrameSlabCopiesStayApart(t *testing.T) {
 	}
 }
 
-// progressEvent is a progress frame of job-1 as the reader hands it over,
-// lent from buf (which the test then reads over).
+// progressEvent is a progress frame of job-1 as the reader hands it over:
+// lent from buf (which the test then reads over), or with nil its own.
 func progressEvent(t *testing.T, v int, buf []byte) event {
 	t.Helper()
-	b := append(buf[:0], fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":9,"prompt_id":"job-1","node":"3"}}`, v)...)
-	h, ok := comfy.ScanEvent(b)
-	if !ok {
-		t.Fatal("bad frame")
+	ev := upstreamEvent(t, fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":9,"prompt_id":"job-1","node":"3"}}`, v))
+	if buf != nil {
+		ev.json, ev.lent = append(buf[:0], ev.json...), true
 	}
-	return event{json: b, head: h, lent: true}
+	return ev
 }
 
 // Events queued for a job that its goroutine has not taken yet go before
@@ -291,9 +288,7 @@ func TestReaderTakesQueuedEventsFirst(t *testing.T) {
 	r.mu.Lock()
 	r.started = true // (its goroutine has not run yet)
 	for i := 1; i <= 3; i++ {
-		ev := progressEvent(t, i, nil)
-		ev.lent = false
-		r.enqueueLocked(ev)
+		r.enqueueLocked(progressEvent(t, i, nil))
 	}
 	r.mu.Unlock()
 	rb := &readBatch{}

@@ -36,9 +36,7 @@ func (f frame) own() frame {
 	case f.binary != nil:
 		f.binary = bytes.Clone(f.binary)
 	case f.preview != nil:
-		p := *f.preview
-		p.Image = bytes.Clone(p.Image)
-		f.preview = &p
+		f.preview = f.preview.Clone()
 	}
 	return f
 }

@@ -639,9 +639,8 @@ func (s *socket) handOff(first *queued, direct bool) {
 	var q queued
 	if direct {
 		q = *first
-		q.f = q.f.own()
 	}
-	go s.writeLoop(nil, &q, direct, false, false)
+	s.goWrite(q, direct)
 }
 
 // resume writes the rest of a batch that did not fit the browser's socket

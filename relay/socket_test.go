@@ -312,28 +312,44 @@ func TestJobGoroutineNeverWaitsForTheBrowser(t *testing.T) {
 // it; the browser reads nothing unless the test does.
 func browserPair(t *testing.T, overTLS bool) (s *socket, browser net.Conn) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	browser, err = net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { browser.Close() })
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	server, browser := loopback(t, &net.Dialer{})
 	s = newSocket(1 << 30) // nothing coalesces
 	t.Cleanup(s.kill)
 	if !overTLS {
 		s.out, s.vectored = server, true
 		return s, browser
 	}
-	ts := tls.Server(server, &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
-	tb := tls.Client(browser, &tls.Config{InsecureSkipVerify: true})
+	ts, tb := tlsOver(t, server, browser)
+	s.out = ts
+	return s, tb
+}
+
+// loopback connects over loopback TCP: the gateway's end and the
+// browser's, dialed with d.
+func loopback(t *testing.T, d *net.Dialer) (server, browser net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	browser, err = d.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { browser.Close() })
+	if server, err = ln.Accept(); err != nil {
+		t.Fatal(err)
+	}
+	return server, browser
+}
+
+// tlsOver runs TLS over a connection: the gateway's end serves a
+// self-signed certificate, the browser's trusts any.
+func tlsOver(t *testing.T, server, browser net.Conn) (ts, tb *tls.Conn) {
+	t.Helper()
+	ts = tls.Server(server, &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
+	tb = tls.Client(browser, &tls.Config{InsecureSkipVerify: true})
 	done := make(chan error, 1)
 	go func() { done <- ts.Handshake() }()
 	if err := tb.Handshake(); err != nil {
@@ -342,8 +358,7 @@ func browserPair(t *testing.T, overTLS bool) (s *socket, browser net.Conn) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	s.out = ts
-	return s, tb
+	return ts, tb
 }
 
 // selfSigned makes a certificate for a test's TLS server.
@@ -473,26 +488,13 @@ func TestHeldFramesAreBoundedWhileCatchingUp(t *testing.T) {
 // browser's is (non-blocking writev), and the browser's end.
 func tcpSocket(t *testing.T, limit int) (*socket, net.Conn) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+	server, browser := loopback(t, &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
 		return c.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 8<<10) })
-	}}
-	browser, err := d.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	}})
 	_ = server.(*net.TCPConn).SetWriteBuffer(8 << 10)
 	s := newSocket(limit)
 	s.out, s.vectored, s.raw = server, true, rawConn(server)
-	t.Cleanup(func() { s.kill(); browser.Close() })
+	t.Cleanup(s.kill)
 	return s, browser
 }
 
@@ -591,16 +593,7 @@ func TestLeavingSocketKeepsCopiesOfLentFrames(t *testing.T) {
 func TestTLSSocketClosesWithoutWaitingForTheBrowser(t *testing.T) {
 	server, browser := net.Pipe()
 	t.Cleanup(func() { server.Close(); browser.Close() })
-	ts := tls.Server(server, &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
-	tb := tls.Client(browser, &tls.Config{InsecureSkipVerify: true})
-	done := make(chan error, 1)
-	go func() { done <- ts.Handshake() }()
-	if err := tb.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	ts, _ := tlsOver(t, server, browser)
 	s := newSocket(1 << 20)
 	s.out = ts
 	// The browser reads nothing from now on.
