@@ -334,7 +334,7 @@ func (m *Manager) failover(r *run, up *Upstream, cause error) bool {
 	ids := r.routeIDs
 	r.up, r.routeIDs = nil, nil
 	r.job.Upstream, r.job.UpstreamClient, r.job.UpstreamID = "", "", ""
-	snap := r.job.Clone()
+	snap, snapNo := r.toSaveLocked()
 	r.mu.Unlock()
 	for _, id := range ids {
 		up.unregister(id, r)
@@ -345,7 +345,7 @@ func (m *Manager) failover(r *run, up *Upstream, cause error) bool {
 	if !ok {
 		return false
 	}
-	m.save(snap)
+	r.persist(snap, snapNo)
 	m.logger.Warn("endpoint lost before the job started; sending it elsewhere", zap.String("job", snap.ID), zap.String("upstream", up.String()))
 	m.retryLater(pool, r, cause)
 	return true

@@ -469,7 +469,7 @@ func (m *Manager) send(ctx context.Context, r *run, up *Upstream) (_ SubmitResul
 		r.mu.Unlock()
 		up.register(res.PromptID, r)
 	}
-	m.save(r.snapshot())
+	r.save()
 	ne := res.NodeErrors
 	if len(ne) == 0 {
 		ne = json.RawMessage("{}")
@@ -712,9 +712,9 @@ func (m *Manager) cancelLocal(r *run) {
 	r.finished = true
 	r.job.Status = StatusCancelled
 	r.job.EndTime = time.Now().UnixMilli()
-	snap := r.job.Clone()
+	snap, n := r.toSaveLocked()
 	r.mu.Unlock()
-	m.save(snap)
+	r.persist(snap, n)
 	m.finish(r, snap, false)
 }
 

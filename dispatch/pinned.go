@@ -122,7 +122,7 @@ func (m *Manager) sendPinned(ctx context.Context, r *run, up *Upstream) (SubmitR
 		r.mu.Lock()
 		r.lastEvent = time.Now()
 		r.mu.Unlock()
-		m.save(r.snapshot())
+		r.save()
 		return SubmitResult{PromptID: job.ID, Number: job.Number, NodeErrors: json.RawMessage("{}")}, nil
 	case <-ctx.Done():
 		cancel()

@@ -87,6 +87,14 @@ type run struct {
 	// end, lastSave the latest: past eagerSaves, at most one a second.
 	saves    int
 	lastSave time.Time
+	// snapshots numbers the records taken to be saved (under mu), written
+	// the newest one written (under saveMu): two goroutines saving the
+	// same job (the submit answering while the job's goroutine handles
+	// execution_start) write in the order they read it, and an older
+	// record never overwrites a newer one in the store.
+	snapshots uint64
+	saveMu    sync.Mutex
+	written   uint64
 	// captureCtx is what capturing the job's outputs runs under;
 	// stopCapture ends it when the user cancels the job or it ends (a
 	// server that trickles an output would otherwise hold a cancelled
@@ -113,6 +121,33 @@ func (r *run) snapshot() *Job {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.job.Clone()
+}
+
+// toSaveLocked returns a copy of the job record to hand to persist, and
+// its number. The caller holds r.mu.
+func (r *run) toSaveLocked() (*Job, uint64) {
+	r.snapshots++
+	return r.job.Clone(), r.snapshots
+}
+
+// save writes the job record as it is now.
+func (r *run) save() {
+	r.mu.Lock()
+	snap, n := r.toSaveLocked()
+	r.mu.Unlock()
+	r.persist(snap, n)
+}
+
+// persist writes a record toSaveLocked returned, unless a newer one was
+// written already.
+func (r *run) persist(snap *Job, n uint64) {
+	r.saveMu.Lock()
+	defer r.saveMu.Unlock()
+	if n <= r.written {
+		return
+	}
+	r.written = n
+	r.m.save(snap)
 }
 
 func (r *run) push(ev event) {
@@ -550,6 +585,7 @@ func (r *run) handleAt(raw event, more bool) {
 		ev = captured
 	}
 	var snap *Job // the record as saved, at lifecycle points
+	var snapNo uint64
 	terminal := false
 	switch ev.Type {
 	case comfy.MsgExecutionStart, comfy.MsgExecutionCached, comfy.MsgExecuted, comfy.MsgExecutionSuccess,
@@ -565,13 +601,13 @@ func (r *run) handleAt(raw event, more bool) {
 			r.finished = true
 		}
 		if m.Type != comfy.MsgExecutionCached && (terminal || r.saves < eagerSaves || time.Since(r.lastSave) >= time.Second) {
-			snap = r.job.Clone()
+			snap, snapNo = r.toSaveLocked()
 			r.saves++
 			r.lastSave = time.Now()
 		}
 		r.mu.Unlock()
 		if snap != nil {
-			r.m.save(snap)
+			r.persist(snap, snapNo)
 		}
 		if m.Type == comfy.MsgExecutionStart {
 			r.m.events.QueueChanged(to.User)
