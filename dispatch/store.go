@@ -73,6 +73,10 @@ type MemoryStore struct {
 	leases map[string]lease
 	// bodies is each user's total BodySize (every job of theirs).
 	bodies map[string]int64
+	// active counts each user's waiting and running jobs (ActiveCount is
+	// asked at every queue change of theirs: counting their records then
+	// cost as much as their history is long).
+	active map[string]int
 	// installs are the pools' last known installs (see InstallStore).
 	installs installs
 }
@@ -94,7 +98,7 @@ type lease struct {
 
 // NewMemoryStore returns an empty store.
 func NewMemoryStore() *MemoryStore {
-	return &MemoryStore{jobs: map[string]*Job{}, byUser: map[string]map[string]struct{}{}, leases: map[string]lease{}, bodies: map[string]int64{}}
+	return &MemoryStore{jobs: map[string]*Job{}, byUser: map[string]map[string]struct{}{}, leases: map[string]lease{}, bodies: map[string]int64{}, active: map[string]int{}}
 }
 
 // Create implements Store.
@@ -126,13 +130,16 @@ func (s *MemoryStore) ActiveJobs(_ context.Context) ([]*Job, error) {
 func (s *MemoryStore) ActiveCount(_ context.Context, user string) (int, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	n := 0
-	for id := range s.byUser[user] {
-		if s.jobs[id].Active() {
-			n++
-		}
+	return s.active[user], nil
+}
+
+// countActiveLocked adds d to the user's count of active jobs.
+func (s *MemoryStore) countActiveLocked(user string, d int) {
+	if n := s.active[user] + d; n > 0 {
+		s.active[user] = n
+	} else {
+		delete(s.active, user)
 	}
-	return n, nil
 }
 
 // Claim implements Store.
@@ -169,8 +176,14 @@ func (s *MemoryStore) saveLocked(c *Job) {
 			j.Prompt, j.ExtraData = old.Prompt, old.ExtraData
 		}
 		s.bodies[old.User] -= BodySize(old)
+		if old.Active() {
+			s.countActiveLocked(old.User, -1)
+		}
 	}
 	s.bodies[j.User] += BodySize(j)
+	if j.Active() {
+		s.countActiveLocked(j.User, 1)
+	}
 	s.jobs[j.ID] = c
 	ids := s.byUser[j.User]
 	if ids == nil {
@@ -278,6 +291,9 @@ func (s *MemoryStore) Delete(_ context.Context, id string) error {
 		delete(s.byUser[j.User], id)
 		delete(s.jobs, id)
 		s.bodies[j.User] -= BodySize(j)
+		if j.Active() {
+			s.countActiveLocked(j.User, -1)
+		}
 	}
 	delete(s.leases, id)
 	return nil

@@ -406,6 +406,23 @@ func testStore(t *testing.T, newStore func(t *testing.T) Store) {
 			t.Fatal(err)
 		}
 		storeWantActive(t, s)
+		storeWantCount(t, s, "alice", 0)
+		storeWantCount(t, s, "bob", 0)
+		// A deleted job no longer counts.
+		j6 := storeTestJob("x6", "carol", 6)
+		j6.Status = StatusPending
+		if err := s.Save(ctx, j6); err != nil {
+			t.Fatal(err)
+		}
+		storeWantCount(t, s, "carol", 1)
+		if err := s.Save(ctx, j6); err != nil { // saved again, still one job
+			t.Fatal(err)
+		}
+		storeWantCount(t, s, "carol", 1)
+		if err := s.Delete(ctx, "x6"); err != nil {
+			t.Fatal(err)
+		}
+		storeWantCount(t, s, "carol", 0)
 		// The user indexes are untouched by all this.
 		storeWantIDs(t, s, "alice", "x3", "x1")
 		storeWantIDs(t, s, "bob", "x2", "x4", "x5")
