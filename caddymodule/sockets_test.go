@@ -1,12 +1,15 @@
 package caddymodule_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"net"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -330,4 +333,92 @@ func TestHomeRedialBacksOff(t *testing.T) {
 		t.Fatalf("home was dialed %d times in 3 s by two tabs", dials)
 	}
 	t.Logf("%d dials", dials)
+}
+
+// homePost sends a request body straight to a fake home (as the frontend
+// would with home as its only server) and decodes the answer into out.
+func homePost(t *testing.T, home *comfytest.Server, path string, body, out any) {
+	t.Helper()
+	b, _ := json.Marshal(body)
+	resp, err := http.Post(home.URL()+path, "application/json", bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	rb, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("POST home %s: %d %s", path, resp.StatusCode, rb)
+	}
+	if out != nil {
+		if err := json.Unmarshal(rb, out); err != nil {
+			t.Fatalf("POST home %s answered %s", path, rb)
+		}
+	}
+}
+
+// A shared home writes to its sockets one after the other, as ComfyUI
+// does (its publish loop awaits each send, and a send waits while the
+// socket's buffer is full): a socket that is not read would hold up every
+// user of that home. Mallory's tab never reads while a job of hers at home
+// sends large previews; the gateway keeps reading her home socket (and
+// drops, then closes, what her tab cannot take), so bob, another user of
+// that home, still gets home's news at once: his queued job's status
+// arrives while mallory's job is still running. (Before, her home socket's
+// reader waited up to 10 s for each write to her tab, and home stopped
+// sending to anyone until her job was long over.)
+func TestStuckSocketStallsNoOneOnASharedHome(t *testing.T) {
+	var written atomic.Int64 // what home wrote to mallory's socket
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home", SerialSend: true,
+		PreviewBytes: 256 << 10, StepDelay: 10 * time.Millisecond,
+		OnSend: func(f comfytest.SentFrame) {
+			if f.SID == "stuck" {
+				written.Add(int64(f.Bytes))
+			}
+		}})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
+	openStuck(t, g, "mallory", "stuck", 1)
+	bob := g.openBrowser("bob", "", true)
+
+	var noisy struct {
+		PromptID string `json:"prompt_id"`
+	}
+	homePost(t, home, "/prompt", map[string]any{"prompt": samplerWorkflow("noisy", 400), "client_id": "stuck"}, &noisy)
+	// Until home wrote mallory 40 MB, or her socket took nothing more for a
+	// second (home's writes to it wait).
+	last, since := int64(0), time.Now()
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		n := written.Load()
+		if n >= 40<<20 || time.Since(since) > time.Second {
+			break
+		}
+		if n != last {
+			last, since = n, time.Now()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("home wrote %d bytes to mallory's socket", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	homePost(t, home, "/prompt", map[string]any{"prompt": samplerWorkflow("quiet", 1), "client_id": bob.SID}, nil)
+	for {
+		f := bob.next(30 * time.Second)
+		if f.Type != "status" {
+			continue
+		}
+		st, _ := f.Data["status"].(map[string]any)
+		info, _ := st["exec_info"].(map[string]any)
+		if n, _ := info["queue_remaining"].(float64); n >= 2 {
+			break
+		}
+	}
+	resp, err := http.Get(home.URL() + "/history/" + noisy.PromptID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if len(bytes.TrimSpace(h)) > 2 {
+		t.Fatalf("bob heard of his queued job only after mallory's job ended (home wrote her %d MB)", written.Load()>>20)
+	}
 }

@@ -62,6 +62,13 @@ type Options struct {
 	// called concurrently for different sockets and must be quick; the
 	// frame is written when it returns.
 	OnSend func(SentFrame)
+	// SerialSend makes the server write to its sockets as real ComfyUI
+	// does: one publish loop takes the messages of every socket in order
+	// and writes each before the next, so a socket whose peer does not
+	// read, once its buffers are full, holds up every other socket (aiohttp
+	// waits for the slow socket to drain). By default each socket has its
+	// own writer, and a slow peer delays only itself.
+	SerialSend bool
 	// KeepReplacedSockets makes a second socket on a sid behave as in
 	// real ComfyUI: the older socket is forgotten but not closed (it stays
 	// open and receives nothing more), and when either socket closes the
@@ -174,6 +181,7 @@ type Server struct {
 	objects map[string]nodeObject
 
 	sockMu     sync.Mutex
+	serial     *serialSender // with Options.SerialSend
 	sockets    map[string]*wsConn
 	conns      map[*wsConn]struct{}
 	refuseWSTo time.Time // WebSocket upgrades answer 503 until then
@@ -228,6 +236,9 @@ func New(opts Options) *Server {
 		files:      map[string]*memFile{},
 		userdata:   map[string]*memFile{},
 		userdirs:   map[string]bool{"": true},
+	}
+	if opts.SerialSend {
+		s.serial = newSerialSender(s.stop)
 	}
 	s.logf = func(string, ...any) {}
 	if opts.Logf != nil {

@@ -23,6 +23,7 @@ type wsConn struct {
 	done   chan struct{}
 	once   sync.Once
 	onSend func(SentFrame) // Options.OnSend
+	serial *serialSender   // Options.SerialSend: the server's one writer
 
 	// guarded by Server.sockMu
 	flags    any
@@ -46,6 +47,10 @@ func newWSConn(sid string, c *websocket.Conn, onSend func(SentFrame)) *wsConn {
 func (c *wsConn) enqueue(m wsMsg) {
 	if c.onSend != nil {
 		m.queued = time.Now()
+	}
+	if c.serial != nil {
+		c.serial.enqueue(c, m)
+		return
 	}
 	c.mu.Lock()
 	c.queue = append(c.queue, m)
@@ -73,17 +78,82 @@ func (c *wsConn) writer() {
 			c.queue[0] = wsMsg{}
 			c.queue = c.queue[1:]
 			c.mu.Unlock()
-			typ := websocket.TextMessage
-			if m.binary {
-				typ = websocket.BinaryMessage
-			}
-			if c.onSend != nil {
-				c.onSend(SentFrame{SID: c.sid, Type: m.typ, PromptID: m.promptID, Value: m.value,
-					Binary: m.binary, Bytes: len(m.data), Queued: m.queued, Time: time.Now()})
-			}
-			if err := c.c.WriteMessage(typ, m.data); err != nil {
-				c.close()
+			if !c.write(m) {
 				return
+			}
+		}
+	}
+}
+
+// write writes one message, and closes the socket when that fails.
+func (c *wsConn) write(m wsMsg) bool {
+	typ := websocket.TextMessage
+	if m.binary {
+		typ = websocket.BinaryMessage
+	}
+	if c.onSend != nil {
+		c.onSend(SentFrame{SID: c.sid, Type: m.typ, PromptID: m.promptID, Value: m.value,
+			Binary: m.binary, Bytes: len(m.data), Queued: m.queued, Time: time.Now()})
+	}
+	if err := c.c.WriteMessage(typ, m.data); err != nil {
+		c.close()
+		return false
+	}
+	return true
+}
+
+// serialSender is Options.SerialSend's publish loop: the messages of every
+// socket, written one after the other by one goroutine. (ComfyUI's
+// PromptServer.publish_loop awaits each send, and aiohttp's send waits
+// for a socket's buffer to drain once it is over its limit.)
+type serialSender struct {
+	mu     sync.Mutex
+	queue  []serialMsg
+	notify chan struct{}
+}
+
+type serialMsg struct {
+	c *wsConn
+	m wsMsg
+}
+
+func newSerialSender(stop <-chan struct{}) *serialSender {
+	ss := &serialSender{notify: make(chan struct{}, 1)}
+	go ss.loop(stop)
+	return ss
+}
+
+func (ss *serialSender) enqueue(c *wsConn, m wsMsg) {
+	ss.mu.Lock()
+	ss.queue = append(ss.queue, serialMsg{c, m})
+	ss.mu.Unlock()
+	select {
+	case ss.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (ss *serialSender) loop(stop <-chan struct{}) {
+	for {
+		select {
+		case <-stop:
+			return
+		case <-ss.notify:
+		}
+		for {
+			ss.mu.Lock()
+			if len(ss.queue) == 0 {
+				ss.mu.Unlock()
+				break
+			}
+			sm := ss.queue[0]
+			ss.queue[0] = serialMsg{}
+			ss.queue = ss.queue[1:]
+			ss.mu.Unlock()
+			select {
+			case <-sm.c.done: // closed: its messages are dropped
+			default:
+				sm.c.write(sm.m)
 			}
 		}
 	}
@@ -127,7 +197,11 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, _ map[string]s
 		sid = strings.ReplaceAll(uuid.NewString(), "-", "")
 	}
 	wc := newWSConn(sid, c, s.opts.OnSend)
-	go wc.writer()
+	if s.serial != nil {
+		wc.serial = s.serial
+	} else {
+		go wc.writer()
+	}
 
 	s.mu.Lock()
 	remaining := s.queueRemainingLocked()

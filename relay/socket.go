@@ -140,6 +140,16 @@ func (s *socket) write(f frame) {
 	s.push(&q, startInline)
 }
 
+// relay queues a frame from a stream that must never wait for this
+// browser (home's socket, which home writes to every user's socket in
+// turn) and writes what the connection takes at once; a goroutine writes
+// the rest. A browser that falls behind gets the queue's bound (progress
+// and previews squeezed, then the socket closed), not a stalled stream.
+func (s *socket) relay(f frame) {
+	q := queued{f: f}
+	s.push(&q, startNow)
+}
+
 // sendRaw queues a complete WebSocket frame (a control frame).
 func (s *socket) sendRaw(b []byte) {
 	q := queued{raw: b}

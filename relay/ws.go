@@ -391,7 +391,10 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 // readHome relays what home sends on one link until it ends, then has
 // relayHome re-dial. Home's own status frames are rewritten to count the
 // user's remote jobs too (on a goroutine of their own: see onFresh);
-// every other frame the reader writes as it is.
+// every other frame the reader writes as it is. It never waits for the
+// browser (socket.relay): a home shared by many users writes to their
+// sockets one after another, so a link that stopped reading would stall
+// them all.
 func (g *Gateway) readHome(ctx context.Context, s *socket, hl *homeLink, site Site, sid string, conn *websocket.Conn, backoff time.Duration) {
 	linked := time.Now()
 	for {
@@ -408,7 +411,7 @@ func (g *Gateway) readHome(ctx context.Context, s *socket, hl *homeLink, site Si
 			}
 			f = frame{text: b}
 		}
-		s.write(f)
+		s.relay(f)
 	}
 	g.homeLinkEnded(ctx, s, hl, site, sid, conn, backoff, linked)
 }
@@ -448,9 +451,9 @@ func (g *Gateway) onHomeFrame(ctx context.Context, s *socket, site Site, b []byt
 		}
 		s.setHomeRemaining(st.Status.ExecInfo.QueueRemaining)
 		remote := g.remoteCount(ctx, site.User)
-		s.write(frame{text: comfy.StatusMessage(st.Status.ExecInfo.QueueRemaining+remote, "").Encode()})
+		s.relay(frame{text: comfy.StatusMessage(st.Status.ExecInfo.QueueRemaining+remote, "").Encode()})
 	default:
-		s.write(frame{text: b})
+		s.relay(frame{text: b})
 	}
 }
 
