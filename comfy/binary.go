@@ -132,6 +132,9 @@ type TextFrame struct {
 // ParseText decodes a type-3 frame. withPromptID selects the layout.
 func ParseText(frame []byte, withPromptID bool) (TextFrame, error) {
 	var tf TextFrame
+	if len(frame) < 8 {
+		return tf, errShortFrame
+	}
 	rest := frame[4:]
 	readStr := func() (string, bool) {
 		if len(rest) < 4 {
@@ -144,9 +147,6 @@ func ParseText(frame []byte, withPromptID bool) (TextFrame, error) {
 		s := string(rest[4 : 4+n])
 		rest = rest[4+n:]
 		return s, true
-	}
-	if len(frame) < 8 {
-		return tf, errShortFrame
 	}
 	var ok bool
 	if withPromptID {

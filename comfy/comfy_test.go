@@ -295,3 +295,50 @@ func FuzzPeekType(f *testing.F) {
 		}
 	})
 }
+
+// The binary frames an upstream sends (previews of type 1 and 4, progress
+// text of type 3 in both layouts) never make the parsers panic, and what
+// they read encodes back to a frame that reads the same.
+func FuzzBinaryFrames(f *testing.F) {
+	pid := "0b5c8f4e-2f4a-4c57-9d7e-1f2a3b4c5d6e"
+	f.Add(Preview{ImageType: "image/jpeg", Image: []byte{0xff, 0xd8, 0xff}}.EncodeType1())
+	f.Add(Preview{ImageType: "image/png", Image: []byte("\x89PNG")}.EncodeType1())
+	f.Add(Preview{ImageType: "image/png", Image: []byte("\x89PNG")}.EncodeType4(PreviewMetadata{NodeID: "3", PromptID: pid}))
+	f.Add(TextFrame{NodeID: "7", Text: []byte("hello")}.Encode(false))
+	f.Add(TextFrame{PromptID: pid, NodeID: "7", Text: []byte("hello")}.Encode(true))
+	f.Add([]byte{0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff, '{', '}'})
+	f.Add([]byte{0, 0, 0, 3})
+	f.Add([]byte{0, 0, 3})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if p, err := ParsePreview(b); err == nil {
+			if len(b) < 8 || len(p.Image) > len(b)-8 {
+				t.Fatalf("%q: image of %d bytes from a frame of %d", b, len(p.Image), len(b))
+			}
+			var again []byte
+			if p.Metadata == nil {
+				again = p.EncodeType1()
+			} else {
+				again = p.EncodeType4(*p.Metadata)
+			}
+			q, err := ParsePreview(again)
+			if err != nil || q.ImageType != p.ImageType || !bytes.Equal(q.Image, p.Image) || (p.Metadata == nil) != (q.Metadata == nil) ||
+				p.Metadata != nil && (q.Metadata.PromptID != p.Metadata.PromptID || q.Metadata.NodeID != p.Metadata.NodeID) {
+				t.Fatalf("%q read as %+v, encoded as %q, read back as %+v (%v)", b, p, again, q, err)
+			}
+		}
+		for _, withID := range []bool{false, true} {
+			tf, err := ParseText(b, withID)
+			if err != nil {
+				continue
+			}
+			again := tf.Encode(withID)
+			back, err := ParseText(again, withID)
+			if err != nil || back.PromptID != tf.PromptID || back.NodeID != tf.NodeID || !bytes.Equal(back.Text, tf.Text) {
+				t.Fatalf("%q (prompt id layout %v) read as %+v, encoded as %q, read back as %+v (%v)", b, withID, tf, again, back, err)
+			}
+			if len(again) != len(b) {
+				t.Fatalf("%q re-encoded as %d bytes, was %d", b, len(again), len(b))
+			}
+		}
+	})
+}
