@@ -60,6 +60,15 @@ type App struct {
 	// the user's oldest ended jobs beyond it are forgotten whole, as beyond
 	// history_limit; the newest ended job is always kept.
 	HistorySize int64 `json:"history_size,omitempty"`
+
+	// HistoryOutputs bounds, in bytes, what each user's ended jobs keep of
+	// captured outputs in the outputs store (default 10 GiB). When a job
+	// with outputs ends, the user's oldest ended jobs beyond it are
+	// forgotten whole — records and outputs — as beyond history_limit; the
+	// newest ended job is always kept. A user's outputs then take at most
+	// this plus what their waiting and running jobs store (each up to
+	// max_output_size), however many jobs they run.
+	HistoryOutputs int64 `json:"history_outputs,omitempty"`
 	// MaxEventSize is the largest binary frame (a preview, or a whole
 	// image from SaveImageWebsocket) accepted from a GPU server, in bytes
 	// (default 32 MiB); MaxTextEventSize the largest JSON event (default
@@ -363,6 +372,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.gateway.Manager().UsageCounters().SetPerUser(a.MetricsPerUser)
 	a.gateway.Manager().SetHistoryLimit(a.HistoryLimit)
 	a.gateway.Manager().SetHistorySize(a.HistorySize)
+	a.gateway.Manager().SetHistoryOutputs(a.HistoryOutputs)
 	a.gateway.Hub().SetLimits(a.MaxSocketsPerUser, a.MaxSocketQueue)
 	a.gateway.SetMaxOutputSize(a.MaxOutputSize)
 	a.gateway.Manager().SetMaxQueuedSize(a.MaxQueuedSize)
@@ -386,6 +396,9 @@ func (a *App) Validate() error {
 	}
 	if a.HistorySize < 0 {
 		return fmt.Errorf("history_size %d: must not be negative", a.HistorySize)
+	}
+	if a.HistoryOutputs < 0 {
+		return fmt.Errorf("history_outputs %d: must not be negative", a.HistoryOutputs)
 	}
 	if a.MaxSocketsPerUser < 0 || a.MaxSocketQueue < 0 || a.MaxJobQueue < 0 || a.MaxOutputSize < 0 || a.MaxQueuedSize < 0 {
 		return fmt.Errorf("max_sockets_per_user, max_socket_queue, max_job_queue, max_output_size and max_queued_size must not be negative")

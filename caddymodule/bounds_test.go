@@ -286,6 +286,64 @@ func TestHistorySizeBoundsStoredJobs(t *testing.T) {
 	}
 }
 
+// A user's ended jobs keep at most history_outputs bytes of captured
+// outputs: past it, the user's oldest ended jobs are forgotten whole (the
+// record and the files; /view of them finds nothing), the newest always
+// kept, and other users' jobs untouched. (A user could otherwise fill the
+// outputs disk with up to history_limit jobs of max_output_size each.)
+func TestHistoryOutputsBoundsAUsersStoredOutputs(t *testing.T) {
+	t.Run("memory", func(t *testing.T) {
+		home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+		gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+		historyOutputsCheck(t, startCaddy(t, strings.Replace(poolCaddyfile(home.URL(), gpu.URL(), ""),
+			"outputs disk {DATA}", "outputs disk {DATA}\n\t\thistory_outputs 1", 1)))
+	})
+	t.Run("valkey+s3", func(t *testing.T) {
+		valkeyAddr, s3 := sharedEnv(t)
+		home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home"})
+		gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+		historyOutputsCheck(t, startCaddy(t, sharedCaddyfile(testPrefix(), valkeyAddr, s3, home.URL(), gpu.URL(), "history_outputs 1")))
+	})
+}
+
+func historyOutputsCheck(t *testing.T, g *gateway) {
+	run := func(user, prefix string) map[string]any {
+		b := g.openBrowser(user, "", true)
+		a := g.queue(user, b.SID, samplerWorkflow(prefix, 1))
+		ref := outputRef(t, b.untilJobEnd(a.PromptID, 20*time.Second), "3")
+		ref["id"] = a.PromptID
+		return ref
+	}
+	served := func(user string, ref map[string]any) bool {
+		st, _, _ := g.do(user, "GET", "/api/view?"+viewQuery(ref), nil)
+		return st == 200
+	}
+	gone := func(user string, ref map[string]any) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); served(user, ref); {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s's output %v still served", user, ref["filename"])
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if st, _, _ := g.do(user, "GET", "/api/jobs/"+ref["id"].(string), nil); st != 404 {
+			t.Fatalf("%s's forgotten job: %d", user, st)
+		}
+	}
+	bob := run("bob", "b1")
+	first := run("alice", "a1")
+	second := run("alice", "a2")
+	gone("alice", first)
+	if !served("alice", second) || !served("bob", bob) {
+		t.Fatal("the newest job of alice, or bob's, lost its output")
+	}
+	third := run("alice", "a3")
+	gone("alice", second)
+	if !served("alice", third) || !served("bob", bob) {
+		t.Fatal("the newest job of alice, or bob's, lost its output")
+	}
+}
+
 // A client_id is kept with its job for as long as the job is (and is not
 // counted in history_size), and names the session the job's events go to:
 // one of megabytes is refused, in POST /prompt as in the socket's

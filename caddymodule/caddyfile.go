@@ -41,6 +41,7 @@ func init() {
 //		health_interval <duration>
 //		history_limit <n>
 //		history_size <size>
+//		history_outputs <size>
 //		max_event_size <size> [<text size>]
 //		max_sockets_per_user <n>
 //		max_socket_queue <size>
@@ -210,6 +211,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.HistorySize = n
+		case "history_outputs":
+			n, err := sizeArg(d, "history_outputs", 1<<62)
+			if err != nil {
+				return err
+			}
+			a.HistoryOutputs = n
 		case "max_event_size":
 			for _, dst := range []*int64{&a.MaxEventSize, &a.MaxTextEventSize} {
 				if !d.NextArg() {

@@ -128,9 +128,9 @@ func (a *accounts) unadmit(day, pool, user string) {
 // account records what an ended job used, at its end (a lifecycle point,
 // never per event). A job that never started gives its admission back.
 func (a *accounts) account(snap *Job) {
-	var bytes int64
+	bytes := snap.StoredBytes // (counted at the end event)
 	if a.outputs != nil {
-		bytes = a.outputs.TakeOutputBytes(snap.ID)
+		bytes += a.outputs.TakeOutputBytes(snap.ID) // (a job that ended otherwise)
 	}
 	if snap.Pool == "" || !usage.ValidPool(snap.Pool) {
 		return

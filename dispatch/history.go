@@ -19,6 +19,9 @@ type jobHistory struct {
 	limit atomic.Int64
 	// bytes bounds the bodies of each user's ended jobs (bytes).
 	bytes atomic.Int64
+	// outputs bounds what each user's ended jobs' outputs take in the
+	// outputs store (bytes).
+	outputs atomic.Int64
 	// forget removes what else goes with forgotten jobs (set before Start).
 	forget   func(ctx context.Context, ids []string)
 	outcomes jobOutcomes
@@ -53,6 +56,24 @@ func (m *Manager) SetHistorySize(n int64) {
 	m.history.bytes.Store(n)
 }
 
+// DefaultHistoryOutputs is the default byte budget of the captured outputs
+// of each user's ended jobs.
+const DefaultHistoryOutputs = 10 << 30
+
+// SetHistoryOutputs sets the byte budget of the captured outputs of each
+// user's ended jobs (0: DefaultHistoryOutputs). When a job with outputs
+// ends, the user's oldest ended jobs beyond it are forgotten whole,
+// records and outputs, as beyond the history limit; the newest ended job
+// is always kept. So a user's outputs take at most this plus what their
+// waiting and running jobs store (each up to max_output_size), however
+// many jobs they run.
+func (m *Manager) SetHistoryOutputs(n int64) {
+	if n <= 0 {
+		n = DefaultHistoryOutputs
+	}
+	m.history.outputs.Store(n)
+}
+
 // OnForget sets what else goes with the jobs the history limit forgets
 // (their captured files). Call it before Start.
 func (m *Manager) OnForget(f func(ctx context.Context, ids []string)) { m.history.forget = f }
@@ -83,12 +104,12 @@ func (h *jobHistory) ended(snap *Job) {
 	if snap.Status == StatusFailed {
 		h.recordFailure(snap)
 	}
-	go h.trim(snap.User)
+	go h.trim(snap.User, snap.StoredBytes > 0)
 }
 
 // trim forgets the user's oldest ended jobs beyond the limits, and what
 // goes with them.
-func (h *jobHistory) trim(user string) {
+func (h *jobHistory) trim(user string, stored bool) {
 	keep := int(h.limit.Load())
 	if keep <= 0 {
 		keep = DefaultHistoryLimit
@@ -105,6 +126,60 @@ func (h *jobHistory) trim(user string) {
 	}
 	if len(ids) > 0 && h.forget != nil {
 		h.forget(ctx, ids)
+	}
+	if stored {
+		h.trimOutputs(ctx, user)
+	}
+}
+
+// trimOutputs forgets the user's oldest ended jobs beyond the newest whose
+// stored outputs fit in the outputs budget together (the newest ended job
+// is always kept; waiting and running jobs are never forgotten): their
+// records and their outputs.
+func (h *jobHistory) trimOutputs(ctx context.Context, user string) {
+	budget := h.outputs.Load()
+	if budget <= 0 {
+		budget = DefaultHistoryOutputs
+	}
+	jobs, err := h.store.UserJobSummaries(ctx, user)
+	if err != nil {
+		h.logger.Warn("reading jobs to bound their outputs", zap.String("user", user), zap.Error(err))
+		return
+	}
+	var ended []*Job
+	var total int64
+	for _, j := range jobs {
+		if !j.Active() {
+			ended = append(ended, j)
+			total += j.StoredBytes
+		}
+	}
+	if total <= budget {
+		return
+	}
+	SortJobs(ended)
+	kept, sum := len(ended), int64(0)
+	for i := range ended {
+		sum += ended[len(ended)-1-i].StoredBytes
+		if sum > budget && i > 0 {
+			kept = i
+			break
+		}
+	}
+	var gone []string
+	for _, j := range ended[:len(ended)-kept] {
+		if err := h.store.Delete(ctx, j.ID); err != nil {
+			h.logger.Warn("forgetting a job beyond the outputs budget", zap.String("job", j.ID), zap.Error(err))
+			continue
+		}
+		gone = append(gone, j.ID)
+	}
+	if len(gone) > 0 {
+		h.logger.Info("forgot a user's oldest jobs: their outputs were over the budget",
+			zap.String("user", user), zap.Int("jobs", len(gone)), zap.Int64("budget", budget))
+		if h.forget != nil {
+			h.forget(ctx, gone)
+		}
 	}
 }
 

@@ -62,6 +62,10 @@ type Job struct {
 	Outputs map[string]json.RawMessage `json:"outputs,omitempty"`
 	// Messages are the execution_* events, as history status.messages.
 	Messages []HistoryMessage `json:"messages,omitempty"`
+	// StoredBytes is what the job's captured outputs take in the outputs
+	// store, counted when the job ends (history_outputs bounds the sum of
+	// each user's ended jobs).
+	StoredBytes int64 `json:"stored_bytes,omitempty"`
 	// outputBytes is what Outputs weigh (see outputsSize; 0: not counted
 	// yet, as in a record read back from the store).
 	outputBytes int

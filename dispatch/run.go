@@ -599,6 +599,11 @@ func (r *run) handleAt(raw event, more bool) {
 		terminal = comfy.IsTerminal(m.Type)
 		if terminal {
 			r.finished = true
+			// Every executed event was captured before this one: the
+			// job's record says what its outputs take.
+			if c := r.m.accounts.outputs; c != nil {
+				r.job.StoredBytes += c.TakeOutputBytes(r.job.ID)
+			}
 		}
 		if m.Type != comfy.MsgExecutionCached && (terminal || r.saves < eagerSaves || time.Since(r.lastSave) >= time.Second) {
 			snap, snapNo = r.toSaveLocked()
