@@ -41,7 +41,9 @@
 //     goroutine writes the rest and goes on with the queue until it is
 //     empty (an idle socket has none). Other publishers (the bus
 //     subscription, queue counts) start such a goroutine at once; the
-//     socket's own goroutines (its home relay, its read loop) write inline.
+//     socket's home relay writes as a job's goroutine does (what the
+//     connection takes at once, a goroutine the rest), and its read loop
+//     (the greeting, the feature_flags answer) writes inline.
 //     So a frame that finds the socket idle goes out at once, with no
 //     hand-off. A connection that cannot be written without waiting (TLS)
 //     is written by a goroutine of its own from the start. Frames are
@@ -58,7 +60,9 @@
 //     A browser that keeps up costs no copy.
 //
 // The home relay of a socket reads the user's home ComfyUI stream and
-// writes its frames the same way; it re-dials home with backoff, also when
-// a fresh link is dropped at once. A user may open Config.MaxSocketsPerUser
+// queues its frames the same way, never waiting for the browser: a home
+// shared by many users writes to their sockets one after another, and a
+// link that stopped reading would stall them all. It re-dials home with
+// backoff, also when a fresh link is dropped at once. A user may open Config.MaxSocketsPerUser
 // sockets per gateway; more are refused with close code 1008.
 package relay
