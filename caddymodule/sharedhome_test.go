@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/comfyume/comfyume/comfytest"
 )
@@ -117,4 +118,48 @@ func TestSharedHomeFromEnvironment(t *testing.T) {
 	if got := homeRequests(home, "GET", "/settings"); len(got) != 1 || got[0] != "alice" {
 		t.Fatalf("settings reached home as Comfy-User %q, want alice", got)
 	}
+}
+
+// homeOnlyCaddyfile is poolCaddyfile with prompts run on the (shared) home.
+func homeOnlyCaddyfile(home, gpu string) string {
+	return strings.Replace(poolCaddyfile(home, gpu, ""), "run_on gpu", "run_on home", 1)
+}
+
+// On a shared home, bob opens a socket with alice's clientId (read from
+// home's queue, or guessed). ComfyUI keeps one socket per clientId, the
+// newest: had the gateway dialed home with the clientId as given, bob's
+// link would take over alice's at home, and bob would get her job's
+// progress, previews and outputs while her tab heard nothing more. Each
+// user's clientId reaches a shared home as a sid of that user's own, and
+// the prompts passed on to it carry that sid: alice keeps her events, bob
+// gets none, and home's queue never shows alice's clientId.
+func TestSharedHomeSocketsAreEachUsers(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home", KeepReplacedSockets: true, StepDelay: 20 * time.Millisecond})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, homeOnlyCaddyfile(home.URL(), gpu.URL()))
+	alice := g.openBrowser("alice", "", false)
+	alice.waitType("status", 5*time.Second) // home's: her link to home is up
+
+	// Alice's first job: what bob can read of it at home.
+	first := g.queue("alice", alice.SID, samplerWorkflow("first", 1))
+	alice.untilJobEnd(first.PromptID, 10*time.Second)
+	for _, p := range []string{"/api/queue", "/api/history", "/api/history/" + first.PromptID, "/api/jobs", "/api/jobs/" + first.PromptID} {
+		if st, b := g.send("bob", "GET", p, nil); strings.Contains(string(b), alice.SID) {
+			t.Errorf("GET %s shows bob alice's clientId: %d %s", p, st, b)
+		}
+	}
+	for _, r := range home.Prompts() {
+		if r.ClientID == alice.SID {
+			t.Errorf("alice's prompt reached the shared home with her clientId as given")
+		}
+	}
+
+	bob := g.openBrowser("bob", alice.SID, false)
+	bob.waitType("status", 5*time.Second) // home's: his link to home is up
+	job := g.queue("alice", alice.SID, samplerWorkflow("second", 20))
+	frames := alice.untilJobEnd(job.PromptID, 20*time.Second)
+	if n := len(frames); n < 20 {
+		t.Errorf("alice got %d frames of her job: %v", n, types(frames))
+	}
+	bob.noFrameFor(job.PromptID, 500*time.Millisecond)
 }

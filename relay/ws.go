@@ -369,7 +369,7 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 	}
 	for ctx.Err() == nil {
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		conn, err := site.Home.DialWebSocketWith(dctx, homeDialer, "/ws?clientId="+url.QueryEscape(sid))
+		conn, err := site.Home.DialWebSocketWith(dctx, homeDialer, "/ws?clientId="+url.QueryEscape(site.HomeSID(sid)))
 		cancel()
 		if err != nil {
 			g.logger.Debug("home websocket unavailable", zap.String("home", site.Home.String()), zap.Error(err))
