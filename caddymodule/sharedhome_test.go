@@ -163,3 +163,64 @@ func TestSharedHomeSocketsAreEachUsers(t *testing.T) {
 	}
 	bob.noFrameFor(job.PromptID, 500*time.Millisecond)
 }
+
+// On a shared home, home's queue and history hold every user's jobs. Bob
+// sees none of alice's (their prompts, workflows and outputs), and what he
+// names of hers — to delete from the queue or the history, to interrupt,
+// to cancel — never reaches home; alice sees and acts on her own.
+func TestSharedHomeJobsAreEachUsers(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home", StepDelay: 20 * time.Millisecond})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, homeOnlyCaddyfile(home.URL(), gpu.URL()))
+	alice := g.openBrowser("alice", "", false)
+	done := g.queue("alice", alice.SID, samplerWorkflow("done", 1))
+	alice.untilJobEnd(done.PromptID, 10*time.Second)
+	running := g.queue("alice", alice.SID, samplerWorkflow("running", 100))
+	alice.waitType("execution_start", 10*time.Second)
+	waiting := g.queue("alice", alice.SID, samplerWorkflow("waiting", 1))
+	ids := []string{done.PromptID, running.PromptID, waiting.PromptID}
+
+	for _, p := range []string{"/api/queue", "/api/history", "/api/history/" + done.PromptID, "/api/jobs",
+		"/api/jobs/" + done.PromptID, "/api/jobs/" + running.PromptID, "/api/prompt"} {
+		st, b := g.send("bob", "GET", p, nil)
+		for _, id := range ids {
+			if strings.Contains(string(b), id) {
+				t.Errorf("GET %s shows bob alice's job %s: %d %s", p, id, st, b)
+			}
+		}
+	}
+	before := len(home.Requests())
+	for _, c := range []struct{ path, body string }{
+		{"/api/queue", `{"delete":["` + waiting.PromptID + `"]}`},
+		{"/api/history", `{"delete":["` + done.PromptID + `"]}`},
+		{"/api/interrupt", `{"prompt_id":"` + running.PromptID + `"}`},
+		{"/api/jobs/" + waiting.PromptID + "/cancel", ``},
+		{"/api/jobs/cancel", `{"job_ids":["` + running.PromptID + `"]}`},
+	} {
+		if st, b := g.send("bob", "POST", c.path, []byte(c.body)); st != 200 {
+			t.Errorf("bob's POST %s: %d %s", c.path, st, b)
+		}
+	}
+	for _, r := range home.Requests()[before:] {
+		if r.Method == "POST" {
+			t.Errorf("bob's request reached the shared home: %s %s", r.Method, r.Path)
+		}
+	}
+
+	// Alice's own: listed, and hers to act on.
+	for _, c := range []struct{ path, id string }{{"/api/queue", running.PromptID}, {"/api/queue", waiting.PromptID},
+		{"/api/history", done.PromptID}, {"/api/jobs", running.PromptID}, {"/api/jobs", done.PromptID}, {"/api/jobs/" + done.PromptID, done.PromptID}} {
+		if st, b := g.send("alice", "GET", c.path, nil); st != 200 || !strings.Contains(string(b), c.id) {
+			t.Errorf("GET %s does not show alice her job %s: %d %s", c.path, c.id, st, b)
+		}
+	}
+	g.send("alice", "POST", "/api/queue", []byte(`{"delete":["`+waiting.PromptID+`"]}`))
+	g.send("alice", "POST", "/api/interrupt", []byte(`{"prompt_id":"`+running.PromptID+`"}`))
+	frames := alice.untilJobEnd(running.PromptID, 20*time.Second)
+	if indexOf(frames, "execution_interrupted") < 0 {
+		t.Errorf("alice's interrupt of her own job: %v", types(frames))
+	}
+	if st, b := g.send("alice", "GET", "/api/queue", nil); strings.Contains(string(b), waiting.PromptID) {
+		t.Errorf("alice's delete of her own waiting job: %d %s", st, b)
+	}
+}

@@ -2,10 +2,12 @@ package relay
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"path"
@@ -13,6 +15,7 @@ import (
 	"strings"
 
 	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/dispatch"
 )
 
 // A shared home is one ComfyUI that serves several users of a site (its
@@ -138,4 +141,136 @@ func (g *Gateway) ownHomePrompt(w http.ResponseWriter, r *http.Request, site Sit
 	r.TransferEncoding = nil
 	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil }
 	return true
+}
+
+// errNotUsers stands for an answer of a shared home that the gateway
+// cannot tell apart by user (home's own /api/jobs list carries no
+// client_id): it is not shown.
+var errNotUsers = errors.New("relay: a shared home's answer not kept to the user")
+
+// ownHomeAnswer keeps of an answer of a shared home (read from
+// pathAndQuery) the jobs of user's: those whose client_id is one of the
+// user's sids there. Home's queue and history hold every user's jobs (and
+// those sent to home by anyone else, or by the gateway's own link for a
+// pool's `fallback home`, which the gateway lists from its own records).
+// A job of someone else's asked for by id is not found (404).
+func ownHomeAnswer(user, pathAndQuery string, b []byte) ([]byte, error) {
+	p, _, _ := strings.Cut(pathAndQuery, "?")
+	switch {
+	case p == "/queue":
+		var q map[string]json.RawMessage
+		if err := json.Unmarshal(b, &q); err != nil {
+			return nil, err
+		}
+		for _, k := range []string{"queue_running", "queue_pending"} {
+			var items []json.RawMessage
+			if raw, ok := q[k]; ok && json.Unmarshal(raw, &items) == nil {
+				own := make([]json.RawMessage, 0, len(items))
+				for _, it := range items {
+					if t, ok := parseQueueTuple(it); ok && ownsHomeSID(user, clientOf(t.extraData)) {
+						own = append(own, it)
+					}
+				}
+				q[k], _ = json.Marshal(own)
+			}
+		}
+		return json.Marshal(q)
+	case p == "/history" || strings.HasPrefix(p, "/history/"):
+		entries, err := decodeOrdered(b)
+		if err != nil {
+			return nil, err
+		}
+		var out bytes.Buffer
+		out.WriteByte('{')
+		for _, e := range entries {
+			var h struct {
+				Prompt json.RawMessage `json:"prompt"`
+			}
+			_ = json.Unmarshal(e.val, &h)
+			if t, ok := parseQueueTuple(h.Prompt); !ok || !ownsHomeSID(user, clientOf(t.extraData)) {
+				continue
+			}
+			if out.Len() > 1 {
+				out.WriteByte(',')
+			}
+			k, _ := json.Marshal(e.key)
+			out.Write(k)
+			out.WriteByte(':')
+			out.Write(e.val)
+		}
+		out.WriteByte('}')
+		return out.Bytes(), nil
+	case p == "/api/jobs":
+		return nil, errNotUsers
+	case strings.HasPrefix(p, "/api/jobs/"):
+		var j struct {
+			Workflow struct {
+				ExtraData map[string]any `json:"extra_data"`
+			} `json:"workflow"`
+		}
+		if json.Unmarshal(b, &j) != nil || !ownsHomeSID(user, clientOf(j.Workflow.ExtraData)) {
+			return nil, &dispatch.HTTPError{Status: http.StatusNotFound, Body: []byte(`{"error":"Job not found"}`)}
+		}
+		return b, nil
+	}
+	return b, nil
+}
+
+// clientOf is a queued prompt's client_id.
+func clientOf(extra map[string]any) string {
+	s, _ := extra["client_id"].(string)
+	return s
+}
+
+// ownHomeIDs keeps of ids, jobs named to act on at home, those that home's
+// list at path ("/queue" or "/history") holds for the user: on a shared
+// home, the jobs of other users are not the user's to delete or interrupt.
+// On a home of the user's own, all of ids.
+func (g *Gateway) ownHomeIDs(ctx context.Context, site Site, ids []string, path string) []string {
+	if !site.SharedHome || len(ids) == 0 {
+		return ids
+	}
+	have := map[string]bool{}
+	if path == "/queue" {
+		var q queueBody
+		if g.homeGet(ctx, site, "/queue", &q) == nil {
+			for _, raw := range append(q.Running, q.Pending...) {
+				if t, ok := parseQueueTuple(raw); ok {
+					have[t.id] = true
+				}
+			}
+		}
+	} else {
+		var raw json.RawMessage
+		if g.homeGet(ctx, site, path, &raw) == nil {
+			entries, _ := decodeOrdered(raw)
+			for _, e := range entries {
+				have[e.key] = true
+			}
+		}
+	}
+	own := ids[:0:0]
+	for _, id := range ids {
+		if have[id] {
+			own = append(own, id)
+		}
+	}
+	return own
+}
+
+// ownHomeQueued is the user's job id as a shared home's queue lists it
+// (nil when it does not, as the user's).
+func (g *Gateway) ownHomeQueued(ctx context.Context, site Site, id string) jobView {
+	var q queueBody
+	if g.homeGet(ctx, site, "/queue", &q) != nil {
+		return nil
+	}
+	for status, items := range map[string][]json.RawMessage{dispatch.StatusInProgress: q.Running, dispatch.StatusPending: q.Pending} {
+		for _, raw := range items {
+			if t, ok := parseQueueTuple(raw); ok && t.id == id {
+				return jobFromQueueItem(raw, status)
+			}
+		}
+	}
+	return nil
 }

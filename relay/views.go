@@ -58,6 +58,11 @@ func (g *Gateway) homeGet(ctx context.Context, site Site, pathAndQuery string, v
 			zap.String("path", pathAndQuery), zap.Int("limit", maxHomeAnswer))
 		return errHomeTooLarge
 	}
+	if site.SharedHome {
+		if b, err = ownHomeAnswer(site.User, pathAndQuery, b); err != nil {
+			return err
+		}
+	}
 	return json.Unmarshal(b, v)
 }
 
@@ -204,6 +209,7 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 			}
 			homeIDs = append(homeIDs, id)
 		}
+		homeIDs = g.ownHomeIDs(ctx, site, homeIDs, "/queue")
 		if req.Clear {
 			for _, j := range g.activeJobs(ctx, site.User, false) {
 				if j.Status == dispatch.StatusPending {
@@ -428,6 +434,7 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 			}
 			homeIDs = append(homeIDs, id)
 		}
+		homeIDs = g.ownHomeIDs(ctx, site, homeIDs, "/history")
 		if req.Clear {
 			for _, j := range g.userJobs(ctx, site.User, false) {
 				hide(j)
@@ -469,7 +476,8 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 	}
 	q := r.URL.Query()
 	homeQuery := "/history"
-	if maxItems, _ := queryInt(q.Get("max_items")); maxItems > 0 {
+	// A shared home's last items may be others' (kept out): all are read.
+	if maxItems, _ := queryInt(q.Get("max_items")); maxItems > 0 && !site.SharedHome {
 		offset, _ := queryInt(q.Get("offset"))
 		homeQuery += "?max_items=" + strconv.Itoa(min(maxItems+max(offset, 0), maxQueryInt))
 	}
@@ -514,7 +522,7 @@ func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Si
 	if req.PromptID != "" {
 		if j := g.userJob(ctx, site.User, req.PromptID, false); j != nil {
 			g.cancel(ctx, site.User, j.ID)
-		} else {
+		} else if len(g.ownHomeIDs(ctx, site, []string{req.PromptID}, "/queue")) > 0 {
 			g.homePost(ctx, site, "/interrupt", body)
 		}
 		w.WriteHeader(http.StatusOK)
