@@ -3,6 +3,7 @@ package caddymodule_test
 import (
 	"encoding/json"
 	"strings"
+	"fmt"
 	"testing"
 	"time"
 
@@ -222,5 +223,39 @@ func TestSharedHomeJobsAreEachUsers(t *testing.T) {
 	}
 	if st, b := g.send("alice", "GET", "/api/queue", nil); strings.Contains(string(b), waiting.PromptID) {
 		t.Errorf("alice's delete of her own waiting job: %d %s", st, b)
+	}
+}
+
+// A pool's `fallback home` runs alice's job on the shared home, sent by
+// the gateway's own link: bob sees nothing of it at home and cannot
+// interrupt it there; alice has it listed once, from the gateway.
+func TestSharedHomeFallbackJobIsTheUsers(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home", StepDelay: 20 * time.Millisecond})
+	dead := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cf := strings.Replace(poolCaddyfile(home.URL(), dead, ""), "pool gpu {", "pool gpu {\n\t\t\tcold_start_timeout 300ms\n\t\t\tfallback home", 1)
+	g := startCaddy(t, cf)
+	alice := g.openBrowser("alice", "", true)
+	a := g.queue("alice", alice.SID, samplerWorkflow("fb", 50))
+	alice.waitType("execution_start", 10*time.Second)
+	if n := len(home.Prompts()); n != 1 {
+		t.Fatalf("home received %d prompts", n)
+	}
+	for _, p := range []string{"/api/queue", "/api/jobs", "/api/jobs/" + a.PromptID} {
+		if st, b := g.send("bob", "GET", p, nil); strings.Contains(string(b), a.PromptID) {
+			t.Errorf("GET %s shows bob alice's job: %d %s", p, st, b)
+		}
+	}
+	g.send("bob", "POST", "/api/interrupt", []byte(`{"prompt_id":"`+a.PromptID+`"}`))
+	if got := homeRequests(home, "POST", "/interrupt"); len(got) != 0 {
+		t.Errorf("bob's interrupt of alice's job reached home")
+	}
+	var page jobsPage
+	g.getJSON("alice", "/api/jobs", &page)
+	if n := len(page.Jobs); n != 1 || page.Jobs[0]["id"] != a.PromptID {
+		t.Errorf("alice's jobs: %v", page.Jobs)
+	}
+	frames := alice.untilJobEnd(a.PromptID, 20*time.Second)
+	if indexOf(frames, "execution_success") < 0 {
+		t.Errorf("alice's job: %v", types(frames))
 	}
 }
