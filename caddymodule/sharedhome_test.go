@@ -2,8 +2,8 @@ package caddymodule_test
 
 import (
 	"encoding/json"
-	"strings"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
