@@ -1,8 +1,12 @@
 package caddymodule_test
 
 import (
+	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -258,4 +262,61 @@ func TestSharedHomeFallbackJobIsTheUsers(t *testing.T) {
 	if indexOf(frames, "execution_success") < 0 {
 		t.Errorf("alice's job: %v", types(frames))
 	}
+}
+
+// A shared home sends some frames to every socket: a job's
+// display_component and progress text always, and the progress and
+// previews of a prompt sent to it without a client_id. Bob gets none of
+// those of alice's job, nor of a job that is nobody's; alice gets those of
+// her own.
+func TestSharedHomeBroadcastsAreEachUsers(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home", StepDelay: 20 * time.Millisecond})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, homeOnlyCaddyfile(home.URL(), gpu.URL()))
+	alice := g.openBrowser("alice", "", false)
+	bob := g.openBrowser("bob", "", false)
+	alice.waitType("status", 5*time.Second) // home's: the links are up
+	bob.waitType("status", 5*time.Second)
+
+	// A job of nobody's, sent to home directly: its progress goes to
+	// every socket at home.
+	var nobody promptAnswer
+	homePost(t, home, "/prompt", map[string]any{"prompt": samplerWorkflow("nobody", 5)}, &nobody)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if resp, err := http.Get(home.URL() + "/history/" + nobody.PromptID); err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if len(bytes.TrimSpace(b)) > 2 {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the job of nobody's did not end")
+		}
+	}
+
+	job := g.queue("alice", alice.SID, samplerWorkflow("mine", 100))
+	for f := alice.next(10 * time.Second); !(f.Type == "executing" && f.str("node") == "2"); f = alice.next(10 * time.Second) {
+	}
+	home.SendRaw(false, []byte(`{"type":"display_component","data":{"node_id":"2","component":"ChatHistoryWidget","props":{"history":"alice's secret chat"}}}`))
+	text := binary.BigEndian.AppendUint32(nil, 3)
+	text = binary.BigEndian.AppendUint32(text, 1)
+	text = append(text, "2alice's secret text"...)
+	home.SendRaw(true, text)
+	home.SendRaw(false, []byte(`{"type":"marker","data":{}}`))
+
+	got := map[string]bool{}
+	for f := alice.next(10 * time.Second); f.Type != "marker"; f = alice.next(10 * time.Second) {
+		got[f.Type] = true
+		got["text"] = got["text"] || bytes.Contains(f.data, []byte("secret text"))
+	}
+	if !got["display_component"] || !got["text"] {
+		t.Errorf("alice did not get her own job's display_component and text: %v", got)
+	}
+	for f := bob.next(10 * time.Second); f.Type != "marker"; f = bob.next(10 * time.Second) {
+		if bytes.Contains(f.data, []byte("secret")) || f.str("prompt_id") == nobody.PromptID || f.str("prompt_id") == job.PromptID || !f.text {
+			t.Errorf("bob got a frame of another's job: %s", f.data)
+		}
+	}
+	alice.untilJobEnd(job.PromptID, 20*time.Second)
 }

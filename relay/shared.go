@@ -274,3 +274,48 @@ func (g *Gateway) ownHomeQueued(ctx context.Context, site Site, id string) jobVi
 	}
 	return nil
 }
+
+// sharedGate keeps from a user's socket the frames a shared home sends to
+// every socket that belong to someone else's job. ComfyUI broadcasts a
+// job's display_component and progress text (binary type 3) always, and
+// its progress, progress_state, previews and execution_interrupted when
+// the prompt has no client_id (one sent to home other than through the
+// gateway). Home runs one job at a time, and tells a link's own job's
+// start (execution_start, execution_cached, executed, executing a node:
+// frames ComfyUI sends to the job's socket only, and again executing on a
+// socket that reconnects mid-job) and end (execution_success, _error,
+// _interrupted, executing null) on that link, in the order it sends
+// everything: those broadcasts pass while the link's own job runs, and
+// only then. Every other frame (status, extensions' own messages) passes.
+type sharedGate struct{ running bool }
+
+// pass reports whether a frame from a shared home goes on to the socket.
+func (g *sharedGate) pass(binary bool, b []byte) bool {
+	if binary {
+		return g.running
+	}
+	t, ok := comfy.PeekType(b)
+	if !ok {
+		return true // onHomeFrame skips what is malformed
+	}
+	switch t {
+	case comfy.MsgExecutionStart, comfy.MsgExecutionCached, comfy.MsgExecuted:
+		g.running = true
+	case comfy.MsgExecuting:
+		h, ok := comfy.ScanEvent(b)
+		g.running = ok && h.NodeKind == comfy.NodeString
+	case comfy.MsgExecutionSuccess, comfy.MsgExecutionError:
+		g.running = false
+	case comfy.MsgExecutionInterrupted:
+		own := g.running
+		g.running = false
+		return own
+	case comfy.MsgProgress, comfy.MsgProgressState, msgDisplayComponent:
+		return g.running
+	}
+	return true
+}
+
+// msgDisplayComponent is ComfyUI's display_component message (API nodes'
+// UI, e.g. a chat's history), which it sends to every socket.
+const msgDisplayComponent = "display_component"

@@ -25,3 +25,36 @@ func TestSharedSIDsAreEachUsers(t *testing.T) {
 		t.Errorf("HomeSID: a home of the user's own takes the clientId as is, a shared one the user's sid")
 	}
 }
+
+// A link to a shared home passes the frames home sends to every socket only
+// while its own job runs: from its start, or from the executing home
+// repeats to a socket that reconnects mid-job, to its end.
+func TestSharedGate(t *testing.T) {
+	progress := []byte(`{"type":"progress","data":{"value":1,"max":2,"prompt_id":"p","node":"2"}}`)
+	display := []byte(`{"type":"display_component","data":{"node_id":"2"}}`)
+	preview := []byte{0, 0, 0, 3, 0, 0, 0, 1, '2', 'x'}
+	steps := []struct {
+		frame  []byte
+		binary bool
+		want   bool
+	}{
+		{progress, false, false}, {display, false, false}, {preview, true, false},
+		{[]byte(`{"type":"execution_interrupted","data":{"prompt_id":"q"}}`), false, false},
+		{[]byte(`{"type":"status","data":{"status":{"exec_info":{"queue_remaining":1}}}}`), false, true},
+		{[]byte(`{"type":"execution_start","data":{"prompt_id":"p"}}`), false, true},
+		{progress, false, true}, {display, false, true}, {preview, true, true},
+		{[]byte(`{"type":"execution_success","data":{"prompt_id":"p"}}`), false, true},
+		{progress, false, false}, {preview, true, false},
+		{[]byte(`{"type":"executing","data":{"node":null,"prompt_id":"p"}}`), false, true},
+		{[]byte(`{"type":"executing","data":{"node":"2"}}`), false, true}, // a reconnect mid-job
+		{progress, false, true},
+		{[]byte(`{"type":"execution_interrupted","data":{"prompt_id":"p"}}`), false, true},
+		{display, false, false}, {[]byte(`{"type":"crystools.monitor","data":{}}`), false, true},
+	}
+	var g sharedGate
+	for i, s := range steps {
+		if got := g.pass(s.binary, s.frame); got != s.want {
+			t.Errorf("step %d %s: pass %v, want %v", i, s.frame, got, s.want)
+		}
+	}
+}
