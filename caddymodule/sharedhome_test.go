@@ -320,3 +320,44 @@ func TestSharedHomeBroadcastsAreEachUsers(t *testing.T) {
 	}
 	alice.untilJobEnd(job.PromptID, 20*time.Second)
 }
+
+// The UI's clear buttons and its interrupt without an id act on alice's
+// own jobs at a shared home, by id, and never on bob's.
+func TestSharedHomeClearsAreEachUsers(t *testing.T) {
+	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home", StepDelay: 20 * time.Millisecond})
+	gpu := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "gpu"})
+	g := startCaddy(t, homeOnlyCaddyfile(home.URL(), gpu.URL()))
+	alice := g.openBrowser("alice", "", false)
+	bob := g.openBrowser("bob", "", false)
+	aliceDone := g.queue("alice", alice.SID, samplerWorkflow("a", 1))
+	alice.untilJobEnd(aliceDone.PromptID, 10*time.Second)
+	bobDone := g.queue("bob", bob.SID, samplerWorkflow("b", 1))
+	bob.untilJobEnd(bobDone.PromptID, 10*time.Second)
+	running := g.queue("alice", alice.SID, samplerWorkflow("running", 200))
+	alice.waitType("execution_start", 10*time.Second)
+	bobWaiting := g.queue("bob", bob.SID, samplerWorkflow("bw", 1))
+	aliceWaiting := g.queue("alice", alice.SID, samplerWorkflow("aw", 1))
+
+	for _, p := range []string{"/api/queue", "/api/history"} {
+		if st, b := g.send("alice", "POST", p, []byte(`{"clear":true}`)); st != 200 {
+			t.Fatalf("alice's clear of %s: %d %s", p, st, b)
+		}
+	}
+	if st, b := g.send("alice", "POST", "/api/interrupt", []byte(`{}`)); st != 200 {
+		t.Fatalf("alice's interrupt: %d %s", st, b)
+	}
+	if frames := alice.untilJobEnd(running.PromptID, 20*time.Second); indexOf(frames, "execution_interrupted") < 0 {
+		t.Errorf("alice's interrupt did not stop her job: %v", types(frames))
+	}
+	if frames := bob.untilJobEnd(bobWaiting.PromptID, 20*time.Second); indexOf(frames, "execution_success") < 0 {
+		t.Errorf("bob's waiting job after alice's clear: %v", types(frames))
+	}
+	_, b := g.send("alice", "GET", "/api/history", nil)
+	_, q := g.send("alice", "GET", "/api/queue", nil)
+	if strings.Contains(string(b), aliceDone.PromptID) || strings.Contains(string(q)+string(b), aliceWaiting.PromptID) {
+		t.Errorf("alice's clears left her jobs: queue %s history %s", q, b)
+	}
+	if _, b := g.send("bob", "GET", "/api/history", nil); !strings.Contains(string(b), bobDone.PromptID) {
+		t.Errorf("alice's clear of the history took bob's job: %s", b)
+	}
+}

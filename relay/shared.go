@@ -230,24 +230,10 @@ func (g *Gateway) ownHomeIDs(ctx context.Context, site Site, ids []string, path 
 	if !site.SharedHome || len(ids) == 0 {
 		return ids
 	}
+	running, rest := g.ownHomeJobs(ctx, site, path)
 	have := map[string]bool{}
-	if path == "/queue" {
-		var q queueBody
-		if g.homeGet(ctx, site, "/queue", &q) == nil {
-			for _, raw := range append(q.Running, q.Pending...) {
-				if t, ok := parseQueueTuple(raw); ok {
-					have[t.id] = true
-				}
-			}
-		}
-	} else {
-		var raw json.RawMessage
-		if g.homeGet(ctx, site, path, &raw) == nil {
-			entries, _ := decodeOrdered(raw)
-			for _, e := range entries {
-				have[e.key] = true
-			}
-		}
+	for _, id := range append(running, rest...) {
+		have[id] = true
 	}
 	own := ids[:0:0]
 	for _, id := range ids {
@@ -256,6 +242,37 @@ func (g *Gateway) ownHomeIDs(ctx context.Context, site Site, ids []string, path 
 		}
 	}
 	return own
+}
+
+// ownHomeJobs lists the user's jobs in a shared home's list at path: for
+// "/queue", those running and those waiting; for "/history", its entries
+// (in rest). What a clear or an interrupt without an id does on a shared
+// home is done to these, by id.
+func (g *Gateway) ownHomeJobs(ctx context.Context, site Site, path string) (running, rest []string) {
+	if path == "/queue" {
+		var q queueBody
+		if g.homeGet(ctx, site, "/queue", &q) == nil {
+			for _, raw := range q.Running {
+				if t, ok := parseQueueTuple(raw); ok {
+					running = append(running, t.id)
+				}
+			}
+			for _, raw := range q.Pending {
+				if t, ok := parseQueueTuple(raw); ok {
+					rest = append(rest, t.id)
+				}
+			}
+		}
+		return running, rest
+	}
+	var raw json.RawMessage
+	if g.homeGet(ctx, site, path, &raw) == nil {
+		entries, _ := decodeOrdered(raw)
+		for _, e := range entries {
+			rest = append(rest, e.key)
+		}
+	}
+	return nil, rest
 }
 
 // ownHomeQueued is the user's job id as a shared home's queue lists it

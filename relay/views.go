@@ -218,8 +218,11 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 			}
 		}
 		fwd := map[string]any{}
-		if req.Clear && !site.SharedHome { // a shared home's clear is everyone's
+		if req.Clear && !site.SharedHome {
 			fwd["clear"] = true
+		} else if req.Clear { // a shared home's clear is everyone's: the user's own, by id
+			_, waiting := g.ownHomeJobs(ctx, site, "/queue")
+			homeIDs = append(homeIDs, waiting...)
 		}
 		if len(homeIDs) > 0 {
 			fwd["delete"] = homeIDs
@@ -441,8 +444,11 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 			}
 		}
 		fwd := map[string]any{}
-		if req.Clear && !site.SharedHome { // a shared home's clear is everyone's
+		if req.Clear && !site.SharedHome {
 			fwd["clear"] = true
+		} else if req.Clear { // a shared home's clear is everyone's: the user's own, by id
+			_, ended := g.ownHomeJobs(ctx, site, "/history")
+			homeIDs = append(homeIDs, ended...)
 		}
 		if len(homeIDs) > 0 {
 			fwd["delete"] = homeIDs
@@ -508,7 +514,8 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 
 // serveInterrupt answers POST /interrupt: the named job is interrupted where
 // it runs (only if it is the user's); without a prompt_id, the user's running
-// remote jobs and whatever runs on home (unless home is shared).
+// remote jobs and whatever runs on home (on a shared home: the user's job
+// there, by its id).
 func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Site) {
 	body, ok := readControlBody(w, r, site)
 	if !ok {
@@ -533,8 +540,16 @@ func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Si
 			g.cancel(ctx, site.User, j.ID)
 		}
 	}
-	if !site.SharedHome { // whatever runs on a shared home may be someone else's
+	if !site.SharedHome {
 		g.homePost(ctx, site, "/interrupt", body)
+	} else {
+		// What runs on a shared home may be someone else's: the user's own
+		// job is interrupted by its id.
+		running, _ := g.ownHomeJobs(ctx, site, "/queue")
+		for _, id := range running {
+			b, _ := json.Marshal(map[string]string{"prompt_id": id})
+			g.homePost(ctx, site, "/interrupt", b)
+		}
 	}
 	w.WriteHeader(http.StatusOK)
 }
