@@ -108,6 +108,11 @@ func writeLP(w io.Writer, s string) {
 // no client (progress, previews) to every socket. On failure it has
 // answered already.
 func (g *Gateway) ownHomePrompt(w http.ResponseWriter, r *http.Request, site Site) bool {
+	// In one of the user's few slots for a prompt body (see promptsAtOnce).
+	if !g.prompts.acquire(r.Context(), site.User) {
+		return false // the client went away while it waited
+	}
+	defer g.prompts.release(site.User)
 	body, ok := readBody(w, r, site)
 	if !ok {
 		return false

@@ -1,6 +1,13 @@
 package relay
 
-import "testing"
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
 
 // A user's sids at a shared home are theirs alone: no other user and
 // clientId (moving bytes between the two) makes the same sid, and only the
@@ -56,5 +63,45 @@ func TestSharedGate(t *testing.T) {
 		if got := g.pass(s.binary, s.frame); got != s.want {
 			t.Errorf("step %d %s: pass %v, want %v", i, s.frame, got, s.want)
 		}
+	}
+}
+
+// A prompt passed on to a shared home names the user's own sid there as
+// its client_id, whichever client_id (or extra_data's, or none) it came
+// with, and only that one.
+func TestOwnHomePrompt(t *testing.T) {
+	blobs, err := NewDiskBlobs(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := New(Config{Blobs: blobs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	site := Site{User: "bob", SharedHome: true}
+	for body, sid := range map[string]string{
+		`{"prompt":{},"client_id":"x","client_id":"alice"}`:                  "alice",
+		`{"prompt":{},"extra_data":{"client_id":"alice"}}`:                   "alice",
+		`{"prompt":{},"client_id":"tab","extra_data":{"client_id":"alice"}}`: "tab",
+		`{"prompt":{}}`:               "",
+		`{"prompt":{},"client_id":5}`: "",
+	} {
+		r := httptest.NewRequest(http.MethodPost, "/prompt", strings.NewReader(body))
+		w := httptest.NewRecorder()
+		if !g.ownHomePrompt(w, r, site) {
+			t.Fatalf("%s refused: %d %s", body, w.Code, w.Body)
+		}
+		b, _ := io.ReadAll(r.Body)
+		var m map[string]any
+		if json.Unmarshal(b, &m) != nil || m["client_id"] != SharedSID("bob", sid) || strings.Count(string(b), "client_id") > 2 ||
+			r.ContentLength != int64(len(b)) {
+			t.Errorf("%s passed on as %s (want client_id %s)", body, b, SharedSID("bob", sid))
+		}
+	}
+	r := httptest.NewRequest(http.MethodPost, "/prompt", strings.NewReader(`[1]`))
+	w := httptest.NewRecorder()
+	if g.ownHomePrompt(w, r, site) || w.Code != 400 {
+		t.Errorf("a body that is not an object: %d %s", w.Code, w.Body)
 	}
 }
