@@ -16,6 +16,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/comfyume/comfyume/comfytest"
+	"github.com/comfyume/comfyume/relay"
 )
 
 // gpuLog records when a fake GPU logged each line (job start and end).
@@ -336,7 +337,9 @@ func TestHomeRedialBacksOff(t *testing.T) {
 }
 
 // homePost sends a request body straight to a fake home (as the frontend
-// would with home as its only server) and decodes the answer into out.
+// would with home as its only server) and decodes the answer into out. A
+// prompt meant for a user's socket on a shared home names the user's sid
+// there (relay.SharedSID), as the gateway's own would.
 func homePost(t *testing.T, home *comfytest.Server, path string, body, out any) {
 	t.Helper()
 	b, _ := json.Marshal(body)
@@ -371,7 +374,7 @@ func TestStuckSocketStallsNoOneOnASharedHome(t *testing.T) {
 	home := comfytest.Start(t, comfytest.Options{Version: "2026", Name: "home", SerialSend: true,
 		PreviewBytes: 256 << 10, StepDelay: 10 * time.Millisecond,
 		OnSend: func(f comfytest.SentFrame) {
-			if f.SID == "stuck" {
+			if f.SID == relay.SharedSID("mallory", "stuck") {
 				written.Add(int64(f.Bytes))
 			}
 		}})
@@ -383,7 +386,7 @@ func TestStuckSocketStallsNoOneOnASharedHome(t *testing.T) {
 	var noisy struct {
 		PromptID string `json:"prompt_id"`
 	}
-	homePost(t, home, "/prompt", map[string]any{"prompt": samplerWorkflow("noisy", 400), "client_id": "stuck"}, &noisy)
+	homePost(t, home, "/prompt", map[string]any{"prompt": samplerWorkflow("noisy", 400), "client_id": relay.SharedSID("mallory", "stuck")}, &noisy)
 	// Until home wrote mallory 40 MB, or her socket took nothing more for a
 	// second (home's writes to it wait).
 	last, since := int64(0), time.Now()
@@ -400,7 +403,7 @@ func TestStuckSocketStallsNoOneOnASharedHome(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	homePost(t, home, "/prompt", map[string]any{"prompt": samplerWorkflow("quiet", 1), "client_id": bob.SID}, nil)
+	homePost(t, home, "/prompt", map[string]any{"prompt": samplerWorkflow("quiet", 1), "client_id": relay.SharedSID("bob", bob.SID)}, nil)
 	for {
 		f := bob.next(30 * time.Second)
 		if f.Type != "status" {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/comfyume/comfyume/comfytest"
+	"github.com/comfyume/comfyume/relay"
 )
 
 type jobsPage struct {
@@ -61,8 +62,9 @@ func TestJobViewsMergeHomeAndRemote(t *testing.T) {
 	g := startCaddy(t, poolCaddyfile(home.URL(), gpu.URL(), ""))
 	b := g.openBrowser("alice", "", true)
 
-	// A job that ran on home itself (e.g. queued before the gateway).
-	direct, _ := json.Marshal(map[string]any{"prompt": samplerWorkflow("home", 1)})
+	// A job of alice's that ran on home itself. (Home is shared: its jobs
+	// are told apart by their client_id, alice's sid there.)
+	direct, _ := json.Marshal(map[string]any{"prompt": samplerWorkflow("home", 1), "client_id": relay.SharedSID("alice", b.SID)})
 	resp, err := http.Post(home.URL()+"/prompt", "application/json", bytes.NewReader(direct))
 	if err != nil {
 		t.Fatal(err)
@@ -72,7 +74,12 @@ func TestJobViewsMergeHomeAndRemote(t *testing.T) {
 	resp.Body.Close()
 
 	a := g.queue("alice", b.SID, samplerWorkflow("remote", 2))
-	frames := b.untilJobEnd(a.PromptID, 30*time.Second)
+	var frames []wsFrame
+	for _, f := range b.untilJobEnd(a.PromptID, 30*time.Second) {
+		if f.str("prompt_id") == a.PromptID { // not the home job's, also alice's
+			frames = append(frames, f)
+		}
+	}
 	ref := outputRef(t, frames, "3")
 	// Wait for home's job too.
 	deadline := time.Now().Add(10 * time.Second)

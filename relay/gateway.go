@@ -242,6 +242,9 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, site Site) b
 		g.serveWS(w, r, site)
 	case route == "/prompt" && r.Method == http.MethodPost && !site.RunsHome():
 		g.servePrompt(w, r, site)
+	case route == "/prompt" && r.Method == http.MethodPost && site.SharedHome:
+		// Passed on to home, with the user's own sid at home.
+		return !g.ownHomePrompt(w, r, site)
 	case route == "/prompt" && r.Method == http.MethodGet:
 		g.servePromptStatus(w, r, site)
 	case route == "/view" && (r.Method == http.MethodGet || r.Method == http.MethodHead):

@@ -235,6 +235,9 @@ func (g *Gateway) homeJobs(ctx context.Context, site Site, jq jobsQuery, q url.V
 	if site.Home == nil {
 		return nil
 	}
+	if site.SharedHome { // home's jobs list names no client: its queue and history do
+		return g.homeJobsFromQueue(ctx, site)
+	}
 	hq := url.Values{}
 	for _, k := range []string{"status", "workflow_id", "sort_by", "sort_order"} {
 		if v := q.Get(k); v != "" {
@@ -556,7 +559,17 @@ func (g *Gateway) jobDetail(w http.ResponseWriter, r *http.Request, site Site, i
 		return
 	}
 	var v jobView
-	err := g.homeGet(ctx, site, "/api/jobs/"+url.PathEscape(id), &v)
+	var err error
+	if site.SharedHome {
+		// Home's job names no client: its queue and history do.
+		if v := g.ownHomeQueued(ctx, site, id); v != nil {
+			writeJSON(w, http.StatusOK, v)
+			return
+		}
+		err = &dispatch.HTTPError{Status: http.StatusNotFound}
+	} else {
+		err = g.homeGet(ctx, site, "/api/jobs/"+url.PathEscape(id), &v)
+	}
 	if err == nil {
 		writeJSON(w, http.StatusOK, v)
 		return

@@ -153,6 +153,9 @@ func FuzzHomeHistory(f *testing.F) {
 	f.Add([]byte(`[1,2]`))
 	f.Add([]byte(`{"d": {}`))
 	f.Add([]byte(`{"queue_running": [[1, "r", {}, {}, []]], "queue_pending": [["x"]]}`))
+	// Alice's on a shared home (her sid there), and bob's.
+	f.Add([]byte(`{"queue_running": [[1, "r", {}, {"client_id": "` + SharedSID("alice", "t") + `"}, []]], "queue_pending": [[2, "p", {}, {"client_id": "` + SharedSID("bob", "t") + `"}, []]]}`))
+	f.Add([]byte(`{"a": {"prompt": [1, "a", {}, {"client_id": "` + SharedSID("alice", "t") + `"}, []], "status": {"messages": []}}, "b": {"prompt": [1, "b", {}, {"client_id": "` + SharedSID("bob", "t") + `"}, []]}}`))
 	// Home answers in process (no sockets): /api/jobs is missing (an
 	// older home), everything else answers the fuzzed bytes.
 	var body atomic.Value
@@ -178,17 +181,21 @@ func FuzzHomeHistory(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	site := Site{User: "alice", Home: up}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		body.Store(data)
-		for _, path := range []string{"/history", "/history?max_items=2", "/history/a", "/api/jobs", "/api/jobs/a", "/queue"} {
-			r := httptest.NewRequest(http.MethodGet, path, nil)
-			w := httptest.NewRecorder()
-			if !g.ServeHTTP(w, r, site) {
-				t.Fatalf("%s not handled", path)
-			}
-			if w.Code == 200 && !json.Valid(w.Body.Bytes()) {
-				t.Fatalf("%s: invalid JSON %.300s", path, w.Body.Bytes())
+		for _, site := range []Site{{User: "alice", Home: up}, {User: "alice", Home: up, SharedHome: true}} {
+			for _, path := range []string{"/history", "/history?max_items=2", "/history/a", "/api/jobs", "/api/jobs/a", "/queue"} {
+				r := httptest.NewRequest(http.MethodGet, path, nil)
+				w := httptest.NewRecorder()
+				if !g.ServeHTTP(w, r, site) {
+					t.Fatalf("%s not handled", path)
+				}
+				if w.Code == 200 && !json.Valid(w.Body.Bytes()) {
+					t.Fatalf("%s: invalid JSON %.300s", path, w.Body.Bytes())
+				}
+				if site.SharedHome && bytes.Contains(w.Body.Bytes(), []byte(SharedSID("bob", "t"))) {
+					t.Fatalf("%s on a shared home shows alice bob's job: %.300s", path, w.Body.Bytes())
+				}
 			}
 		}
 	})

@@ -58,6 +58,11 @@ func (g *Gateway) homeGet(ctx context.Context, site Site, pathAndQuery string, v
 			zap.String("path", pathAndQuery), zap.Int("limit", maxHomeAnswer))
 		return errHomeTooLarge
 	}
+	if site.SharedHome {
+		if b, err = ownHomeAnswer(site.User, pathAndQuery, b); err != nil {
+			return err
+		}
+	}
 	return json.Unmarshal(b, v)
 }
 
@@ -204,6 +209,7 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 			}
 			homeIDs = append(homeIDs, id)
 		}
+		homeIDs = g.ownHomeIDs(ctx, site, homeIDs, "/queue")
 		if req.Clear {
 			for _, j := range g.activeJobs(ctx, site.User, false) {
 				if j.Status == dispatch.StatusPending {
@@ -212,8 +218,11 @@ func (g *Gateway) serveQueue(w http.ResponseWriter, r *http.Request, site Site) 
 			}
 		}
 		fwd := map[string]any{}
-		if req.Clear && !site.SharedHome { // a shared home's clear is everyone's
+		if req.Clear && !site.SharedHome {
 			fwd["clear"] = true
+		} else if req.Clear { // a shared home's clear is everyone's: the user's own, by id
+			_, waiting := g.ownHomeJobs(ctx, site, "/queue")
+			homeIDs = append(homeIDs, waiting...)
 		}
 		if len(homeIDs) > 0 {
 			fwd["delete"] = homeIDs
@@ -428,14 +437,18 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 			}
 			homeIDs = append(homeIDs, id)
 		}
+		homeIDs = g.ownHomeIDs(ctx, site, homeIDs, "/history")
 		if req.Clear {
 			for _, j := range g.userJobs(ctx, site.User, false) {
 				hide(j)
 			}
 		}
 		fwd := map[string]any{}
-		if req.Clear && !site.SharedHome { // a shared home's clear is everyone's
+		if req.Clear && !site.SharedHome {
 			fwd["clear"] = true
+		} else if req.Clear { // a shared home's clear is everyone's: the user's own, by id
+			_, ended := g.ownHomeJobs(ctx, site, "/history")
+			homeIDs = append(homeIDs, ended...)
 		}
 		if len(homeIDs) > 0 {
 			fwd["delete"] = homeIDs
@@ -469,7 +482,8 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 	}
 	q := r.URL.Query()
 	homeQuery := "/history"
-	if maxItems, _ := queryInt(q.Get("max_items")); maxItems > 0 {
+	// A shared home's last items may be others' (kept out): all are read.
+	if maxItems, _ := queryInt(q.Get("max_items")); maxItems > 0 && !site.SharedHome {
 		offset, _ := queryInt(q.Get("offset"))
 		homeQuery += "?max_items=" + strconv.Itoa(min(maxItems+max(offset, 0), maxQueryInt))
 	}
@@ -500,7 +514,8 @@ func (g *Gateway) serveHistory(w http.ResponseWriter, r *http.Request, site Site
 
 // serveInterrupt answers POST /interrupt: the named job is interrupted where
 // it runs (only if it is the user's); without a prompt_id, the user's running
-// remote jobs and whatever runs on home (unless home is shared).
+// remote jobs and whatever runs on home (on a shared home: the user's job
+// there, by its id).
 func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Site) {
 	body, ok := readControlBody(w, r, site)
 	if !ok {
@@ -514,7 +529,7 @@ func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Si
 	if req.PromptID != "" {
 		if j := g.userJob(ctx, site.User, req.PromptID, false); j != nil {
 			g.cancel(ctx, site.User, j.ID)
-		} else {
+		} else if len(g.ownHomeIDs(ctx, site, []string{req.PromptID}, "/queue")) > 0 {
 			g.homePost(ctx, site, "/interrupt", body)
 		}
 		w.WriteHeader(http.StatusOK)
@@ -525,8 +540,16 @@ func (g *Gateway) serveInterrupt(w http.ResponseWriter, r *http.Request, site Si
 			g.cancel(ctx, site.User, j.ID)
 		}
 	}
-	if !site.SharedHome { // whatever runs on a shared home may be someone else's
+	if !site.SharedHome {
 		g.homePost(ctx, site, "/interrupt", body)
+	} else {
+		// What runs on a shared home may be someone else's: the user's own
+		// job is interrupted by its id.
+		running, _ := g.ownHomeJobs(ctx, site, "/queue")
+		for _, id := range running {
+			b, _ := json.Marshal(map[string]string{"prompt_id": id})
+			g.homePost(ctx, site, "/interrupt", b)
+		}
 	}
 	w.WriteHeader(http.StatusOK)
 }

@@ -369,7 +369,7 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 	}
 	for ctx.Err() == nil {
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		conn, err := site.Home.DialWebSocketWith(dctx, homeDialer, "/ws?clientId="+url.QueryEscape(sid))
+		conn, err := site.Home.DialWebSocketWith(dctx, homeDialer, "/ws?clientId="+url.QueryEscape(site.HomeSID(sid)))
 		cancel()
 		if err != nil {
 			g.logger.Debug("home websocket unavailable", zap.String("home", site.Home.String()), zap.Error(err))
@@ -391,16 +391,24 @@ func (g *Gateway) relayHome(ctx context.Context, s *socket, hl *homeLink, site S
 // readHome relays what home sends on one link until it ends, then has
 // relayHome re-dial. Home's own status frames are rewritten to count the
 // user's remote jobs too (on a goroutine of their own: see onFresh);
-// every other frame the reader writes as it is. It never waits for the
+// every other frame the reader writes as it is; a shared home's frames of
+// other users' jobs are kept back (sharedGate). It never waits for the
 // browser (socket.relay): a home shared by many users writes to their
 // sockets one after another, so a link that stopped reading would stall
 // them all.
 func (g *Gateway) readHome(ctx context.Context, s *socket, hl *homeLink, site Site, sid string, conn *websocket.Conn, backoff time.Duration) {
 	linked := time.Now()
+	var gate *sharedGate
+	if site.SharedHome {
+		gate = &sharedGate{}
+	}
 	for {
 		typ, b, err := conn.ReadMessage()
 		if err != nil {
 			break
+		}
+		if gate != nil && !gate.pass(typ == websocket.BinaryMessage, b) {
+			continue // someone else's job's
 		}
 		f := frame{binary: b}
 		if typ != websocket.BinaryMessage {
