@@ -17,9 +17,7 @@ import (
 type wsConn struct {
 	sid    string
 	c      *websocket.Conn
-	mu     sync.Mutex
-	queue  []wsMsg
-	notify chan struct{}
+	queue  *sendQueue[wsMsg]
 	done   chan struct{}
 	once   sync.Once
 	onSend func(SentFrame) // Options.OnSend
@@ -41,7 +39,7 @@ type wsMsg struct {
 }
 
 func newWSConn(sid string, c *websocket.Conn, onSend func(SentFrame)) *wsConn {
-	return &wsConn{sid: sid, c: c, notify: make(chan struct{}, 1), done: make(chan struct{}), onSend: onSend}
+	return &wsConn{sid: sid, c: c, queue: newSendQueue[wsMsg](), done: make(chan struct{}), onSend: onSend}
 }
 
 func (c *wsConn) enqueue(m wsMsg) {
@@ -52,33 +50,54 @@ func (c *wsConn) enqueue(m wsMsg) {
 		c.serial.enqueue(c, m)
 		return
 	}
-	c.mu.Lock()
-	c.queue = append(c.queue, m)
-	c.mu.Unlock()
+	c.queue.push(m)
+}
+
+func (c *wsConn) writer() { c.queue.run(c.done, c.write) }
+
+// sendQueue is an unbounded queue of messages and its writer's wake-up:
+// a socket's, or with SerialSend the server's one.
+type sendQueue[T any] struct {
+	mu     sync.Mutex
+	items  []T
+	notify chan struct{}
+}
+
+func newSendQueue[T any]() *sendQueue[T] {
+	return &sendQueue[T]{notify: make(chan struct{}, 1)}
+}
+
+func (q *sendQueue[T]) push(v T) {
+	q.mu.Lock()
+	q.items = append(q.items, v)
+	q.mu.Unlock()
 	select {
-	case c.notify <- struct{}{}:
+	case q.notify <- struct{}{}:
 	default:
 	}
 }
 
-func (c *wsConn) writer() {
+// run hands what is pushed to write, in order, until stop is closed or
+// write returns false.
+func (q *sendQueue[T]) run(stop <-chan struct{}, write func(T) bool) {
+	var zero T
 	for {
 		select {
-		case <-c.done:
+		case <-stop:
 			return
-		case <-c.notify:
+		case <-q.notify:
 		}
 		for {
-			c.mu.Lock()
-			if len(c.queue) == 0 {
-				c.mu.Unlock()
+			q.mu.Lock()
+			if len(q.items) == 0 {
+				q.mu.Unlock()
 				break
 			}
-			m := c.queue[0]
-			c.queue[0] = wsMsg{}
-			c.queue = c.queue[1:]
-			c.mu.Unlock()
-			if !c.write(m) {
+			v := q.items[0]
+			q.items[0] = zero
+			q.items = q.items[1:]
+			q.mu.Unlock()
+			if !write(v) {
 				return
 			}
 		}
@@ -107,9 +126,7 @@ func (c *wsConn) write(m wsMsg) bool {
 // PromptServer.publish_loop awaits each send, and aiohttp's send waits
 // for a socket's buffer to drain once it is over its limit.)
 type serialSender struct {
-	mu     sync.Mutex
-	queue  []serialMsg
-	notify chan struct{}
+	queue *sendQueue[serialMsg]
 }
 
 type serialMsg struct {
@@ -118,46 +135,19 @@ type serialMsg struct {
 }
 
 func newSerialSender(stop <-chan struct{}) *serialSender {
-	ss := &serialSender{notify: make(chan struct{}, 1)}
-	go ss.loop(stop)
+	ss := &serialSender{queue: newSendQueue[serialMsg]()}
+	go ss.queue.run(stop, func(sm serialMsg) bool {
+		select {
+		case <-sm.c.done: // closed: its messages are dropped
+		default:
+			sm.c.write(sm.m)
+		}
+		return true
+	})
 	return ss
 }
 
-func (ss *serialSender) enqueue(c *wsConn, m wsMsg) {
-	ss.mu.Lock()
-	ss.queue = append(ss.queue, serialMsg{c, m})
-	ss.mu.Unlock()
-	select {
-	case ss.notify <- struct{}{}:
-	default:
-	}
-}
-
-func (ss *serialSender) loop(stop <-chan struct{}) {
-	for {
-		select {
-		case <-stop:
-			return
-		case <-ss.notify:
-		}
-		for {
-			ss.mu.Lock()
-			if len(ss.queue) == 0 {
-				ss.mu.Unlock()
-				break
-			}
-			sm := ss.queue[0]
-			ss.queue[0] = serialMsg{}
-			ss.queue = ss.queue[1:]
-			ss.mu.Unlock()
-			select {
-			case <-sm.c.done: // closed: its messages are dropped
-			default:
-				sm.c.write(sm.m)
-			}
-		}
-	}
-}
+func (ss *serialSender) enqueue(c *wsConn, m wsMsg) { ss.queue.push(serialMsg{c, m}) }
 
 // goodbye sends a close frame (best effort) before close.
 func (c *wsConn) goodbye() {
