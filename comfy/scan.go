@@ -56,6 +56,22 @@ func ScanEventKnown(b []byte, known string) (Head, bool) {
 // names the same job and node over and over; a node id of more than one
 // byte would otherwise cost an allocation per frame).
 func ScanEventLike(b []byte, last *Head) (Head, bool) {
+	h, _, ok := scanHead(b, last)
+	return h, ok
+}
+
+// headSpans are where the values a Head is read from lie in a frame: the
+// type, data.prompt_id, data.node and data.display_node (the last
+// members of those names, as the Head reads them).
+type headSpans [4]span
+
+// scanHead is ScanEventLike, also returning where the Head's values lie.
+func scanHead(b []byte, last *Head) (h Head, where headSpans, ok bool) {
+	h, ok = scanHeadInto(b, last, &where)
+	return h, where, ok
+}
+
+func scanHeadInto(b []byte, last *Head, where *headSpans) (Head, bool) {
 	var h Head
 	// One pass: the members of data are picked while it is validated.
 	var typ, data span
@@ -110,6 +126,7 @@ func ScanEventLike(b []byte, last *Head) (Head, bool) {
 	if typ.end == 0 || b[typ.at] != '"' || typ.end-typ.at < 3 {
 		return h, false
 	}
+	*where = headSpans{typ, f.promptID, f.node, f.displayNode}
 	h.Type = messageType(b[typ.at:typ.end])
 	if data.end == 0 || b[data.at] == 'n' {
 		return h, true

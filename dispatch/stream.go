@@ -267,24 +267,10 @@ func (u *Upstream) oversized(typ int, head []byte, limit int64) {
 		zap.String("upstream_prompt_id", job), zap.Int64("limit", limit), zap.ByteString("start", truncate(head, 120)))
 }
 
-// remember keeps the strings of the stream's latest event that named
-// them, which the next scan returns again when they repeat.
-func (u *Upstream) remember(h *comfy.Head) {
-	if h.PromptID != "" {
-		u.last.PromptID = h.PromptID
-	}
-	if h.Node != "" {
-		u.last.Node = h.Node
-	}
-	if h.DisplayNode != "" {
-		u.last.DisplayNode = h.DisplayNode
-	}
-}
-
 // onText routes a JSON event by what comfy.ScanEvent reads of it.
 // b is lent by the reader (valid until it releases) unless owned.
 func (u *Upstream) onText(b []byte, owned bool, rb *readBatch) {
-	h, ok := comfy.ScanEventLike(b, &u.last)
+	h, ok := u.scan.Scan(b)
 	if !ok {
 		u.logger.Warn("skipping malformed event", zap.ByteString("frame", truncate(b, 200)))
 		return
@@ -293,7 +279,6 @@ func (u *Upstream) onText(b []byte, owned bool, rb *readBatch) {
 	case comfy.MsgStatus, comfy.MsgFeatureFlags, "crystools.monitor", "logs":
 		return
 	}
-	u.remember(&h)
 	u.mu.Lock()
 	pid := h.PromptID
 	if pid == "" {

@@ -68,10 +68,9 @@ type Upstream struct {
 	maxText, maxBinary atomic.Int64
 	oversizeJob        string
 	oversizeLogged     bool
-	// last holds the prompt_id, node and display_node the stream's events
-	// named last (used and set only by the stream's reader:
-	// comfy.ScanEventLike).
-	last comfy.Head
+	// scan reads the Heads of the stream's events (used only by the
+	// stream's reader).
+	scan comfy.Scanner
 	// health (see health.go)
 	failures  int
 	openUntil time.Time
