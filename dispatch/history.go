@@ -132,6 +132,14 @@ func (h *jobHistory) trim(user string, stored bool) {
 	}
 }
 
+// outputTotals is a Store that keeps each user's total StoredBytes of
+// ended jobs (MemoryStore): the end of a job with outputs then reads the
+// user's jobs only when they are over the budget, not their whole history
+// every time.
+type outputTotals interface {
+	EndedOutputBytes(ctx context.Context, user string) (int64, error)
+}
+
 // trimOutputs forgets the user's oldest ended jobs beyond the newest whose
 // stored outputs fit in the outputs budget together (the newest ended job
 // is always kept; waiting and running jobs are never forgotten): their
@@ -140,6 +148,11 @@ func (h *jobHistory) trimOutputs(ctx context.Context, user string) {
 	budget := h.outputs.Load()
 	if budget <= 0 {
 		budget = DefaultHistoryOutputs
+	}
+	if t, ok := h.store.(outputTotals); ok {
+		if total, err := t.EndedOutputBytes(ctx, user); err == nil && total <= budget {
+			return
+		}
 	}
 	jobs, err := h.store.UserJobSummaries(ctx, user)
 	if err != nil {

@@ -77,6 +77,9 @@ type MemoryStore struct {
 	// asked at every queue change of theirs: counting their records then
 	// cost as much as their history is long).
 	active map[string]int
+	// outputs is each user's total StoredBytes of ended jobs
+	// (EndedOutputBytes: asked at the end of every job with outputs).
+	outputs map[string]int64
 	// installs are the pools' last known installs (see InstallStore).
 	installs installs
 }
@@ -98,7 +101,7 @@ type lease struct {
 
 // NewMemoryStore returns an empty store.
 func NewMemoryStore() *MemoryStore {
-	return &MemoryStore{jobs: map[string]*Job{}, byUser: map[string]map[string]struct{}{}, leases: map[string]lease{}, bodies: map[string]int64{}, active: map[string]int{}}
+	return &MemoryStore{jobs: map[string]*Job{}, byUser: map[string]map[string]struct{}{}, leases: map[string]lease{}, bodies: map[string]int64{}, active: map[string]int{}, outputs: map[string]int64{}}
 }
 
 // Create implements Store.
@@ -131,6 +134,31 @@ func (s *MemoryStore) ActiveCount(_ context.Context, user string) (int, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.active[user], nil
+}
+
+// EndedOutputBytes reports the total StoredBytes of the user's ended jobs,
+// kept as records change: what the outputs budget of a user's history
+// bounds (Manager.SetHistoryOutputs), known without reading their jobs.
+func (s *MemoryStore) EndedOutputBytes(_ context.Context, user string) (int64, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.outputs[user], nil
+}
+
+// countLocked adds (d = 1) or takes away (d = -1) what a record counts
+// for in the user's totals: its body, and whether it is active or its
+// stored outputs once ended.
+func (s *MemoryStore) countLocked(j *Job, d int) {
+	s.bodies[j.User] += int64(d) * BodySize(j)
+	if j.Active() {
+		s.countActiveLocked(j.User, d)
+	} else if j.StoredBytes != 0 {
+		if n := s.outputs[j.User] + int64(d)*j.StoredBytes; n != 0 {
+			s.outputs[j.User] = n
+		} else {
+			delete(s.outputs, j.User)
+		}
+	}
 }
 
 // countActiveLocked adds d to the user's count of active jobs.
@@ -175,15 +203,9 @@ func (s *MemoryStore) saveLocked(c *Job) {
 		if len(j.Prompt) == 0 && j.ExtraData == nil {
 			j.Prompt, j.ExtraData = old.Prompt, old.ExtraData
 		}
-		s.bodies[old.User] -= BodySize(old)
-		if old.Active() {
-			s.countActiveLocked(old.User, -1)
-		}
+		s.countLocked(old, -1)
 	}
-	s.bodies[j.User] += BodySize(j)
-	if j.Active() {
-		s.countActiveLocked(j.User, 1)
-	}
+	s.countLocked(j, 1)
 	s.jobs[j.ID] = c
 	ids := s.byUser[j.User]
 	if ids == nil {
@@ -259,7 +281,7 @@ func (s *MemoryStore) Trim(_ context.Context, user string, keep int, budget int6
 		delete(s.byUser[user], j.ID)
 		delete(s.jobs, j.ID)
 		delete(s.leases, j.ID)
-		s.bodies[user] -= BodySize(j)
+		s.countLocked(j, -1)
 		gone = append(gone, j.ID)
 	}
 	return gone, nil
@@ -290,10 +312,7 @@ func (s *MemoryStore) Delete(_ context.Context, id string) error {
 	if j, ok := s.jobs[id]; ok {
 		delete(s.byUser[j.User], id)
 		delete(s.jobs, id)
-		s.bodies[j.User] -= BodySize(j)
-		if j.Active() {
-			s.countActiveLocked(j.User, -1)
-		}
+		s.countLocked(j, -1)
 	}
 	delete(s.leases, id)
 	return nil

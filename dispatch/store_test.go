@@ -613,8 +613,9 @@ func storeTestJob(id, user string, number float64) *Job {
 			{Type: "execution_start", Data: json.RawMessage(`{"prompt_id":"` + id + `","timestamp":1700000000100}`)},
 			{Type: "execution_cached", Data: json.RawMessage(`{"nodes":["4"],"prompt_id":"` + id + `","timestamp":1700000000101}`)},
 		},
-		Error:  json.RawMessage(`{"exception_message":"none <&> \u00e9"}`),
-		Hidden: true,
+		Error:       json.RawMessage(`{"exception_message":"none <&> \u00e9"}`),
+		Hidden:      true,
+		StoredBytes: 1000 + int64(number),
 	}
 }
 
@@ -661,6 +662,7 @@ func storeWantIDs(t *testing.T, s Store, user string, want ...string) {
 			t.Fatalf("UserJobs(%s) lists %s of %s", user, j.ID, j.User)
 		}
 	}
+	storeWantOutputs(t, s, user)
 }
 
 func storeWantActive(t *testing.T, s Store, want ...string) []*Job {
@@ -992,11 +994,36 @@ func (p *storeProxy) stop() {
 	p.wg.Wait()
 }
 
-// storeWantCount checks a user's active count.
+// storeWantCount checks a user's active count, and the total of their
+// ended jobs' outputs of a store that keeps it.
 func storeWantCount(t *testing.T, s Store, user string, want int) {
 	t.Helper()
 	n, err := s.ActiveCount(context.Background(), user)
 	if err != nil || n != want {
 		t.Fatalf("ActiveCount(%s) = %d, %v; want %d", user, n, err, want)
+	}
+	storeWantOutputs(t, s, user)
+}
+
+// storeWantOutputs checks, for a store that keeps each user's total
+// StoredBytes of ended jobs, that it is what their records add up to.
+func storeWantOutputs(t *testing.T, s Store, user string) {
+	t.Helper()
+	ot, ok := s.(outputTotals)
+	if !ok {
+		return
+	}
+	jobs, err := s.UserJobSummaries(context.Background(), user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want int64
+	for _, j := range jobs {
+		if !j.Active() {
+			want += j.StoredBytes
+		}
+	}
+	if got, err := ot.EndedOutputBytes(context.Background(), user); err != nil || got != want {
+		t.Fatalf("EndedOutputBytes(%s) = %d, %v; the records add up to %d", user, got, err, want)
 	}
 }
