@@ -108,9 +108,18 @@ func BenchmarkPromptPost(b *testing.B) {
 	}
 }
 
+// eventsSteps is the sampler steps of a job: 1000, or BENCH_STEPS (to
+// tell what a job costs from what an event costs: the same run with two
+// job lengths; see BENCHMARKS.md).
+var eventsSteps = func() int {
+	if n, err := strconv.Atoi(os.Getenv("BENCH_STEPS")); err == nil && n > 0 {
+		return n
+	}
+	return 1000
+}()
+
 const (
 	eventsGPUs         = 20
-	eventsSteps        = 1000
 	eventsPreviewEvery = 100
 	eventsPreviewBytes = 64 << 10
 	eventsPace         = 2 * time.Millisecond
@@ -298,9 +307,9 @@ type sendTimes struct {
 type jobSends struct {
 	// Unix ns when the GPU produced (queued) each progress frame, by value,
 	// and each preview, by step; and when it wrote each progress frame.
-	progress     [eventsSteps + 1]atomic.Int64
-	previews     [eventsSteps + 1]atomic.Int64
-	written      [eventsSteps + 1]atomic.Int64
+	progress     []atomic.Int64 // eventsSteps+1 of each
+	previews     []atomic.Int64
+	written      []atomic.Int64
 	progressSent atomic.Int64
 	previewsSent atomic.Int64
 }
@@ -309,7 +318,11 @@ func (st *sendTimes) job(id string) *jobSends {
 	if j, ok := st.jobs.Load(id); ok {
 		return j.(*jobSends)
 	}
-	j, _ := st.jobs.LoadOrStore(id, new(jobSends))
+	j, _ := st.jobs.LoadOrStore(id, &jobSends{
+		progress: make([]atomic.Int64, eventsSteps+1),
+		previews: make([]atomic.Int64, eventsSteps+1),
+		written:  make([]atomic.Int64, eventsSteps+1),
+	})
 	return j.(*jobSends)
 }
 
