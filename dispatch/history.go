@@ -133,9 +133,9 @@ func (h *jobHistory) trim(user string, stored bool) {
 }
 
 // outputTotals is a Store that keeps each user's total StoredBytes of
-// ended jobs (MemoryStore): the end of a job with outputs then reads the
-// user's jobs only when they are over the budget, not their whole history
-// every time.
+// ended jobs (MemoryStore, ValkeyStore): the end of a job with outputs
+// then reads the user's jobs only when they are over the budget, not
+// their whole history every time.
 type outputTotals interface {
 	EndedOutputBytes(ctx context.Context, user string) (int64, error)
 }

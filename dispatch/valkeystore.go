@@ -55,11 +55,13 @@ func NewValkeyStore(client valkey.Client, prefix string) *ValkeyStore {
 // saveScript writes a record and its index entries. With ARGV[7] == "1" it
 // does nothing and returns 0 if the record exists (Create); otherwise it
 // returns 1. An active state over an ended record (not in the active
-// index) is not written: a job that ended stays ended.
+// index) is not written: a job that ended stays ended. An ended job's
+// stored output bytes, if any, go into the user's outputs hash.
 //
-//	KEYS: job, user index, active index
+//	KEYS: job, user index, active index, body, user outputs hash
 //	ARGV: id, record JSON, score, active ("1"/"0"), user index key head
-//	      ("<prefix>user:"), user, only-if-absent ("1"/"0")
+//	      ("<prefix>user:"), user, only-if-absent ("1"/"0"), body (or
+//	      ""), stored output bytes
 const saveScript = `
 local old = redis.call('GET', KEYS[1])
 if old then
@@ -71,6 +73,7 @@ if old then
     local ok, rec = pcall(cjson.decode, old)
     if ok and type(rec) == 'table' and type(rec.user) == 'string' and rec.user ~= ARGV[6] then
       redis.call('ZREM', ARGV[5] .. rec.user .. ':jobs', ARGV[1])
+      redis.call('HDEL', ARGV[5] .. rec.user .. ':outputs', ARGV[1])
     end
   end
 end
@@ -81,6 +84,11 @@ if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 else
   redis.call('ZREM', KEYS[3], ARGV[1])
+  if ARGV[9] ~= '0' then
+    redis.call('HSET', KEYS[5], ARGV[1], ARGV[9])
+  else
+    redis.call('HDEL', KEYS[5], ARGV[1])
+  end
 end
 return 1
 `
@@ -95,6 +103,7 @@ if old then
   local ok, rec = pcall(cjson.decode, old)
   if ok and type(rec) == 'table' and type(rec.user) == 'string' then
     redis.call('ZREM', ARGV[2] .. rec.user .. ':jobs', ARGV[1])
+    redis.call('HDEL', ARGV[2] .. rec.user .. ':outputs', ARGV[1])
   end
 end
 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
@@ -155,8 +164,12 @@ func (s *ValkeyStore) jobKey(id string) string    { return s.prefix + "job:" + i
 func (s *ValkeyStore) bodyKey(id string) string   { return s.prefix + "job:" + id + ":body" }
 func (s *ValkeyStore) userHead() string           { return s.prefix + "user:" }
 func (s *ValkeyStore) userKey(user string) string { return s.userHead() + user + ":jobs" }
-func (s *ValkeyStore) activeKey() string          { return s.prefix + "active" }
-func (s *ValkeyStore) leaseKey(id string) string  { return s.prefix + "lease:" + id }
+
+// outputsKey is the hash of the user's ended jobs with stored outputs: job
+// id → bytes (EndedOutputBytes).
+func (s *ValkeyStore) outputsKey(user string) string { return s.userHead() + user + ":outputs" }
+func (s *ValkeyStore) activeKey() string             { return s.prefix + "active" }
+func (s *ValkeyStore) leaseKey(id string) string     { return s.prefix + "lease:" + id }
 func (s *ValkeyStore) wrap(op string, err error) error {
 	return fmt.Errorf("valkey store: %s: %w", op, err)
 }
@@ -285,8 +298,9 @@ func (s *ValkeyStore) save(ctx context.Context, script *valkey.Lua, j *Job, only
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	n, err := script.Exec(ctx, s.client,
-		[]string{s.jobKey(j.ID), s.userKey(j.User), s.activeKey(), s.bodyKey(j.ID)},
-		[]string{j.ID, string(b), score(j.Number), flag(j.Active()), s.userHead(), j.User, flag(onlyIfAbsent), string(body)},
+		[]string{s.jobKey(j.ID), s.userKey(j.User), s.activeKey(), s.bodyKey(j.ID), s.outputsKey(j.User)},
+		[]string{j.ID, string(b), score(j.Number), flag(j.Active()), s.userHead(), j.User, flag(onlyIfAbsent), string(body),
+			strconv.FormatInt(max(j.StoredBytes, 0), 10)},
 	).AsInt64()
 	if err != nil {
 		return false, s.wrap(op, err)
@@ -510,7 +524,7 @@ func (s *ValkeyStore) Delete(ctx context.Context, id string) error {
 // and (budget > 0) beyond the newest whose bodies fit in budget bytes
 // together (the newest one is always kept).
 //
-//	KEYS: user index, active index
+//	KEYS: user index, active index, user outputs hash
 //	ARGV: keep, job key head ("<prefix>job:"), lease key head, budget
 const trimScript = `
 local budget = tonumber(ARGV[4])
@@ -532,6 +546,7 @@ for i = 1, #ended - n do
   local id = ended[i]
   redis.call('DEL', ARGV[2] .. id, ARGV[2] .. id .. ':body', ARGV[3] .. id)
   redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[3], id)
   table.insert(gone, id)
 end
 return gone
@@ -543,7 +558,7 @@ var luaTrim = valkey.NewLuaScriptRetryable(trimScript)
 func (s *ValkeyStore) Trim(ctx context.Context, user string, keep int, budget int64) ([]string, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	gone, err := luaTrim.Exec(ctx, s.client, []string{s.userKey(user), s.activeKey()},
+	gone, err := luaTrim.Exec(ctx, s.client, []string{s.userKey(user), s.activeKey(), s.outputsKey(user)},
 		[]string{strconv.Itoa(keep), s.prefix + "job:", s.prefix + "lease:", strconv.FormatInt(max(budget, 0), 10)}).AsStrSlice()
 	if err != nil {
 		return nil, s.wrap("trim jobs of user "+user, err)
@@ -552,6 +567,29 @@ func (s *ValkeyStore) Trim(ctx context.Context, user string, keep int, budget in
 		s.bodies.Delete(id)
 	}
 	return gone, nil
+}
+
+// outputsSumScript adds up a user's outputs hash (KEYS[1]).
+const outputsSumScript = `
+local sum = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do sum = sum + tonumber(v) end
+return sum
+`
+
+var luaOutputsSum = valkey.NewLuaScriptRetryable(outputsSumScript)
+
+// EndedOutputBytes reports the total StoredBytes of the user's ended jobs,
+// kept in a hash beside their index as records are saved, deleted and
+// trimmed: the end of a job with outputs checks the user's outputs budget
+// with one small read, not a read of their whole history.
+func (s *ValkeyStore) EndedOutputBytes(ctx context.Context, user string) (int64, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	n, err := luaOutputsSum.Exec(ctx, s.client, []string{s.outputsKey(user)}, nil).AsInt64()
+	if err != nil {
+		return 0, s.wrap("outputs of user "+user, err)
+	}
+	return n, nil
 }
 
 // Claim implements Store.
