@@ -722,18 +722,29 @@ func (g *Gateway) Release(to dispatch.Recipient) { g.hub.releaseLent(to.User, to
 var _ dispatch.InlineEvents = (*Gateway)(nil)
 
 func (g *Gateway) deliver(to dispatch.Recipient, ev dispatch.Event, start writerStart) {
+	if f, ok := eventFrame(ev); ok {
+		g.hub.publish(to.User, to.ClientID, f, start)
+	}
+}
+
+// eventFrame is the frame of a job's event; a JSON event's kind is its
+// type as the GPU stream's reader read it.
+func eventFrame(ev dispatch.Event) (frame, bool) {
 	var f frame
 	switch {
 	case ev.JSON != nil:
-		f.text, f.lent = ev.JSON, ev.Lent
+		f.text, f.lent, f.typed = ev.JSON, ev.Lent, true
+		if ev.Type == comfy.MsgProgress || ev.Type == comfy.MsgProgressState {
+			f.kind = kindProgress
+		}
 	case ev.Preview != nil:
 		f.preview, f.lent = ev.Preview, ev.Lent
 	case ev.Text != nil:
 		f.binary = ev.Text.Encode(false)
 	default:
-		return
+		return f, false
 	}
-	g.hub.publish(to.User, to.ClientID, f, start)
+	return f, true
 }
 
 // QueueChanged implements dispatch.Events: every socket of the user gets a

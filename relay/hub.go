@@ -22,6 +22,11 @@ type frame struct {
 	// that reader writes such a frame from where it lies; whatever keeps
 	// it longer or takes it elsewhere copies it first (own).
 	lent bool
+	// typed says that kind is the text frame's kind as its publisher read
+	// it (a GPU job's event, whose type the stream's reader knew), so that
+	// queuing it looks no further at its bytes.
+	typed bool
+	kind  uint8
 }
 
 // own returns f with bytes of its own.

@@ -302,6 +302,8 @@ func classify(q *queued) (int, uint8) {
 	switch {
 	case q.raw != nil:
 		return len(q.raw), kindKept
+	case f.text != nil && f.typed:
+		return len(f.text), f.kind
 	case f.text != nil:
 		if t, ok := comfy.PeekType(f.text); ok && (t == comfy.MsgProgress || t == comfy.MsgProgressState) {
 			return len(f.text), kindProgress

@@ -21,6 +21,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/dispatch"
 )
 
 // wireFrame is one frame as the browser reads it.
@@ -91,25 +92,45 @@ func previewOf(prompt, node string, n, fill int) *comfy.Preview {
 // The job of a socket whose browser is stuck while 300 progress events and
 // 30 previews of two nodes arrive: once the browser reads again it gets
 // every lifecycle event in order, and of progress and previews the latest
-// per node, in their place after the lifecycle events before them.
+// per node, in their place after the lifecycle events before them. The
+// same for frames from home (their kind read from their bytes) and for a
+// GPU job's events (their kind from the type the stream's reader read).
 func TestQueueCoalescesProgressAndPreviewsUnderPressure(t *testing.T) {
+	t.Run("home", func(t *testing.T) {
+		testQueueCoalesces(t, func(_ string, b []byte) frame { return frame{text: b} })
+	})
+	t.Run("job", func(t *testing.T) {
+		testQueueCoalesces(t, func(typ string, b []byte) frame {
+			f, ok := eventFrame(dispatch.Event{Type: typ, JSON: b})
+			if !ok {
+				t.Fatal("no frame")
+			}
+			return f
+		})
+	})
+}
+
+func testQueueCoalesces(t *testing.T, text func(typ string, b []byte) frame) {
+	// Progress alone (about 300 kB) is far over twice the bound: kept
+	// whole, it would close the socket.
+	const steps = 1500
 	s, browser := pipeSocket(t, 64<<10)
 	var want []string
-	s.send(frame{text: lifecycleText("execution_start", "p", "")})
+	s.send(text("execution_start", lifecycleText("execution_start", "p", "")))
 	want = append(want, "execution_start:")
 	for _, node := range []string{"3", "7"} {
-		s.send(frame{text: lifecycleText("executing", "p", node)})
+		s.send(text("executing", lifecycleText("executing", "p", node)))
 		want = append(want, "executing:"+node)
-		for i := 1; i <= 150; i++ {
-			s.send(frame{text: progressText("p", node, i)})
-			if i%10 == 0 {
-				s.send(frame{preview: previewOf("p", node, 16<<10, i)})
+		for i := 1; i <= steps; i++ {
+			s.send(text("progress", progressText("p", node, i)))
+			if i%100 == 0 {
+				s.send(frame{preview: previewOf("p", node, 16<<10, i/100)})
 			}
 		}
-		s.send(frame{text: lifecycleText("executed", "p", node)})
+		s.send(text("executed", lifecycleText("executed", "p", node)))
 		want = append(want, "executed:"+node)
 	}
-	s.send(frame{text: lifecycleText("execution_success", "p", "")})
+	s.send(text("execution_success", lifecycleText("execution_success", "p", "")))
 	want = append(want, "execution_success:")
 
 	frames := make(chan wireFrame, 1024)
@@ -150,8 +171,8 @@ func TestQueueCoalescesProgressAndPreviewsUnderPressure(t *testing.T) {
 			continue
 		}
 		got = append(got, m.Type+":"+m.Data.Node)
-		if m.Type == "executed" && (last[m.Data.Node] != 150 || previews[m.Data.Node] != 150) {
-			t.Fatalf("before executed of node %s: last progress %d, last preview %d; want 150 and 150", m.Data.Node, last[m.Data.Node], previews[m.Data.Node])
+		if m.Type == "executed" && (last[m.Data.Node] != steps || previews[m.Data.Node] != steps/100) {
+			t.Fatalf("before executed of node %s: last progress %d, last preview %d; want %d and %d", m.Data.Node, last[m.Data.Node], previews[m.Data.Node], steps, steps/100)
 		}
 	}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
