@@ -57,9 +57,11 @@
 //     it, in the reader's memory for large frames — until the reader
 //     calls its release hook, which it does before it reads from its
 //     connection again (readBatch.flush).
-//  2. onText scans a JSON frame with comfy.ScanEvent (type, prompt_id,
-//     node; nothing is decoded) and drops the server's own status
-//     frames; onBinary reads a preview's or progress text's header. Both
+//  2. onText reads a JSON frame's Head with the stream's comfy.Scanner
+//     (type, prompt_id, node; nothing is decoded: a frame that is the
+//     stream's last progress or progress_state but for digits is only
+//     compared with it, any other is scanned) and drops the server's own
+//     status frames; onBinary reads a preview's or progress text's header. Both
 //     route the frame by prompt_id (or, without one, to the job the
 //     server is running) to the job's run. A pinned job's stream
 //     (pinned.go) pushes its frames to the run's queue.
@@ -224,7 +226,7 @@ func jobMessage(m comfy.Message) Event {
 // event is one frame from an upstream, not yet tied to a job.
 type event struct {
 	json    []byte     // a JSON event frame
-	head    comfy.Head // what ScanEvent read of json
+	head    comfy.Head // what the stream's Scanner (or ScanEvent) read of json
 	preview *comfy.Preview
 	text    *comfy.TextFrame
 	// lent: json, preview.Image or text.Text are the stream reader's
