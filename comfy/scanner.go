@@ -44,7 +44,9 @@ const maxKeptFrame = 8 << 10
 // the frame is scanned whole.
 func (s *Scanner) Scan(b []byte) (Head, bool) {
 	for i := range s.kept {
-		if k := &s.kept[i]; len(k.frame) == len(b) && k.sameButDigits(b) {
+		// (An empty slot keeps no frame: it matches none, the empty one
+		// included.)
+		if k := &s.kept[i]; len(k.frame) == len(b) && len(b) > 0 && k.sameButDigits(b) {
 			return k.head, true
 		}
 	}
