@@ -83,6 +83,24 @@ if [[ ${1:-} == --report ]]; then
 	exit 0
 fi
 
+# outputsFS names the file system the gateway's captured outputs go to
+# (under TMPDIR), and warns when it is an ext4 without a journal: there
+# every new file or folder costs a scan of the recently deleted inodes, so
+# the gateway's per-job capture grows dearer the more files the machine
+# deleted lately (BENCHMARKS.md, "Session 16").
+outputsFS() {
+	local dir=${TMPDIR:-/tmp} fs dev
+	fs=$(findmnt -no FSTYPE -T "$dir" 2>/dev/null | head -1 || true)
+	dev=$(findmnt -no SOURCE -T "$dir" 2>/dev/null | head -1 || true)
+	echo "# outputs under $dir: ${fs:-unknown file system}${dev:+ on $dev}"
+	# A journaled ext4 has its journal listed in /proc/fs/jbd2/<device>-<n>.
+	if [[ $fs == ext4 && $dev == /dev/* && -d /proc/fs/jbd2 ]] && ! compgen -G "/proc/fs/jbd2/${dev#/dev/}-*" >/dev/null; then
+		echo "# WARNING: $dir is on an ext4 without a journal, where each new file or folder is dearer" \
+			"the more files were deleted lately: the gateway's per-job capture is measured far dearer than" \
+			"on a server. Set TMPDIR to a journaled file system (BENCHMARKS.md, Session 16)." >&2
+	fi
+}
+
 rounds=${1:-3}
 out=${2:-bench-events.txt}
 [[ $out == /* ]] || out="$root/$out"
@@ -92,6 +110,7 @@ go test -c -o "$tmp/bench.test" ./bench/
 cd bench
 for ((i = 1; i <= rounds; i++)); do
 	echo "# round $i of $rounds, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out"
+	outputsFS | tee -a "$out"
 	"$tmp/bench.test" -test.run '^$' -test.bench 'GPUEvents' -test.benchtime "${EVENTS_BENCHTIME:-5x}" | tee -a "$out"
 	"$tmp/bench.test" -test.run '^$' -test.bench 'PromptPost' -test.benchtime "${PROMPT_BENCHTIME:-20x}" | tee -a "$out"
 	if [[ ${IDLE:-1} != 0 ]]; then
