@@ -7,8 +7,11 @@
 #
 #   bash scripts/bench-events.sh [ROUNDS] [OUT]      # defaults: 3, bench-events.txt
 #
-# EVENTS_BENCHTIME (default 5x: jobs per socket), PROMPT_BENCHTIME (default
-# 20x: POSTs) and IDLE (default 1; 0 skips the idle-socket rows) tune it.
+# BLAST_BENCHTIME (default 20x: jobs per socket in blast; a 1000-step job
+# there takes about 10 ms, and 5 of them per round scattered the ratio by
+# ±20 %), EVENTS_BENCHTIME (default 5x: jobs per socket, paced), PROMPT_BENCHTIME
+# (default 20x: POSTs) and IDLE (default 1; 0 skips the idle-socket rows)
+# tune it.
 # About 2.5 min per round on a quiet 2-core machine. To only print the
 # tables of an earlier file: bash scripts/bench-events.sh --report FILE
 set -euo pipefail
@@ -111,7 +114,8 @@ cd bench
 for ((i = 1; i <= rounds; i++)); do
 	echo "# round $i of $rounds, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out"
 	outputsFS | tee -a "$out"
-	"$tmp/bench.test" -test.run '^$' -test.bench 'GPUEvents' -test.benchtime "${EVENTS_BENCHTIME:-5x}" | tee -a "$out"
+	"$tmp/bench.test" -test.run '^$' -test.bench 'GPUEvents/blast' -test.benchtime "${BLAST_BENCHTIME:-20x}" | tee -a "$out"
+	"$tmp/bench.test" -test.run '^$' -test.bench 'GPUEvents/paced' -test.benchtime "${EVENTS_BENCHTIME:-5x}" | tee -a "$out"
 	"$tmp/bench.test" -test.run '^$' -test.bench 'PromptPost' -test.benchtime "${PROMPT_BENCHTIME:-20x}" | tee -a "$out"
 	if [[ ${IDLE:-1} != 0 ]]; then
 		"$tmp/bench.test" -test.run '^$' -test.bench 'IdleSocketMemory/path=(reverse_proxy|comfyume-home-reachable)$' -test.benchtime 1x | tee -a "$out"
