@@ -91,9 +91,19 @@ func (q *Queue[T]) Pop() (v T, ok bool) {
 // Reset empties the queue and gives its chunks back. It keeps its list of
 // chunks when that is short (a queue that fills and drains with every
 // event would make one each time).
+//
+// Only the entries still in the queue are zeroed: the others are zero
+// already (a pooled or new chunk is all zero, and Pop zeroes what it
+// takes). A queue that drains with every event (a browser socket that
+// keeps up, at a step every few milliseconds) used to clear a whole chunk
+// each time: 15 KB of a socket's queue, about 1 % of the gateway's CPU in
+// paced mode, and the cache lines of whatever ran next.
 func (q *Queue[T]) Reset() {
-	for _, c := range q.chunks {
-		clear(c[:])
+	start, end := q.head, q.head+q.n
+	for i, c := range q.chunks {
+		if lo, hi := max(start-i*chunkLen, 0), min(end-i*chunkLen, chunkLen); lo < hi {
+			clear(c[lo:hi])
+		}
 		q.release(c)
 	}
 	clear(q.chunks)

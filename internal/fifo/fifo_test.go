@@ -64,12 +64,35 @@ func TestQueueLetsGo(t *testing.T) {
 			t.Fatalf("entry %d of a released chunk still set", i)
 		}
 	}
-	held = q.chunks[len(q.chunks)-1]
+	q.Push(new(int)) // into a third chunk
+	chunks := append([]*chunk[*int](nil), q.chunks...)
+	if len(chunks) < 2 || q.head == 0 {
+		t.Fatalf("%d chunks, head %d: not a queue that starts inside its first chunk", len(chunks), q.head)
+	}
 	q.Reset()
-	for i, p := range held {
-		if p != nil {
-			t.Fatalf("entry %d of a reset chunk still set", i)
+	for n, c := range chunks {
+		for i, p := range c {
+			if p != nil {
+				t.Fatalf("entry %d of reset chunk %d still set", i, n)
+			}
 		}
+	}
+}
+
+// BenchmarkDrainEachTime is a socket that keeps up: one entry in, one out.
+func BenchmarkDrainEachTime(b *testing.B) {
+	type entry struct {
+		p    *int
+		b    []byte
+		pad  [10]int
+		name string
+	}
+	var pool Pool[entry]
+	q := Queue[entry]{Pool: &pool}
+	x := new(int)
+	for b.Loop() {
+		q.Push(entry{p: x})
+		q.Pop()
 	}
 }
 
