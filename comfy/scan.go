@@ -56,8 +56,8 @@ func ScanEventKnown(b []byte, known string) (Head, bool) {
 // names the same job and node over and over; a node id of more than one
 // byte would otherwise cost an allocation per frame).
 func ScanEventLike(b []byte, last *Head) (Head, bool) {
-	h, _, ok := scanHead(b, last)
-	return h, ok
+	var where headSpans
+	return scanHead(b, last, &where)
 }
 
 // headSpans are where the values a Head is read from lie in a frame: the
@@ -65,13 +65,8 @@ func ScanEventLike(b []byte, last *Head) (Head, bool) {
 // members of those names, as the Head reads them).
 type headSpans [4]span
 
-// scanHead is ScanEventLike, also returning where the Head's values lie.
-func scanHead(b []byte, last *Head) (h Head, where headSpans, ok bool) {
-	h, ok = scanHeadInto(b, last, &where)
-	return h, where, ok
-}
-
-func scanHeadInto(b []byte, last *Head, where *headSpans) (Head, bool) {
+// scanHead is ScanEventLike, also setting where the Head's values lie.
+func scanHead(b []byte, last *Head, where *headSpans) (Head, bool) {
 	var h Head
 	// One pass: the members of data are picked while it is validated.
 	var typ, data span

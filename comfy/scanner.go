@@ -1,6 +1,9 @@
 package comfy
 
-import "encoding/binary"
+import (
+	"bytes"
+	"encoding/binary"
+)
 
 // A GPU server's stream is mostly two kinds of frames, one after the
 // other at every sampler step: progress and progress_state. Each is the
@@ -50,7 +53,8 @@ func (s *Scanner) Scan(b []byte) (Head, bool) {
 			return k.head, true
 		}
 	}
-	h, where, ok := scanHead(b, &s.last)
+	var where headSpans
+	h, ok := scanHead(b, &s.last, &where)
 	if !ok {
 		return h, false
 	}
@@ -70,30 +74,12 @@ func (s *Scanner) Scan(b []byte) (Head, bool) {
 	case MsgProgressState:
 		slot = 1
 	}
-	if slot >= 0 && len(b) <= maxKeptFrame && !hasBackslash(b) {
+	if slot >= 0 && len(b) <= maxKeptFrame && bytes.IndexByte(b, '\\') < 0 {
 		k := &s.kept[slot]
 		k.frame = append(k.frame[:0], b...)
 		k.head, k.where = h, where
 	}
 	return h, true
-}
-
-// hasBackslash reports whether b has a '\', 8 bytes at a time.
-func hasBackslash(b []byte) bool {
-	const ones, highs, bs = 0x0101010101010101, 0x8080808080808080, '\\' * 0x0101010101010101
-	i := 0
-	for ; i+8 <= len(b); i += 8 {
-		w := binary.LittleEndian.Uint64(b[i:]) ^ bs
-		if (w-ones) & ^w & highs != 0 {
-			return true
-		}
-	}
-	for ; i < len(b); i++ {
-		if b[i] == '\\' {
-			return true
-		}
-	}
-	return false
 }
 
 // sameButDigits reports whether b (as long as the kept frame) differs

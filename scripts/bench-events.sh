@@ -111,9 +111,9 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 go test -c -o "$tmp/bench.test" ./bench/
 cd bench
+outputsFS | tee -a "$out"
 for ((i = 1; i <= rounds; i++)); do
 	echo "# round $i of $rounds, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out"
-	outputsFS | tee -a "$out"
 	"$tmp/bench.test" -test.run '^$' -test.bench 'GPUEvents/blast' -test.benchtime "${BLAST_BENCHTIME:-20x}" | tee -a "$out"
 	"$tmp/bench.test" -test.run '^$' -test.bench 'GPUEvents/paced' -test.benchtime "${EVENTS_BENCHTIME:-5x}" | tee -a "$out"
 	"$tmp/bench.test" -test.run '^$' -test.bench 'PromptPost' -test.benchtime "${PROMPT_BENCHTIME:-20x}" | tee -a "$out"
