@@ -70,12 +70,14 @@
 //     job's goroutine idle is handled at once on the reader, with no
 //     hand-off between goroutines and without a copy — when the Events say
 //     their delivery does no network I/O (InlineEvents; not with a Valkey
-//     bus). Anything else is copied out of the reader's memory
-//     (event.own: small progress-like frames into a shared block) and goes
-//     to run.push, which queues it for the job's goroutine. The
-//     queue is bounded by bytes: over its bound, progress and previews
-//     coalesce to the latest per node; lifecycle events are always kept.
-//     Whoever handles, one at a time, so the job's events keep their order.
+//     bus). The reader then holds the job's events until it next reads
+//     from its connection. Anything else is copied out of the reader's
+//     memory (event.own: small progress-like frames into a shared block)
+//     and goes to run.push, which queues it for the job's goroutine (an
+//     event that needs I/O first ends the reader's hold). The queue is
+//     bounded by bytes: over its bound, progress and previews coalesce to
+//     the latest per node; lifecycle events are always kept. Whoever
+//     handles, one at a time, so the job's events keep their order.
 //  4. run.handle turns it into the job's Event in place: the original
 //     bytes, or a copy with the job's prompt_id for a server that made its
 //     own, or a type-1 preview given the job's metadata. Job state (node,
@@ -83,18 +85,17 @@
 //     lifecycle points (start, executed, end). An executed event first
 //     goes through Events.Capture, which stores its outputs and rewrites
 //     their refs.
-//  5. Events.Deliver hands the Event to its Recipient (user, browser
-//     session, job); relay's Gateway.Deliver publishes it to the hub. With
-//     more events at hand, the job's goroutine hands them with
-//     BatchEvents.DeliverLater and the last with Deliver (or Flush); the
-//     reader hands all of its events with DeliverLater and, just before
-//     it next reads from the network, releases them
-//     (InlineEvents.Release): each browser socket writes what its
-//     connection takes at once from where the frames lie, and copies only
-//     what must wait for a browser that is behind. So the events of one
-//     read reach each browser in one write, an event that came alone
-//     leaves at once, and a progress event or a preview is not copied on
-//     its way.
+//  5. run.deliver hands the Event to the Events for its Recipient (user,
+//     browser session, job); relay's Gateway publishes it to the hub.
+//     Whoever handles keeps the events it has more of at hand (pending)
+//     and hands them together with BatchEvents.DeliverAll: the job's
+//     goroutine when its queue is empty, the reader just before it next
+//     reads from the network (readBatch.flush), lending them (Lender):
+//     each browser socket writes what its connection takes at once from
+//     where the frames lie, and copies only what must wait for a browser
+//     that is behind. So the events of one read reach each browser in one
+//     write and one hand-over, an event that came alone leaves at once,
+//     and a progress event or a preview is not copied on its way.
 package dispatch
 
 import (
@@ -163,35 +164,35 @@ type Recipient struct {
 	User, ClientID, JobID string
 }
 
-// BatchEvents is implemented by an Events that takes a job's events in
-// batches: the job's goroutine hands the events it has at hand with
-// DeliverLater and the last with Deliver (or, when none follows, calls
-// Flush), so that they reach the browser together, in one write. Events
-// handed with DeliverLater are shown no later than the next Deliver or
-// Flush for the same recipient.
+// BatchEvents is implemented by an Events that takes several of a job's
+// events at once: whoever handles the job's events hands those it has at
+// hand together, so that they reach the browser in one write and the
+// hand-over is paid once. (An Events that is not BatchEvents gets each
+// with Deliver.)
 type BatchEvents interface {
-	DeliverLater(to Recipient, ev Event)
-	Flush(to Recipient)
+	// DeliverAll is Deliver of each of evs, in order. evs is the
+	// caller's again once DeliverAll returns. Those of evs that are lent
+	// (Event.Lent) are lender's memory: DeliverAll shows them, or copies
+	// what it keeps of them, before it returns, and it returns at once,
+	// without waiting for a browser.
+	DeliverAll(to Recipient, evs []Event, lender *Lender)
 }
 
-// InlineEvents is implemented by an Events whose Deliver and DeliverLater
-// of a progress event, a preview or a progress text return at once,
-// without network I/O, when Inline says so. The upstream's reader then
-// hands such events over itself when the job's goroutine is idle, with no
-// hand-off between goroutines (run.offer). Events that publish on a shared
-// bus say no: the reader must never wait for the network on a job's
-// behalf.
-//
-// The events the reader hands over may be lent (Event.Lent): their bytes
-// are the reader's memory. Before the reader reuses it, it calls Release
-// for every recipient it handed lent events to, which must show them (as
-// Flush does) or copy what it keeps of them, and return at once, without
-// waiting for a browser. Release may run while the job's own goroutine
-// delivers other events to the same recipient.
+// Lender names whose memory a lent event is (an upstream's reader): a
+// writer may write a lent frame from where it lies only for its lender,
+// who keeps the memory as it is until the writer's call returns.
+type Lender struct{ _ byte } // (not empty: pointers to empty values may be equal)
+
+// InlineEvents is implemented by a BatchEvents whose delivery of a
+// progress event, a preview or a progress text returns at once, without
+// network I/O, when Inline says so. The upstream's reader then hands such
+// events over itself when the job's goroutine is idle, with no hand-off
+// between goroutines (run.offer), and lends them: DeliverAll's lender is
+// the reader. Events that publish on a shared bus say no: the reader must
+// never wait for the network on a job's behalf.
 type InlineEvents interface {
 	BatchEvents
 	Inline() bool
-	Release(to Recipient)
 }
 
 // recipientOf returns who sees j's events.
@@ -213,8 +214,8 @@ type Event struct {
 	// Text is a progress-text frame of the job's running node.
 	Text *comfy.TextFrame
 	// Lent says that JSON, Preview.Image and Text.Text may be the
-	// upstream reader's memory, valid until InlineEvents.Release for the
-	// recipient: whatever keeps the event longer copies them.
+	// upstream reader's memory, valid until BatchEvents.DeliverAll that
+	// hands the event over returns: whatever keeps it longer copies them.
 	Lent bool
 }
 

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,15 +16,14 @@ import (
 )
 
 // inlineFeed is an InlineEvents that shows what a browser would see, in
-// the order it would see it: DeliverLater holds an event until the next
-// Deliver or Flush. Capture blocks on executed events until release is
-// closed.
+// the order it would see it. Capture blocks on executed events until
+// release is closed.
 type inlineFeed struct {
 	release chan struct{}
-	mu      sync.Mutex
-	held    []Event
 	shown   chan Event
 }
+
+var _ InlineEvents = (*inlineFeed)(nil)
 
 func newInlineFeed() *inlineFeed {
 	return &inlineFeed{release: make(chan struct{}), shown: make(chan Event, 10000)}
@@ -36,29 +34,17 @@ func (f *inlineFeed) Capture(ctx context.Context, to Recipient, up *Upstream, ev
 	return nil
 }
 
-func (f *inlineFeed) DeliverLater(to Recipient, ev Event) {
-	f.mu.Lock()
-	f.held = append(f.held, ev)
-	f.mu.Unlock()
-}
-
 func (f *inlineFeed) Deliver(to Recipient, ev Event) {
-	f.DeliverLater(to, ev)
-	f.Flush(to)
+	f.shown <- owned(ev)
 }
 
-func (f *inlineFeed) Flush(Recipient) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for _, ev := range f.held {
+// DeliverAll shows evs: the test reads them after the reader has reused
+// its memory, so lent events are copied.
+func (f *inlineFeed) DeliverAll(to Recipient, evs []Event, _ *Lender) {
+	for _, ev := range evs {
 		f.shown <- owned(ev)
 	}
-	f.held = f.held[:0]
 }
-
-// Release shows what is held: the test reads it after the reader has
-// reused its memory, so lent events are copied.
-func (f *inlineFeed) Release(to Recipient) { f.Flush(to) }
 
 // owned is ev with bytes of its own.
 func owned(ev Event) Event {

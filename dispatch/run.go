@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -45,17 +46,21 @@ type run struct {
 	lastKept int64                 // sequence number of the last lifecycle event queued
 	dropped  int                   // transient events dropped over the bound
 	wake     chan struct{}
-	// The job's goroutine hands events it has more of at hand to a
-	// BatchEvents with DeliverLater; batched counts them since the last
-	// Deliver or Flush.
-	batched int
-	batchTo Recipient
+	// pending are events handled but not handed to a BatchEvents yet
+	// (deliver): they go together, with the next one handled alone or at
+	// the flush. pendingLender is who lent those of them that are lent.
+	// Whoever handles the job's events owns them.
+	pending       []Event
+	pendingTo     Recipient
+	pendingLender *Lender
 	// Who handles the job's events now (at most one at a time, so they
 	// stay in order): busy while the job's goroutine is handling or
-	// flushing, inline while the upstream's reader handles one itself
-	// (offer).
+	// flushing, inline while an upstream's reader handles them itself
+	// (offer): holder, from its first event of a read until it reads
+	// again (readBatch.flush).
 	busy   bool
 	inline bool
+	holder *readBatch
 	// overflowed: the upstream sent more than the queue holds; the job
 	// ends (overflowLocked).
 	overflowed bool
@@ -350,19 +355,27 @@ func (r *run) idleAfterDone() bool {
 // previews, progress text) and finds the job's goroutine idle is handled
 // at once on the reader itself, without a hand-off and without a copy: a
 // frame that finds the path idle goes out at once, from where the reader
-// read it. It is delivered later (BatchEvents), and before the reader next
-// reads from its connection it flushes and releases what it lent
-// (readBatch.flush), so the events of one read reach the browser in one
-// write. Events queued while the job's goroutine was busy, which it has
-// not taken yet, go first: the reader handles those at the head that need
-// no I/O too, in order. Anything else, or while the job's goroutine is at
-// work, is copied out of the reader's memory and queued (push). With an
-// Events that is not InlineEvents, or says no, every event is queued.
+// read it. The reader then holds the job's events (inline) until it next
+// reads from its connection: the job's goroutine waits, the events the
+// reader handles meanwhile are kept (deliver) and, at its flush
+// (readBatch.flush), handed over together with what they lent, so the
+// events of one read reach the browser in one write and cost one hand-
+// over. Events queued while the job's goroutine was busy, which it has
+// not taken yet, go first: the reader handles those at the head that
+// need no I/O too, in order. Anything else, or while the job's goroutine
+// is at work, is copied out of the reader's memory and queued (push); an
+// event that needs I/O ends the reader's hold first, so that the job's
+// goroutine takes it at once. With an Events that is not InlineEvents, or
+// says no, every event is queued.
 func (r *run) offer(ev event, rb *readBatch) {
 	if rb == nil || !ev.quick() || !r.inlineEvents() {
+		quick := ev.quick()
+		if rb != nil && !quick {
+			rb.letGo(r)
+		}
 		ev.own(rb)
 		r.push(ev)
-		if rb != nil && !ev.quick() {
+		if rb != nil && !quick {
 			// A lifecycle event (its handling may save the job, capture
 			// outputs): the job's goroutine, just woken, takes it now
 			// rather than when the reader has read all there is, which
@@ -373,17 +386,20 @@ func (r *run) offer(ev event, rb *readBatch) {
 		return
 	}
 	r.mu.Lock()
-	if r.finished || r.busy || r.inline {
-		r.mu.Unlock()
-		ev.own(rb)
-		r.push(ev)
-		return
+	if r.holder != rb {
+		if r.finished || r.busy || r.inline {
+			r.mu.Unlock()
+			ev.own(rb)
+			r.push(ev)
+			return
+		}
+		r.inline, r.holder = true, rb
+		rb.runs = append(rb.runs, r)
 	}
-	r.inline = true
 	for r.queue.Len() > 0 && !r.finished && r.queue.At(0).quick() {
 		q, _ := r.dequeueLocked()
 		r.mu.Unlock()
-		r.handleAt(q, true)
+		r.handleAt(q, rb)
 		r.mu.Lock()
 	}
 	now := r.queue.Len() == 0 && !r.finished
@@ -392,31 +408,12 @@ func (r *run) offer(ev event, rb *readBatch) {
 	}
 	r.mu.Unlock()
 	if now {
-		r.handleAt(ev, true)
+		r.handleAt(ev, rb)
 	} else {
 		// Behind an event that needs I/O: the job's goroutine takes both.
 		ev.own(rb)
 		r.push(ev)
 	}
-	if r.endInline() || ev.lent {
-		rb.add(r)
-	}
-}
-
-// endInline hands the job's events back after the upstream's reader
-// handled one or flushed, waking the job's goroutine if more are queued or
-// the job is over. It reports whether events delivered later wait for a
-// flush.
-func (r *run) endInline() (batched bool) {
-	r.mu.Lock()
-	r.inline = false
-	wake := r.queue.Len() > 0 || r.finished
-	batched = r.batched > 0
-	r.mu.Unlock()
-	if wake {
-		r.poke()
-	}
-	return batched
 }
 
 // inlineEvents reports whether the job's events may be handed over on the
@@ -425,45 +422,38 @@ func (r *run) inlineEvents() bool {
 	return r.m.inline != nil && r.m.inline.Inline()
 }
 
-// releaseInline shows what the upstream's reader delivered later and lets
-// go of what it lent the job's Events (InlineEvents.Release). While the
-// job's goroutine handles events, its next Deliver or Flush shows them,
-// but the Events still copy whatever they keep of the reader's memory.
-func (r *run) releaseInline() {
+// release ends the hold of the upstream's reader rb on the job's events:
+// what it handled goes to the Events, and the job's goroutine is woken if
+// events wait or the job is over.
+func (r *run) release(rb *readBatch) {
+	r.flush()
 	r.mu.Lock()
-	idle := !r.busy && !r.inline
-	if idle {
-		r.inline = true
+	if r.holder == rb {
+		r.inline, r.holder = false, nil
 	}
-	to := recipientOf(r.job)
+	wake := r.queue.Len() > 0 || r.finished
 	r.mu.Unlock()
-	if idle {
-		r.batched = 0 // (Release shows them)
-	}
-	if r.m.inline != nil {
-		r.m.inline.Release(to)
-	}
-	if idle {
-		r.endInline()
+	if wake {
+		r.poke()
 	}
 }
 
-// readBatch is the state of an upstream's reader goroutine: the jobs it
-// delivered events to later, or lent its memory to, since it last read
-// from its connection (flushed and released before it reads again), and
-// the block its small frames are copied into when they are queued.
+// readBatch is the state of an upstream's reader goroutine: the jobs whose
+// events it holds since it last read from its connection (released before
+// it reads again), the block its small frames are copied into when they
+// are queued, and its name as the lender of its memory.
 type readBatch struct {
-	runs []*run
-	slab frameSlab
+	runs   []*run
+	slab   frameSlab
+	lender Lender
 }
 
-func (b *readBatch) add(r *run) {
-	for _, x := range b.runs {
-		if x == r {
-			return
-		}
+// letGo releases r if the reader holds it.
+func (b *readBatch) letGo(r *run) {
+	if i := slices.Index(b.runs, r); i >= 0 {
+		b.runs = slices.Delete(b.runs, i, i+1)
+		r.release(b)
 	}
-	b.runs = append(b.runs, r)
 }
 
 // frameSlab hands out copies of small frames from shared blocks: one
@@ -492,11 +482,11 @@ func (s *frameSlab) copy(b []byte) []byte {
 	return s.block[n:len(s.block):len(s.block)]
 }
 
-// flush shows and releases what the reader delivered (the wsReader's
+// flush hands over and releases what the reader handled (the wsReader's
 // release hook: it runs before the reader reads its connection again).
 func (b *readBatch) flush() {
 	for i, r := range b.runs {
-		r.releaseInline()
+		r.release(b)
 		b.runs[i] = nil
 	}
 	b.runs = b.runs[:0]
@@ -507,12 +497,12 @@ func (b *readBatch) flush() {
 // job's prompt_id must replace the server's own; job state changes in
 // memory, and the record is saved only at lifecycle points.
 func (r *run) handle(raw event) {
-	r.handleAt(raw, false)
+	r.handleAt(raw, nil)
 }
 
-// handleAt is handle; more says that the caller has more events at hand
-// (the upstream's reader handling one inline: its flush follows).
-func (r *run) handleAt(raw event, more bool) {
+// handleAt is handle by the upstream's reader rb, which holds the job's
+// events until its flush (nil: the job's goroutine).
+func (r *run) handleAt(raw event, rb *readBatch) {
 	r.mu.Lock()
 	if r.finished {
 		r.mu.Unlock()
@@ -520,7 +510,7 @@ func (r *run) handleAt(raw event, more bool) {
 	}
 	job := r.job
 	to := recipientOf(job)
-	more = more || r.queue.Len() > 0
+	more := rb != nil || r.queue.Len() > 0
 	ev := Event{Lent: raw.lent}
 	switch {
 	case raw.json != nil:
@@ -618,7 +608,11 @@ func (r *run) handleAt(raw event, more bool) {
 			r.m.events.QueueChanged(to.User)
 		}
 	}
-	r.deliver(to, ev, more && !terminal)
+	var lender *Lender
+	if rb != nil && ev.Lent {
+		lender = &rb.lender
+	}
+	r.deliver(to, ev, more && !terminal, lender)
 	if terminal {
 		r.m.finish(r, snap, true)
 	}
@@ -632,33 +626,35 @@ func (r *run) handleAt(raw event, more bool) {
 // megabyte each). The end is always saved, with everything.
 const eagerSaves = 64
 
-// maxBatched bounds the events a job's goroutine hands over with
-// DeliverLater before one goes out with Deliver.
+// maxBatched bounds the events handed over together.
 const maxBatched = 64
 
-// deliver hands an event over: while the job's goroutine has more at hand
-// (more), to a BatchEvents with DeliverLater, so that they reach the
-// browser in one write.
-func (r *run) deliver(to Recipient, ev Event, more bool) {
-	if b := r.m.batch; b != nil && more && r.batched < maxBatched {
-		b.DeliverLater(to, ev)
-		r.batched++
-		r.batchTo = to
+// deliver hands an event over: with more at hand (more), to a BatchEvents
+// together with them (pending), so that they reach the browser in one
+// write. lender is who lent ev (Event.Lent).
+func (r *run) deliver(to Recipient, ev Event, more bool, lender *Lender) {
+	if r.m.batch == nil {
+		r.m.events.Deliver(to, ev)
 		return
 	}
-	r.m.events.Deliver(to, ev) // (also writes what was delivered later before)
-	r.batched = 0
+	r.pending = append(r.pending, ev)
+	r.pendingTo = to
+	if lender != nil {
+		r.pendingLender = lender
+	}
+	if !more || len(r.pending) >= maxBatched {
+		r.flush()
+	}
 }
 
-// flush writes what the job's goroutine delivered later, if anything.
+// flush hands over the events handled and not handed yet, if any.
 func (r *run) flush() {
-	if r.batched == 0 {
+	if len(r.pending) == 0 {
 		return
 	}
-	r.batched = 0
-	if b := r.m.batch; b != nil {
-		b.Flush(r.batchTo)
-	}
+	r.m.batch.DeliverAll(r.pendingTo, r.pending, r.pendingLender)
+	clear(r.pending)
+	r.pending, r.pendingLender = r.pending[:0], nil
 }
 
 // pushMessage queues a message the gateway made for the job. It reports

@@ -139,7 +139,7 @@ func TestBatchReadsAsItsFrames(t *testing.T) {
 	}
 	s.writing = true
 	s.mu.Unlock()
-	go s.writeLoop(nil, nil, false, false, false)
+	go s.writeLoop(nil, nil, false, false, nil)
 	for i := range 40 {
 		fr := <-frames
 		switch {

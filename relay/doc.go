@@ -11,9 +11,9 @@
 // outputs and rewrites their refs, and Deliver hands each event — the
 // upstream's own bytes, as a rule — to the hub:
 //
-//  1. Publish. A remote job's event (Gateway.Deliver) becomes a frame
-//     handed to Hub.publish with its user and browser session (the
-//     clientId). With a bus (several gateways on Valkey) the frame is
+//  1. Publish. A remote job's event (Gateway.Deliver, or several with
+//     Gateway.DeliverAll) becomes a frame handed to Hub.publish (publishAll)
+//     with its user and browser session (the clientId). With a bus (several gateways on Valkey) the frame is
 //     published there first — lifecycle frames also go into the session's
 //     replay log — and the other gateways receive it in their bus
 //     subscription (Hub.deliverBus).
@@ -32,11 +32,13 @@
 //     a grace period, or over twice it, closes the socket with a reason:
 //     the browser reconnects and gets what it missed from the replay.
 //  4. Writer. Whoever finds the socket idle writes, everything queued,
-//     as one vectored write per batch. A job's goroutine (or, for
-//     progress and previews without a bus, the GPU stream's reader
-//     itself: Gateway.Inline) hands the events it has at hand with
-//     DeliverLater (they are only queued) and the last with Deliver or
-//     Flush, and then writes the batch itself, but only what the
+//     as one vectored write per batch, in few long buffers (headers and
+//     small frames back to back, previews' images from where they are:
+//     writeScratch). A job's goroutine (or, for progress and previews
+//     without a bus, the GPU stream's reader itself: Gateway.Inline)
+//     hands the events it has at hand together (Gateway.DeliverAll: one
+//     session lookup and one socket lock for all of them), and then
+//     writes the batch itself, but only what the
 //     connection takes at once: if the browser's socket buffer fills, a
 //     goroutine writes the rest and goes on with the queue until it is
 //     empty (an idle socket has none). Other publishers (the bus
@@ -51,13 +53,14 @@
 //     own control frames (pongs, close replies) are routed into the same
 //     queue, so exactly one writer ever writes.
 //  5. Lent frames. The GPU stream's reader lends its progress and
-//     previews (frame.lent: the bytes are its read buffer) and calls
-//     Gateway.Release before it reads over them. Until then only it
-//     writes them from where they lie; at Release each socket writes
-//     what its connection takes at once, and whatever must wait — in a
-//     queue behind a slow browser, in the rest of a half-done write, on
-//     another writer's batch, in a session's backlog — is copied first.
-//     A browser that keeps up costs no copy.
+//     previews (frame.lender: the bytes are its read buffer) to the
+//     DeliverAll it hands them with, before it reads over them. Only it
+//     writes them from where they lie: each socket writes what its
+//     connection takes at once, and whatever must wait — in a queue
+//     behind a slow browser or another writer, in the rest of a half-done
+//     write, on another writer's batch (another job's reader writing to
+//     the same tab), in a session's backlog — is copied before DeliverAll
+//     returns. A browser that keeps up costs no copy.
 //
 // The home relay of a socket reads the user's home ComfyUI stream and
 // queues its frames the same way, never waiting for the browser: a home

@@ -694,13 +694,17 @@ func contentTypeOf(name string) string {
 // session that submitted it. A JSON event goes out as the bytes it came
 // with (see dispatch's package comment for the path before).
 func (g *Gateway) Deliver(to dispatch.Recipient, ev dispatch.Event) {
-	g.deliver(to, ev, startNow)
+	if f, ok := eventFrame(ev, nil); ok {
+		g.hub.publish(to.User, to.ClientID, f, startNow)
+	}
 }
 
-// DeliverLater implements dispatch.BatchEvents: the event is queued on the
-// session's sockets here, and written with the next Deliver or Flush.
-func (g *Gateway) DeliverLater(to dispatch.Recipient, ev dispatch.Event) {
-	g.deliver(to, ev, startLater)
+// DeliverAll implements dispatch.BatchEvents: the events are queued on the
+// session's sockets together, and each socket writes what its connection
+// takes at once; the lent ones are written from where they lie, and
+// copied when they must wait for a browser that is behind.
+func (g *Gateway) DeliverAll(to dispatch.Recipient, evs []dispatch.Event, lender *dispatch.Lender) {
+	g.hub.publishAll(to.User, to.ClientID, evs, lender)
 }
 
 // Inline implements dispatch.InlineEvents: without a bus, handing a
@@ -710,39 +714,33 @@ func (g *Gateway) DeliverLater(to dispatch.Recipient, ev dispatch.Event) {
 // frame is published on it first, a network round trip.
 func (g *Gateway) Inline() bool { return g.hub.bus == nil }
 
-// Flush implements dispatch.BatchEvents.
-func (g *Gateway) Flush(to dispatch.Recipient) { g.hub.flush(to.User, to.ClientID) }
-
-// Release implements dispatch.InlineEvents: the upstream's reader is done
-// lending the frames it delivered to the session. Each of this gateway's
-// sockets of it writes what its connection takes at once, from where the
-// frames lie, and copies what is left (a browser that is behind).
-func (g *Gateway) Release(to dispatch.Recipient) { g.hub.releaseLent(to.User, to.ClientID) }
-
 var _ dispatch.InlineEvents = (*Gateway)(nil)
 
-func (g *Gateway) deliver(to dispatch.Recipient, ev dispatch.Event, start writerStart) {
-	if f, ok := eventFrame(ev); ok {
-		g.hub.publish(to.User, to.ClientID, f, start)
-	}
-}
-
 // eventFrame is the frame of a job's event; a JSON event's kind is its
-// type as the GPU stream's reader read it.
-func eventFrame(ev dispatch.Event) (frame, bool) {
+// type as the GPU stream's reader read it. A lent event is lender's (with
+// none, it is copied).
+func eventFrame(ev dispatch.Event, lender *dispatch.Lender) (frame, bool) {
 	var f frame
 	switch {
 	case ev.JSON != nil:
-		f.text, f.lent, f.typed = ev.JSON, ev.Lent, true
+		f.text, f.typed = ev.JSON, true
 		if ev.Type == comfy.MsgProgress || ev.Type == comfy.MsgProgressState {
 			f.kind = kindProgress
 		}
 	case ev.Preview != nil:
-		f.preview, f.lent = ev.Preview, ev.Lent
+		f.preview = ev.Preview
 	case ev.Text != nil:
 		f.binary = ev.Text.Encode(false)
+		return f, true
 	default:
 		return f, false
+	}
+	switch {
+	case !ev.Lent:
+	case lender == nil:
+		f = f.clone()
+	default:
+		f.lender = lender
 	}
 	return f, true
 }

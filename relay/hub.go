@@ -10,6 +10,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/dispatch"
 )
 
 // frame is one thing to send to a browser socket.
@@ -17,11 +18,12 @@ type frame struct {
 	text    []byte         // a JSON text frame
 	binary  []byte         // a binary frame sent as is
 	preview *comfy.Preview // a preview, encoded per socket (type 1 or 4)
-	// lent: text, binary or preview.Image are an upstream reader's memory
-	// (dispatch.Event.Lent), valid until it calls Gateway.Release. Only
-	// that reader writes such a frame from where it lies; whatever keeps
-	// it longer or takes it elsewhere copies it first (own).
-	lent bool
+	// lender, when set, lent text, binary or preview.Image: they are an
+	// upstream reader's memory (dispatch.Event.Lent), valid until the
+	// Gateway.DeliverAll that brought them returns. Only that reader
+	// writes such a frame from where it lies; whatever keeps it longer or
+	// takes it elsewhere copies it first (own).
+	lender *dispatch.Lender
 	// typed says that kind is the text frame's kind as its publisher read
 	// it (a GPU job's event, whose type the stream's reader knew), so that
 	// queuing it looks no further at its bytes.
@@ -31,10 +33,15 @@ type frame struct {
 
 // own returns f with bytes of its own.
 func (f frame) own() frame {
-	if !f.lent {
+	if f.lender == nil {
 		return f
 	}
-	f.lent = false
+	return f.clone()
+}
+
+// clone returns f with copies of its bytes.
+func (f frame) clone() frame {
+	f.lender = nil
 	switch {
 	case f.text != nil:
 		f.text = bytes.Clone(f.text)
@@ -170,22 +177,40 @@ func (h *Hub) publish(user, sid string, f frame, start writerStart) {
 	h.publishLocal(user, sid, f, start)
 }
 
-// flush starts the writers of this gateway's sockets of a session that
-// hold frames published with startLater.
-func (h *Hub) flush(user, sid string) {
+// publishAll is publish of a job's events, in order, to one session. With
+// a bus each goes through it. Without, the session is looked up once and
+// each of its sockets here takes them all at once (socket.pushAll). The
+// lent ones among them are lender's: each socket writes what its
+// connection takes at once from where they lie and copies the rest
+// before publishAll returns.
+func (h *Hub) publishAll(user, sid string, evs []dispatch.Event, lender *dispatch.Lender) {
 	var buf [4]*socket
-	for _, s := range h.sessionSockets(user, sid, buf[:0]) {
-		s.kick()
+	if h.bus != nil {
+		for _, ev := range evs {
+			if f, ok := eventFrame(ev, lender); ok {
+				h.publish(user, sid, f, startLater)
+			}
+		}
+		for _, s := range h.sessionSockets(user, sid, buf[:0]) {
+			s.releaseLent(lender)
+		}
+		return
 	}
-}
-
-// releaseLent is flush by the upstream reader that lent the session's
-// frames: each socket writes what its connection takes at once and copies
-// the rest (socket.releaseLent).
-func (h *Hub) releaseLent(user, sid string) {
-	var buf [4]*socket
-	for _, s := range h.sessionSockets(user, sid, buf[:0]) {
-		s.releaseLent()
+	h.mu.Lock()
+	se := h.sessionLocked(user, sid)
+	if len(se.sockets) == 0 {
+		for _, ev := range evs {
+			if f, ok := eventFrame(ev, lender); ok {
+				h.keepLocked(se, f)
+			}
+		}
+		h.mu.Unlock()
+		return
+	}
+	targets := append(buf[:0], se.sockets...)
+	h.mu.Unlock()
+	for _, s := range targets {
+		s.pushAll(evs, lender)
 	}
 }
 
@@ -281,22 +306,9 @@ func busFrame(m BusMessage) (frame, bool) {
 // the session has none, text frames are kept (bounded) for its reconnect.
 func (h *Hub) publishLocal(user, sid string, f frame, start writerStart) {
 	h.mu.Lock()
-	se := h.sessions[sessionKey{user, sid}]
-	if se == nil {
-		se = &session{key: sessionKey{user, sid}, lastSeen: time.Now()}
-		h.sessions[se.key] = se
-		if h.byUser[user] == nil {
-			h.byUser[user] = map[*session]struct{}{}
-		}
-		h.byUser[user][se] = struct{}{}
-	}
+	se := h.sessionLocked(user, sid)
 	if len(se.sockets) == 0 {
-		n := len(f.text) + len(f.binary)
-		if f.preview == nil && len(se.backlog) < backlogFrames && se.bytes+n <= backlogBytes && h.backlog[user]+n <= userBacklogBytes {
-			se.backlog = append(se.backlog, f.own())
-			se.bytes += n
-			h.backlog[user] += n
-		}
+		h.keepLocked(se, f)
 		h.mu.Unlock()
 		return
 	}
@@ -306,6 +318,31 @@ func (h *Hub) publishLocal(user, sid string, f frame, start writerStart) {
 	for _, s := range targets {
 		q := queued{f: f}
 		s.push(&q, start)
+	}
+}
+
+// sessionLocked returns a session, made if it is new.
+func (h *Hub) sessionLocked(user, sid string) *session {
+	se := h.sessions[sessionKey{user, sid}]
+	if se == nil {
+		se = &session{key: sessionKey{user, sid}, lastSeen: time.Now()}
+		h.sessions[se.key] = se
+		if h.byUser[user] == nil {
+			h.byUser[user] = map[*session]struct{}{}
+		}
+		h.byUser[user][se] = struct{}{}
+	}
+	return se
+}
+
+// keepLocked keeps a text frame for a session without a socket, for its
+// reconnect, within the backlog's bounds.
+func (h *Hub) keepLocked(se *session, f frame) {
+	n := len(f.text) + len(f.binary)
+	if f.preview == nil && len(se.backlog) < backlogFrames && se.bytes+n <= backlogBytes && h.backlog[se.key.user]+n <= userBacklogBytes {
+		se.backlog = append(se.backlog, f.own())
+		se.bytes += n
+		h.backlog[se.key.user] += n
 	}
 }
 
@@ -406,7 +443,7 @@ func (s *socket) deliver(f frame, pos string, start writerStart) {
 	switch {
 	case !ok:
 	case start == startNow:
-		s.writeLoop(nil, &q, direct, true, q.f.lent)
+		s.writeLoop(nil, &q, direct, true, q.f.lender)
 	default:
 		s.goWrite(q, direct)
 	}
@@ -466,7 +503,7 @@ func (s *socket) replay(missed []BusMessage, toFrame func(BusMessage) (frame, bo
 	s.holding = false
 	s.mu.Unlock()
 	if start {
-		s.writeLoop(nil, &first, direct, false, false)
+		s.writeLoop(nil, &first, direct, false, nil)
 	}
 }
 

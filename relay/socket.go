@@ -15,6 +15,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/comfyume/comfyume/comfy"
+	"github.com/comfyume/comfyume/dispatch"
 	"github.com/comfyume/comfyume/internal/fifo"
 )
 
@@ -170,7 +171,7 @@ func (s *socket) push(q *queued, start writerStart) {
 	switch {
 	case !ok:
 	case start == startInline || start == startNow:
-		s.writeLoop(nil, q, direct, start == startNow, q.f.lent)
+		s.writeLoop(nil, q, direct, start == startNow, q.f.lender)
 	default:
 		s.goWrite(*q, direct)
 	}
@@ -180,29 +181,37 @@ func (s *socket) push(q *queued, start writerStart) {
 // writeLoop's.
 func (s *socket) goWrite(first queued, direct bool) {
 	first.f = first.f.own()
-	go s.writeLoop(nil, &first, direct, false, false)
+	go s.writeLoop(nil, &first, direct, false, nil)
 }
 
-// kick writes, as startNow, the frames queued with startLater on a socket
-// without a writer at work.
-func (s *socket) kick() {
+// pushAll queues a job's events (and returns at once, never waiting for
+// the browser): under one lock, unlike a push each. When the socket was
+// idle, the caller becomes its writer as with startNow; the lent ones
+// among them are lender's, written from where they lie, and copied when
+// they must wait (releaseLent).
+func (s *socket) pushAll(evs []dispatch.Event, lender *dispatch.Lender) {
 	s.mu.Lock()
-	start := !s.writing && !s.dead && s.queue.Len() > 0
-	if start {
-		s.writing = true
+	for i := range evs {
+		if f, ok := eventFrame(evs[i], lender); ok {
+			q := queued{f: f}
+			s.enqueueLocked(&q, false)
+		}
 	}
-	s.mu.Unlock()
-	if start {
-		s.writeLoop(nil, nil, false, true, false)
-	}
+	s.releaseLentLocked(lender)
 }
 
-// releaseLent is kick by the upstream reader that lent the queued frames,
-// before it reuses their memory: it writes what the connection takes at
-// once from where the frames lie, and copies what is left (as it does
-// when another writer is at work).
-func (s *socket) releaseLent() {
+// releaseLent is how the upstream reader lender, or any caller with nil,
+// starts the writer of frames it queued without one (startLater), before
+// it reuses their memory: it writes what the connection takes at once
+// from where the frames lie, and copies what is left (as it does when
+// another writer is at work).
+func (s *socket) releaseLent(lender *dispatch.Lender) {
 	s.mu.Lock()
+	s.releaseLentLocked(lender)
+}
+
+// releaseLentLocked is releaseLent with s.mu held, which it unlocks.
+func (s *socket) releaseLentLocked(lender *dispatch.Lender) {
 	if s.writing || s.dead || s.queue.Len() == 0 {
 		s.ownLocked()
 		s.mu.Unlock()
@@ -210,7 +219,7 @@ func (s *socket) releaseLent() {
 	}
 	s.writing = true
 	s.mu.Unlock()
-	s.writeLoop(nil, nil, false, true, true)
+	s.writeLoop(nil, nil, false, true, lender)
 }
 
 // ownLocked copies the queued lent frames.
@@ -219,7 +228,7 @@ func (s *socket) ownLocked() {
 		return
 	}
 	for i := range s.queue.Len() {
-		if q := s.queue.At(i); q.f.lent {
+		if q := s.queue.At(i); q.f.lender != nil {
 			q.f = q.f.own()
 		}
 	}
@@ -243,7 +252,7 @@ func (s *socket) enqueueLocked(q *queued, mayStart bool) (start, direct bool) {
 	}
 	s.queue.Push(*q)
 	s.bytes += q.size
-	s.lent = s.lent || q.f.lent
+	s.lent = s.lent || q.f.lender != nil
 	if s.bytes > s.limit || s.latest != nil {
 		s.squeezeLocked()
 		switch {
@@ -453,7 +462,7 @@ func (s *socket) closeLocked(code int, reason string) {
 	}
 	if !s.writing {
 		s.writing = true
-		go s.writeLoop(nil, nil, false, false, false)
+		go s.writeLoop(nil, nil, false, false, nil)
 	}
 }
 
@@ -505,7 +514,7 @@ func (s *socket) dieLocked() {
 // sc is the scratch of a batch begun (its rest written already by resume),
 // or nil. (One function for both: a socket's own goroutines write inline,
 // and their stacks are most of an idle socket's memory.)
-func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock, lender bool) {
+func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock bool, lender *dispatch.Lender) {
 	if nonblock && !s.vectored {
 		s.handOff(first, direct)
 		return
@@ -578,7 +587,7 @@ func (s *socket) writeLoop(sc *writeScratch, first *queued, direct, nonblock, le
 // writeLoop's writes.)
 //
 //go:noinline
-func (s *socket) takeLocked(batch []queued, lender bool) []queued {
+func (s *socket) takeLocked(batch []queued, lender *dispatch.Lender) []queued {
 	size := 0
 	for s.queue.Len() > 0 && len(batch) < maxBatchFrames && (size == 0 || size+s.queue.At(0).size <= maxBatch) {
 		q, _ := s.queue.Pop()
@@ -586,7 +595,7 @@ func (s *socket) takeLocked(batch []queued, lender bool) []queued {
 		if q.dropped {
 			s.dropped--
 		} else {
-			if q.f.lent && !lender {
+			if q.f.lender != nil && q.f.lender != lender {
 				q.f = q.f.own()
 			}
 			batch = append(batch, q)
@@ -609,10 +618,10 @@ func (s *socket) takeLocked(batch []queued, lender bool) []queued {
 // of the batch, and what is queued.
 //
 //go:noinline
-func (s *socket) tryWrite(sc *writeScratch, wait time.Duration, lender bool) (handed bool, err error) {
+func (s *socket) tryWrite(sc *writeScratch, wait time.Duration, lender *dispatch.Lender) (handed bool, err error) {
 	rest, err := tryWritev(s.raw, &sc.wv, sc.bufs)
 	if err == nil && len(rest) > 0 {
-		if lender {
+		if lender != nil {
 			rest = ownRest(sc.batch, rest)
 			s.mu.Lock()
 			s.ownLocked()
@@ -629,7 +638,7 @@ func (s *socket) tryWrite(sc *writeScratch, wait time.Duration, lender bool) (ha
 // when the batch holds lent frames, else rest itself.
 func ownRest(batch []queued, rest net.Buffers) net.Buffers {
 	for i := range batch {
-		if batch[i].f.lent {
+		if batch[i].f.lender != nil {
 			return net.Buffers{bytes.Join(rest, nil)}
 		}
 	}
@@ -664,7 +673,7 @@ func (s *socket) resume(sc *writeScratch, wait time.Duration) {
 		s.dieLocked()
 		s.mu.Unlock()
 	}
-	s.writeLoop(sc, nil, false, false, false)
+	s.writeLoop(sc, nil, false, false, nil)
 }
 
 // advance drops the first n bytes of b.

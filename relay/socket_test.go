@@ -101,7 +101,7 @@ func TestQueueCoalescesProgressAndPreviewsUnderPressure(t *testing.T) {
 	})
 	t.Run("job", func(t *testing.T) {
 		testQueueCoalesces(t, func(typ string, b []byte) frame {
-			f, ok := eventFrame(dispatch.Event{Type: typ, JSON: b})
+			f, ok := eventFrame(dispatch.Event{Type: typ, JSON: b}, nil)
 			if !ok {
 				t.Fatal("no frame")
 			}
@@ -409,13 +409,13 @@ func jobNeverWaits(t *testing.T, overTLS bool) {
 			f := frame{text: []byte(fmt.Sprintf(`{"type":"executed","data":{"i":%d,"pad":%q}}`, i, pad))}
 			if i%3 == 0 {
 				q := queued{f: f}
-				s.push(&q, startLater) // a batch, written by the next startNow or kick
+				s.push(&q, startLater) // a batch, written by the next startNow or releaseLent
 			} else {
 				q := queued{f: f}
 				s.push(&q, startNow)
 			}
 		}
-		s.kick()
+		s.releaseLent(nil)
 	}()
 	select {
 	case <-handed:
@@ -526,6 +526,8 @@ func tcpSocket(t *testing.T, limit int) (*socket, net.Conn) {
 // and its write is not done, when the reader's own write of them is not
 // done, and when they wait behind a write that is not done.
 func TestLentFramesOutliveTheirLender(t *testing.T) {
+	var reader, otherReader dispatch.Lender
+	release := func(s *socket) { s.releaseLent(&reader) }
 	const n = 16
 	pad := strings.Repeat("p", 16<<10) // n of them are far more than the kernel holds
 	filler := []byte(`{"type":"executed","data":{"pad":"` + strings.Repeat("f", 256<<10) + `"}}`)
@@ -537,9 +539,10 @@ func TestLentFramesOutliveTheirLender(t *testing.T) {
 		release func(s *socket)
 		filler  bool
 	}{
-		{"taken by another writer", func(s *socket) { s.kick() }, (*socket).releaseLent, false},
-		{"half written by the reader", func(s *socket) {}, (*socket).releaseLent, false},
-		{"queued behind a write", func(s *socket) {}, (*socket).releaseLent, true},
+		{"taken by another writer", func(s *socket) { s.releaseLent(nil) }, release, false},
+		{"taken by another reader's write", func(s *socket) { s.releaseLent(&otherReader) }, release, false},
+		{"half written by the reader", func(s *socket) {}, release, false},
+		{"queued behind a write", func(s *socket) {}, release, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			s, browser := tcpSocket(t, 1<<30) // nothing coalesces
@@ -551,7 +554,7 @@ func TestLentFramesOutliveTheirLender(t *testing.T) {
 			for k := 0; k < n; k++ {
 				start := len(buf)
 				buf = fmt.Appendf(buf, `{"type":"progress","data":{"value":%d,"pad":%q}}`, k, pad)
-				q := queued{f: frame{text: buf[start:len(buf):len(buf)], lent: true}}
+				q := queued{f: frame{text: buf[start:len(buf):len(buf)], lender: &reader}}
 				s.push(&q, startLater)
 			}
 			c.before(s)
@@ -579,10 +582,10 @@ func TestLentFramesOutliveTheirLender(t *testing.T) {
 	}
 }
 
-// A socket that leaves its session (its browser went away) while it holds
-// frames a reader lent, behind a write under way, keeps copies: the
-// reader's release no longer reaches it, and it may still write them
-// while it closes.
+// Frames a reader lends to a socket whose write is under way (by another
+// goroutine) are copied before the reader's hand-over returns: the socket
+// may leave its session (its browser went away) and still write them
+// while it closes, long after the reader read over its memory.
 func TestLeavingSocketKeepsCopiesOfLentFrames(t *testing.T) {
 	h := NewHub()
 	defer h.Close()
@@ -593,9 +596,9 @@ func TestLeavingSocketKeepsCopiesOfLentFrames(t *testing.T) {
 	s.mu.Unlock()
 	buf := progressText("p", "1", 7)
 	want := string(buf)
-	h.publishLocal("alice", "tab", frame{text: buf, lent: true}, startLater)
+	var reader dispatch.Lender
+	h.publishAll("alice", "tab", []dispatch.Event{{Type: comfy.MsgProgress, JSON: buf, Lent: true}}, &reader)
 	h.detach("alice", "tab", s)
-	h.releaseLent("alice", "tab") // the reader's release: the socket is gone from it
 	for i := range buf {
 		buf[i] = 'X'
 	}
