@@ -3,7 +3,6 @@ package comfy
 import (
 	"bytes"
 	"encoding/binary"
-	"encoding/json"
 )
 
 // Binary frame event types (the first 4 bytes, big-endian, of every binary
@@ -74,8 +73,8 @@ func ParsePreview(frame []byte) (Preview, error) {
 		if uint64(second) > uint64(len(frame)-8) {
 			return Preview{}, errShortFrame
 		}
-		var md PreviewMetadata
-		if err := json.Unmarshal(frame[8:8+second], &md); err != nil {
+		md, ok := parsePreviewMetadata(frame[8 : 8+second])
+		if !ok {
 			return Preview{}, errBadMetadata
 		}
 		it := md.ImageType
@@ -114,10 +113,91 @@ func (p Preview) AppendType4Head(dst []byte, md PreviewMetadata) []byte {
 	if md.ImageType == "" {
 		md.ImageType = p.ImageType
 	}
-	mb, _ := json.Marshal(md)
 	dst = binary.BigEndian.AppendUint32(dst, BinaryPreviewImageWithMetadata)
-	dst = binary.BigEndian.AppendUint32(dst, uint32(len(mb)))
-	return append(dst, mb...)
+	at := len(dst)
+	dst = binary.BigEndian.AppendUint32(dst, 0)
+	dst = append(dst, `{"node_id":`...)
+	dst = AppendQuoted(dst, md.NodeID)
+	dst = append(dst, `,"prompt_id":`...)
+	dst = AppendQuoted(dst, md.PromptID)
+	dst = append(dst, `,"display_node_id":`...)
+	dst = AppendQuoted(dst, md.DisplayNodeID)
+	dst = append(dst, `,"parent_node_id":`...)
+	if md.ParentNodeID == nil {
+		dst = append(dst, "null"...)
+	} else {
+		dst = AppendQuoted(dst, *md.ParentNodeID)
+	}
+	dst = append(dst, `,"real_node_id":`...)
+	dst = AppendQuoted(dst, md.RealNodeID)
+	dst = append(dst, `,"image_type":`...)
+	dst = AppendQuoted(dst, md.ImageType)
+	dst = append(dst, '}')
+	binary.BigEndian.PutUint32(dst[at:], uint32(len(dst)-at-4))
+	return dst
+}
+
+// parsePreviewMetadata reads a type-4 frame's metadata: one JSON object
+// (space around it allowed) whose members of PreviewMetadata's names are
+// strings (parent_node_id also null; null leaves a string empty), other
+// members anything; the last of a name wins. It reads what
+// encoding/json would, keys as ComfyUI sends them, without reflection:
+// previews come at every few sampler steps of every job.
+func parsePreviewMetadata(b []byte) (md PreviewMetadata, ok bool) {
+	i := skipSpace(b, 0)
+	e := walkObject(b, i, 0, func(key []byte, at int) int {
+		var dst *string
+		k := string(key[1 : len(key)-1])
+		if bytes.IndexByte(key, '\\') >= 0 {
+			k = unquote(key)
+		}
+		switch {
+		case k == "node_id":
+			dst = &md.NodeID
+		case k == "prompt_id":
+			dst = &md.PromptID
+		case k == "display_node_id":
+			dst = &md.DisplayNodeID
+		case k == "real_node_id":
+			dst = &md.RealNodeID
+		case k == "image_type":
+			dst = &md.ImageType
+		case k == "parent_node_id":
+			if nullAt(b, at) {
+				md.ParentNodeID = nil
+				return at + 4
+			}
+			md.ParentNodeID = new(string)
+			dst = md.ParentNodeID
+		default:
+			return validValue(b, at, 1)
+		}
+		if nullAt(b, at) {
+			return at + 4
+		}
+		if b[at] != '"' {
+			return -1
+		}
+		end, plain := scanString(b, at)
+		if end < 0 {
+			return -1
+		}
+		if plain {
+			*dst = string(b[at+1 : end-1])
+		} else {
+			*dst = unquote(b[at:end])
+		}
+		return end
+	})
+	if e < 0 || skipSpace(b, e) != len(b) {
+		return PreviewMetadata{}, false
+	}
+	return md, true
+}
+
+// nullAt reports whether b[at:] begins with the literal null.
+func nullAt(b []byte, at int) bool {
+	return len(b)-at >= 4 && string(b[at:at+4]) == "null"
 }
 
 // TextFrame is a decoded type-3 progress-text frame in the legacy layout
