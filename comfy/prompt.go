@@ -186,21 +186,141 @@ func parseNode(b json.RawMessage) (Node, error) {
 
 // MarshalJSON writes the node with its extra keys.
 func (n Node) MarshalJSON() ([]byte, error) {
-	m := make(map[string]json.RawMessage, 3+len(n.Extra))
-	for k, v := range n.Extra {
-		m[k] = v
+	return n.appendJSON(nil)
+}
+
+// AppendPrompt appends prompt as json.Marshal writes it — node ids sorted,
+// each node's members sorted, values compacted, strings with <, > and &
+// escaped — without reflection or maps: a prompt is encoded twice per job
+// (the record, the body sent on).
+func AppendPrompt(dst []byte, prompt map[string]Node) ([]byte, error) {
+	if prompt == nil {
+		return append(dst, "null"...), nil
 	}
-	ct, _ := json.Marshal(n.ClassType)
-	m["class_type"] = ct
-	in, err := json.Marshal(n.Inputs)
-	if err != nil {
+	ids := make([]string, 0, len(prompt))
+	for id := range prompt {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	dst = append(dst, '{')
+	var err error
+	for i, id := range ids {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst = appendMarshaledString(dst, id)
+		dst = append(dst, ':')
+		if dst, err = prompt[id].appendJSON(dst); err != nil {
+			return nil, err
+		}
+	}
+	return append(dst, '}'), nil
+}
+
+// appendJSON appends the node as MarshalJSON did with maps: its members
+// (Extra, then class_type, inputs and _meta over them) sorted by key.
+func (n Node) appendJSON(dst []byte) ([]byte, error) {
+	keys := make([]string, 0, 3+len(n.Extra))
+	for k := range n.Extra {
+		switch {
+		case k == "class_type" || k == "inputs":
+		case k == "_meta" && len(n.Meta) > 0:
+		default:
+			keys = append(keys, k)
+		}
+	}
+	keys = append(keys, "class_type", "inputs")
+	if len(n.Meta) > 0 {
+		keys = append(keys, "_meta")
+	}
+	sort.Strings(keys)
+	dst = append(dst, '{')
+	var err error
+	for i, k := range keys {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst = appendMarshaledString(dst, k)
+		dst = append(dst, ':')
+		switch k {
+		case "class_type":
+			dst = appendMarshaledString(dst, n.ClassType)
+		case "inputs":
+			dst, err = appendRawObject(dst, n.Inputs)
+		case "_meta":
+			if len(n.Meta) > 0 {
+				dst, err = appendCompact(dst, n.Meta)
+			} else {
+				dst, err = appendCompact(dst, n.Extra[k])
+			}
+		default:
+			dst, err = appendCompact(dst, n.Extra[k])
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return append(dst, '}'), nil
+}
+
+// appendRawObject appends m as json.Marshal writes a
+// map[string]json.RawMessage.
+func appendRawObject(dst []byte, m map[string]json.RawMessage) ([]byte, error) {
+	if m == nil {
+		return append(dst, "null"...), nil
+	}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	dst = append(dst, '{')
+	var err error
+	for i, k := range keys {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst = appendMarshaledString(dst, k)
+		dst = append(dst, ':')
+		if dst, err = appendCompact(dst, m[k]); err != nil {
+			return nil, err
+		}
+	}
+	return append(dst, '}'), nil
+}
+
+// appendMarshaledString appends s as json.Marshal writes a string.
+func appendMarshaledString(dst []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			b, _ := json.Marshal(s)
+			return append(dst, b...)
+		}
+	}
+	dst = append(dst, '"')
+	dst = append(dst, s...)
+	return append(dst, '"')
+}
+
+// appendCompact appends the JSON value v as json.Marshal writes a
+// json.RawMessage: compacted, with <, >, &, U+2028 and U+2029 escaped.
+func appendCompact(dst []byte, v json.RawMessage) ([]byte, error) {
+	if v == nil {
+		return append(dst, "null"...), nil
+	}
+	start := len(dst)
+	buf := bytes.NewBuffer(dst)
+	if err := json.Compact(buf, v); err != nil {
 		return nil, err
 	}
-	m["inputs"] = in
-	if len(n.Meta) > 0 {
-		m["_meta"] = n.Meta
+	dst = buf.Bytes()
+	if bytes.ContainsAny(dst[start:], "<>&\u2028\u2029") {
+		seg := bytes.Clone(dst[start:])
+		buf = bytes.NewBuffer(dst[:start])
+		json.HTMLEscape(buf, seg)
+		dst = buf.Bytes()
 	}
-	return json.Marshal(m)
+	return dst, nil
 }
 
 // Body re-encodes the request with the given prompt_id and client_id, the
@@ -223,7 +343,7 @@ const sharedPart = 1 << 10
 // copied: their parts share the bytes the request was parsed from, which
 // must stay unchanged until the body is sent.
 func (pr *PromptRequest) BodyParts(promptID, clientID string, dropExtra ...string) ([][]byte, error) {
-	p, err := json.Marshal(pr.Prompt)
+	p, err := AppendPrompt(nil, pr.Prompt)
 	if err != nil {
 		return nil, err
 	}

@@ -265,7 +265,10 @@ func (m *Manager) Submit(ctx context.Context, req SubmitRequest) (_ SubmitResult
 	} else if pr.Front {
 		number = -number
 	}
-	promptJSON, _ := json.Marshal(pr.Prompt)
+	promptJSON, err := comfy.AppendPrompt(nil, pr.Prompt)
+	if err != nil {
+		return SubmitResult{}, err
+	}
 	job := &Job{
 		ID:               id,
 		User:             req.User,
