@@ -3,6 +3,7 @@ package comfy
 import (
 	"bytes"
 	"encoding/json"
+	"strconv"
 )
 
 // WebSocket message types a ComfyUI server sends as text frames.
@@ -33,15 +34,78 @@ type Message struct {
 
 // ParseMessage decodes a text frame. It fails on anything that is not a JSON
 // object with a string "type".
+//
+// It reads what encoding/json reads into a Message, keys as ComfyUI sends
+// them (exact, escapes decoded; the last of a repeated key wins), without
+// reflection: a job's every lifecycle event is parsed. Data is a copy.
 func ParseMessage(b []byte) (Message, error) {
 	var m Message
-	if err := json.Unmarshal(b, &m); err != nil {
-		return m, err
+	var data []byte
+	e := walkObject(b, skipSpace(b, 0), 0, func(key []byte, at int) int {
+		k := string(key[1 : len(key)-1])
+		if bytes.IndexByte(key, '\\') >= 0 {
+			k = unquote(key)
+		}
+		switch k {
+		case "type":
+			if nullAt(b, at) {
+				return at + 4 // (leaves it as it was, as encoding/json does)
+			}
+			if b[at] != '"' {
+				return -1
+			}
+			end, plain := scanString(b, at)
+			switch {
+			case end < 0:
+			case plain:
+				m.Type = messageTypeOf(b[at+1 : end-1])
+			default:
+				m.Type = unquote(b[at:end])
+			}
+			return end
+		case "data":
+			end := validValue(b, at, 1)
+			if end >= 0 {
+				data = b[at:end]
+			}
+			return end
+		}
+		return validValue(b, at, 1)
+	})
+	if e < 0 || skipSpace(b, e) != len(b) {
+		return Message{}, errNotAMessage
+	}
+	if data != nil {
+		m.Data = bytes.Clone(data)
 	}
 	if m.Type == "" {
 		return m, errMissingType
 	}
 	return m, nil
+}
+
+// messageTypeOf returns a type's name, without allocating for the types
+// ComfyUI sends.
+func messageTypeOf(b []byte) string {
+	switch string(b) {
+	case MsgExecutionStart:
+		return MsgExecutionStart
+	case MsgExecutionCached:
+		return MsgExecutionCached
+	case MsgExecuted:
+		return MsgExecuted
+	case MsgExecutionSuccess:
+		return MsgExecutionSuccess
+	case MsgExecutionError:
+		return MsgExecutionError
+	case MsgExecutionInterrupted:
+		return MsgExecutionInterrupted
+	case MsgExecuting:
+		return MsgExecuting
+	case MsgStatus:
+		return MsgStatus
+	}
+	return string(b)
 }
 
 type protoError string
@@ -50,6 +114,7 @@ func (e protoError) Error() string { return string(e) }
 
 const (
 	errMissingType = protoError("comfy: message without type")
+	errNotAMessage = protoError("comfy: message is not a JSON object")
 	errShortFrame  = protoError("comfy: binary frame too short")
 	errBadMetadata = protoError("comfy: bad preview metadata")
 )
@@ -60,8 +125,18 @@ func (m Message) Encode() []byte {
 	if len(data) == 0 {
 		data = json.RawMessage("{}")
 	}
-	b, _ := json.Marshal(Message{Type: m.Type, Data: data})
-	return b
+	// As json.Marshal writes the Message (nil when Data is not JSON),
+	// without reflection: the gateway makes messages at every job's start
+	// and end, for every socket of its user.
+	b := make([]byte, 0, len(data)+len(m.Type)+20)
+	b = append(b, `{"type":`...)
+	b = appendMarshaledString(b, m.Type)
+	b = append(b, `,"data":`...)
+	b, err := appendCompact(b, data)
+	if err != nil {
+		return nil
+	}
+	return append(b, '}')
 }
 
 // NewMessage builds a message from any JSON-marshalable data value.
@@ -118,10 +193,17 @@ type StatusData struct {
 // StatusMessage builds a "status" message; sid is included only when non-empty
 // (ComfyUI includes it only in the first frame of a connection).
 func StatusMessage(queueRemaining int, sid string) Message {
-	var s StatusData
-	s.Status.ExecInfo.QueueRemaining = queueRemaining
-	s.SID = sid
-	return NewMessage(MsgStatus, s)
+	// As json.Marshal writes StatusData, without reflection: every socket
+	// of a user gets one at each start and end of the user's jobs.
+	b := make([]byte, 0, 64+len(sid))
+	b = append(b, `{"status":{"exec_info":{"queue_remaining":`...)
+	b = strconv.AppendInt(b, int64(queueRemaining), 10)
+	b = append(b, "}}"...)
+	if sid != "" {
+		b = append(b, `,"sid":`...)
+		b = appendMarshaledString(b, sid)
+	}
+	return Message{Type: MsgStatus, Data: append(b, '}')}
 }
 
 // ParseStatus decodes the data of a "status" message.
