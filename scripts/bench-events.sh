@@ -35,7 +35,11 @@ report() {
 }
 
 # ratios prints, per case and metric, the median of each path and their
-# ratio, and whether the goal holds.
+# ratio, and whether the goal holds (on that ratio); "per-round" is the
+# median of the rounds' own ratios, each gateway run against the caddy run
+# just before it: the machine's load drifts between rounds (a shared host
+# moves both paths' CPU per event by ±20 % within minutes), and a round's
+# two runs see the same load.
 ratios() {
 	awk '
 	function median(key,   n, i, j, v, t) {
@@ -53,6 +57,7 @@ ratios() {
 		if (unit == "rss-B/socket" && c ~ /home-reachable/) return g <= 24576 ? "ok (<= 24 KiB)" : "MISSED (<= 24 KiB)"
 		return ""
 	}
+	/^# round [0-9]+ of/ { round = $3 }
 	/^Benchmark(GPUEvents|PromptPost|IdleSocketMemory)/ {
 		name = $1; sub(/-[0-9]+$/, "", name)
 		path = name; sub(/.*\/path=/, "", path)
@@ -65,10 +70,17 @@ ratios() {
 			key = c SUBSEP $(i+1)
 			if (!(key in seen)) { seen[key] = 1; order[++nk] = key }
 			vals[key SUBSEP path] = vals[key SUBSEP path] " " $i
+			# The ratio of the round: gateway against the caddy run just
+			# before it (the same load), once both are in.
+			cur[key SUBSEP path] = $i
+			if (path == "gateway" && (key SUBSEP "caddy") in cur && cur[key SUBSEP "caddy"] != 0 && round != "") {
+				rr[key] = rr[key] " " $i / cur[key SUBSEP "caddy"]
+				delete cur[key SUBSEP "caddy"]
+			}
 		}
 	}
 	END {
-		printf "%-36s %-20s %14s %14s %8s  %s\n", "case", "metric", "caddy", "gateway", "ratio", "goal"
+		printf "%-36s %-20s %14s %14s %8s %9s  %s\n", "case", "metric", "caddy", "gateway", "ratio", "per-round", "goal"
 		for (k = 1; k <= nk; k++) {
 			key = order[k]
 			if (!((key SUBSEP "caddy") in vals) || !((key SUBSEP "gateway") in vals)) continue
@@ -76,7 +88,9 @@ ratios() {
 			cm = median(key SUBSEP "caddy"); gm = median(key SUBSEP "gateway")
 			r = cm != 0 ? gm / cm : 0
 			rs = cm != 0 ? sprintf("%7.2fx", r) : "      -"
-			printf "%-36s %-20s %14.6g %14.6g %s  %s\n", p[1], p[2], cm, gm, rs, goal(p[1], p[2], gm, r)
+			vals[key SUBSEP "rr"] = rr[key]
+			pr = rr[key] != "" ? sprintf("%8.2fx", median(key SUBSEP "rr")) : "        -"
+			printf "%-36s %-20s %14.6g %14.6g %s %s  %s\n", p[1], p[2], cm, gm, rs, pr, goal(p[1], p[2], gm, r)
 		}
 	}'
 }
