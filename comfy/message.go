@@ -54,13 +54,9 @@ func ParseMessage(b []byte) (Message, error) {
 			if b[at] != '"' {
 				return -1
 			}
-			end, plain := scanString(b, at)
-			switch {
-			case end < 0:
-			case plain:
-				m.Type = messageTypeOf(b[at+1 : end-1])
-			default:
-				m.Type = unquote(b[at:end])
+			end, _ := scanString(b, at)
+			if end >= 0 {
+				m.Type = messageType(b[at:end])
 			}
 			return end
 		case "data":
@@ -82,30 +78,6 @@ func ParseMessage(b []byte) (Message, error) {
 		return m, errMissingType
 	}
 	return m, nil
-}
-
-// messageTypeOf returns a type's name, without allocating for the types
-// ComfyUI sends.
-func messageTypeOf(b []byte) string {
-	switch string(b) {
-	case MsgExecutionStart:
-		return MsgExecutionStart
-	case MsgExecutionCached:
-		return MsgExecutionCached
-	case MsgExecuted:
-		return MsgExecuted
-	case MsgExecutionSuccess:
-		return MsgExecutionSuccess
-	case MsgExecutionError:
-		return MsgExecutionError
-	case MsgExecutionInterrupted:
-		return MsgExecutionInterrupted
-	case MsgExecuting:
-		return MsgExecuting
-	case MsgStatus:
-		return MsgStatus
-	}
-	return string(b)
 }
 
 type protoError string

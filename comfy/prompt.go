@@ -194,23 +194,35 @@ func (n Node) MarshalJSON() ([]byte, error) {
 // escaped — without reflection or maps: a prompt is encoded twice per job
 // (the record, the body sent on).
 func AppendPrompt(dst []byte, prompt map[string]Node) ([]byte, error) {
-	if prompt == nil {
+	return appendSortedObject(dst, prompt, func(dst []byte, n Node) ([]byte, error) { return n.appendJSON(dst) })
+}
+
+// appendSortedObject appends m as json.Marshal writes a map: null for nil,
+// else its keys sorted, each value as appendValue writes it.
+func appendSortedObject[V any](dst []byte, m map[string]V, appendValue func([]byte, V) ([]byte, error)) ([]byte, error) {
+	if m == nil {
 		return append(dst, "null"...), nil
 	}
-	ids := make([]string, 0, len(prompt))
-	for id := range prompt {
-		ids = append(ids, id)
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
 	}
-	sort.Strings(ids)
+	sort.Strings(keys)
+	return appendMembers(dst, keys, func(dst []byte, k string) ([]byte, error) { return appendValue(dst, m[k]) })
+}
+
+// appendMembers appends an object of keys, in their order, each value as
+// appendValue writes the key's.
+func appendMembers(dst []byte, keys []string, appendValue func([]byte, string) ([]byte, error)) ([]byte, error) {
 	dst = append(dst, '{')
 	var err error
-	for i, id := range ids {
+	for i, k := range keys {
 		if i > 0 {
 			dst = append(dst, ',')
 		}
-		dst = appendMarshaledString(dst, id)
+		dst = appendMarshaledString(dst, k)
 		dst = append(dst, ':')
-		if dst, err = prompt[id].appendJSON(dst); err != nil {
+		if dst, err = appendValue(dst, k); err != nil {
 			return nil, err
 		}
 	}
@@ -234,59 +246,17 @@ func (n Node) appendJSON(dst []byte) ([]byte, error) {
 		keys = append(keys, "_meta")
 	}
 	sort.Strings(keys)
-	dst = append(dst, '{')
-	var err error
-	for i, k := range keys {
-		if i > 0 {
-			dst = append(dst, ',')
+	return appendMembers(dst, keys, func(dst []byte, k string) ([]byte, error) {
+		switch {
+		case k == "class_type":
+			return appendMarshaledString(dst, n.ClassType), nil
+		case k == "inputs":
+			return appendSortedObject(dst, n.Inputs, appendCompact)
+		case k == "_meta" && len(n.Meta) > 0:
+			return appendCompact(dst, n.Meta)
 		}
-		dst = appendMarshaledString(dst, k)
-		dst = append(dst, ':')
-		switch k {
-		case "class_type":
-			dst = appendMarshaledString(dst, n.ClassType)
-		case "inputs":
-			dst, err = appendRawObject(dst, n.Inputs)
-		case "_meta":
-			if len(n.Meta) > 0 {
-				dst, err = appendCompact(dst, n.Meta)
-			} else {
-				dst, err = appendCompact(dst, n.Extra[k])
-			}
-		default:
-			dst, err = appendCompact(dst, n.Extra[k])
-		}
-		if err != nil {
-			return nil, err
-		}
-	}
-	return append(dst, '}'), nil
-}
-
-// appendRawObject appends m as json.Marshal writes a
-// map[string]json.RawMessage.
-func appendRawObject(dst []byte, m map[string]json.RawMessage) ([]byte, error) {
-	if m == nil {
-		return append(dst, "null"...), nil
-	}
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	dst = append(dst, '{')
-	var err error
-	for i, k := range keys {
-		if i > 0 {
-			dst = append(dst, ',')
-		}
-		dst = appendMarshaledString(dst, k)
-		dst = append(dst, ':')
-		if dst, err = appendCompact(dst, m[k]); err != nil {
-			return nil, err
-		}
-	}
-	return append(dst, '}'), nil
+		return appendCompact(dst, n.Extra[k])
+	})
 }
 
 // appendMarshaledString appends s as json.Marshal writes a string.
