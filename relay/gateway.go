@@ -575,35 +575,45 @@ func (g *Gateway) Capture(ctx context.Context, to dispatch.Recipient, up *dispat
 		ev.JSON = msg.WithFields(f).Encode()
 		return nil
 	}
+	var items []map[string]any
+	comfy.RefsIn(out, func(_ string, item map[string]any) {
+		if storable(comfy.RefOf(item)) {
+			items = append(items, item)
+		}
+	})
 	var (
 		wg    sync.WaitGroup
 		mu    sync.Mutex
 		first error
 		sem   = make(chan struct{}, 4)
 	)
-	comfy.RefsIn(out, func(_ string, item map[string]any) {
+	capture := func(item map[string]any) {
 		ref := comfy.RefOf(item)
-		if !storable(ref) {
+		err := g.captureOne(ctx, to.JobID, up, ref)
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil {
+			if first == nil {
+				first = err
+			}
 			return
 		}
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			err := g.captureOne(ctx, to.JobID, up, ref)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				if first == nil {
-					first = err
-				}
-				return
-			}
-			nr := capturedRef(to.JobID, ref)
-			item["subfolder"] = nr.Subfolder
-		}()
-	})
-	wg.Wait()
+		item["subfolder"] = capturedRef(to.JobID, ref).Subfolder
+	}
+	if len(items) == 1 {
+		capture(items[0]) // (most jobs: one image, and no goroutine for it)
+	} else {
+		// Up to 4 at a time.
+		for _, item := range items {
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer func() { <-sem; wg.Done() }()
+				capture(item)
+			}()
+		}
+		wg.Wait()
+	}
 	ev.JSON = msg.WithFields(f).Encode()
 	return first
 }
