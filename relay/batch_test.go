@@ -16,14 +16,21 @@ import (
 // back to back in one buffer (a writev costs the kernel per buffer), and
 // only payloads over copyFrame, or past the batch's copy bound, go out
 // from where they are. The input drives a batch: each pair of bytes is a
-// frame's kind and size. Batches reuse one scratch, as the writers do.
+// frame's kind and size.
 func FuzzWriteBatch(f *testing.F) {
 	f.Add([]byte{0, 10, 0, 200, 1, 3, 2, 90, 3, 255, 0, 1})
 	f.Add(bytes.Repeat([]byte{0, 180}, 200))      // progress only: past the copy bound
 	f.Add(bytes.Repeat([]byte{2, 255, 0, 4}, 30)) // previews between events
 	f.Add([]byte{4, 0, 0, 0, 5, 7, 1, 255})
-	sc := scratchPool.Get().(*writeScratch)
+	f.Add(append(bytes.Repeat([]byte{200, 200}, 32), 0)) // small previews, copied, in a new scratch
+	reused := scratchPool.Get().(*writeScratch)
 	f.Fuzz(func(t *testing.T, in []byte) {
+		// A writer's scratch as the pool hands it: used before (sized by
+		// earlier batches), or new (sized by build for this batch alone).
+		sc := reused
+		if len(in)%4 == 1 {
+			sc = &writeScratch{run: -1}
+		}
 		defer sc.reset()
 		if len(in) > 2*maxBatchFrames {
 			in = in[:2*maxBatchFrames]
@@ -37,9 +44,9 @@ func FuzzWriteBatch(f *testing.F) {
 			case 0: // a progress-like text frame
 				q.f.text = bytes.Repeat([]byte{'a' + byte(i%26)}, size+1)
 			case 1: // a large text frame
-				q.f.text = bytes.Repeat([]byte{'t'}, copyFrame+1+size*100)
-			case 2, 3: // a preview, with and without metadata for the browser
-				q.f.preview = previewOf("p", "9", size*size, i)
+				q.f.text = bytes.Repeat([]byte{'t'}, copyFrame+1+size)
+			case 2, 3: // a preview, with and without metadata for the browser (small and large)
+				q.f.preview = previewOf("p", "9", size*10, i)
 				if kind == 3 {
 					q.f.preview.Metadata = nil
 				}

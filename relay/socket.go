@@ -735,11 +735,13 @@ func (sc *writeScratch) build(batch []queued, previewMeta bool) {
 	n, copied := 0, 0
 	for i := range batch {
 		n += maxHeader
-		switch q := &batch[i]; {
-		case q.f.preview != nil:
+		size := len(batch[i].raw) + len(batch[i].f.text) + len(batch[i].f.binary)
+		if p := batch[i].f.preview; p != nil {
 			n += previewHead
-		case len(q.raw)+len(q.f.text)+len(q.f.binary) <= copyFrame:
-			copied += len(q.raw) + len(q.f.text) + len(q.f.binary)
+			size = len(p.Image)
+		}
+		if size <= copyFrame {
+			copied += size
 		}
 	}
 	sc.room(n + min(copied, maxCopied))
