@@ -37,6 +37,7 @@ type blastGPU struct {
 	srv   *httptest.Server
 	mu    sync.Mutex
 	conns map[string]*gpuConn
+	jobs  int // prompts taken
 }
 
 type gpuConn struct {
@@ -84,6 +85,7 @@ func (g *blastGPU) serve(w http.ResponseWriter, r *http.Request) {
 		}
 		g.mu.Lock()
 		gc := g.conns[body.ClientID]
+		g.jobs++
 		g.mu.Unlock()
 		w.Header().Set("Content-Type", "application/json")
 		fmt.Fprintf(w, `{"prompt_id": %q, "number": 1, "node_errors": {}}`, id)
@@ -139,6 +141,11 @@ func eventGateway(t testing.TB, gpu string, limits dispatch.EventLimits) string 
 // eventGatewaySendBuffer is eventGateway whose connections to browsers
 // have a socket send buffer of sndbuf bytes (0: the system's).
 func eventGatewaySendBuffer(t testing.TB, gpu string, limits dispatch.EventLimits, sndbuf int) string {
+	return eventGatewayPool(t, []string{gpu}, limits, sndbuf)
+}
+
+// eventGatewayPool is eventGatewaySendBuffer with a pool of several GPUs.
+func eventGatewayPool(t testing.TB, gpus []string, limits dispatch.EventLimits, sndbuf int) string {
 	blobs, err := relay.NewDiskBlobs(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -148,11 +155,15 @@ func eventGatewaySendBuffer(t testing.TB, gpu string, limits dispatch.EventLimit
 		t.Fatal(err)
 	}
 	t.Cleanup(g.Close)
-	up, err := dispatch.NewUpstream(gpu, dispatch.UpstreamOptions{})
-	if err != nil {
-		t.Fatal(err)
+	var ups []*dispatch.Upstream
+	for _, gpu := range gpus {
+		up, err := dispatch.NewUpstream(gpu, dispatch.UpstreamOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ups = append(ups, up)
 	}
-	g.Manager().SetPool(&dispatch.Pool{Name: "gpu", Upstreams: []*dispatch.Upstream{up}})
+	g.Manager().SetPool(&dispatch.Pool{Name: "gpu", Upstreams: ups})
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !g.ServeHTTP(w, r, relay.Site{User: "alice", RunOn: "gpu"}) {
 			http.NotFound(w, r)
@@ -380,6 +391,125 @@ func TestLentFramesReachEveryTabIntact(t *testing.T) {
 			if s.progress != progress || s.previews != previews {
 				t.Fatalf("job %d: a tab got %d of %d progress events and %d of %d previews", job, s.progress, progress, s.previews, previews)
 			}
+		}
+	}
+}
+
+// Two jobs of one browser tab run at once on two GPUs: two stream readers
+// lend their memory to the same socket, each writing its own frames from
+// where they lie while the other's may wait in the socket's queue or on a
+// batch under way. Through a small receive buffer, so that writes are often
+// half done, the tab still gets every event of both jobs exactly as each
+// GPU sent it.
+func TestTwoGPUsLendToOneTab(t *testing.T) {
+	const progress, previews = 2000, 20
+	var gpus []string
+	var servers []*blastGPU
+	for range 2 {
+		gpu := startBlastGPU(t, &blastGPU{Progress: progress, Previews: previews, PreviewBytes: 16 << 10})
+		gpus = append(gpus, gpu.srv.URL)
+		servers = append(servers, gpu)
+	}
+	base := eventGatewayPool(t, gpus, dispatch.EventLimits{}, 32<<10)
+	small := *websocket.DefaultDialer
+	small.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		if tc, ok := c.(*net.TCPConn); ok {
+			_ = tc.SetReadBuffer(32 << 10)
+		}
+		return c, err
+	}
+	sid := "tab-" + uuid.NewString()[:8]
+	conn := openTab(t, base, sid, &small)
+	for round := 0; round < 3; round++ {
+		jobs := map[string]*jobSeen{}
+		for range 2 {
+			id := postBlastJob(t, base, sid)
+			jobs[id] = &jobSeen{id: id, ids: map[string]bool{}}
+		}
+		readJobs(t, conn, jobs)
+		for i, gpu := range servers {
+			gpu.mu.Lock()
+			n := gpu.jobs
+			gpu.mu.Unlock()
+			if n != round+1 {
+				t.Fatalf("round %d: GPU %d ran %d jobs, want one per round (the two jobs at once)", round, i, n)
+			}
+		}
+		for id, seen := range jobs {
+			if seen.progress != progress || seen.previews != previews {
+				t.Fatalf("round %d, job %s: the tab got %d of %d progress events and %d of %d previews", round, id, seen.progress, progress, seen.previews, previews)
+			}
+		}
+	}
+}
+
+// postBlastJob submits a blastGPU job for session sid and returns its id.
+func postBlastJob(t testing.TB, base, sid string) string {
+	body := `{"client_id": "` + sid + `", "prompt": {"1": {"class_type": "Blast", "inputs": {}}}}`
+	resp, err := http.Post(base+"/prompt", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a struct {
+		PromptID string `json:"prompt_id"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&a)
+	resp.Body.Close()
+	if err != nil || a.PromptID == "" {
+		t.Fatalf("POST /prompt: %d %v", resp.StatusCode, err)
+	}
+	return a.PromptID
+}
+
+// readJobs reads a tab running several jobs at once until each has ended,
+// checking each job's progress and previews as readJob does.
+func readJobs(t testing.TB, conn *websocket.Conn, jobs map[string]*jobSeen) {
+	ended := 0
+	_ = conn.SetReadDeadline(time.Now().Add(60 * time.Second))
+	for ended < len(jobs) {
+		typ, b, err := conn.ReadMessage()
+		if err != nil {
+			t.Fatalf("reading the tab: %v", err)
+		}
+		var id string
+		if typ == websocket.BinaryMessage {
+			if len(b) < 8 || uint64(binary.BigEndian.Uint32(b[4:])) > uint64(len(b)-8) {
+				t.Fatalf("preview frame of %d bytes starts %x", len(b), b[:min(len(b), 16)])
+			}
+			var md struct {
+				PromptID string `json:"prompt_id"`
+			}
+			_ = json.Unmarshal(b[8:8+binary.BigEndian.Uint32(b[4:])], &md)
+			id = md.PromptID
+		} else {
+			var m struct {
+				Type string         `json:"type"`
+				Data map[string]any `json:"data"`
+			}
+			if err := json.Unmarshal(b, &m); err != nil {
+				t.Fatalf("the tab got %q: %v", b, err)
+			}
+			if m.Type == "status" || m.Type == "feature_flags" {
+				continue
+			}
+			id, _ = m.Data["prompt_id"].(string)
+			if m.Type == "executing" && m.Data["node"] == nil && jobs[id] != nil {
+				ended++
+				continue
+			}
+			if m.Type != "progress" {
+				continue
+			}
+		}
+		seen := jobs[id]
+		if seen == nil {
+			t.Fatalf("a frame of no job of this round (%q): %.80q", id, b)
+		}
+		if typ == websocket.BinaryMessage {
+			seen.checkPreview(t, b)
+		} else {
+			seen.checkProgress(t, b)
 		}
 	}
 }
