@@ -765,21 +765,23 @@ func (sc *writeScratch) appendFrame(q *queued, previewMeta bool) {
 		sc.appendPreview(q.f.preview, previewMeta)
 		return
 	}
-	copied := len(payload) <= copyFrame && len(sc.hdrs)+len(payload) <= maxCopied
+	// Room for the header and, if it is copied, the payload first: the
+	// two then lie in one array, back to back.
 	n := maxHeader
-	if copied {
+	if sc.copies(payload) {
 		n += len(payload)
 	}
 	sc.room(n)
 	from := len(sc.hdrs)
 	sc.hdrs = appendHeader(sc.hdrs, op, len(payload))
-	if copied {
-		sc.hdrs = append(sc.hdrs, payload...)
-	}
 	sc.appendCopy(from)
-	if !copied {
-		sc.appendRef(payload)
-	}
+	sc.appendPayload(payload)
+}
+
+// copies reports whether the payload p is copied into the scratch: it is
+// small and the batch's copies are under their bound.
+func (sc *writeScratch) copies(p []byte) bool {
+	return len(p) <= copyFrame && len(sc.hdrs)+len(p) <= maxCopied
 }
 
 // maxHeader is the longest header of a server frame.
@@ -797,7 +799,7 @@ func (sc *writeScratch) room(n int) {
 // (and the batch's copies are under their bound), else as a buffer of
 // their own.
 func (sc *writeScratch) appendPayload(p []byte) {
-	if len(p) <= copyFrame && len(sc.hdrs)+len(p) <= maxCopied {
+	if sc.copies(p) {
 		sc.room(len(p))
 		from := len(sc.hdrs)
 		sc.hdrs = append(sc.hdrs, p...)
