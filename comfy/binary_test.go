@@ -50,17 +50,17 @@ func FuzzPreviewMetadata(f *testing.F) {
 // it refuses, and skip true when b has a key encoding/json takes for a
 // member's name by folding case, which ComfyUI never sends.
 func referenceMetadata(b []byte) (md PreviewMetadata, ok, skip bool) {
-	if !bytes.HasPrefix(bytes.TrimLeft(b, " \t\r\n"), []byte("{")) || json.Unmarshal(b, &md) != nil {
-		return PreviewMetadata{}, false, false
-	}
 	var m map[string]json.RawMessage
 	_ = json.Unmarshal(b, &m)
 	for k := range m {
 		for _, name := range []string{"node_id", "prompt_id", "display_node_id", "parent_node_id", "real_node_id", "image_type"} {
 			if k != name && strings.EqualFold(k, name) {
-				return md, true, true
+				return md, false, true // (also when encoding/json refuses its value)
 			}
 		}
+	}
+	if !bytes.HasPrefix(bytes.TrimLeft(b, " \t\r\n"), []byte("{")) || json.Unmarshal(b, &md) != nil {
+		return PreviewMetadata{}, false, false
 	}
 	return md, true, false
 }
