@@ -144,48 +144,33 @@ func (p Preview) AppendType4Head(dst []byte, md PreviewMetadata) []byte {
 // encoding/json would, keys as ComfyUI sends them, without reflection:
 // previews come at every few sampler steps of every job.
 func parsePreviewMetadata(b []byte) (md PreviewMetadata, ok bool) {
-	i := skipSpace(b, 0)
-	e := walkObject(b, i, 0, func(key []byte, at int) int {
+	e := walkObject(b, skipSpace(b, 0), 0, func(key []byte, at int) int {
 		var dst *string
-		k := string(key[1 : len(key)-1])
-		if bytes.IndexByte(key, '\\') >= 0 {
-			k = unquote(key)
-		}
-		switch {
-		case k == "node_id":
+		switch unquote(key) {
+		case "node_id":
 			dst = &md.NodeID
-		case k == "prompt_id":
+		case "prompt_id":
 			dst = &md.PromptID
-		case k == "display_node_id":
+		case "display_node_id":
 			dst = &md.DisplayNodeID
-		case k == "real_node_id":
+		case "real_node_id":
 			dst = &md.RealNodeID
-		case k == "image_type":
+		case "image_type":
 			dst = &md.ImageType
-		case k == "parent_node_id":
-			if nullAt(b, at) {
-				md.ParentNodeID = nil
-				return at + 4
-			}
-			md.ParentNodeID = new(string)
-			dst = md.ParentNodeID
+		case "parent_node_id": // (dst stays nil)
 		default:
 			return validValue(b, at, 1)
 		}
-		if nullAt(b, at) {
-			return at + 4
-		}
-		if b[at] != '"' {
-			return -1
-		}
-		end, plain := scanString(b, at)
-		if end < 0 {
-			return -1
-		}
-		if plain {
-			*dst = string(b[at+1 : end-1])
-		} else {
+		end, null := stringOrNullAt(b, at)
+		switch {
+		case end < 0:
+		case dst != nil && !null:
 			*dst = unquote(b[at:end])
+		case dst == nil && null:
+			md.ParentNodeID = nil
+		case dst == nil:
+			s := unquote(b[at:end])
+			md.ParentNodeID = &s
 		}
 		return end
 	})
@@ -193,11 +178,6 @@ func parsePreviewMetadata(b []byte) (md PreviewMetadata, ok bool) {
 		return PreviewMetadata{}, false
 	}
 	return md, true
-}
-
-// nullAt reports whether b[at:] begins with the literal null.
-func nullAt(b []byte, at int) bool {
-	return len(b)-at >= 4 && string(b[at:at+4]) == "null"
 }
 
 // TextFrame is a decoded type-3 progress-text frame in the legacy layout

@@ -42,20 +42,10 @@ func ParseMessage(b []byte) (Message, error) {
 	var m Message
 	var data []byte
 	e := walkObject(b, skipSpace(b, 0), 0, func(key []byte, at int) int {
-		k := string(key[1 : len(key)-1])
-		if bytes.IndexByte(key, '\\') >= 0 {
-			k = unquote(key)
-		}
-		switch k {
+		switch unquote(key) {
 		case "type":
-			if nullAt(b, at) {
-				return at + 4 // (leaves it as it was, as encoding/json does)
-			}
-			if b[at] != '"' {
-				return -1
-			}
-			end, _ := scanString(b, at)
-			if end >= 0 {
+			end, null := stringOrNullAt(b, at)
+			if end >= 0 && !null {
 				m.Type = messageType(b[at:end])
 			}
 			return end

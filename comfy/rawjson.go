@@ -330,6 +330,20 @@ func validString(b []byte, i int) int {
 	return e
 }
 
+// stringOrNullAt checks a member's value at b[at] that must be a string
+// or null: it returns the value's end (-1 for anything else) and whether
+// it is null (which leaves a field as it was, as encoding/json does).
+func stringOrNullAt(b []byte, at int) (end int, null bool) {
+	switch {
+	case len(b)-at >= 4 && string(b[at:at+4]) == "null":
+		return at + 4, true
+	case b[at] != '"':
+		return -1, false
+	}
+	end, _ = scanString(b, at)
+	return end, false
+}
+
 // scanString checks the string starting at b[i] ('"') and returns the
 // index just past it, or -1. plain reports that its content is ASCII
 // without escapes: it decodes to itself. Plain content is read 8 bytes
