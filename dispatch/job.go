@@ -298,12 +298,15 @@ func timestampOf(m comfy.Message, def int64) int64 {
 
 // SortJobs orders jobs the way ComfyUI's queue does: by number, then id.
 func SortJobs(jobs []*Job) {
-	sort.Slice(jobs, func(a, b int) bool {
-		if jobs[a].Number != jobs[b].Number {
-			return jobs[a].Number < jobs[b].Number
-		}
-		return jobs[a].ID < jobs[b].ID
-	})
+	sort.Slice(jobs, func(a, b int) bool { return jobBefore(jobs[a], jobs[b]) })
+}
+
+// jobBefore is SortJobs's order: a comes before b.
+func jobBefore(a, b *Job) bool {
+	if a.Number != b.Number {
+		return a.Number < b.Number
+	}
+	return a.ID < b.ID
 }
 
 type dispatchError string

@@ -2,6 +2,8 @@ package dispatch
 
 import (
 	"context"
+	"slices"
+	"sort"
 	"sync"
 	"time"
 )
@@ -274,10 +276,18 @@ func (s *MemoryStore) Trim(_ context.Context, user string, keep int, budget int6
 			ended = append(ended, j)
 		}
 	}
-	SortJobs(ended)
-	n := keepEnded(ended, keep, budget)
+	var forget []*Job
+	if k := len(ended) - keep; k > 0 && k <= 64 && (budget <= 0 || s.bodies[user] <= budget) {
+		// Over the count only, by a few: at the history limit, every
+		// job that ends makes one more to forget. The oldest few are
+		// picked out of the history, not found by sorting it all.
+		forget = oldestJobs(ended, k)
+	} else {
+		SortJobs(ended)
+		forget = ended[:len(ended)-keepEnded(ended, keep, budget)]
+	}
 	var gone []string
-	for _, j := range ended[:len(ended)-n] {
+	for _, j := range forget {
 		delete(s.byUser[user], j.ID)
 		delete(s.jobs, j.ID)
 		delete(s.leases, j.ID)
@@ -285,6 +295,24 @@ func (s *MemoryStore) Trim(_ context.Context, user string, keep int, budget int6
 		gone = append(gone, j.ID)
 	}
 	return gone, nil
+}
+
+// oldestJobs returns the k oldest of jobs (k > 0), oldest first: what
+// SortJobs would put first, in one pass over jobs that keeps the k oldest
+// seen so far.
+func oldestJobs(jobs []*Job, k int) []*Job {
+	out := make([]*Job, 0, k+1)
+	for _, j := range jobs {
+		if len(out) == k && !jobBefore(j, out[k-1]) {
+			continue
+		}
+		i := sort.Search(len(out), func(i int) bool { return jobBefore(j, out[i]) })
+		out = slices.Insert(out, i, j)
+		if len(out) > k {
+			out = out[:k]
+		}
+	}
+	return out
 }
 
 // keepEnded is how many of the newest ended jobs (sorted oldest first)

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1025,5 +1026,110 @@ func storeWantOutputs(t *testing.T, s Store, user string) {
 	}
 	if got, err := ot.EndedOutputBytes(context.Background(), user); err != nil || got != want {
 		t.Fatalf("EndedOutputBytes(%s) = %d, %v; the records add up to %d", user, got, err, want)
+	}
+}
+
+// TestMemoryStoreTrimAtTheLimit: a user at the history limit whose jobs
+// keep ending loses exactly their oldest ended jobs, in ComfyUI's order
+// (number, then id), however the store holds them; jobs that still wait
+// or run are never forgotten.
+func TestMemoryStoreTrimAtTheLimit(t *testing.T) {
+	ctx := context.Background()
+	s := NewMemoryStore()
+	const keep = 50
+	var want []string // every ended job, in SortJobs order
+	save := func(id string, number float64, status string) {
+		j := storeTestJob(id, "alice", number)
+		j.Status = status
+		if err := s.Save(ctx, j); err != nil {
+			t.Fatal(err)
+		}
+	}
+	save("waiting", 0, StatusPending)
+	for i := 0; i < 400; i++ {
+		// Numbers repeat (ties are broken by id) and come out of order.
+		n := float64((i * 7) % 60)
+		id := fmt.Sprintf("j%03d", i)
+		save(id, n, StatusCompleted)
+		want = append(want, id)
+		ended := make([]*Job, 0, len(want))
+		for _, id := range want {
+			j, _ := s.JobSummary(ctx, id)
+			ended = append(ended, j)
+		}
+		SortJobs(ended)
+		var wantGone []string
+		for _, j := range ended[:max(0, len(ended)-keep)] {
+			wantGone = append(wantGone, j.ID)
+		}
+		gone, err := s.Trim(ctx, "alice", keep, 0)
+		if err != nil || fmt.Sprint(gone) != fmt.Sprint(wantGone) {
+			t.Fatalf("after %d jobs: Trim forgot %v (%v), want %v", i+1, gone, err, wantGone)
+		}
+		want = want[:0]
+		for _, j := range ended[len(wantGone):] {
+			want = append(want, j.ID)
+		}
+	}
+	if j, err := s.JobSummary(ctx, "waiting"); err != nil || j == nil {
+		t.Fatalf("the waiting job was forgotten: %v", err)
+	}
+	jobs, _ := s.UserJobSummaries(ctx, "alice")
+	if len(jobs) != keep+1 {
+		t.Fatalf("alice has %d jobs, want %d ended and the waiting one", len(jobs), keep)
+	}
+}
+
+// TestOldestJobsIsTheSortedPrefix: oldestJobs picks what SortJobs puts
+// first, for any k, with ties on the number.
+func TestOldestJobsIsTheSortedPrefix(t *testing.T) {
+	for round := 0; round < 200; round++ {
+		n := 1 + round%37
+		jobs := make([]*Job, n)
+		for i := range jobs {
+			jobs[i] = &Job{ID: fmt.Sprintf("id%02d.%d", (i*13+round)%n, i), Number: float64((i*i + round) % 5)}
+		}
+		sorted := slices.Clone(jobs)
+		SortJobs(sorted)
+		for k := 1; k <= n; k++ {
+			got := oldestJobs(jobs, k)
+			if !slices.Equal(got, sorted[:k]) {
+				t.Fatalf("round %d, k %d: oldestJobs gave %v, SortJobs %v", round, k, jobIDs(got), jobIDs(sorted[:k]))
+			}
+		}
+	}
+}
+
+func jobIDs(jobs []*Job) []string {
+	var ids []string
+	for _, j := range jobs {
+		ids = append(ids, fmt.Sprintf("%s#%v", j.ID, j.Number))
+	}
+	return ids
+}
+
+// BenchmarkMemoryStoreTrimAtTheLimit is what the end of a job costs a user
+// at the history limit (DefaultHistoryLimit ended jobs): one to forget.
+func BenchmarkMemoryStoreTrimAtTheLimit(b *testing.B) {
+	ctx := context.Background()
+	s := NewMemoryStore()
+	next := 0
+	add := func() {
+		j := storeTestJob(fmt.Sprintf("j%07d", next), "alice", float64(next))
+		j.Status = StatusCompleted
+		next++
+		if err := s.Save(ctx, j); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for range DefaultHistoryLimit {
+		add()
+	}
+	b.ResetTimer()
+	for range b.N {
+		add()
+		if gone, err := s.Trim(ctx, "alice", DefaultHistoryLimit, 0); err != nil || len(gone) != 1 {
+			b.Fatalf("Trim forgot %v (%v), want one job", gone, err)
+		}
 	}
 }
