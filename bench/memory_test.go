@@ -267,6 +267,11 @@ func startChild(tb testing.TB, role string) *child {
 		tb.Fatal(err)
 	}
 	cmd := exec.Command(exe, "-test.run=^$")
+	if cpus := os.Getenv("BENCH_HELPER_CPUS"); cpus != "" {
+		// The helper (load generator) on CPUs of its own: see
+		// BENCHMARKS.md, "pinned".
+		cmd = exec.Command("taskset", "-c", cpus, exe, "-test.run=^$")
+	}
 	cmd.Env = append(os.Environ(), roleEnv+"="+role)
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()

@@ -12,8 +12,17 @@
 # ±20 %), EVENTS_BENCHTIME (default 5x: jobs per socket, paced), PROMPT_BENCHTIME
 # (default 20x: POSTs) and IDLE (default 1; 0 skips the idle-socket rows)
 # tune it.
-# About 2.5 min per round on a quiet 2-core machine. To only print the
-# tables of an earlier file: bash scripts/bench-events.sh --report FILE
+#
+# CPUS says where the processes run: "shared" (the proxy, Caddy or the
+# gateway, shares the machine's CPUs with the helper process that plays
+# the fake GPUs and the browsers), "pinned" (the proxy alone on CPU 0, the
+# helper on the others, with taskset: a load test's load generator apart
+# from what it loads, as in a deployment where GPUs and browsers are other
+# machines; the proxy then runs with GOMAXPROCS 1, a one-vCPU container)
+# or "both" (the default: each round runs shared, then pinned). Pinned
+# rows are marked "(pinned)"; BENCHMARKS.md, "Session 18", says why both.
+# About 1.5 min per round (both) on a quiet 2-core machine. To only print
+# the tables of an earlier file: bash scripts/bench-events.sh --report FILE
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,8 +33,8 @@ report() {
 	local out=$1
 	echo
 	echo "=== benchstat (columns: caddy, then gateway as a change against it)"
-	"${BS[@]}" -filter '.name:GPUEvents' -col '/path@(caddy gateway)' "$out" || true
-	"${BS[@]}" -filter '.name:PromptPost' -col '/path@(caddy gateway)' "$out" || true
+	"${BS[@]}" -filter '.name:GPUEvents' -row '.fullname cpus' -col '/path@(caddy gateway)' "$out" || true
+	"${BS[@]}" -filter '.name:PromptPost' -row '.fullname cpus' -col '/path@(caddy gateway)' "$out" || true
 	if grep -q '^BenchmarkIdleSocketMemory' "$out"; then
 		"${BS[@]}" -filter '.name:IdleSocketMemory' -col '/path@(reverse_proxy comfyume-home-reachable)' "$out" || true
 	fi
@@ -58,6 +67,7 @@ ratios() {
 		return ""
 	}
 	/^# round [0-9]+ of/ { round = $3 }
+	/^cpus: / { cpus = $2 }
 	/^Benchmark(GPUEvents|PromptPost|IdleSocketMemory)/ {
 		name = $1; sub(/-[0-9]+$/, "", name)
 		path = name; sub(/.*\/path=/, "", path)
@@ -66,6 +76,7 @@ ratios() {
 			if (path == "reverse_proxy") path = "caddy"; else if (path == "comfyume-home-reachable") path = "gateway"; else next
 			c = c "/home-reachable"
 		}
+		if (cpus == "pinned") c = c " (pinned)"
 		for (i = 3; i < NF; i += 2) {
 			key = c SUBSEP $(i+1)
 			if (!(key in seen)) { seen[key] = 1; order[++nk] = key }
@@ -118,6 +129,16 @@ outputsFS() {
 	fi
 }
 
+case ${CPUS:-both} in
+shared) modes=(shared) ;;
+pinned) modes=(pinned) ;;
+both) modes=(shared pinned) ;;
+*) echo "CPUS is shared, pinned or both" >&2; exit 2 ;;
+esac
+if [[ ${modes[*]} == *pinned* ]] && { ! command -v taskset >/dev/null || (($(nproc) < 2)); }; then
+	echo "CPUS=pinned needs taskset (util-linux) and at least 2 CPUs" >&2
+	exit 2
+fi
 rounds=${1:-3}
 out=${2:-bench-events.txt}
 [[ $out == /* ]] || out="$root/$out"
@@ -128,9 +149,21 @@ cd bench
 outputsFS | tee -a "$out"
 for ((i = 1; i <= rounds; i++)); do
 	echo "# round $i of $rounds, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out"
-	"$tmp/bench.test" -test.run '^$' -test.bench 'GPUEvents/blast' -test.benchtime "${BLAST_BENCHTIME:-20x}" | tee -a "$out"
-	"$tmp/bench.test" -test.run '^$' -test.bench 'GPUEvents/paced' -test.benchtime "${EVENTS_BENCHTIME:-5x}" | tee -a "$out"
-	"$tmp/bench.test" -test.run '^$' -test.bench 'PromptPost' -test.benchtime "${PROMPT_BENCHTIME:-20x}" | tee -a "$out"
+	for cpus in "${modes[@]}"; do
+		# A benchstat configuration line: the runs below are of this mode.
+		echo "cpus: $cpus" | tee -a "$out"
+		run=("$tmp/bench.test")
+		if [[ $cpus == pinned ]]; then
+			export BENCH_HELPER_CPUS="1-$(($(nproc) - 1))"
+			run=(taskset -c 0 "$tmp/bench.test")
+		else
+			unset BENCH_HELPER_CPUS
+		fi
+		"${run[@]}" -test.run '^$' -test.bench 'GPUEvents/blast' -test.benchtime "${BLAST_BENCHTIME:-20x}" | tee -a "$out"
+		"${run[@]}" -test.run '^$' -test.bench 'GPUEvents/paced' -test.benchtime "${EVENTS_BENCHTIME:-5x}" | tee -a "$out"
+		"${run[@]}" -test.run '^$' -test.bench 'PromptPost' -test.benchtime "${PROMPT_BENCHTIME:-20x}" | tee -a "$out"
+	done
+	echo "cpus: shared" | tee -a "$out"
 	if [[ ${IDLE:-1} != 0 ]]; then
 		"$tmp/bench.test" -test.run '^$' -test.bench 'IdleSocketMemory/path=(reverse_proxy|comfyume-home-reachable)$' -test.benchtime 1x | tee -a "$out"
 	fi
