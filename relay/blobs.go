@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/comfyume/comfyume/comfy"
@@ -52,6 +53,10 @@ var ErrBlobNotFound = errors.New("blob not found")
 // DiskBlobs keeps outputs as files under a directory.
 type DiskBlobs struct {
 	Dir string
+
+	// lastDir is the folder of the last file stored: a Put into any
+	// other folder, most often a new job's, makes it first.
+	lastDir atomic.Pointer[string]
 }
 
 // NewDiskBlobs creates the directory if needed.
@@ -81,27 +86,38 @@ func (d *DiskBlobs) Put(_ context.Context, key string, r io.Reader, info BlobInf
 		return err
 	}
 	dir := filepath.Dir(p)
+	// made: this Put made the file's folder, so no earlier file of the
+	// key left anything in it.
+	made := false
+	if last := d.lastDir.Load(); last == nil || *last != dir {
+		// Another folder than the last file's: most often a new job's.
+		// Making it (or finding it there) costs what a create failing in
+		// a missing folder would.
+		if made, err = d.mkdirs(dir); err != nil {
+			return err
+		}
+	}
 	tmp, err := os.CreateTemp(dir, ".part-*")
 	if errors.Is(err, fs.ErrNotExist) {
-		// The first file of its folder: folders are made when missing,
-		// not checked before every file.
-		if err = d.mkdirs(dir); err == nil {
+		// The last file's folder, removed since (its job was forgotten).
+		if made, err = d.mkdirs(dir); err == nil {
 			tmp, err = os.CreateTemp(dir, ".part-*")
 		}
 	}
 	if err != nil {
 		return err
 	}
+	d.lastDir.Store(&dir)
 	n, err := copyToFile(tmp, r)
 	if cerr := tmp.Close(); err == nil {
 		err = cerr
 	}
 	if err == nil {
 		info.Size = n
-		err = d.putInfo(p, key, info)
+		err = d.putInfo(p, key, info, made)
 	}
 	if err == nil {
-		err = os.Rename(tmp.Name(), p)
+		err = renameFile(tmp.Name(), p)
 	}
 	if err != nil {
 		os.Remove(tmp.Name())
@@ -111,11 +127,14 @@ func (d *DiskBlobs) Put(_ context.Context, key string, r io.Reader, info BlobInf
 
 // putInfo writes the info file of the file p (key) about to be renamed into
 // place, or removes the one an earlier file of that key left when it is not
-// needed.
-func (d *DiskBlobs) putInfo(p, key string, info BlobInfo) error {
+// needed (unless the folder is new: made).
+func (d *DiskBlobs) putInfo(p, key string, info BlobInfo, made bool) error {
 	meta := p + ".meta.json"
 	if info.ModTime.IsZero() && (info.ContentType == "" || info.ContentType == contentTypeOf(key)) {
-		if err := os.Remove(meta); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if made {
+			return nil
+		}
+		if err := removeFile(meta); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return err
 		}
 		return nil
@@ -130,24 +149,25 @@ func (d *DiskBlobs) putInfo(p, key string, info BlobInfo) error {
 // mkdirs makes the folder dir of a key and the missing ones above it, from
 // d.Dir down: a key has few levels ("<job>/<type>/[<subfolder>/]"), each
 // one mkdir (made, or there already). When d.Dir itself is gone, MkdirAll
-// makes the whole path.
-func (d *DiskBlobs) mkdirs(dir string) error {
+// makes the whole path. made says whether dir itself was made here.
+func (d *DiskBlobs) mkdirs(dir string) (made bool, err error) {
 	rel, err := filepath.Rel(d.Dir, dir)
 	if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
-		return os.MkdirAll(dir, 0o750)
+		return false, os.MkdirAll(dir, 0o750)
 	}
 	at := filepath.Clean(d.Dir)
 	for _, name := range strings.Split(rel, string(filepath.Separator)) {
 		at = filepath.Join(at, name)
 		err := os.Mkdir(at, 0o750)
 		if errors.Is(err, fs.ErrNotExist) {
-			return os.MkdirAll(dir, 0o750)
+			return false, os.MkdirAll(dir, 0o750)
 		}
 		if err != nil && !errors.Is(err, fs.ErrExist) {
-			return err
+			return false, err
 		}
+		made = err == nil
 	}
-	return nil
+	return made, nil
 }
 
 // copyBufs are the buffers copyToFile reads a stream into: large enough for

@@ -50,6 +50,13 @@ func TestDiskBlobsPutOpen(t *testing.T) {
 	check("j1/output/c.bin", "application/octet-stream", "again")
 	put("j1/output/a.png", "text/plain", "text")
 	check("j1/output/a.png", "text/plain", "text")
+	// ... also when another job's file was stored in between.
+	put("j0/output/z.png", "image/png", "other job")
+	put("j1/output/a.png", "image/png", "png again")
+	check("j1/output/a.png", "image/png", "png again")
+	put("j0/output/z.png", "text/plain", "other job")
+	put("j1/output/a.png", "text/plain", "text again")
+	check("j1/output/a.png", "text/plain", "text again")
 
 	if err := d.RemoveJob(ctx, "j1"); err != nil {
 		t.Fatal(err)
