@@ -108,8 +108,12 @@ func planInputs(jobID string, pr *comfy.PromptRequest) (*inputPlan, error) {
 		}
 		sort.Strings(names)
 		for _, name := range names {
+			raw := n.Inputs[name]
+			if len(raw) == 0 || raw[0] != '"' {
+				continue // not a string: a number, a link, a list
+			}
 			var v string
-			if json.Unmarshal(n.Inputs[name], &v) != nil || v == "" {
+			if json.Unmarshal(raw, &v) != nil || v == "" {
 				continue
 			}
 			fi, known := fileInputs[n.ClassType]
