@@ -153,33 +153,49 @@ func ParsePromptRequest(body []byte) (*PromptRequest, *BodyError) {
 	return pr, nil
 }
 
+// parseNode reads a node of a valid prompt the way encoding/json reads it
+// into a map of raw members (the last of a repeated key counts), then its
+// class_type into a string and its inputs into a map, without reflection:
+// a graph from the frontend has hundreds of nodes. The values are b's own
+// bytes, not copies (as the body's other parts are).
 func parseNode(b json.RawMessage) (Node, error) {
-	var all map[string]json.RawMessage
-	if err := json.Unmarshal(b, &all); err != nil || all == nil {
+	members, ok := ObjectMembers(b)
+	if !ok {
 		return Node{}, errBadMetadata
 	}
 	var n Node
-	if err := json.Unmarshal(all["class_type"], &n.ClassType); err != nil || n.ClassType == "" {
-		return Node{}, errBadMetadata
-	}
-	if in, ok := all["inputs"]; ok && !isNull(in) {
-		if err := json.Unmarshal(in, &n.Inputs); err != nil {
-			return Node{}, err
-		}
-	}
-	if n.Inputs == nil {
-		n.Inputs = map[string]json.RawMessage{}
-	}
-	n.Meta = all["_meta"]
-	for k, v := range all {
-		switch k {
-		case "class_type", "inputs", "_meta":
+	var class, inputs json.RawMessage
+	for _, m := range members {
+		switch m.Key {
+		case "class_type":
+			class = m.Value
+		case "inputs":
+			inputs = m.Value
+		case "_meta":
+			n.Meta = m.Value
 		default:
 			if n.Extra == nil {
 				n.Extra = map[string]json.RawMessage{}
 			}
-			n.Extra[k] = v
+			n.Extra[m.Key] = m.Value
 		}
+	}
+	// class_type must be a string, not empty (null reads as "").
+	if len(class) < 3 || class[0] != '"' {
+		return Node{}, errBadMetadata
+	}
+	n.ClassType = unquote(class)
+	if inputs != nil && !isNull(inputs) {
+		in, ok := ObjectMembers(inputs)
+		if !ok {
+			return Node{}, errBadMetadata
+		}
+		n.Inputs = make(map[string]json.RawMessage, len(in))
+		for _, m := range in {
+			n.Inputs[m.Key] = m.Value
+		}
+	} else {
+		n.Inputs = map[string]json.RawMessage{}
 	}
 	return n, nil
 }

@@ -2,6 +2,7 @@ package comfy_test
 
 import (
 	"encoding/json"
+	"strconv"
 	"testing"
 
 	"github.com/comfyume/comfyume/comfy"
@@ -49,6 +50,35 @@ func BenchmarkJSONValidFrontend1MiB(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		if !json.Valid(body) {
 			b.Fatal("invalid")
+		}
+	}
+}
+
+// BenchmarkParsePromptRequest200Nodes parses the API prompt of a large
+// graph (200 nodes of a few inputs each, links among them), without a UI
+// workflow: the per-node part of every POST /prompt.
+func BenchmarkParsePromptRequest200Nodes(b *testing.B) {
+	prompt := map[string]any{}
+	for i := 0; i < 200; i++ {
+		prompt[strconv.Itoa(i+1)] = map[string]any{
+			"class_type": "KSampler",
+			"inputs": map[string]any{
+				"seed": 156680208700286, "steps": 20, "cfg": 8, "sampler_name": "euler",
+				"scheduler": "normal", "denoise": 1, "model": []any{strconv.Itoa(i), 0},
+				"positive": []any{strconv.Itoa(i), 1}, "negative": []any{strconv.Itoa(i), 2},
+			},
+			"_meta": map[string]any{"title": "KSampler"},
+		}
+	}
+	body, err := json.Marshal(map[string]any{"client_id": "c", "prompt": prompt})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(int64(len(body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, berr := comfy.ParsePromptRequest(body); berr != nil {
+			b.Fatal(berr)
 		}
 	}
 }
