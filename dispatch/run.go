@@ -49,8 +49,9 @@ type run struct {
 	// pending are events handled but not handed to a BatchEvents yet
 	// (deliver): they go together, with the next one handled alone or at
 	// the flush. pendingLender is who lent those of them that are lent.
-	// Whoever handles the job's events owns them.
-	pending       []Event
+	// Whoever handles the job's events owns them. The slice is borrowed
+	// from pendingBufs while it holds events (nil between batches).
+	pending       *[]Event
 	pendingTo     Recipient
 	pendingLender *Lender
 	// Who handles the job's events now (at most one at a time, so they
@@ -637,24 +638,39 @@ func (r *run) deliver(to Recipient, ev Event, more bool, lender *Lender) {
 		r.m.events.Deliver(to, ev)
 		return
 	}
-	r.pending = append(r.pending, ev)
+	if r.pending == nil {
+		r.pending = pendingBufs.Get().(*[]Event)
+	}
+	*r.pending = append(*r.pending, ev)
 	r.pendingTo = to
 	if lender != nil {
 		r.pendingLender = lender
 	}
-	if !more || len(r.pending) >= maxBatched {
+	if !more || len(*r.pending) >= maxBatched {
 		r.flush()
 	}
 }
 
+// pendingBufs are the slices runs gather a batch in (run.pending): a job
+// that grew its own would make one per job, 8 KiB of garbage by the time
+// it held a full batch.
+var pendingBufs = sync.Pool{New: func() any {
+	b := make([]Event, 0, maxBatched)
+	return &b
+}}
+
 // flush hands over the events handled and not handed yet, if any.
 func (r *run) flush() {
-	if len(r.pending) == 0 {
+	if r.pending == nil {
 		return
 	}
-	r.m.batch.DeliverAll(r.pendingTo, r.pending, r.pendingLender)
-	clear(r.pending)
-	r.pending, r.pendingLender = r.pending[:0], nil
+	if len(*r.pending) > 0 {
+		r.m.batch.DeliverAll(r.pendingTo, *r.pending, r.pendingLender)
+	}
+	clear(*r.pending)
+	*r.pending = (*r.pending)[:0]
+	pendingBufs.Put(r.pending)
+	r.pending, r.pendingLender = nil, nil
 }
 
 // pushMessage queues a message the gateway made for the job. It reports
