@@ -46,7 +46,10 @@ type Job struct {
 
 	Number float64 `json:"number"`
 	// Priority orders users in the pool's queue (higher first).
-	Priority         int                        `json:"priority_class,omitempty"`
+	Priority int `json:"priority_class,omitempty"`
+	// Prompt and ExtraData never change once the job is made (a record
+	// may replace them whole, never edit them): copies of the record
+	// share them.
 	Prompt           json.RawMessage            `json:"prompt"`
 	ExtraData        map[string]json.RawMessage `json:"extra_data,omitempty"`
 	OutputsToExecute []string                   `json:"outputs_to_execute"`
@@ -107,15 +110,11 @@ func (j *Job) Active() bool {
 	return j.Status == StatusPending || j.Status == StatusInProgress
 }
 
-// Clone returns a deep-enough copy for handing records across goroutines.
+// Clone returns a deep-enough copy for handing records across goroutines:
+// what changes as the job runs is copied; Prompt and ExtraData, which do
+// not, are shared.
 func (j *Job) Clone() *Job {
 	c := *j
-	if j.ExtraData != nil {
-		c.ExtraData = make(map[string]json.RawMessage, len(j.ExtraData))
-		for k, v := range j.ExtraData {
-			c.ExtraData[k] = v
-		}
-	}
 	if j.Outputs != nil {
 		c.Outputs = make(map[string]json.RawMessage, len(j.Outputs))
 		for k, v := range j.Outputs {
