@@ -278,7 +278,7 @@ func TestReaderTakesQueuedEventsFirst(t *testing.T) {
 	}
 	r.mu.Unlock()
 	rb := &readBatch{}
-	r.offer(progressEvent(t, 4, buf), rb)
+	r.offer(ptr(progressEvent(t, 4, buf)), rb)
 	rb.flush()
 	copy(buf[:cap(buf)], bytes.Repeat([]byte{'X'}, cap(buf)))
 	for i := 1; i <= 4; i++ {
@@ -293,7 +293,7 @@ func TestReaderTakesQueuedEventsFirst(t *testing.T) {
 	r.mu.Lock()
 	r.enqueueLocked(end)
 	r.mu.Unlock()
-	r.offer(progressEvent(t, 5, buf), rb)
+	r.offer(ptr(progressEvent(t, 5, buf)), rb)
 	rb.flush()
 	copy(buf[:cap(buf)], bytes.Repeat([]byte{'X'}, cap(buf)))
 	r.mu.Lock()

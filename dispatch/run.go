@@ -336,7 +336,7 @@ func (r *run) loop() {
 		}
 		r.busy = true
 		r.mu.Unlock()
-		r.handle(ev)
+		r.handle(&ev)
 		r.mu.Lock()
 		r.busy = false
 		r.mu.Unlock()
@@ -368,14 +368,14 @@ func (r *run) idleAfterDone() bool {
 // event that needs I/O ends the reader's hold first, so that the job's
 // goroutine takes it at once. With an Events that is not InlineEvents, or
 // says no, every event is queued.
-func (r *run) offer(ev event, rb *readBatch) {
+func (r *run) offer(ev *event, rb *readBatch) {
 	if rb == nil || !ev.quick() || !r.inlineEvents() {
 		quick := ev.quick()
 		if rb != nil && !quick {
 			rb.letGo(r)
 		}
 		ev.own(rb)
-		r.push(ev)
+		r.push(*ev)
 		if rb != nil && !quick {
 			// A lifecycle event (its handling may save the job, capture
 			// outputs): the job's goroutine, just woken, takes it now
@@ -391,7 +391,7 @@ func (r *run) offer(ev event, rb *readBatch) {
 		if r.finished || r.busy || r.inline {
 			r.mu.Unlock()
 			ev.own(rb)
-			r.push(ev)
+			r.push(*ev)
 			return
 		}
 		r.inline, r.holder = true, rb
@@ -400,7 +400,7 @@ func (r *run) offer(ev event, rb *readBatch) {
 	for r.queue.Len() > 0 && !r.finished && r.queue.At(0).quick() {
 		q, _ := r.dequeueLocked()
 		r.mu.Unlock()
-		r.handleAt(q, rb)
+		r.handleAt(&q, rb)
 		r.mu.Lock()
 	}
 	now := r.queue.Len() == 0 && !r.finished
@@ -413,7 +413,7 @@ func (r *run) offer(ev event, rb *readBatch) {
 	} else {
 		// Behind an event that needs I/O: the job's goroutine takes both.
 		ev.own(rb)
-		r.push(ev)
+		r.push(*ev)
 	}
 }
 
@@ -497,13 +497,13 @@ func (b *readBatch) flush() {
 // delivers it. The upstream's bytes are forwarded as they came unless the
 // job's prompt_id must replace the server's own; job state changes in
 // memory, and the record is saved only at lifecycle points.
-func (r *run) handle(raw event) {
+func (r *run) handle(raw *event) {
 	r.handleAt(raw, nil)
 }
 
 // handleAt is handle by the upstream's reader rb, which holds the job's
 // events until its flush (nil: the job's goroutine).
-func (r *run) handleAt(raw event, rb *readBatch) {
+func (r *run) handleAt(raw *event, rb *readBatch) {
 	r.mu.Lock()
 	if r.finished {
 		r.mu.Unlock()

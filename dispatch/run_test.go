@@ -51,6 +51,9 @@ func (f *browserFeed) releaseUntilEnd(t *testing.T) {
 }
 
 // upstreamEvent is a JSON frame as an upstream sends it, routed.
+// ptr is a pointer to a copy of ev.
+func ptr(ev event) *event { return &ev }
+
 func upstreamEvent(t testing.TB, frame string) event {
 	h, ok := comfy.ScanEvent([]byte(frame))
 	if !ok {
@@ -224,7 +227,7 @@ func BenchmarkProgressEvent(b *testing.B) {
 		if !ok {
 			b.Fatal("scan")
 		}
-		r.handle(event{json: frame, head: h})
+		r.handle(&event{json: frame, head: h})
 	}
 }
 
@@ -245,12 +248,12 @@ func TestEventsBeforeTheIDIsKnownReachTheBrowser(t *testing.T) {
 	m.runs.put(r)
 	const pid = "gpu-own-id"
 	up.mu.Lock()
-	up.routeLocked(pid, upstreamEvent(t, `{"type":"execution_start","data":{"prompt_id":"`+pid+`","timestamp":1}}`))
-	up.routeLocked(pid, upstreamEvent(t, `{"type":"executing","data":{"node":"3","display_node":"3","prompt_id":"`+pid+`"}}`))
+	up.routeLocked(pid, ptr(upstreamEvent(t, `{"type":"execution_start","data":{"prompt_id":"`+pid+`","timestamp":1}}`)))
+	up.routeLocked(pid, ptr(upstreamEvent(t, `{"type":"executing","data":{"node":"3","display_node":"3","prompt_id":"`+pid+`"}}`)))
 	for i := 1; i <= 1000; i++ {
-		up.routeLocked(pid, upstreamEvent(t, fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":1000,"prompt_id":%q,"node":"3"}}`, i, pid)))
+		up.routeLocked(pid, ptr(upstreamEvent(t, fmt.Sprintf(`{"type":"progress","data":{"value":%d,"max":1000,"prompt_id":%q,"node":"3"}}`, i, pid))))
 		if i%100 == 0 {
-			up.routeLocked(pid, previewEvent(t, pid, "3", 64<<10))
+			up.routeLocked(pid, ptr(previewEvent(t, pid, "3", 64<<10)))
 		}
 	}
 	up.mu.Unlock()

@@ -291,10 +291,10 @@ func (u *Upstream) onText(b []byte, owned bool, rb *readBatch) {
 		u.running = ""
 	}
 	ev := event{json: b, head: h, lent: !owned}
-	r := u.routeLocked(pid, ev)
+	r := u.routeLocked(pid, &ev)
 	u.mu.Unlock()
 	if r != nil {
-		r.offer(ev, rb)
+		r.offer(&ev, rb)
 	}
 }
 
@@ -312,10 +312,10 @@ func (u *Upstream) onBinary(b []byte, owned bool, rb *readBatch) {
 	if pid == "" {
 		pid = u.running
 	}
-	r := u.routeLocked(pid, ev)
+	r := u.routeLocked(pid, &ev)
 	u.mu.Unlock()
 	if r != nil {
-		r.offer(ev, rb)
+		r.offer(&ev, rb)
 	}
 }
 
@@ -352,7 +352,7 @@ func binaryEvent(b []byte) (ev event, pid string, ok bool) {
 // routeLocked returns the run that follows pid, which the caller offers
 // the event once u.mu is unlocked; an event of a job nobody follows here
 // (yet) is kept for it, within bounds, and nil is returned.
-func (u *Upstream) routeLocked(pid string, ev event) *run {
+func (u *Upstream) routeLocked(pid string, ev *event) *run {
 	if pid == "" {
 		return nil
 	}
@@ -375,7 +375,7 @@ func (u *Upstream) routeLocked(pid string, ev event) *run {
 	}
 	if size := ev.size(); u.orphanBytes+size <= maxOrphanBytes {
 		ev.own(nil) // (kept long: not in the reader's slab)
-		u.orphans[pid] = append(q, ev)
+		u.orphans[pid] = append(q, *ev)
 		u.orphanBytes += size
 	}
 	return nil
