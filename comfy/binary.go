@@ -108,7 +108,8 @@ func (p Preview) EncodeType4(md PreviewMetadata) []byte {
 }
 
 // AppendType4Head appends what comes before the image in a type-4 frame
-// carrying md: a writer can send it and the image without joining them.
+// carrying md (written as json.Marshal writes it): a writer can send it
+// and the image without joining them.
 func (p Preview) AppendType4Head(dst []byte, md PreviewMetadata) []byte {
 	if md.ImageType == "" {
 		md.ImageType = p.ImageType
@@ -117,21 +118,21 @@ func (p Preview) AppendType4Head(dst []byte, md PreviewMetadata) []byte {
 	at := len(dst)
 	dst = binary.BigEndian.AppendUint32(dst, 0)
 	dst = append(dst, `{"node_id":`...)
-	dst = AppendQuoted(dst, md.NodeID)
+	dst = appendMarshaledString(dst, md.NodeID)
 	dst = append(dst, `,"prompt_id":`...)
-	dst = AppendQuoted(dst, md.PromptID)
+	dst = appendMarshaledString(dst, md.PromptID)
 	dst = append(dst, `,"display_node_id":`...)
-	dst = AppendQuoted(dst, md.DisplayNodeID)
+	dst = appendMarshaledString(dst, md.DisplayNodeID)
 	dst = append(dst, `,"parent_node_id":`...)
 	if md.ParentNodeID == nil {
 		dst = append(dst, "null"...)
 	} else {
-		dst = AppendQuoted(dst, *md.ParentNodeID)
+		dst = appendMarshaledString(dst, *md.ParentNodeID)
 	}
 	dst = append(dst, `,"real_node_id":`...)
-	dst = AppendQuoted(dst, md.RealNodeID)
+	dst = appendMarshaledString(dst, md.RealNodeID)
 	dst = append(dst, `,"image_type":`...)
-	dst = AppendQuoted(dst, md.ImageType)
+	dst = appendMarshaledString(dst, md.ImageType)
 	dst = append(dst, '}')
 	binary.BigEndian.PutUint32(dst[at:], uint32(len(dst)-at-4))
 	return dst

@@ -40,6 +40,9 @@ func FuzzPreviewMetadata(f *testing.F) {
 			t.Fatalf("metadata written is not JSON: %q", frame[8:8+n])
 		}
 		md.ImageType = "image/png"
+		if want, _ := json.Marshal(md); string(frame[8:8+n]) != string(want) {
+			t.Fatalf("metadata written %q, json.Marshal writes %q", frame[8:8+n], want)
+		}
 		if utf8.ValidString(node) && utf8.ValidString(prompt) && !sameMetadata(*p.Metadata, md) {
 			t.Fatalf("wrote %+v, read back %+v", md, *p.Metadata)
 		}
