@@ -662,11 +662,9 @@ var pendingBufs = sync.Pool{New: func() any {
 // flush hands over the events handled and not handed yet, if any.
 func (r *run) flush() {
 	if r.pending == nil {
-		return
+		return // (a borrowed slice holds an event at least)
 	}
-	if len(*r.pending) > 0 {
-		r.m.batch.DeliverAll(r.pendingTo, *r.pending, r.pendingLender)
-	}
+	r.m.batch.DeliverAll(r.pendingTo, *r.pending, r.pendingLender)
 	clear(*r.pending)
 	*r.pending = (*r.pending)[:0]
 	pendingBufs.Put(r.pending)

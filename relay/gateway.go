@@ -575,10 +575,14 @@ func (g *Gateway) Capture(ctx context.Context, to dispatch.Recipient, up *dispat
 		ev.JSON = msg.WithFields(f).Encode()
 		return nil
 	}
-	var items []map[string]any
+	type output struct {
+		item map[string]any
+		ref  comfy.FileRef
+	}
+	var items []output
 	comfy.RefsIn(out, func(_ string, item map[string]any) {
-		if storable(comfy.RefOf(item)) {
-			items = append(items, item)
+		if ref := comfy.RefOf(item); storable(ref) {
+			items = append(items, output{item, ref})
 		}
 	})
 	var (
@@ -587,9 +591,8 @@ func (g *Gateway) Capture(ctx context.Context, to dispatch.Recipient, up *dispat
 		first error
 		sem   = make(chan struct{}, 4)
 	)
-	capture := func(item map[string]any) {
-		ref := comfy.RefOf(item)
-		err := g.captureOne(ctx, to.JobID, up, ref)
+	capture := func(o output) {
+		err := g.captureOne(ctx, to.JobID, up, o.ref)
 		mu.Lock()
 		defer mu.Unlock()
 		if err != nil {
@@ -598,18 +601,18 @@ func (g *Gateway) Capture(ctx context.Context, to dispatch.Recipient, up *dispat
 			}
 			return
 		}
-		item["subfolder"] = capturedRef(to.JobID, ref).Subfolder
+		o.item["subfolder"] = capturedRef(to.JobID, o.ref).Subfolder
 	}
 	if len(items) == 1 {
 		capture(items[0]) // (most jobs: one image, and no goroutine for it)
 	} else {
 		// Up to 4 at a time.
-		for _, item := range items {
+		for _, o := range items {
 			wg.Add(1)
 			sem <- struct{}{}
 			go func() {
 				defer func() { <-sem; wg.Done() }()
-				capture(item)
+				capture(o)
 			}()
 		}
 		wg.Wait()
